@@ -1,0 +1,20 @@
+"""modelpress: compress neural networks and run what was compressed.
+
+    import modelpress
+    model, tokenizer = modelpress.load()                       # the embedded default model
+    modelpress.quantize(model, modelpress.RTNConfig(bits=4, group_size=64))
+    modelpress.save(model, tokenizer, "out/smollm2-int4")
+    print(modelpress.perplexity(model, tokenizer).ppl)
+"""
+__version__ = "0.1.0"
+
+from .config import BaseConfig
+from .errors import ModelpressError
+from .eval.perplexity import perplexity
+from .formats.checkpoint import save
+from .methods import RTNConfig
+from .model.load import load
+from .registry import quantize
+
+__all__ = ["BaseConfig", "ModelpressError", "RTNConfig", "load", "perplexity", "quantize", "save",
+           "__version__"]

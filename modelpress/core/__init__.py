@@ -1,0 +1,1 @@
+"""Pure numerics: tensors in, tensors out. No nn.Module, no hooks, no I/O."""

@@ -1,0 +1,43 @@
+"""Bit packing, written down once.
+
+`pack_bits` stores `bits`-wide unsigned codes as a little-endian bit stream along the last
+dimension: code i occupies bits [i*bits, (i+1)*bits) of the row's stream, byte 0 holding the
+lowest bits. Eight codes always fill exactly `bits` bytes, so the row is zero-padded to a multiple
+of eight codes first. For 4 bits this is two codes per byte, low nibble first; for 2 bits four per
+byte; for 3 bits eight codes in three bytes.
+    codes (..., n) uint8 -> packed (..., ceil(n / 8) * bits) uint8
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def packed_len(n: int, bits: int) -> int:
+    return math.ceil(n / 8) * bits
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    *lead, n = codes.shape
+    pad = (-n) % 8
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*lead, -1, 8)
+    shifts = torch.arange(8, dtype=torch.int64) * bits
+    word = (c << shifts).sum(-1, keepdim=True)  # (..., n/8, 1): 8*bits <= 64 bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    out = (word >> byte_shifts) & 0xFF
+    return out.reshape(*lead, -1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    if bits == 8:
+        return packed[..., :n].contiguous()
+    *lead, m = packed.shape
+    b = packed.to(torch.int64).reshape(*lead, m // bits, bits)
+    word = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1, keepdim=True)
+    codes = (word >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)

@@ -1,0 +1,1 @@
+"""Measuring: perplexity, size and bits per weight, decode speed."""

@@ -1,0 +1,1 @@
+"""On-disk formats: GGUF reading, the modelpress checkpoint (safetensors + JSON)."""

@@ -1,0 +1,133 @@
+"""The modelpress checkpoint: a folder that loads back to bit-identical logits, without pickle.
+
+    DIR/model.safetensors   every tensor of the state dict (quantized modules: qdata, scale,
+                            zero_point, bias); a tied output head is stored once, as the embedding
+    DIR/config.json         the transformers model config
+    DIR/modelpress.json     {"format": "modelpress", "format_version", "modelpress_version",
+                             "quantization": <method config to_dict() or null>,
+                             "modules": {fqn: <quantized module meta()>}}
+    DIR/tokenizer*.json ... the tokenizer, as transformers saves it
+The folder is written under a temporary name beside DIR and renamed when complete, so an
+interrupted save leaves DIR as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelpressError
+
+FORMAT_VERSION = 1
+MANIFEST = "modelpress.json"
+WEIGHTS = "model.safetensors"
+
+
+def quantized_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    from ..nn import QUANT_LINEAR_CLASSES
+
+    qtypes = tuple(QUANT_LINEAR_CLASSES.values())
+    return {fqn: m.meta() for fqn, m in model.named_modules() if isinstance(m, qtypes)}
+
+
+def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
+    """Write `model` (quantized or not) and its tokenizer to the folder `out`."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelpressError(f"{out} exists and is not a folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        config = getattr(model, "modelpress_config", None)
+        manifest = {"format": "modelpress", "format_version": FORMAT_VERSION,
+                    "modelpress_version": __version__,
+                    "quantization": config.to_dict() if config is not None else None,
+                    "modules": quantized_modules(model)}
+        save_file(_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelpressError(f"{path} is unreadable ({e}); the checkpoint is damaged, save it again") from None
+    if manifest.get("format") != "modelpress":
+        raise ModelpressError(f"{path} is not a modelpress manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelpressError(f"{folder} was written by a newer modelpress (format "
+                              f"{manifest['format_version']}); upgrade modelpress")
+    return manifest
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (no pickle); a damaged file is a user error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelpressError(f"{path} is not a valid safetensors file ({e}); "
+                              "re-download or save it again") from None
+
+
+def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a modelpress checkpoint folder."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..config import BaseConfig
+    from ..model.build import build_causal_lm
+    from ..model.walker import replace
+    from ..nn import QUANT_LINEAR_CLASSES
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    config = AutoConfig.from_pretrained(folder)
+    state = read_safetensors(folder / WEIGHTS)
+
+    def swap_in(model: torch.nn.Module) -> None:
+        for fqn, meta in manifest["modules"].items():
+            meta = dict(meta)
+            cls = QUANT_LINEAR_CLASSES.get(meta.pop("class"))
+            if cls is None:
+                raise ModelpressError(f"{folder}: module {fqn} uses a class this modelpress lacks; upgrade")
+            replace(model, fqn, cls(**meta))
+
+    model = build_causal_lm(config, state, prepare=swap_in)
+    if manifest.get("quantization"):
+        model.modelpress_config = BaseConfig.from_dict(manifest["quantization"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer

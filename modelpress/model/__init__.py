@@ -1,0 +1,1 @@
+"""Loading models (transformers folder, GGUF, modelpress checkpoint, the embedded default) and walking them."""

@@ -1,0 +1,108 @@
+"""A Llama-architecture GGUF file -> transformers LlamaForCausalLM (fp32) + its tokenizer."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ModelpressError
+from ..formats.gguf_reader import GGUFTensor, dequantize, read_gguf
+from .build import build_causal_lm
+
+# GGUF tensor name -> transformers Llama name (llama.cpp's convert_hf_to_gguf.py mapping, reversed)
+_NAMES = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.attn_q\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
+    (r"blk\.(\d+)\.attn_k\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
+    (r"blk\.(\d+)\.attn_v\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
+    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+]
+_NAMES = [(re.compile(p + "$"), r) for p, r in _NAMES]
+_SKIP = re.compile(r"rope_freqs\.weight$|blk\.\d+\.attn_rot_embd")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if _SKIP.match(gguf_name):
+        return None
+    for pat, rep in _NAMES:
+        if pat.match(gguf_name):
+            return pat.sub(rep, gguf_name)
+    raise ModelpressError(f"GGUF tensor {gguf_name!r} has no place in a Llama model; "
+                          "only Llama-architecture GGUF files load")
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its converter interleaves each head's rotary halves).
+
+    convert_hf_to_gguf: w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2); this is the inverse.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_config(meta: dict[str, Any], tied: bool):  # noqa: ANN201
+    from transformers import LlamaConfig
+
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ModelpressError(f"GGUF architecture {arch!r} is not supported yet; only 'llama' models load")
+    a = "llama."
+    heads = int(meta[a + "attention.head_count"])
+    hidden = int(meta[a + "embedding_length"])
+    vocab = meta.get(a + "vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    return LlamaConfig(
+        vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(meta[a + "feed_forward_length"]),
+        num_hidden_layers=int(meta[a + "block_count"]), num_attention_heads=heads,
+        num_key_value_heads=int(meta.get(a + "attention.head_count_kv", heads)),
+        head_dim=int(meta.get(a + "rope.dimension_count", hidden // heads)),
+        rms_norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)),
+        max_position_embeddings=int(meta.get(a + "context_length", 2048)),
+        tie_word_embeddings=tied,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _state_dict(meta: dict[str, Any], tensors: list[GGUFTensor], config) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    from tqdm.auto import tqdm
+
+    sd = {}
+    for t in tqdm(tensors, desc="dequantize", unit="tensor", leave=False, mininterval=1.0):
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        w = dequantize(t)
+        if name.endswith("q_proj.weight"):
+            w = unpermute_rope(w, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_rope(w, config.num_key_value_heads)
+        if not w.flags.writeable or not w.flags.c_contiguous:  # an F32 tensor is a view of the map
+            w = np.array(w, copy=True, order="C")
+        sd[name] = torch.from_numpy(w)
+    return sd
+
+
+def load_gguf(path: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a Llama GGUF file, weights dequantized to fp32."""
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    path = Path(path)
+    meta, tensors = read_gguf(path)
+    tied = not any(t.name == "output.weight" for t in tensors)
+    config = llama_config(meta, tied)
+    model = build_causal_lm(config, _state_dict(meta, tensors, config))
+    tokenizer = tokenizer_from_gguf(meta, path)
+    return model, tokenizer

