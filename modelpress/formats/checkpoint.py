@@ -35,7 +35,8 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     return {fqn: m.meta() for fqn, m in model.named_modules() if isinstance(m, qtypes)}
 
 
-def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def stored_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores (a tied output head once, as the embedding)."""
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
@@ -60,7 +61,8 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
                     "modelpress_version": __version__,
                     "quantization": config.to_dict() if config is not None else None,
                     "modules": quantized_modules(model)}
-        save_file(_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(stored_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS, 0o644)
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

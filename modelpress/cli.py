@@ -1,0 +1,225 @@
+"""The `modelpress` command: thin subcommands that parse arguments, build a config, call the library.
+
+User mistakes (ModelpressError, an invalid config) print one line `modelpress: error: ...` and exit
+with code 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from .errors import ModelpressError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise ModelpressError(f"{message} (see `{self.prog} --help`)")
+
+
+def _group_size(text: str) -> int | None:
+    if text.lower() in ("channel", "none", "per-channel"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be a whole number or 'channel', got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return v
+
+
+def _load(source: str | None) -> tuple[Any, Any, float]:
+    from .model.load import load
+
+    start = time.perf_counter()
+    model, tok = load(source)
+    return model, tok, time.perf_counter() - start
+
+
+def _err(*lines: str) -> None:
+    print(*lines, file=sys.stderr, flush=True)
+
+
+# -- quantize ----------------------------------------------------------------------------------
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from .config import config_types
+    from .eval.size import model_size
+    from .formats.checkpoint import save
+    from .registry import quantize
+
+    methods = config_types()
+    if a.method not in methods:
+        raise ModelpressError(f"unknown method {a.method!r}; choose one of: {', '.join(sorted(methods))}")
+    group = a.group_size if a.group_size != "default" else (None if a.bits == 8 else 64)
+    try:
+        config = methods[a.method](bits=a.bits, group_size=group, symmetric=a.symmetric)
+    except ValueError as e:
+        raise ModelpressError(str(e)) from None
+    model, tok, load_s = _load(a.model)
+    before = model_size(model)
+    start = time.perf_counter()
+    quantize(model, config)
+    quant_s = time.perf_counter() - start
+    out = save(model, tok, a.out)
+    after = model_size(model)
+    _err(f"quantized with {config.method} int{config.bits} (group {config.group_size or 'channel'}, "
+         f"{'symmetric' if config.symmetric else 'asymmetric'}) in {quant_s:.1f} s; "
+         f"{before.size_bytes / 1e6:.1f} MB -> {after.size_bytes / 1e6:.1f} MB "
+         f"({after.bits_per_weight:.2f} bits/weight, linear layers {after.linear_bits_per_weight:.2f}); "
+         f"saved to {out}")
+    return 0
+
+
+# -- eval --------------------------------------------------------------------------------------
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .data import load_text
+    from .eval.perplexity import perplexity
+    from .eval.size import disk_bytes, model_size
+    from .eval.speed import decode_tokens_per_s
+
+    text = load_text(a.text, "eval")
+    model, tok, load_s = _load(a.model)
+    r = perplexity(model, tok, text, ctx=a.ctx, max_windows=a.max_windows, progress=not a.json)
+    size = model_size(model)
+    speed = decode_tokens_per_s(model, tok, new_tokens=a.decode_tokens) if a.decode_tokens else None
+    result = {"ppl": r.ppl, "windows": r.windows, "ctx": r.ctx, "size_bytes": size.size_bytes,
+              "bits_per_weight": size.bits_per_weight, "linear_bits_per_weight": size.linear_bits_per_weight,
+              "tokens_per_s": speed, "eval_tokens_per_s": r.tokens_per_s, "load_seconds": load_s,
+              "source": model.modelpress_source, "source_disk_bytes": disk_bytes(model.modelpress_source)}
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"ppl {r.ppl:.4f} over {r.windows} windows of {r.ctx} tokens ({r.tokens_per_s:.0f} tokens/s)\n"
+              f"size {size.size_bytes / 1e6:.1f} MB, {size.bits_per_weight:.2f} bits/weight "
+              f"(linear layers {size.linear_bits_per_weight:.2f})\n"
+              + (f"decode {speed:.1f} tokens/s\n" if speed else "")
+              + f"loaded in {load_s:.1f} s from {model.modelpress_source}")
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------------------
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .generate import stream_text
+
+    model, tok, _ = _load(a.model)
+    for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, chat=not a.raw,
+                             temperature=a.temperature, top_p=a.top_p, seed=a.seed):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+# -- info --------------------------------------------------------------------------------------
+def cmd_info(a: argparse.Namespace) -> int:
+    from collections import Counter
+    from pathlib import Path
+
+    from .eval.size import disk_bytes
+    from .formats import checkpoint
+    from .formats.gguf_reader import read_gguf
+    from .model.load import resolve
+
+    path = resolve(a.model)
+    info: dict[str, Any] = {"path": str(path), "disk_bytes": disk_bytes(path)}
+    if path.is_file():
+        meta, tensors = read_gguf(path)
+        info.update(format="gguf", architecture=meta.get("general.architecture"), name=meta.get("general.name"),
+                    tensors=len(tensors), tensor_types=dict(Counter(_ggml_name(t.ggml_type) for t in tensors)))
+    elif (Path(path) / checkpoint.MANIFEST).is_file():
+        m = checkpoint.read_manifest(path)
+        q = m.get("quantization") or {}
+        info.update(format="modelpress", format_version=m["format_version"], method=q.get("method"),
+                    bits=q.get("bits"), group_size=q.get("group_size"), symmetric=q.get("symmetric"),
+                    quantized_modules=len(m["modules"]), tensors=_count_tensors(path / checkpoint.WEIGHTS))
+    else:
+        info.update(format="transformers", tensors=sum(_count_tensors(f) for f in Path(path).glob("*.safetensors")))
+    if a.json:
+        print(json.dumps(info))
+    else:
+        width = max(map(len, info))
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
+    return 0
+
+
+def _ggml_name(t: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(t).name
+
+
+def _count_tensors(path: Any) -> int:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return len(list(f.keys()))
+    except (SafetensorError, OSError) as e:
+        raise ModelpressError(f"{path} is not a valid safetensors file ({e})") from None
+
+
+# -- entry point -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="modelpress", description="Compress models and run what was compressed.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    model_help = "GGUF file, transformers folder or modelpress checkpoint (default: SmolLM2-135M-Instruct)"
+
+    q = sub.add_parser("quantize", help="compress a model and save a modelpress checkpoint")
+    q.add_argument("model", nargs="?", help=model_help)
+    q.add_argument("--method", default="rtn", help="compression method (default: rtn)")
+    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
+    q.add_argument("--group-size", type=_group_size, default="default",
+                   help="input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
+    q.add_argument("--symmetric", action="store_true", help="absmax scales, no zero point")
+    q.add_argument("--out", required=True, help="folder to write")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, size, bits per weight, decode speed")
+    e.add_argument("model", nargs="?", help=model_help)
+    e.add_argument("--text", help=".txt or .jsonl evaluation text (default: Python's pydoc topics)")
+    e.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
+    e.add_argument("--max-windows", type=_positive, help="score at most N windows")
+    e.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed run (0: skip)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="stream a completion")
+    g.add_argument("model", nargs="?", help=model_help)
+    g.add_argument("-p", "--prompt", required=True)
+    g.add_argument("-n", "--max-new-tokens", type=_positive, default=128)
+    g.add_argument("--raw", action="store_true", help="no chat template")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("info", help="what a model file or checkpoint holds")
+    i.add_argument("model", nargs="?", help=model_help)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.fn(args)
+    except ModelpressError as e:
+        _err(f"modelpress: error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _err("modelpress: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Size and bits per weight of a model as modelpress stores it."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..nn import QUANT_LINEAR_CLASSES
+
+
+@dataclasses.dataclass
+class SizeReport:
+    size_bytes: int          # bytes of every stored tensor (what model.safetensors holds)
+    weights: int             # logical weight count (a quantized matrix counts in x out)
+    bits_per_weight: float   # 8 * size_bytes / weights, all tensors
+    linear_bits_per_weight: float  # the same over the decoder's linear layers alone
+
+
+def model_size(model: torch.nn.Module) -> SizeReport:
+    from ..formats.checkpoint import stored_state_dict
+
+    qtypes = tuple(QUANT_LINEAR_CLASSES.values())
+    quant = {fqn: m for fqn, m in model.named_modules() if isinstance(m, qtypes)}
+    linear = {fqn for fqn, m in model.named_modules()
+              if isinstance(m, (torch.nn.Linear, *qtypes)) and not fqn.endswith("lm_head")}
+    total_bytes = total_weights = lin_bytes = lin_weights = 0
+    for key, t in stored_state_dict(model).items():
+        fqn, _, leaf = key.rpartition(".")
+        nbytes = t.numel() * t.element_size()
+        if fqn in quant:  # qdata/scale/zero_point/bias: bytes count, weights counted once below
+            count = quant[fqn].in_features * quant[fqn].out_features if leaf == "qdata" else 0
+        else:
+            count = t.numel()
+        total_bytes, total_weights = total_bytes + nbytes, total_weights + count
+        if fqn in linear:
+            lin_bytes, lin_weights = lin_bytes + nbytes, lin_weights + count
+    return SizeReport(total_bytes, total_weights, 8 * total_bytes / total_weights,
+                      8 * lin_bytes / max(lin_weights, 1))
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

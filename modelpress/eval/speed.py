@@ -1,0 +1,23 @@
+"""Decode speed: new tokens per second after a short prompt, one sequence, KV cache on."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..generate import generate_ids
+
+SPEED_PROMPT = "The history of data compression begins with"
+
+
+def decode_tokens_per_s(model: torch.nn.Module, tokenizer, new_tokens: int = 64,  # noqa: ANN001
+                        prompt: str = SPEED_PROMPT, warmup: int = 4) -> float:
+    """Greedy decode of `new_tokens` tokens (no stop at eos); the prefill and `warmup` first
+    steps are not timed."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    it = generate_ids(model, ids, new_tokens + warmup)
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    n = sum(1 for _ in it)
+    return n / (time.perf_counter() - start)

@@ -1,0 +1,70 @@
+"""Token-by-token generation with a KV cache: the streaming loop behind `modelpress generate`
+and the decode-speed measurement."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:  # noqa: ANN001
+    """(1, T) prompt ids; with `chat` and a chat template, the prompt as one user turn."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return torch.tensor([list(ids)], dtype=torch.long)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.inference_mode()
+def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_ids: set[int] | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (greedy unless temperature > 0); stops at an eos id."""
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    for _ in range(max_new_tokens):
+        tok = _pick(out.logits[0, -1], temperature, top_p, gen)
+        yield tok
+        if eos_ids and tok in eos_ids:
+            return
+        out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True, logits_to_keep=1)
+
+
+def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128,  # noqa: ANN001
+                chat: bool = True, temperature: float = 0.0, top_p: float = 1.0,
+                seed: int | None = None) -> Iterator[str]:
+    """Yield the completion as text pieces, decoding incrementally (whole characters only)."""
+    ids = encode_prompt(tokenizer, prompt, chat)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if chat:
+        eos |= {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),) if isinstance(i, int) and i >= 0
+                and i != tokenizer.unk_token_id}
+    new: list[int] = []
+    shown = ""
+    for tok in generate_ids(model, ids, max_new_tokens, eos, temperature, top_p, seed):
+        if tok in eos:
+            break
+        new.append(tok)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character not yet complete
+            continue
+        yield text[len(shown):]
+        shown = text
