@@ -94,16 +94,20 @@ class IntxLinear(torch.nn.Module):
         elif self.bits <= 4 and self.group_size in _INT4_KERNEL_GROUPS:
             gs = self.group_size
             k_pad = grids.n_groups(self.in_features, gs) * gs
-            codes = self.codes().to(torch.int32)
-            zp = 2 ** (self.bits - 1) if self.zero_point is None else self.zero_point.to(torch.int32)
-            # padded columns get code = zero point, i.e. weight 0
-            if k_pad != self.in_features:
-                fill = zp if isinstance(zp, int) else zp[:, -1:]
-                codes = torch.cat([codes, torch.zeros(self.out_features, k_pad - self.in_features,
-                                                      dtype=torch.int32) + fill], 1)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             s = self.scale.float()
-            z = (8.0 - (zp if isinstance(zp, int) else zp.float())) * s
+            zp = torch.full_like(s, 2 ** (self.bits - 1)) if self.zero_point is None else self.zero_point.float()
+            codes = self.codes().to(torch.int32)
+            if k_pad != self.in_features:  # padded columns get code = zero point, i.e. weight 0
+                codes = torch.cat([codes, zp[:, -1:].to(torch.int32).expand(-1, k_pad - self.in_features)], 1)
+            # The kernel computes (q - 8) * s + z. Where code - zero_point fits in -8..7 (symmetric,
+            # or 2-3 bits) shift the codes so that q - 8 = code - zero_point and z = 0: exact in bf16.
+            # Otherwise (asymmetric 4-bit) keep the codes and fold the zero point: z = (8 - zp) * s.
+            if self.zero_point is None or self.bits <= 3:
+                shift = (8 - zp).to(torch.int32).repeat_interleave(gs, 1)
+                codes, z = codes + shift, torch.zeros_like(s)
+            else:
+                z = (8.0 - zp) * s
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             sz = torch.stack([s.t(), z.t()], -1).contiguous().to(torch.bfloat16)  # (n_groups, out, 2)
             kernel = ("int4", packed, sz, k_pad)
         self._kernel = kernel

