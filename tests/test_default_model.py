@@ -1,0 +1,78 @@
+"""End to end on the real default model, SmolLM2-135M-Instruct (tier 3). About a minute and a half."""
+import copy
+import os
+
+import pytest
+import torch
+
+import modelpress
+from modelpress.data import tokenize, windows
+from modelpress.eval.perplexity import perplexity_of_windows, transformers_perplexity
+from modelpress.model.load import default_model_path
+from tests.conftest import shared_text
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def eval_windows(default_model):
+    _, tok = default_model
+    return windows(tokenize(tok, shared_text("eval.txt")), 512, 4)
+
+
+def test_weights_equal_transformers_gguf_loader(default_model):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = default_model
+    path = default_model_path()
+    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ours, theirs = model.state_dict(), ref.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "every tensor bit-identical"
+
+
+def test_tokenizer_equals_llama_cpp(default_model):
+    """llama.cpp is the reference for a GGUF's tokenizer. (transformers' GGUF converter differs: it
+    drops the 'smollm' pre-tokenizer's digit split, so "\n\n1" becomes two newline tokens there;
+    the original SmolLM2 tokenizer.json splits digits as llama.cpp and modelpress do.)"""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a peer) is not installed")
+    _, tok = default_model
+    llm = llama_cpp.Llama(str(default_model_path()), vocab_only=True, verbose=False)
+    text = shared_text("eval.txt")[:50000] + " 1234567 <|im_start|>user\nhi<|im_end|>  x\n\n\n 42"
+    ours = tok(text, add_special_tokens=False)["input_ids"]
+    assert ours == llm.tokenize(text.encode(), add_bos=False, special=True)
+    assert len(ours) > 10000
+
+
+def test_fp32_perplexity_agrees_with_transformers(default_model, eval_windows):
+    model, _ = default_model
+    ours = perplexity_of_windows(model, eval_windows, progress=False)
+    ref = transformers_perplexity(model, eval_windows, progress=False)
+    assert abs(ours.ppl / ref.ppl - 1) < 1e-3
+    assert 20 < ours.ppl < 80  # observed 42.3 on these 4 windows
+
+
+def test_rtn_int8_within_one_percent_and_int4_round_trip(default_model, eval_windows, tmp_path):
+    model, tok = default_model
+    base = perplexity_of_windows(model, eval_windows, progress=False).ppl
+    int8 = modelpress.quantize(copy.deepcopy(model), modelpress.RTNConfig(bits=8, group_size=None, symmetric=True))
+    assert abs(perplexity_of_windows(int8, eval_windows, progress=False).ppl / base - 1) < 0.01
+    del int8
+    int4 = modelpress.quantize(copy.deepcopy(model), modelpress.RTNConfig(bits=4, group_size=64))
+    q_ppl = perplexity_of_windows(int4, eval_windows, progress=False).ppl
+    assert base < q_ppl < 1.6 * base  # observed +36 % on 8 windows
+    out = modelpress.save(int4, tok, tmp_path / "int4")
+    loaded, tok2 = modelpress.load(out)
+    x = eval_windows[:1, :64]
+    with torch.no_grad():
+        assert torch.equal(int4(x).logits, loaded(x).logits)
+        assert torch.equal(int4(x[:, :8]).logits, loaded(x[:, :8]).logits)
+    assert os.path.getsize(out / "model.safetensors") < 0.35 * 538e6
+
+
+def test_generate_answers(default_model):
+    from modelpress.generate import stream_text
+
+    model, tok = default_model
+    text = "".join(stream_text(model, tok, "What is the capital of France?", max_new_tokens=20))
+    assert "Paris" in text
