@@ -53,7 +53,7 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def perplexity_of_windows(model: torch.nn.Module, wins: torch.Tensor, batch_size: int = 4,
+def perplexity_of_windows(model: torch.nn.Module, wins: torch.Tensor, batch_size: int = 8,
                           progress: bool = True) -> PerplexityResult:
     n, ctx = wins.shape
     nll, start = 0.0, time.perf_counter()
@@ -66,7 +66,7 @@ def perplexity_of_windows(model: torch.nn.Module, wins: torch.Tensor, batch_size
 
 
 def perplexity(model: torch.nn.Module, tokenizer, text: str | None = None, ctx: int = 512,  # noqa: ANN001
-               max_windows: int | None = None, batch_size: int = 4,
+               max_windows: int | None = None, batch_size: int = 8,
                progress: bool = True) -> PerplexityResult:
     """Perplexity of `model` on `text` (default: the standard library's evaluation text)."""
     text = load_text(None, "eval") if text is None else text
