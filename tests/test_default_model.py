@@ -49,7 +49,7 @@ def test_fp32_perplexity_agrees_with_transformers(default_model, eval_windows):
     ours = perplexity_of_windows(model, eval_windows, progress=False)
     ref = transformers_perplexity(model, eval_windows, progress=False)
     assert abs(ours.ppl / ref.ppl - 1) < 1e-3
-    assert 20 < ours.ppl < 80  # observed 42.3 on these 4 windows
+    assert 5 < ours.ppl < 80  # observed 42.3 (eval.txt), 14.6 (pydoc fallback)
 
 
 def test_rtn_int8_within_one_percent_and_int4_round_trip(default_model, eval_windows, tmp_path):
