@@ -38,12 +38,17 @@ def _positive(text: str) -> int:
     return v
 
 
-def _load(source: str | None) -> tuple[Any, Any, float]:
+def _load(source: str | None, device: str = "cpu") -> tuple[Any, Any, float]:
+    """(model, tokenizer, load seconds), the model moved to `device`."""
+    import torch
+
     from .model.load import load
 
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ModelpressError(f"device {device!r} is not available here; use --device cpu")
     start = time.perf_counter()
     model, tok = load(source)
-    return model, tok, time.perf_counter() - start
+    return model.to(device), tok, time.perf_counter() - start
 
 
 def _err(*lines: str) -> None:
@@ -88,10 +93,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .eval.speed import decode_tokens_per_s
 
     text = load_text(a.text, "eval")
-    model, tok, load_s = _load(a.model)
+    model, tok, load_s = _load(a.model, a.device)
     r = perplexity(model, tok, text, ctx=a.ctx, max_windows=a.max_windows, progress=not a.json)
     size = model_size(model)
-    speed = decode_tokens_per_s(model, tok, new_tokens=a.decode_tokens) if a.decode_tokens else None
+    speed = (decode_tokens_per_s(model, tok, new_tokens=a.decode_tokens, progress=not a.json)
+             if a.decode_tokens else None)
     result = {"ppl": r.ppl, "windows": r.windows, "ctx": r.ctx, "size_bytes": size.size_bytes,
               "bits_per_weight": size.bits_per_weight, "linear_bits_per_weight": size.linear_bits_per_weight,
               "tokens_per_s": speed, "eval_tokens_per_s": r.tokens_per_s, "load_seconds": load_s,
@@ -111,7 +117,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import stream_text
 
-    model, tok, _ = _load(a.model)
+    model, tok, _ = _load(a.model, a.device)
     for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, chat=not a.raw,
                              temperature=a.temperature, top_p=a.top_p, seed=a.seed):
         print(piece, end="", flush=True)
@@ -190,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=_positive, help="score at most N windows")
     e.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed run (0: skip)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="stream a completion")
@@ -200,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     g.set_defaults(fn=cmd_generate)
 
     i = sub.add_parser("info", help="what a model file or checkpoint holds")

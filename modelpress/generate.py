@@ -22,12 +22,19 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:  # noqa: 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, -1)
+    probs = torch.softmax(logits.float().cpu() / temperature, -1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
         probs = torch.zeros_like(probs).scatter(-1, idx[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); accept either."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -37,15 +44,16 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens
     """Yield new token ids one at a time (greedy unless temperature > 0); stops at an eos id."""
     from transformers import DynamicCache
 
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    kv = {_cache_kwarg(model): DynamicCache(config=model.config)}
+    out = model(input_ids=input_ids.to(device), use_cache=True, logits_to_keep=1, **kv)
     for _ in range(max_new_tokens):
         tok = _pick(out.logits[0, -1], temperature, top_p, gen)
         yield tok
         if eos_ids and tok in eos_ids:
             return
-        out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, logits_to_keep=1, **kv)
 
 
 def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128,  # noqa: ANN001

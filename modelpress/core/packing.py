@@ -26,9 +26,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, n = codes.shape
     pad = (-n) % 8
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*lead, -1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
     word = (c << shifts).sum(-1, keepdim=True)  # (..., n/8, 1): 8*bits <= 64 bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
     out = (word >> byte_shifts) & 0xFF
     return out.reshape(*lead, -1).to(torch.uint8)
 
@@ -38,6 +38,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return packed[..., :n].contiguous()
     *lead, m = packed.shape
     b = packed.to(torch.int64).reshape(*lead, m // bits, bits)
-    word = (b << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1, keepdim=True)
-    codes = (word >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    dev = packed.device
+    word = (b << (torch.arange(bits, dtype=torch.int64, device=dev) * 8)).sum(-1, keepdim=True)
+    codes = (word >> (torch.arange(8, dtype=torch.int64, device=dev) * bits)) & ((1 << bits) - 1)
     return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)

@@ -42,9 +42,12 @@ class PerplexityResult:
 
 def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
     """Summed next-token loss of a batch of windows (B, T), positions 1..T-1 scored."""
+    labels = batch[:, 1:].reshape(-1)
+    if not (hasattr(model, "model") and hasattr(model, "lm_head")):  # not a *ForCausalLM: plain path
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(labels.numel(), -1), labels, reduction="sum").item()
     hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    labels = batch[:, 1:].reshape(-1)
     total = 0.0
     for i in range(0, hidden.shape[0], _HEAD_CHUNK):
         logits = model.lm_head(hidden[i:i + _HEAD_CHUNK]).float()
@@ -56,10 +59,11 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
 def perplexity_of_windows(model: torch.nn.Module, wins: torch.Tensor, batch_size: int = 8,
                           progress: bool = True) -> PerplexityResult:
     n, ctx = wins.shape
+    device = next(model.parameters()).device
     nll, start = 0.0, time.perf_counter()
     with tqdm(total=n, desc="perplexity", unit="window", disable=not progress, leave=False) as bar:
         for i in range(0, n, batch_size):
-            nll += window_nll(model, wins[i:i + batch_size])
+            nll += window_nll(model, wins[i:i + batch_size].to(device))
             bar.update(min(batch_size, n - i))
     scored = n * (ctx - 1)
     return PerplexityResult(ppl_from_nll(nll, scored), nll, scored, n, ctx, time.perf_counter() - start)
@@ -79,8 +83,10 @@ def transformers_perplexity(model: torch.nn.Module, wins: torch.Tensor, progress
     """The plain transformers computation of the same protocol, for cross-checks and benchmarks:
     one window per call, `model(input_ids=w, labels=w).loss` (mean over the ctx-1 shifted labels)."""
     n, ctx = wins.shape
+    device = next(model.parameters()).device
     nll, start = 0.0, time.perf_counter()
     for w in tqdm(wins, desc="perplexity (transformers)", unit="window", disable=not progress, leave=False):
-        nll += model(input_ids=w[None], labels=w[None]).loss.item() * (ctx - 1)
+        w = w[None].to(device)
+        nll += model(input_ids=w, labels=w).loss.item() * (ctx - 1)
     scored = n * (ctx - 1)
     return PerplexityResult(ppl_from_nll(nll, scored), nll, scored, n, ctx, time.perf_counter() - start)

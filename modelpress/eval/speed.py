@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from ..generate import generate_ids
 
@@ -11,7 +12,7 @@ SPEED_PROMPT = "The history of data compression begins with"
 
 
 def decode_tokens_per_s(model: torch.nn.Module, tokenizer, new_tokens: int = 64,  # noqa: ANN001
-                        prompt: str = SPEED_PROMPT, warmup: int = 4) -> float:
+                        prompt: str = SPEED_PROMPT, warmup: int = 4, progress: bool = True) -> float:
     """Greedy decode of `new_tokens` tokens (no stop at eos); the prefill and `warmup` first
     steps are not timed."""
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
@@ -19,5 +20,5 @@ def decode_tokens_per_s(model: torch.nn.Module, tokenizer, new_tokens: int = 64,
     for _ in range(warmup):
         next(it)
     start = time.perf_counter()
-    n = sum(1 for _ in it)
+    n = sum(1 for _ in tqdm(it, total=new_tokens, desc="decode", unit="tok", disable=not progress, leave=False))
     return n / (time.perf_counter() - start)

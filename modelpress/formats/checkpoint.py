@@ -44,7 +44,10 @@ def stored_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
-    """Write `model` (quantized or not) and its tokenizer to the folder `out`."""
+    """Write `model` (quantized or not) and its tokenizer to the folder `out`.
+
+    `out` may be new, empty, or an earlier modelpress checkpoint (replaced only once the new one
+    is complete); any other existing folder is refused rather than overwritten."""
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -52,6 +55,9 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ModelpressError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ModelpressError(f"{out} is a folder that holds something other than a modelpress checkpoint; "
+                              "choose an empty or new --out (nothing there is overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -66,3 +66,13 @@ def test_newer_format_is_refused(tmp_path, tiny):
     (out / "modelpress.json").write_text(json.dumps(m))
     with pytest.raises(ModelpressError, match="newer modelpress"):
         modelpress.load(out)
+
+
+def test_save_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, tiny):
+    model, tok = tiny
+    precious = tmp_path / "docs"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(ModelpressError, match="other than a modelpress checkpoint"):
+        modelpress.save(model, tok, precious)
+    assert (precious / "thesis.txt").read_text() == "years of work"
