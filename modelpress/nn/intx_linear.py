@@ -25,6 +25,9 @@ from ..core import grids, packing
 
 FAST_MAX_ROWS = 32
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+# The kernels are used only on the torch this project pins and tests (2.13): torch 2.11's
+# _weight_int8pack_mm segfaulted on a tiny (96-wide) layer on a lent H200 machine's CPU.
+_KERNELS_TESTED = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
 class IntxLinear(torch.nn.Module):
@@ -77,7 +80,7 @@ class IntxLinear(torch.nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.use_fast and rows <= FAST_MAX_ROWS and x.device.type == "cpu":
+        if self.use_fast and _KERNELS_TESTED and rows <= FAST_MAX_ROWS and x.device.type == "cpu":
             kernel = self._kernel if self._kernel is not None else self._build_kernel()
             if kernel:
                 return self._forward_kernel(x, kernel)

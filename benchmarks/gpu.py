@@ -1,0 +1,83 @@
+"""The GPU paths on a SmolLM2-135M-shaped model with random weights (the real model's 98 MB file
+does not travel to a lent GPU machine): perplexity tokens/s beside the plain transformers loop,
+fp32 and RTN int4 / int8 (reference path: dequantize, then cuBLAS), and decode tokens/s.
+
+    python benchmarks/gpu.py --out results/gpu.json     # needs a CUDA device
+
+Random weights make the perplexity itself meaningless; its agreement with transformers is not.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import modelpress  # noqa: E402
+from modelpress.eval.perplexity import perplexity_of_windows, transformers_perplexity  # noqa: E402
+from modelpress.generate import generate_ids  # noqa: E402
+
+
+def smollm2_shaped():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                      rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def decode_tps(model, n: int = 64) -> float:
+    it = generate_ids(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), n + 4)
+    for _ in range(4):
+        next(it)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    count = sum(1 for _ in it)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--out", default="benchmarks/results/gpu.json")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device")
+    base = smollm2_shaped()
+    wins = torch.randint(0, 49152, (a.windows, 512), generator=torch.Generator().manual_seed(1))
+    rows = []
+    fp32 = base.to("cuda")
+    perplexity_of_windows(fp32, wins[:8], progress=False)  # warm-up
+    ours = perplexity_of_windows(fp32, wins, batch_size=16, progress=False)
+    ref = transformers_perplexity(fp32, wins, progress=False)
+    rows.append({"method": "fp32", "ppl": ours.ppl, "transformers_ppl": ref.ppl,
+                 "agreement_pct": 100 * abs(ours.ppl / ref.ppl - 1), "eval_tokens_per_s": ours.tokens_per_s,
+                 "transformers_eval_tokens_per_s": ref.tokens_per_s, "decode_tokens_per_s": decode_tps(fp32)})
+    print(json.dumps(rows[-1]), flush=True)
+    for name, cfg in [("rtn int8", modelpress.RTNConfig(bits=8, group_size=None, symmetric=True)),
+                      ("rtn int4-g64", modelpress.RTNConfig(bits=4, group_size=64))]:
+        q = modelpress.quantize(copy.deepcopy(fp32).cpu(), cfg).to("cuda")
+        r = perplexity_of_windows(q, wins, batch_size=16, progress=False)
+        rows.append({"method": name, "ppl_change_pct": 100 * (r.ppl / ours.ppl - 1),
+                     "eval_tokens_per_s": r.tokens_per_s, "decode_tokens_per_s": decode_tps(q)})
+        print(json.dumps(rows[-1]), flush=True)
+        del q
+    out = {"benchmark": "gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "windows": a.windows, "ctx": 512, "model": "SmolLM2-135M shape, random weights", "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
