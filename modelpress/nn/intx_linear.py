@@ -12,9 +12,10 @@ Forward: the reference path dequantizes to fp32 and multiplies; it serves large 
 perplexity), where a dense GEMM is fastest. Small inputs (decode, <= FAST_MAX_ROWS rows) go through
 torch's CPU weight-only kernels, which run with bf16 activations:
     8-bit per-channel -> aten._weight_int8pack_mm
-    2..4-bit, group 32/64/128/256 -> aten._weight_int4pack_mm_for_cpu (tinygemm layout: its
-    dequantization is (q - 8) * s + z, so our zero point maps to z = (8 - zero_point) * s)
-The kernel tensors are built on the first fast call and are not saved.
+    2..4-bit, group 32/64/128/256 -> aten._weight_int4pack_mm_for_cpu (tinygemm layout, which
+    dequantizes (q - 8) * s + z: see _build_kernel for how our codes and zero points map onto it)
+The kernel tensors are built on the first fast call and are not saved; for 2-4 bits they add a
+second copy of the codes (4 bits each) in memory. Other shapes and devices use the reference path.
 """
 from __future__ import annotations
 
