@@ -19,9 +19,9 @@ class _Parser(argparse.ArgumentParser):
         raise ModelpressError(f"{message} (see `{self.prog} --help`)")
 
 
-def _group_size(text: str) -> int | None:
+def _group_size(text: str) -> int | str:
     if text.lower() in ("channel", "none", "per-channel"):
-        return None
+        return "channel"
     try:
         return int(text)
     except ValueError:
@@ -58,6 +58,7 @@ def _err(*lines: str) -> None:
 # -- quantize ----------------------------------------------------------------------------------
 def cmd_quantize(a: argparse.Namespace) -> int:
     from .config import config_types
+    from .data import calibration_windows, load_text
     from .eval.size import model_size
     from .formats.checkpoint import save
     from .registry import quantize
@@ -65,15 +66,25 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     methods = config_types()
     if a.method not in methods:
         raise ModelpressError(f"unknown method {a.method!r}; choose one of: {', '.join(sorted(methods))}")
-    group = a.group_size if a.group_size != "default" else (None if a.bits == 8 else 64)
+    if a.group_size is None:  # not given: per channel for 8 bits, groups of 64 below
+        group = None if a.bits == 8 else 64
+    else:
+        group = None if a.group_size == "channel" else a.group_size
     try:
         config = methods[a.method](bits=a.bits, group_size=group, symmetric=a.symmetric)
     except ValueError as e:
         raise ModelpressError(str(e)) from None
+    if a.calib is not None:
+        load_text(a.calib, "calib")  # a bad file fails now, before the model loads
     model, tok, load_s = _load(a.model)
+    calib = None
+    if config.calibrated:
+        calib = calibration_windows(tok, a.calib, a.ctx, a.samples)
+    elif a.calib is not None:
+        _err(f"note: {config.method} does not calibrate; --calib is not used")
     before = model_size(model)
     start = time.perf_counter()
-    quantize(model, config)
+    quantize(model, config, calib)
     quant_s = time.perf_counter() - start
     out = save(model, tok, a.out)
     after = model_size(model)
@@ -183,9 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", help=model_help)
     q.add_argument("--method", default="rtn", help="compression method (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
-    q.add_argument("--group-size", type=_group_size, default="default",
+    q.add_argument("--group-size", type=_group_size, default=None,
                    help="input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
     q.add_argument("--symmetric", action="store_true", help="absmax scales, no zero point")
+    q.add_argument("--calib", help=".txt or .jsonl calibration text, for methods that calibrate "
+                   "(default: Python's pydoc topics)")
+    q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
+    q.add_argument("--ctx", type=_positive, default=512, help="calibration window length (default: 512)")
     q.add_argument("--out", required=True, help="folder to write")
     q.set_defaults(fn=cmd_quantize)
 

@@ -21,6 +21,7 @@ class BaseConfig:
 
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    calibrated: ClassVar[bool] = False  # whether the handler reads calibration windows
     targets: tuple[str, ...] = (r".*",)
     ignore: tuple[str, ...] = (r"(^|\.)lm_head$",)
 

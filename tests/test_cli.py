@@ -43,6 +43,8 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, tiny_gguf):
     _one_line_error(*_run(capsys, "quantize", str(tiny_gguf), "--method", "magic", "--out", str(tmp_path / "o"))[::2])
     _one_line_error(*_run(capsys, "quantize", str(tiny_gguf), "--bits", "5", "--out", str(tmp_path / "o"))[::2])
     _one_line_error(*_run(capsys, "eval", "--bogus-flag")[::2])
+    _one_line_error(*_run(capsys, "quantize", str(tiny_gguf), "--calib", str(tmp_path / "no.txt"), "--out", str(tmp_path / "o"))[::2])
+    _one_line_error(*_run(capsys, "eval", str(tiny_gguf), "--ctx", "0")[::2])
     assert not (tmp_path / "o").exists()
 
 
@@ -61,6 +63,17 @@ def test_quantize_eval_info_generate(tmp_path, capsys, tiny_gguf):
     assert info["method"] == "rtn" and info["bits"] == 4 and info["quantized_modules"] == 14
     code, stdout, _ = _run(capsys, "generate", str(out), "-p", "the", "-n", "5", "--raw")
     assert code == 0 and stdout.endswith("\n")
+
+
+@pytest.mark.parametrize("args,bits,group", [((), 4, 64), (("--bits", "8"), 8, None),
+                                             (("--bits", "8", "--group-size", "32"), 8, 32),
+                                             (("--bits", "3", "--group-size", "channel"), 3, None)])
+def test_quantize_group_size_defaults(tmp_path, capsys, tiny_gguf, args, bits, group):
+    out = tmp_path / "q"
+    assert _run(capsys, "quantize", str(tiny_gguf), *args, "--out", str(out))[0] == 0
+    code, stdout, _ = _run(capsys, "info", str(out), "--json")
+    info = json.loads(stdout)
+    assert (info["bits"], info["group_size"]) == (bits, group)
 
 
 def test_subprocess_exit_code_and_no_traceback(tmp_path):
