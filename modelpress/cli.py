@@ -60,7 +60,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .config import config_types
     from .data import calibration_windows, load_text
     from .eval.size import model_size
-    from .formats.checkpoint import save
+    from .formats.checkpoint import check_target, save
     from .registry import quantize
 
     methods = config_types()
@@ -74,9 +74,10 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         config = methods[a.method](bits=a.bits, group_size=group, symmetric=a.symmetric)
     except ValueError as e:
         raise ModelpressError(str(e)) from None
+    check_target(a.out)  # bad destination or text: fail now, before the model loads
     if a.calib is not None:
-        load_text(a.calib, "calib")  # a bad file fails now, before the model loads
-    model, tok, load_s = _load(a.model)
+        load_text(a.calib, "calib")
+    model, tok, _ = _load(a.model)
     calib = None
     if config.calibrated:
         calib = calibration_windows(tok, a.calib, a.ctx, a.samples)

@@ -43,6 +43,17 @@ def stored_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+def check_target(out: str | Path) -> Path:
+    """Refuse a destination whose contents a save would destroy (anything but a checkpoint)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelpressError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ModelpressError(f"{out} is a folder that holds something other than a modelpress checkpoint; "
+                              "choose an empty or new --out (nothing there is overwritten)")
+    return out
+
+
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (quantized or not) and its tokenizer to the folder `out`.
 
@@ -52,12 +63,7 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 
     from .. import __version__
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ModelpressError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ModelpressError(f"{out} is a folder that holds something other than a modelpress checkpoint; "
-                              "choose an empty or new --out (nothing there is overwritten)")
+    out = check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
