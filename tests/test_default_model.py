@@ -76,3 +76,18 @@ def test_generate_answers(default_model):
     model, tok = default_model
     text = "".join(stream_text(model, tok, "What is the capital of France?", max_new_tokens=20))
     assert "Paris" in text
+
+
+def test_nf4_bit_exact_with_bitsandbytes_on_every_linear_weight(default_model):
+    bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (a peer) is not installed")
+    from modelpress.core.codebook4 import quantize_4bit
+
+    model, _ = default_model
+    checked = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            packed, absmax = quantize_4bit(mod.weight.detach(), 64, "nf4")
+            ref, state = bnb.quantize_4bit(mod.weight.detach(), blocksize=64, quant_type="nf4")
+            assert torch.equal(packed, ref.reshape(-1)) and torch.equal(absmax, state.absmax), name
+            checked += 1
+    assert checked == 210
