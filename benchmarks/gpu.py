@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows, transformers_perplexity  # noqa: E402
-from modelpress.generate import generate_ids  # noqa: E402
+from modelpress.eval.speed import decode_ids_per_s  # noqa: E402
 
 
 def smollm2_shaped():
@@ -36,14 +35,8 @@ def smollm2_shaped():
     return LlamaForCausalLM(cfg).eval()
 
 
-def decode_tps(model, n: int = 64) -> float:
-    it = generate_ids(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), n + 4)
-    for _ in range(4):
-        next(it)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    count = sum(1 for _ in it)
-    return count / (time.perf_counter() - start)
+def decode_tps(model) -> float:
+    return decode_ids_per_s(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]))
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from typing import Iterator
 
 import torch
 
+from .model.walker import device_of
+
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:  # noqa: ANN001
     """(1, T) prompt ids; with `chat` and a chat template, the prompt as one user turn."""
@@ -44,7 +46,7 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens
     """Yield new token ids one at a time (greedy unless temperature > 0); stops at an eos id."""
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
+    device = device_of(model)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     kv = {_cache_kwarg(model): DynamicCache(config=model.config)}
     out = model(input_ids=input_ids.to(device), use_cache=True, logits_to_keep=1, **kv)

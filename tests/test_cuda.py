@@ -7,7 +7,6 @@ import modelpress
 from modelpress.data import tokenize, windows
 from modelpress.eval.perplexity import perplexity_of_windows
 from modelpress.generate import generate_ids
-from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

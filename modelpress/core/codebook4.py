@@ -13,6 +13,8 @@ midpoint takes the lower entry).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # NF4: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA, appendix E)
@@ -52,9 +54,9 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
         tail_max = flat[full:].abs().amax().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_max[None]])
         scaled = torch.cat([scaled, (flat[full:] / tail_max).clamp(-1, 1)])
+    if n % 2:  # an odd count: the last byte's low nibble encodes 0
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
     idx = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
-    if idx.numel() % 2:
-        idx = torch.cat([idx, order[torch.bucketize(torch.zeros(1), bounds)].to(torch.uint8)])
     return (idx[0::2] << 4) | idx[1::2], absmax
 
 
@@ -62,9 +64,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int
                     blocksize: int = 64, quant_type: str = "nf4") -> torch.Tensor:
     """fp32 values of `shape` from (packed, absmax)."""
     code = _code(quant_type)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     idx = torch.stack([packed >> 4, packed & 0xF], -1).reshape(-1)[:n].long()
     scale = absmax.repeat_interleave(blocksize)[:n]
     return (code[idx] * scale).reshape(shape)

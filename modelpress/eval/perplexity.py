@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..core.metrics import perplexity as ppl_from_nll
 from ..data import load_text, tokenize, windows
+from ..model.walker import device_of
 
 _HEAD_CHUNK = 1024  # positions per output-head matmul: 1024 x 49152 fp32 logits = 200 MB
 
@@ -38,6 +39,11 @@ class PerplexityResult:
     def tokens_per_s(self) -> float:
         """Tokens fed through the model per second (windows x ctx / seconds)."""
         return self.windows * self.ctx / self.seconds
+
+
+def _result(nll: float, n: int, ctx: int, start: float) -> PerplexityResult:
+    scored = n * (ctx - 1)
+    return PerplexityResult(ppl_from_nll(nll, scored), nll, scored, n, ctx, time.perf_counter() - start)
 
 
 def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
@@ -59,14 +65,13 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
 def perplexity_of_windows(model: torch.nn.Module, wins: torch.Tensor, batch_size: int = 8,
                           progress: bool = True) -> PerplexityResult:
     n, ctx = wins.shape
-    device = next(model.parameters()).device
+    device = device_of(model)
     nll, start = 0.0, time.perf_counter()
     with tqdm(total=n, desc="perplexity", unit="window", disable=not progress, leave=False) as bar:
         for i in range(0, n, batch_size):
             nll += window_nll(model, wins[i:i + batch_size].to(device))
             bar.update(min(batch_size, n - i))
-    scored = n * (ctx - 1)
-    return PerplexityResult(ppl_from_nll(nll, scored), nll, scored, n, ctx, time.perf_counter() - start)
+    return _result(nll, n, ctx, start)
 
 
 def perplexity(model: torch.nn.Module, tokenizer, text: str | None = None, ctx: int = 512,  # noqa: ANN001
@@ -83,10 +88,9 @@ def transformers_perplexity(model: torch.nn.Module, wins: torch.Tensor, progress
     """The plain transformers computation of the same protocol, for cross-checks and benchmarks:
     one window per call, `model(input_ids=w, labels=w).loss` (mean over the ctx-1 shifted labels)."""
     n, ctx = wins.shape
-    device = next(model.parameters()).device
+    device = device_of(model)
     nll, start = 0.0, time.perf_counter()
     for w in tqdm(wins, desc="perplexity (transformers)", unit="window", disable=not progress, leave=False):
         w = w[None].to(device)
         nll += model(input_ids=w, labels=w).loss.item() * (ctx - 1)
-    scored = n * (ctx - 1)
-    return PerplexityResult(ppl_from_nll(nll, scored), nll, scored, n, ctx, time.perf_counter() - start)
+    return _result(nll, n, ctx, start)

@@ -76,7 +76,7 @@ def llama_config(meta: dict[str, Any], tied: bool):  # noqa: ANN201
     )
 
 
-def _state_dict(meta: dict[str, Any], tensors: list[GGUFTensor], config) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _state_dict(tensors: list[GGUFTensor], config) -> dict[str, torch.Tensor]:  # noqa: ANN001
     from tqdm.auto import tqdm
 
     sd = {}
@@ -103,6 +103,6 @@ def load_gguf(path: str | Path) -> tuple[torch.nn.Module, Any]:
     meta, tensors = read_gguf(path)
     tied = not any(t.name == "output.weight" for t in tensors)
     config = llama_config(meta, tied)
-    model = build_causal_lm(config, _state_dict(meta, tensors, config))
+    model = build_causal_lm(config, _state_dict(tensors, config))
     tokenizer = tokenizer_from_gguf(meta, path)
     return model, tokenizer

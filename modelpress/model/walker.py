@@ -27,6 +27,11 @@ def iter_targets(model: torch.nn.Module, targets: tuple[str, ...], ignore: tuple
             yield fqn, mod
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device holding the model's weights (inputs must go there)."""
+    return next(model.parameters()).device
+
+
 def replace(model: torch.nn.Module, fqn: str, new: torch.nn.Module) -> None:
     """Put `new` where `fqn` names a submodule."""
     parent_name, _, child = fqn.rpartition(".")
