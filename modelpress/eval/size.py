@@ -25,16 +25,20 @@ def model_size(model: torch.nn.Module) -> SizeReport:
     linear = {fqn for fqn, m in model.named_modules()
               if isinstance(m, (torch.nn.Linear, *qtypes)) and not fqn.endswith("lm_head")}
     total_bytes = total_weights = lin_bytes = lin_weights = 0
-    for key, t in stored_state_dict(model).items():
-        fqn, _, leaf = key.rpartition(".")
-        nbytes = t.numel() * t.element_size()
-        if fqn in quant:  # qdata/scale/zero_point/bias: bytes count, weights counted once below
-            count = quant[fqn].in_features * quant[fqn].out_features if leaf == "qdata" else 0
-        else:
-            count = t.numel()
+
+    def add(fqn: str, nbytes: int, count: int) -> None:
+        nonlocal total_bytes, total_weights, lin_bytes, lin_weights
         total_bytes, total_weights = total_bytes + nbytes, total_weights + count
         if fqn in linear:
             lin_bytes, lin_weights = lin_bytes + nbytes, lin_weights + count
+
+    for fqn, m in quant.items():  # every tensor it stores counts; its weights count once
+        add(fqn, sum(t.numel() * t.element_size() for t in m.state_dict().values()),
+            m.in_features * m.out_features)
+    for key, t in stored_state_dict(model).items():
+        fqn = key.rpartition(".")[0]
+        if not any(key.startswith(q + ".") for q in quant):
+            add(fqn, t.numel() * t.element_size(), t.numel())
     return SizeReport(total_bytes, total_weights, 8 * total_bytes / total_weights,
                       8 * lin_bytes / max(lin_weights, 1))
 

@@ -1,8 +1,11 @@
 """The modelpress checkpoint: a folder that loads back to bit-identical logits, without pickle.
 
-    DIR/model.safetensors   every tensor of the state dict (quantized modules: qdata, scale,
-                            zero_point, bias); a tied output head is stored once, as the embedding
-    DIR/config.json         the transformers model config
+    DIR/model.safetensors   every tensor of the state dict (quantized modules: their own keys,
+                            e.g. qdata, scale, zero_point, bias); a tied output head is stored
+                            once, as the embedding
+    DIR/config.json         the transformers model config; for bitsandbytes' methods (NF4, FP4,
+                            LLM.int8) also their quantization_config, and the tensors use
+                            bitsandbytes' keys, so transformers + bitsandbytes loads the folder
     DIR/modelpress.json     {"format": "modelpress", "format_version", "modelpress_version",
                              "quantization": <method config to_dict() or null>,
                              "modules": {fqn: <quantized module meta()>}}
@@ -76,6 +79,7 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
         save_file(stored_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS, 0o644)
         model.config.save_pretrained(tmp)
+        _set_quantization_config(tmp / "config.json", model, config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -90,6 +94,19 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _set_quantization_config(path: Path, model: torch.nn.Module, config: Any) -> None:
+    """config.json gets the quantization_config transformers needs to load the layers (only
+    bitsandbytes' layouts so far), and loses any stale one the model's config carried."""
+    from .bnb import quantization_config
+
+    data = json.loads(path.read_text())
+    data.pop("quantization_config", None)
+    qc = quantization_config(config, model) if config is not None else None
+    if qc is not None:
+        data["quantization_config"] = qc
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

@@ -77,7 +77,15 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
     for f in files:
         state.update(read_safetensors(f))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model = build_causal_lm(config, state)
+    qc = getattr(config, "quantization_config", None)
+    if qc:  # a quantized transformers folder: swap in empty quantized layers, then fill them
+        from ..formats import bnb
+
+        qconfig = bnb.config_from_hf(qc, state)
+        model = build_causal_lm(config, state, prepare=bnb.skeleton(qconfig))
+        model.modelpress_config = qconfig
+    else:
+        model = build_causal_lm(config, state)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

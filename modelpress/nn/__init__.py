@@ -1,6 +1,8 @@
 """Runtime modules: one quantized linear class per (dtype x packing), each with a fast CPU path."""
+from .code4_linear import Code4Linear
+from .int8lt_linear import Int8LtLinear
 from .intx_linear import IntxLinear
 
-QUANT_LINEAR_CLASSES = {cls.__name__: cls for cls in (IntxLinear,)}
+QUANT_LINEAR_CLASSES = {cls.__name__: cls for cls in (IntxLinear, Code4Linear, Int8LtLinear)}
 
-__all__ = ["IntxLinear", "QUANT_LINEAR_CLASSES"]
+__all__ = ["Code4Linear", "Int8LtLinear", "IntxLinear", "QUANT_LINEAR_CLASSES"]

@@ -1,0 +1,93 @@
+"""bitsandbytes' serialized layout, as transformers writes it: the quantization_config block of
+config.json. The tensors themselves are the state dicts of nn.Code4Linear and nn.Int8LtLinear,
+whose keys are bitsandbytes' own, so model.safetensors needs no conversion either way.
+
+    config.json  "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": true,
+                 "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": true, ...}
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..config import BaseConfig
+from ..errors import ModelpressError
+from ..methods import FP4Config, LLMInt8Config, NF4Config
+from ..model.walker import iter_targets, replace
+from ..nn import Code4Linear, Int8LtLinear
+from ..nn.code4_linear import read_quant_state
+
+QUANT_METHOD = "bitsandbytes"
+
+
+def _skipped_linears(model: torch.nn.Module) -> list[str]:
+    """Names of the linear layers left unquantized (transformers' llm_int8_skip_modules)."""
+    names = [fqn for fqn, m in model.named_modules() if type(m) is torch.nn.Linear]
+    return names or ["lm_head"]
+
+
+def quantization_config(config: BaseConfig, model: torch.nn.Module) -> dict[str, Any] | None:
+    """The quantization_config transformers expects for a bitsandbytes model, or None for methods
+    that bitsandbytes does not have."""
+    four = isinstance(config, NF4Config)
+    if not four and not isinstance(config, LLMInt8Config):
+        return None
+    return {
+        "_load_in_4bit": four, "_load_in_8bit": not four,
+        "bnb_4bit_compute_dtype": config.compute_dtype if four else "float32",
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": config.quant_type if four else "fp4",
+        "bnb_4bit_use_double_quant": bool(four and config.double_quant),
+        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": _skipped_linears(model),
+        "llm_int8_threshold": config.threshold if not four else 6.0,
+        "load_in_4bit": four, "load_in_8bit": not four, "quant_method": QUANT_METHOD,
+    }
+
+
+def config_from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]) -> BaseConfig:
+    """The modelpress config equivalent to a transformers quantization_config (bitsandbytes only,
+    so far); the 4-bit blocksize is read from the tensors' quant_state, as bitsandbytes does."""
+    if not isinstance(qc, dict):
+        qc = qc.to_dict()
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ModelpressError(f"this folder is quantized with {qc.get('quant_method')!r}, which modelpress "
+                              "does not load yet (it loads bitsandbytes NF4/FP4/int8 folders)")
+    blocksize = 64
+    for key, t in state.items():
+        if ".weight.quant_state.bitsandbytes__" in key:
+            blocksize = read_quant_state(t)["blocksize"]
+            break
+    skip = qc.get("llm_int8_skip_modules") or ["lm_head"]
+    ignore = tuple(rf"(^|\.){p}$" if "." not in p else rf"^{p}$" for p in skip)
+    try:
+        if qc.get("load_in_4bit"):
+            cls = {"nf4": NF4Config, "fp4": FP4Config}.get(qc.get("bnb_4bit_quant_type", "fp4"))
+            if cls is None:
+                raise ModelpressError(f"unknown bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type')!r}")
+            dtype = qc.get("bnb_4bit_compute_dtype") or "float32"
+            return cls(ignore=ignore, blocksize=blocksize, double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
+                       compute_dtype=dtype if dtype in ("float32", "bfloat16") else "float32")
+        if qc.get("load_in_8bit"):
+            return LLMInt8Config(ignore=ignore, threshold=float(qc.get("llm_int8_threshold", 6.0)))
+    except ValueError as e:
+        raise ModelpressError(f"unsupported bitsandbytes settings in config.json: {e}") from None
+    raise ModelpressError("config.json names bitsandbytes but neither load_in_4bit nor load_in_8bit")
+
+
+def skeleton(config: BaseConfig) -> Callable[[torch.nn.Module], None]:
+    """prepare(model) for build_causal_lm: empty quantized layers where `config` quantizes, for
+    load_state_dict to fill from bitsandbytes' keys."""
+
+    def prepare(model: torch.nn.Module) -> None:
+        for fqn, lin in list(iter_targets(model, config.targets, config.ignore)):
+            bias = lin.bias is not None
+            if isinstance(config, NF4Config):
+                new = Code4Linear(lin.in_features, lin.out_features, config.quant_type, config.blocksize,
+                                  config.double_quant, config.compute_dtype, bias=bias)
+            else:
+                new = Int8LtLinear(lin.in_features, lin.out_features, config.threshold, bias=bias)
+            replace(model, fqn, new)
+
+    return prepare

@@ -1,0 +1,100 @@
+"""Hand-written CPU kernels (cpu_kernels.c), compiled at first use and called through ctypes.
+
+`lib()` returns the loaded library, or None where it cannot be had (no C compiler, not x86/ARM
+Linux or macOS, MODELPRESS_NO_KERNELS=1); the modules that use it then fall back to their
+reference path, which gives the same results more slowly. The shared object is cached under
+$XDG_CACHE_HOME/modelpress/kernels (default ~/.cache), named by a hash of the source, the
+compiler and the flags, and written under a temporary name then renamed, so concurrent first
+uses do not clash.
+
+    from modelpress import kernels
+    k = kernels.lib()   # ctypes.CDLL or None
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+import warnings
+from pathlib import Path
+
+import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share its OpenMP pool)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_libs: dict[bool, ctypes.CDLL | None] = {}  # by `simd`; absent: not tried yet
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "mp_code4_gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _P],
+    "mp_int8_linear": [_P, _I, _I, _P, _P, _P, _I, ctypes.c_float, _P],
+}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "modelpress" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str, flags: list[str]) -> Path:
+    # the key covers what the object depends on: source, compiler, flags and this CPU's features
+    # (-march=native), so a cache shared between machines never hands one a foreign build
+    target_macros = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull],
+                                   capture_output=True, text=True).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + (version + target_macros + " ".join(flags)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        res = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise OSError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "compiler failed")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def lib(simd: bool = True) -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with one warning saying why) where they are unavailable.
+    simd=False builds the plain C loops only (the tests check them too)."""
+    if simd in _libs:
+        return _libs[simd]
+    _libs[simd] = None
+    if os.environ.get("MODELPRESS_NO_KERNELS") == "1":
+        return None
+    cc = _compiler()
+    if cc is None or not sys.platform.startswith(("linux", "darwin")):
+        warnings.warn("modelpress: no C compiler found (set CC or install gcc); compressed layers run "
+                      "their slower reference path", stacklevel=2)
+        return None
+    try:
+        so = ctypes.CDLL(str(_build(cc, FLAGS if simd else [*FLAGS, "-DMP_NO_SIMD"])))
+    except OSError as e:
+        warnings.warn(f"modelpress: the CPU kernels did not build ({e}); compressed layers run their "
+                      "slower reference path", stacklevel=2)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        getattr(so, name).argtypes = argtypes
+        getattr(so, name).restype = None
+    so.mp_max_rows.restype = ctypes.c_int
+    so.mp_simd.restype = ctypes.c_int
+    _libs[simd] = so
+    return so
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """Address of a contiguous CPU tensor's data, for a ctypes call (None for None)."""
+    return None if t is None else t.data_ptr()

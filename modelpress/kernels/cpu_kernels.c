@@ -1,0 +1,226 @@
+/* modelpress CPU kernels: matrix-vector products on compressed weights, for decode (few rows).
+ *
+ * Written by hand because no library on PyPI offers them for a CPU: torch's own weight-only
+ * kernels cover affine int4/int8 with bf16 activations only, bitsandbytes' CPU path dequantizes
+ * NF4 to a dense matrix, and torch._int_mm takes ~40 ms for one token through the 120 int8
+ * layers of four of the default model's shapes here (fp32 F.linear: 12 ms).
+ *
+ * Built at first use by modelpress/kernels/__init__.py (cc -O3 -march=native -fopenmp) and
+ * called through ctypes; OpenMP resolves to the libgomp torch already loaded, so the kernels and
+ * torch share one thread pool. Every function has a plain C loop beside its AVX2 one (any x86-64
+ * since 2013); the tests check both against torch references.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(MP_NO_SIMD)
+#include <immintrin.h>
+#define MP_AVX2 1
+#endif
+
+#define MP_MAX_ROWS 8
+
+int mp_max_rows(void) { return MP_MAX_ROWS; }
+
+int mp_simd(void) { /* 1: the AVX2 loops, 0: the plain C ones */
+#ifdef MP_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef MP_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int32_t hsum8i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* 32 code-book floats for 32 4-bit indices (one per byte of idx) with byte shuffles only:
+ * tb[b] holds byte b of each of the 16 entries, in both lanes; pshufb looks up each byte, and two
+ * rounds of unpacking reassemble the floats. Unpacking works inside 128-bit lanes, so f[t] holds
+ * (lane 0) the entries of idx bytes 8t/2.. of lane 0, (lane 1) the same of lane 1; the caller
+ * orders its activations to match (see mp_code4_gemv). */
+static inline void lut32(const __m256i tb[4], __m256i idx, __m256 f[4]) {
+    __m256i b0 = _mm256_shuffle_epi8(tb[0], idx), b1 = _mm256_shuffle_epi8(tb[1], idx);
+    __m256i b2 = _mm256_shuffle_epi8(tb[2], idx), b3 = _mm256_shuffle_epi8(tb[3], idx);
+    __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+    __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+    f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+    f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+    f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+    f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * 4-bit code book (NF4 / FP4, bitsandbytes' layout), fp32 activations.
+ *   x      fp32 (m, k), m <= MP_MAX_ROWS
+ *   q      uint8 (n * k / 2): the (n, k) weight flattened, two codes a byte, FIRST in HIGH nibble
+ *   absmax fp32 (ceil(n * k / bs)): one per block of bs consecutive flattened values
+ *   code   fp32 (16)
+ *   y      fp32 (m, n) = x @ W^T, W[o, j] = code[q(o*k + j)] * absmax[(o*k + j) / bs]
+ * Requires k % 32 == 0 and bs % 32 == 0, so that each 32-value chunk (16 bytes) lies in one block.
+ */
+void mp_code4_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, const float *absmax,
+                   const float *code, int64_t n, int64_t bs, float *y) {
+    const int64_t half = k / 2;
+    /* Reorder x once per call to match the order lut32 yields for a 16-byte chunk: the chunk's
+     * idx vector holds the high nibbles (even values) in lane 0 and the low nibbles (odd values)
+     * in lane 1, so f[t] covers values 8t + {0, 2, 4, 6} then 8t + {1, 3, 5, 7}. */
+    float *xp = (float *)malloc(sizeof(float) * (size_t)(m * k + 8));
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < k; g += 8)
+            for (int64_t i = 0; i < 4; i++) {
+                xp[r * k + g + i] = x[r * k + g + 2 * i];
+                xp[r * k + g + 4 + i] = x[r * k + g + 2 * i + 1];
+            }
+#ifdef MP_AVX2
+    __m256i tb[4];
+    for (int b = 0; b < 4; b++) {
+        uint8_t t[16];
+        for (int i = 0; i < 16; i++) t[i] = ((const uint8_t *)&code[i])[b];
+        tb[b] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t));
+    }
+#endif
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++) {
+        const uint8_t *qo = q + o * half;
+        const int64_t base = o * k;
+#ifdef MP_AVX2
+        const __m128i low4 = _mm_set1_epi8(0xF);
+        __m256 acc[MP_MAX_ROWS], part[MP_MAX_ROWS], f[4];
+        for (int64_t r = 0; r < m; r++) acc[r] = part[r] = _mm256_setzero_ps();
+        int64_t b = base / bs, left = bs - base % bs;  /* block of the next chunk, values left in it */
+        for (int64_t c = 0; c < half; c += 16) {  /* 16 bytes = 32 values, all in block b */
+            __m128i v = _mm_loadu_si128((const __m128i *)(qo + c));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
+            lut32(tb, _mm256_set_m128i(lo, hi), f);
+            for (int64_t r = 0; r < m; r++) {
+                const float *xr = xp + r * k + 2 * c;
+                part[r] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xr), part[r]);
+                part[r] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xr + 8), part[r]);
+                part[r] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xr + 16), part[r]);
+                part[r] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xr + 24), part[r]);
+            }
+            left -= 32;
+            if (left == 0 || c + 16 == half) {  /* close the block: scale its partial sums once */
+                __m256 s = _mm256_set1_ps(absmax[b]);
+                for (int64_t r = 0; r < m; r++) {
+                    acc[r] = _mm256_fmadd_ps(part[r], s, acc[r]);
+                    part[r] = _mm256_setzero_ps();
+                }
+                b++;
+                left = bs;
+            }
+        }
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = hsum8(acc[r]);
+#else
+        for (int64_t r = 0; r < m; r++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                uint8_t byte = qo[j / 2];
+                acc += code[j % 2 ? byte & 0xF : byte >> 4] * absmax[(base + j) / bs] * x[r * k + j];
+            }
+            y[r * n + o] = acc;
+        }
+#endif
+    }
+    free(xp);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * LLM.int8() (arXiv:2208.07339) as bitsandbytes 0.50 computes it, for a few rows:
+ *   1. a = fp16(x); columns where any row has |a| >= threshold are outliers (threshold > 0)
+ *   2. per row: SCA = max |a| over the non-outlier values; CA = round(a * (127 / SCA)) in int8,
+ *      with every outlier column set to 0
+ *   3. y = (CA @ CB^T as int32) * (SCA * SCB) * (1/127^2)  (+ bias)
+ *   4. y += x[:, outliers] @ (CB[:, outliers] * SCB / 127)^T, in fp32
+ *   x fp32 (m, k); CB int8 (n, k), values in -127..127; SCB fp32 (n); bias fp32 (n) or NULL;
+ *   y fp32 (m, n). The int8 dot products are exact (int32); the vector loop needs k % 32 == 0.
+ */
+static inline float round_fp16(float v) {
+#ifdef MP_AVX2
+    return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    return (float)(_Float16)v;
+#endif
+}
+
+void mp_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *cb, const float *scb,
+                    const float *bias, int64_t n, float threshold, float *y) {
+    float *a = (float *)malloc(sizeof(float) * (size_t)(m * k));
+    uint8_t *outlier = (uint8_t *)calloc((size_t)k, 1);
+    int8_t *ca = (int8_t *)malloc((size_t)(m * k + 64));
+    float sca[MP_MAX_ROWS];
+    int64_t *cols = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k + 1));
+    int64_t ncols = 0;
+    for (int64_t i = 0; i < m * k; i++) a[i] = round_fp16(x[i]);
+    if (threshold > 0.0f)
+        for (int64_t i = 0; i < m * k; i++)
+            if (fabsf(a[i]) >= threshold) outlier[i % k] = 1;
+    for (int64_t j = 0; j < k; j++)
+        if (outlier[j]) cols[ncols++] = j;
+    for (int64_t r = 0; r < m; r++) {
+        float mx = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            float v = fabsf(a[r * k + j]);
+            if (!(threshold > 0.0f && v >= threshold) && v > mx) mx = v;
+        }
+        sca[r] = mx;
+        /* (1 / SCA) * 127, not 127 / SCA: torch computes a scalar over a tensor as a reciprocal
+         * times the scalar, and the two differ in the last bit for some values */
+        float inv = mx > 0.0f ? (1.0f / mx) * 127.0f : 0.0f;  /* an all-zero row stays zero */
+        for (int64_t j = 0; j < k; j++) {
+            float v = a[r * k + j];
+            if (threshold > 0.0f && fabsf(v) >= threshold) v = 0.0f;
+            ca[r * k + j] = outlier[j] ? 0 : (int8_t)nearbyintf(v * inv);
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++) {
+        const int8_t *w = cb + o * k;
+        for (int64_t r = 0; r < m; r++) {
+            const int8_t *xr = ca + r * k;
+            int32_t dot = 0;
+#ifdef MP_AVX2
+            if (k % 32 == 0) {  /* |x| * sign(w, x): u8 x s8 pairs that cannot saturate (|v| <= 127) */
+                const __m256i ones = _mm256_set1_epi16(1);
+                __m256i acc = _mm256_setzero_si256();
+                for (int64_t j = 0; j < k; j += 32) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + j));
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j));
+                    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+                }
+                dot = hsum8i(acc);
+            } else
+#endif
+            {
+                for (int64_t j = 0; j < k; j++) dot += (int32_t)xr[j] * (int32_t)w[j];
+            }
+            float v = (float)dot * (sca[r] * scb[o]) * 6.200124e-05f;
+            if (bias) v += bias[o];
+            float extra = 0.0f;
+            for (int64_t c = 0; c < ncols; c++) {
+                int64_t j = cols[c];
+                extra += x[r * k + j] * ((float)w[j] * scb[o] * 7.874015718698502e-3f);
+            }
+            y[r * n + o] = v + extra;
+        }
+    }
+    free(a);
+    free(outlier);
+    free(ca);
+    free(cols);
+}

@@ -1,0 +1,69 @@
+"""Int8LtLinear: LLM.int8() weights and matmul (bitsandbytes' Linear8bitLt); see core/int8_rowwise.py.
+
+State dict, as transformers writes a bitsandbytes 8-bit layer:
+    weight          int8 (out, in)  CB, row-wise codes
+    SCB             fp32 (out,)     row absmax
+    weight_format   uint8 ()        0 ("row": the only layout bitsandbytes still writes)
+    bias            as the original layer
+
+Forward: up to MAX_KERNEL_ROWS rows (decode) run in one call of the hand-written kernel
+(activation quantization, outlier columns, integer dot products and scaling together); larger
+inputs run core/int8_rowwise.int8_linear. Both follow bitsandbytes' arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..core import int8_rowwise
+from ..errors import ModelpressError
+
+MAX_KERNEL_ROWS = 8
+
+
+class Int8LtLinear(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int, threshold: float = 6.0, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.threshold = in_features, out_features, float(threshold)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("SCB", torch.zeros(out_features))
+        self.register_buffer("weight_format", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, threshold: float = 6.0) -> "Int8LtLinear":
+        m = cls(linear.in_features, linear.out_features, threshold, bias=linear.bias is not None)
+        m.weight, m.SCB = int8_rowwise.quantize_rows(linear.weight.detach())
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().float().clone()
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        return int8_rowwise.dequantize_rows(self.weight, self.SCB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        lib = kernels.lib() if rows <= MAX_KERNEL_ROWS and x.device.type == "cpu" else None
+        if lib is None:
+            return int8_rowwise.int8_linear(x, self.weight, self.SCB, self.bias, self.threshold)
+        x2 = x.reshape(rows, self.in_features).float().contiguous()
+        y = torch.empty(rows, self.out_features)
+        lib.mp_int8_linear(x2.data_ptr(), rows, self.in_features, self.weight.data_ptr(), self.SCB.data_ptr(),
+                           kernels.ptr(self.bias), self.out_features, self.threshold, y.data_ptr())
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        key = prefix + "weight_format"
+        if key in state_dict and int(state_dict[key]) != 0:
+            raise ModelpressError(f"{key} is {int(state_dict[key])}; only the row-major layout (0) is supported")
+        if key not in state_dict:  # older bitsandbytes files may lack it
+            state_dict[key] = torch.tensor(0, dtype=torch.uint8)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, threshold={self.threshold}"
+
+    def meta(self) -> dict:
+        """What a checkpoint records to rebuild this module before loading its tensors."""
+        return {"class": type(self).__name__, "in_features": self.in_features,
+                "out_features": self.out_features, "threshold": self.threshold, "bias": self.bias is not None}
