@@ -56,24 +56,57 @@ def _err(*lines: str) -> None:
 
 
 # -- quantize ----------------------------------------------------------------------------------
-def cmd_quantize(a: argparse.Namespace) -> int:
+# the options of `quantize` that set a config field: (flag, field)
+_CONFIG_OPTIONS = (("--bits", "bits"), ("--group-size", "group_size"), ("--symmetric", "symmetric"),
+                   ("--blocksize", "blocksize"), ("--double-quant", "double_quant"),
+                   ("--compute-dtype", "compute_dtype"), ("--threshold", "threshold"))
+
+
+def _config_from_args(a: argparse.Namespace) -> Any:
+    """The method's config from the options given; an option the method does not take is an error,
+    one left out takes the config's default (RTN: group 64, or per channel at 8 bits)."""
+    import dataclasses
+
     from .config import config_types
+
+    methods = config_types()
+    if a.method not in methods:
+        raise ModelpressError(f"unknown method {a.method!r}; choose one of: {', '.join(sorted(methods))}")
+    cls = methods[a.method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for flag, name in _CONFIG_OPTIONS:
+        value = getattr(a, name)
+        if value is None:
+            continue
+        if name not in fields:
+            takes = ", ".join(f for f, n in _CONFIG_OPTIONS if n in fields) or "none of these"
+            raise ModelpressError(f"{flag} does not apply to --method {a.method} (it takes {takes})")
+        kwargs[name] = None if value == "channel" else value
+    if "group_size" in fields and a.group_size is None:  # RTN: per channel for 8 bits, 64 below
+        kwargs["group_size"] = None if kwargs.get("bits") == 8 else 64
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ModelpressError(str(e)) from None
+
+
+def _describe(config: Any) -> str:
+    """One line naming the method and its settings, e.g. 'nf4 (blocksize 64, double quant)'."""
+    d = config.to_dict()
+    for k in ("method", "version", "targets", "ignore"):
+        d.pop(k)
+    settings = ", ".join(f"{k.replace('_', ' ')} {'channel' if v is None else v}" for k, v in d.items())
+    return f"{config.method} ({settings})"
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
     from .data import calibration_windows, load_text
     from .eval.size import model_size
     from .formats.checkpoint import check_target, save
     from .registry import quantize
 
-    methods = config_types()
-    if a.method not in methods:
-        raise ModelpressError(f"unknown method {a.method!r}; choose one of: {', '.join(sorted(methods))}")
-    if a.group_size is None:  # not given: per channel for 8 bits, groups of 64 below
-        group = None if a.bits == 8 else 64
-    else:
-        group = None if a.group_size == "channel" else a.group_size
-    try:
-        config = methods[a.method](bits=a.bits, group_size=group, symmetric=a.symmetric)
-    except ValueError as e:
-        raise ModelpressError(str(e)) from None
+    config = _config_from_args(a)
     check_target(a.out)  # bad destination or text: fail now, before the model loads
     if a.calib is not None:
         load_text(a.calib, "calib")
@@ -89,8 +122,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     quant_s = time.perf_counter() - start
     out = save(model, tok, a.out)
     after = model_size(model)
-    _err(f"quantized with {config.method} int{config.bits} (group {config.group_size or 'channel'}, "
-         f"{'symmetric' if config.symmetric else 'asymmetric'}) in {quant_s:.1f} s; "
+    _err(f"quantized with {_describe(config)} in {quant_s:.1f} s; "
          f"{before.size_bytes / 1e6:.1f} MB -> {after.size_bytes / 1e6:.1f} MB "
          f"({after.bits_per_weight:.2f} bits/weight, linear layers {after.linear_bits_per_weight:.2f}); "
          f"saved to {out}")
@@ -157,10 +189,12 @@ def cmd_info(a: argparse.Namespace) -> int:
         m = checkpoint.read_manifest(path)
         q = m.get("quantization") or {}
         info.update(format="modelpress", format_version=m["format_version"], method=q.get("method"),
-                    bits=q.get("bits"), group_size=q.get("group_size"), symmetric=q.get("symmetric"),
+                    **{k: v for k, v in q.items() if k not in ("method", "version", "targets", "ignore")},
                     quantized_modules=len(m["modules"]), tensors=_count_tensors(path / checkpoint.WEIGHTS))
     else:
-        info.update(format="transformers", tensors=sum(_count_tensors(f) for f in Path(path).glob("*.safetensors")))
+        config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+        info.update(format="transformers", quantization=(config.get("quantization_config") or {}).get("quant_method"),
+                    tensors=sum(_count_tensors(f) for f in Path(path).glob("*.safetensors")))
     if a.json:
         print(json.dumps(info))
     else:
@@ -193,11 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="compress a model and save a modelpress checkpoint")
     q.add_argument("model", nargs="?", help=model_help)
-    q.add_argument("--method", default="rtn", help="compression method (default: rtn)")
-    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
-    q.add_argument("--group-size", type=_group_size, default=None,
-                   help="input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
-    q.add_argument("--symmetric", action="store_true", help="absmax scales, no zero point")
+    q.add_argument("--method", default="rtn",
+                   help="rtn (integers, round to nearest), nf4 / fp4 (bitsandbytes 4-bit), int8 (LLM.int8); "
+                        "default: rtn")
+    q.add_argument("--bits", type=int, help="rtn: 2, 3, 4 or 8 (default: 4)")
+    q.add_argument("--group-size", type=_group_size,
+                   help="rtn: input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
+    q.add_argument("--symmetric", action="store_true", default=None, help="rtn: absmax scales, no zero point")
+    q.add_argument("--blocksize", type=int, help="nf4/fp4: weights per absmax, 32 to 4096 (default: 64)")
+    q.add_argument("--double-quant", action="store_true", default=None,
+                   help="nf4/fp4: quantize the absmax constants too (8-bit, blocks of 256)")
+    q.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+                   help="nf4/fp4: the dtype the layers multiply in (default: float32)")
+    q.add_argument("--threshold", type=float,
+                   help="int8: input magnitude from which a column runs in fp32 (default: 6.0; 0: none)")
     q.add_argument("--calib", help=".txt or .jsonl calibration text, for methods that calibrate "
                    "(default: Python's pydoc topics)")
     q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")

@@ -80,3 +80,38 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "modelpress.cli", "info", str(tmp_path / "nothing.gguf")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,expect", [
+    (("--method", "nf4"), {"method": "nf4", "blocksize": 64, "double_quant": False, "compute_dtype": "float32"}),
+    (("--method", "nf4", "--blocksize", "128", "--double-quant", "--compute-dtype", "bfloat16"),
+     {"method": "nf4", "blocksize": 128, "double_quant": True, "compute_dtype": "bfloat16"}),
+    (("--method", "fp4", "--blocksize", "32"), {"method": "fp4", "blocksize": 32}),
+    (("--method", "int8"), {"method": "int8", "threshold": 6.0}),
+    (("--method", "int8", "--threshold", "0"), {"method": "int8", "threshold": 0.0}),
+])
+def test_quantize_bitsandbytes_methods(tmp_path, capsys, tiny_gguf, args, expect):
+    out = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", str(tiny_gguf), *args, "--out", str(out))
+    assert code == 0 and f"quantized with {expect['method']} (" in err
+    info = json.loads(_run(capsys, "info", str(out), "--json")[1])
+    assert {k: info[k] for k in expect} == expect and info["quantized_modules"] == 14
+    (tmp_path / "t.txt").write_text("the thing in the winter " * 60)
+    code, stdout, _ = _run(capsys, "eval", str(out), "--text", str(tmp_path / "t.txt"), "--ctx", "64",
+                           "--max-windows", "2", "--decode-tokens", "4", "--json")
+    assert code == 0 and json.loads(stdout)["ppl"] > 1
+    code, stdout, _ = _run(capsys, "generate", str(out), "-p", "the", "-n", "4", "--raw")
+    assert code == 0
+
+
+@pytest.mark.parametrize("args,says", [
+    (("--method", "nf4", "--bits", "4"), "--bits does not apply to --method nf4"),
+    (("--method", "rtn", "--double-quant"), "--double-quant does not apply to --method rtn"),
+    (("--method", "nf4", "--blocksize", "48"), "blocksize must be one of"),
+    (("--method", "int8", "--threshold", "-1"), "threshold must be"),
+    (("--method", "fp4", "--compute-dtype", "float16"), "invalid choice"),
+])
+def test_quantize_bad_method_options(tmp_path, capsys, tiny_gguf, args, says):
+    code, _, err = _run(capsys, "quantize", str(tiny_gguf), *args, "--out", str(tmp_path / "o"))
+    _one_line_error(code, err)
+    assert says in err and not (tmp_path / "o").exists()
