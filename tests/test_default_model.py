@@ -78,16 +78,27 @@ def test_generate_answers(default_model):
     assert "Paris" in text
 
 
-def test_nf4_bit_exact_with_bitsandbytes_on_every_linear_weight(default_model):
+def test_bitsandbytes_formats_bit_exact_on_every_linear_weight(default_model):
+    """NF4, NF4 + double quant, FP4 and LLM.int8 weights of all 210 linear layers, byte for byte."""
     bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (a peer) is not installed")
+    from modelpress.core import dynamic8, int8_rowwise
     from modelpress.core.codebook4 import quantize_4bit
 
     model, _ = default_model
     checked = 0
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-            packed, absmax = quantize_4bit(mod.weight.detach(), 64, "nf4")
-            ref, state = bnb.quantize_4bit(mod.weight.detach(), blocksize=64, quant_type="nf4")
-            assert torch.equal(packed, ref.reshape(-1)) and torch.equal(absmax, state.absmax), name
+            w = mod.weight.detach()
+            for quant_type in ("nf4", "fp4"):
+                packed, absmax = quantize_4bit(w, 64, quant_type)
+                ref, state = bnb.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+                assert torch.equal(packed, ref.reshape(-1)) and torch.equal(absmax, state.absmax), name
+            q, absmax2, offset = dynamic8.double_quantize(quantize_4bit(w, 64, "nf4")[1])
+            _, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            assert torch.equal(q, state.absmax) and torch.equal(absmax2, state.state2.absmax), name
+            assert float(offset) == float(state.offset), name
+            cb, scb = int8_rowwise.quantize_rows(w)
+            ref_cb, ref_scb, _ = bnb.int8_vectorwise_quant(w.to(torch.float16))
+            assert torch.equal(cb, ref_cb) and torch.equal(scb, ref_scb), name
             checked += 1
     assert checked == 210
