@@ -41,6 +41,8 @@ def quantize(model: torch.nn.Module, config: BaseConfig,
         model, tok = modelpress.load()
         modelpress.quantize(model, modelpress.RTNConfig(bits=4, group_size=64))
     """
-    model = handler_for(config)(model, config, calib)
+    from .nn.dense_linear import use_dense_kernels
+
+    model = use_dense_kernels(handler_for(config)(model, config, calib))  # what stays dense gets the kernel too
     model.modelpress_config = config
     return model

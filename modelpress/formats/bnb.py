@@ -23,7 +23,7 @@ QUANT_METHOD = "bitsandbytes"
 
 def _skipped_linears(model: torch.nn.Module) -> list[str]:
     """Names of the linear layers left unquantized (transformers' llm_int8_skip_modules)."""
-    names = [fqn for fqn, m in model.named_modules() if type(m) is torch.nn.Linear]
+    names = [fqn for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     return names or ["lm_head"]
 
 

@@ -34,4 +34,6 @@ def build_causal_lm(config, state_dict: dict[str, torch.Tensor],  # noqa: ANN001
     if still_meta:
         raise ModelpressError(f"the weights lack {len(still_meta)} tensors (e.g. {still_meta[0]}); "
                               "the file is incomplete or does not match its config")
-    return model.eval()
+    from ..nn.dense_linear import use_dense_kernels
+
+    return use_dense_kernels(model).eval()

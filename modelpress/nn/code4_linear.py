@@ -12,7 +12,7 @@ modelpress checkpoint loads in transformers + bitsandbytes, and theirs loads her
     bias                                   as the original layer
 (core/codebook4.py and core/dynamic8.py define the numbers.)
 
-Forward: inputs of up to MAX_KERNEL_ROWS rows (decode) go through the hand-written kernel
+Forward: inputs of up to 8 rows (decode; nn.dense_linear.kernel_allowed) go through the hand-written kernel
 (kernels/cpu_kernels.c), which reads the packed codes directly; larger inputs (prefill,
 perplexity) dequantize the layer to the compute dtype and multiply, exactly as bitsandbytes'
 CPU path does, so the two give the same numbers.
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from .. import kernels
 from ..core import codebook4, dynamic8
 from ..errors import ModelpressError
+from .dense_linear import kernel_allowed
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MAX_KERNEL_ROWS = 8
 
 
 def quant_state_key(quant_type: str) -> str:
@@ -95,7 +95,7 @@ class Code4Linear(torch.nn.Module):
         xc = x.to(cd)
         bias = None if self.bias is None else self.bias.to(cd)
         rows = x.numel() // self.in_features
-        lib = kernels.lib() if rows <= MAX_KERNEL_ROWS and x.device.type == "cpu" else None
+        lib = kernels.lib() if kernel_allowed(x, rows) else None
         if lib is not None and self.in_features % 32 == 0 and self.blocksize % 32 == 0:
             x2 = xc.reshape(rows, self.in_features).float().contiguous()
             y = torch.empty(rows, self.out_features)

@@ -6,7 +6,7 @@ State dict, as transformers writes a bitsandbytes 8-bit layer:
     weight_format   uint8 ()        0 ("row": the only layout bitsandbytes still writes)
     bias            as the original layer
 
-Forward: up to MAX_KERNEL_ROWS rows (decode) run in one call of the hand-written kernel
+Forward: up to 8 rows (decode; nn.dense_linear.kernel_allowed) run in one call of the hand-written kernel
 (activation quantization, outlier columns, integer dot products and scaling together); larger
 inputs run core/int8_rowwise.int8_linear. Both follow bitsandbytes' arithmetic.
 """
@@ -17,8 +17,7 @@ import torch
 from .. import kernels
 from ..core import int8_rowwise
 from ..errors import ModelpressError
-
-MAX_KERNEL_ROWS = 8
+from .dense_linear import kernel_allowed
 
 
 class Int8LtLinear(torch.nn.Module):
@@ -43,7 +42,7 @@ class Int8LtLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        lib = kernels.lib() if rows <= MAX_KERNEL_ROWS and x.device.type == "cpu" else None
+        lib = kernels.lib() if kernel_allowed(x, rows) else None
         if lib is None:
             return int8_rowwise.int8_linear(x, self.weight, self.SCB, self.bias, self.threshold)
         x2 = x.reshape(rows, self.in_features).float().contiguous()

@@ -27,7 +27,7 @@ def test_quantize_replaces_targets_but_not_head_or_embeddings():
     kinds = {n: type(m).__name__ for n, m in model.named_modules()}
     assert kinds["model.layers.0.self_attn.q_proj"] == "IntxLinear"
     assert kinds["model.layers.1.mlp.down_proj"] == "IntxLinear"
-    assert kinds["lm_head"] == "Linear"
+    assert kinds["lm_head"] == "DenseLinear"  # unquantized: an nn.Linear with the decode kernel
     assert kinds["model.embed_tokens"] == "Embedding"
     assert sum(isinstance(m, IntxLinear) for m in model.modules()) == 2 * 7
     assert model.modelpress_config == RTNConfig(bits=4, group_size=32)

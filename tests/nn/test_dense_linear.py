@@ -1,0 +1,32 @@
+import torch
+
+from modelpress import kernels
+from modelpress.nn.dense_linear import DenseLinear, use_dense_kernels
+from tests.conftest import tiny_llama
+
+
+def test_kernel_rows_match_linear_and_grad_falls_back():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(100, 37, bias=True)  # 100 columns: the vector loop and a scalar tail
+    dense = DenseLinear.from_linear(lin)
+    assert dense.weight is lin.weight and dense.bias is lin.bias
+    x = torch.randn(2, 3, 100)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), lin(x), rtol=0, atol=1e-5)  # fp32, another sum order
+    xg = x.clone().requires_grad_()
+    dense(xg).sum().backward()  # autograd needs the graph: nn.Linear's own forward
+    torch.testing.assert_close(xg.grad, lin.weight.sum(0).expand(2, 3, 100))
+
+
+def test_use_dense_kernels_keeps_ties_and_state_dict():
+    model = tiny_llama(tied=True)
+    keys = list(model.state_dict())
+    x = torch.randint(0, 261, (1, 6))
+    with torch.no_grad():
+        ref = model(x).logits
+        use_dense_kernels(model)
+        out = model(x).logits
+    assert type(model.lm_head) is DenseLinear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert list(model.state_dict()) == keys
+    tol = 1e-5 if kernels.lib() is not None else 0
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
