@@ -22,8 +22,9 @@ With mse, the range is shrunk by p = 1 - i/100, i < 80, keeping the p of least s
 
 Groups and column order: with act order and no static groups, the groups are runs of the
 *permuted* columns. The result then holds the codes in permuted column order (`perm` given,
-groups contiguous there); a layer computes y = W_perm @ x[perm]. Formats with a g_idx (HF GPTQ)
-get g_idx[perm[j]] = j // group_size.
+groups contiguous there, each group's columns in ascending original order, so that the
+permutation follows from the groups alone); a layer computes y = W_perm @ x[perm]. Formats with
+a g_idx (HF GPTQ) get g_idx[perm[j]] = j // group_size.
 """
 from __future__ import annotations
 
@@ -136,6 +137,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config) -> GPTQResult:  # no
         if perm is not None:
             inv = torch.argsort(perm)
             codes, Q, perm = codes[:, inv], Q[:, inv], None
+    if perm is not None:  # canonical order: groups in sweep order, inside a group ascending columns
+        inv = torch.argsort(perm)
+        g_idx = (torch.arange(cols) // gs)[inv]          # group of each original column
+        canon = torch.argsort(g_idx, stable=True)
+        codes, Q, perm = codes[:, inv][:, canon], Q[:, inv][:, canon], canon
     weight = Q if perm is None else Q[:, torch.argsort(perm)]
     return GPTQResult(codes, scales.to(_SCALE_DTYPE), zeros.to(torch.uint8), perm, weight.float(),
                       losses.sum().item() / 2)

@@ -10,6 +10,7 @@ byte; for 3 bits eight codes in three bytes.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -42,3 +43,23 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     word = (b << (torch.arange(bits, dtype=torch.int64, device=dev) * 8)).sum(-1, keepdim=True)
     codes = (word >> (torch.arange(8, dtype=torch.int64, device=dev) * bits)) & ((1 << bits) - 1)
     return codes.reshape(*lead, -1)[..., :n].to(torch.uint8)
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The same little-endian stream in int32 words: word k holds bits [32k, 32k + 32), i.e.
+    `32 / bits` codes for 2, 4, 8 bits, the lowest code in the lowest bits (GPTQ's, AWQ's and
+    compressed-tensors' convention; for 3 bits a code may straddle two words, as in AutoGPTQ).
+    codes (..., n) with n * bits % 32 == 0 -> int32 (..., n * bits / 32)"""
+    n = codes.shape[-1]
+    if (n * bits) % 32:
+        raise ValueError(f"{n} codes of {bits} bits do not fill whole 32-bit words")
+    if sys.byteorder != "little":
+        raise RuntimeError("int32 packing assumes a little-endian machine")
+    return pack_bits(codes, bits).contiguous().view(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_int32: uint8 codes (..., n)."""
+    if sys.byteorder != "little":
+        raise RuntimeError("int32 packing assumes a little-endian machine")
+    return unpack_bits(words.contiguous().view(torch.uint8), bits, n)

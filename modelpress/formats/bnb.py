@@ -47,13 +47,8 @@ def quantization_config(config: BaseConfig, model: torch.nn.Module) -> dict[str,
 
 
 def config_from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]) -> BaseConfig:
-    """The modelpress config equivalent to a transformers quantization_config (bitsandbytes only,
-    so far); the 4-bit blocksize is read from the tensors' quant_state, as bitsandbytes does."""
-    if not isinstance(qc, dict):
-        qc = qc.to_dict()
-    if qc.get("quant_method") != QUANT_METHOD:
-        raise ModelpressError(f"this folder is quantized with {qc.get('quant_method')!r}, which modelpress "
-                              "does not load yet (it loads bitsandbytes NF4/FP4/int8 folders)")
+    """The modelpress config equivalent to a bitsandbytes quantization_config; the 4-bit
+    blocksize is read from the tensors' quant_state, as bitsandbytes does."""
     blocksize = 64
     for key, t in state.items():
         if ".weight.quant_state.bitsandbytes__" in key:

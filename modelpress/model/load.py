@@ -78,11 +78,9 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
         state.update(read_safetensors(f))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     qc = getattr(config, "quantization_config", None)
-    if qc:  # a quantized transformers folder: swap in empty quantized layers, then fill them
-        from ..formats import bnb
-
-        qconfig = bnb.config_from_hf(qc, state)
-        model = build_causal_lm(config, state, prepare=bnb.skeleton(qconfig))
+    if qc:  # a quantized transformers folder: swap in quantized layers, then fill them
+        qconfig, state, prepare = _foreign_quantization(qc if isinstance(qc, dict) else qc.to_dict(), state)
+        model = build_causal_lm(config, state, prepare=prepare)
         model.modelpress_config = qconfig
     else:
         model = build_causal_lm(config, state)
@@ -91,3 +89,19 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
     except (OSError, ValueError) as e:
         raise ModelpressError(f"{path} has no usable tokenizer files ({e}); save the tokenizer beside the model") from None
     return model, tok
+
+
+def _foreign_quantization(qc: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[Any, dict, Any]:
+    """(modelpress config, state dict, prepare) for the quantized layouts other tools write."""
+    method = qc.get("quant_method")
+    if method == "bitsandbytes":
+        from ..formats import bnb
+
+        config = bnb.config_from_hf(qc, state)
+        return config, state, bnb.skeleton(config)
+    if method == "gptq":
+        from ..formats import gptq
+
+        return gptq.from_hf(qc, state)
+    raise ModelpressError(f"this folder is quantized with {method!r}, which modelpress does not load "
+                          "(it loads bitsandbytes and GPTQ folders)")

@@ -5,8 +5,11 @@ Storage (what `state_dict` holds and a checkpoint saves; see core/grids.py and c
                 bits = 8: int8 (out, in) = code - 128, so the int8 kernel reads it as it is
     scale       fp16 (out, n_groups)
     zero_point  uint8 (out, n_groups), asymmetric only (symmetric: 2**(bits-1) implied)
+    perm        int64 (in,), only for weights stored in a permuted column order (GPTQ's act
+                order without static groups, whose groups are runs of permuted columns):
+                stored column j multiplies input column perm[j]
     bias        as the original layer, if it had one
-W_hat = (code - zero_point) * scale.
+W_hat = (code - zero_point) * scale; y = x[..., perm] @ W_hat^T + bias.
 
 Forward: the reference path dequantizes to fp32 and multiplies; it serves large inputs (prefill,
 perplexity), where a dense GEMM is fastest. Small inputs (decode, <= FAST_MAX_ROWS rows) go through
@@ -33,7 +36,7 @@ _KERNELS_TESTED = tuple(int(p) for p in torch.__version__.split("+")[0].split(".
 
 class IntxLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
-                 symmetric: bool, bias: bool = False) -> None:
+                 symmetric: bool, bias: bool = False, permuted: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -46,6 +49,7 @@ class IntxLinear(torch.nn.Module):
         self.register_buffer("scale", torch.zeros(out_features, ng, dtype=grids.SCALE_DTYPE))
         self.register_buffer("zero_point", None if symmetric else torch.zeros(out_features, ng, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("perm", torch.arange(in_features) if permuted else None)
         self._kernel: tuple | None = None
         self.use_fast = True
 
@@ -76,10 +80,13 @@ class IntxLinear(torch.nn.Module):
         return packing.unpack_bits(self.qdata, self.bits, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
+        """W_hat in the stored column order (see `perm`)."""
         return grids.dequantize(self.codes(), self.scale, self.zero_point, self.bits, self.group_size)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         rows = x.numel() // x.shape[-1]
         if self.use_fast and _KERNELS_TESTED and rows <= FAST_MAX_ROWS and x.device.type == "cpu":
             kernel = self._kernel if self._kernel is not None else self._build_kernel()
@@ -138,10 +145,6 @@ class IntxLinear(torch.nn.Module):
         self._kernel = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def storage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero_point, self.bias)
-                   if t is not None)
-
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={g}, "
@@ -151,4 +154,4 @@ class IntxLinear(torch.nn.Module):
         """What a checkpoint records to rebuild this module before loading its tensors."""
         return {"class": type(self).__name__, "in_features": self.in_features,
                 "out_features": self.out_features, "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.symmetric, "bias": self.bias is not None}
+                "symmetric": self.symmetric, "bias": self.bias is not None, "permuted": self.perm is not None}

@@ -7,7 +7,6 @@ import torch
 
 import modelpress
 from modelpress import FP4Config, LLMInt8Config, ModelpressError, NF4Config
-from modelpress.formats import bnb as bnb_format
 
 CASES = [
     (NF4Config(), dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
@@ -39,9 +38,15 @@ def test_config_json_names_bitsandbytes(tmp_path, tiny):
     assert "quantization_config" not in json.loads((out2 / "config.json").read_text())
 
 
-def test_other_quant_methods_are_refused():
-    with pytest.raises(ModelpressError, match="gptq"):
-        bnb_format.config_from_hf({"quant_method": "gptq", "bits": 4}, {})
+def test_other_quant_methods_are_refused(tmp_path, tiny):
+    model, tok = tiny
+    out = modelpress.save(model, tok, tmp_path / "f")
+    (out / "modelpress.json").unlink()
+    data = json.loads((out / "config.json").read_text())
+    data["quantization_config"] = {"quant_method": "hqq", "nbits": 4}
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelpressError, match="hqq"):
+        modelpress.load(out)
 
 
 @pytest.mark.parametrize("config,bnb_kwargs", CASES, ids=IDS)

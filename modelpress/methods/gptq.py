@@ -1,0 +1,90 @@
+"""GPTQ (arXiv:2210.17323): one decoder block at a time, each linear layer quantized column by
+column against the Hessian of its calibration inputs (core/gptq.py), stored as IntxLinear.
+
+    GPTQConfig(bits=4, group_size=64)                     # asymmetric, columns in order
+    GPTQConfig(bits=4, group_size=64, act_order=True)     # desc_act
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import BaseConfig
+from ..core.gptq import gptq_quantize
+from ..errors import ModelpressError
+from ..model.capture import HessianCapture
+from ..model.sequential import blocks_of, run_sequential
+from ..model.walker import iter_targets, replace
+from ..nn import IntxLinear
+from ..registry import register
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(BaseConfig):
+    """bits: 2, 3, 4 or 8. group_size: input columns per scale (None: per output channel).
+    symmetric: GPTQ's symmetric grid (scale 2 max|w| / (2^bits - 1), zero 2^(bits-1)).
+    act_order: columns in order of decreasing Hessian diagonal (desc_act). static_groups: group
+    parameters from the unquantized weight, in the original order (keeps groups contiguous with
+    act_order). damp: fraction of the mean Hessian diagonal added to it (raised automatically if
+    the Hessian is not positive definite). block_size: lazy-batch width. mse: search a clipping
+    range per group. batch_size: calibration windows per forward."""
+
+    method = "gptq"
+    calibrated = True
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    mse: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(f"group size must be a positive number of input columns, or none; got {self.group_size}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp is a fraction of the mean Hessian diagonal, 0 <= damp < 1 (0.01 is usual); got {self.damp}")
+        if self.block_size <= 0 or self.batch_size <= 0:
+            raise ValueError("block size and batch size must be positive")
+
+
+def linear_from_gptq(linear: torch.nn.Linear, config: GPTQConfig, H: torch.Tensor) -> IntxLinear:
+    r = gptq_quantize(linear.weight.detach(), H, config)
+    m = IntxLinear(linear.in_features, linear.out_features, config.bits, config.group_size, config.symmetric,
+                   bias=linear.bias is not None, permuted=r.perm is not None)
+    m.set_codes(r.codes, r.scale, None if config.symmetric else r.zero_point)
+    if r.perm is not None:
+        m.perm = r.perm
+    if linear.bias is not None:
+        m.bias = linear.bias.detach().float().clone()
+    return m
+
+
+@register(GPTQConfig)
+def quantize_gptq(model: torch.nn.Module, config: GPTQConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
+    if not calib:
+        raise ModelpressError("GPTQ needs calibration text (windows of token ids)")
+    targets = dict(iter_targets(model, config.targets, config.ignore))
+    names = {id(b): f"model.layers.{i}." for i, b in enumerate(blocks_of(model))}
+    outside = [f for f in targets if not any(f.startswith(p) for p in names.values())]
+    if outside:
+        raise ModelpressError(f"GPTQ quantizes the decoder blocks' layers; {outside[0]} lies outside them "
+                              "(leave it out with --ignore-style targets)")
+
+    def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
+        prefix = names[id(block)]
+        mods = {f: m for f, m in targets.items() if f.startswith(prefix)}
+        with HessianCapture(mods) as cap:
+            run()
+        for fqn, lin in mods.items():
+            replace(model, fqn, linear_from_gptq(lin, config, cap.hessian(fqn)))
+
+    model.modelpress_calibration = run_sequential(model, calib, compress, config.batch_size, desc="gptq")
+    return model

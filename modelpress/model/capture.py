@@ -1,0 +1,99 @@
+"""Hooks that keep running statistics of linear layers' inputs while calibration text flows.
+
+State is O(features) or O(features^2) per layer, never the activations themselves, so memory does
+not grow with the number of calibration samples. Layers that read the same input tensor (q, k, v
+after one norm; gate and up) share one accumulator: the statistic is computed once.
+
+    with HessianCapture(block_linears) as cap:
+        run the block on the calibration batches
+    H = cap.hessian("self_attn.q_proj")
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..core.hessian import HessianAccumulator
+
+
+class _InputHooks:
+    """Calls `add(key, x)` with each named module's input; modules fed the very same tensor share
+    the first one's key (alias), so `add` runs once per distinct input."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], add: Callable[[str, torch.Tensor], None]) -> None:
+        self.modules, self._add = modules, add
+        self.alias: dict[str, str] = {}
+        self._handles: list = []
+        # the last input seen and its key; holding the tensor (not its id) keeps its memory from
+        # being reused by a later, different input that would then look identical
+        self._last: tuple[torch.Tensor, str] | None = None
+
+    def _hook(self, name: str) -> Callable:
+        def pre_hook(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                self.alias.setdefault(name, self._last[1])
+                return
+            self._last = (x, name)
+            self._add(self.alias.get(name, name), x.detach())
+
+        return pre_hook
+
+    def __enter__(self) -> "_InputHooks":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._last = [], None
+
+    def key(self, name: str) -> str:
+        return self.alias.get(name, name)
+
+
+class HessianCapture(_InputHooks):
+    """Running 2 X^T X / n of each module's input (core/hessian.py)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
+        self.acc: dict[str, HessianAccumulator] = {}
+        super().__init__(modules, self._accumulate)
+
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        if key not in self.acc:
+            self.acc[key] = HessianAccumulator(x.shape[-1], x.device)
+        self.acc[key].add(x)
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.acc[self.key(name)].hessian()
+
+
+class InputStatsCapture(_InputHooks):
+    """Running mean |x| per input channel (AWQ's activation statistic) and a few input rows kept
+    for searches that must run the layer (`keep_rows` in total per module, first come first kept)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], keep_rows: int = 0) -> None:
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        self.keep_rows = keep_rows
+        super().__init__(modules, self._accumulate)
+
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if key not in self.abs_sum:
+            self.abs_sum[key] = torch.zeros(x2.shape[-1], dtype=torch.float64, device=x.device)
+            self.rows[key], self.kept[key] = 0, []
+        self.abs_sum[key] += x2.abs().sum(0).double()
+        self.rows[key] += x2.shape[0]
+        have = sum(t.shape[0] for t in self.kept[key])
+        if have < self.keep_rows:
+            self.kept[key].append(x2[: self.keep_rows - have].clone())
+
+    def mean_abs(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        return (self.abs_sum[key] / self.rows[key]).float()
+
+    def inputs(self, name: str) -> torch.Tensor:
+        return torch.cat(self.kept[self.key(name)])

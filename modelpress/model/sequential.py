@@ -1,0 +1,108 @@
+"""Calibrate one decoder block at a time (the sequential pipeline of GPTQ, AWQ, llm-compressor):
+
+ 1. capture the inputs of block 0 for every calibration batch (the model runs up to block 0 and
+    stops there; the keyword arguments the model gives its blocks - rotary embeddings, mask - are
+    kept with them);
+ 2. for each block: `compress(index, block, run)` gathers statistics by calling `run()` (the block
+    on every batch, outputs dropped) under its hooks, and replaces the block's layers;
+ 3. the compressed block runs once more on every batch; its outputs are the next block's inputs.
+Only one block's inputs and outputs live at a time, besides the model. Works with any
+transformers decoder whose `model.model.layers` holds the blocks.
+
+    stats = run_sequential(model, windows, compress, batch_size=8)
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ModelpressError
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor]          # one (B, T, H) tensor per batch
+    kwargs: list[dict[str, Any]]        # what the model passed each block, per batch
+
+
+@dataclasses.dataclass
+class SequentialStats:
+    blocks: int
+    seconds: float
+    peak_rss_bytes: int                 # the process' peak resident memory so far
+
+
+def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelpressError(f"{type(model).__name__} keeps no decoder blocks in model.layers; "
+                              "block-by-block calibration supports transformers decoder models")
+    return layers
+
+
+@torch.no_grad()
+def capture_inputs(model: torch.nn.Module, windows: list[torch.Tensor], batch_size: int) -> BlockInputs:
+    """Inputs of block 0 for each batch of calibration windows (equal lengths per batch)."""
+    first = blocks_of(model)[0]
+    got = BlockInputs([], [])
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        got.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        got.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for i in range(0, len(windows), batch_size):
+            batch = torch.stack(windows[i:i + batch_size]) if isinstance(windows, list) else windows[i:i + batch_size]
+            try:
+                model.model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return got
+
+
+def _out(y: Any) -> torch.Tensor:
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.no_grad()
+def run_block(block: torch.nn.Module, inputs: BlockInputs, keep: bool = True) -> list[torch.Tensor]:
+    """The block on every batch; its outputs (or none, when only hooks need the pass)."""
+    outs = []
+    for h, kw in zip(inputs.hidden, inputs.kwargs):
+        y = _out(block(h, **kw))
+        if keep:
+            outs.append(y)
+    return outs
+
+
+def peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+def run_sequential(model: torch.nn.Module, windows: list[torch.Tensor],
+                   compress: Callable[[int, torch.nn.Module, Callable[[], None]], None],
+                   batch_size: int = 8, desc: str = "calibrate") -> SequentialStats:
+    """Steps 1-3 of the module docstring; `compress(i, block, run)` does step 2 for block i."""
+    start = time.perf_counter()
+    blocks = blocks_of(model)
+    inputs = capture_inputs(model, windows, batch_size)
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
+        compress(i, block, lambda b=block, x=inputs: run_block(b, x, keep=False))
+        inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
+    return SequentialStats(len(blocks), time.perf_counter() - start, peak_rss_bytes())
