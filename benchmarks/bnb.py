@@ -1,6 +1,7 @@
 """bitsandbytes' formats, modelpress beside bitsandbytes itself, on the default model, in one run.
 
-    .venv/bin/python benchmarks/bnb.py --windows 100 --out benchmarks/results/bnb.json
+    .venv/bin/python benchmarks/bnb.py --windows 100 --decode-tokens 0 --out benchmarks/results/bnb.json
+    .venv/bin/python benchmarks/bnb.py --windows 0 --out benchmarks/results/bnb-decode.json  # quiet machine
 
 For NF4, NF4 + double quant, FP4 and LLM.int8: modelpress quantizes the fp32 default model and
 transformers + bitsandbytes quantizes the same fp32 weights (saved as a transformers folder);
@@ -59,16 +60,22 @@ def identical_tensors(ours: torch.nn.Module, theirs: torch.nn.Module) -> tuple[i
 
 
 def measure(model, wins, tok, decode_tokens) -> dict:
-    r = perplexity_of_windows(model, wins)
-    return {"ppl": r.ppl, "eval_tokens_per_s": r.tokens_per_s,
-            "decode_tokens_per_s": decode_tokens_per_s(model, tok, decode_tokens)}
+    """ppl on `wins` (none if empty) and decode tokens/s (none if decode_tokens is 0)."""
+    out = {}
+    if wins.shape[0]:
+        r = perplexity_of_windows(model, wins)
+        out.update(ppl=r.ppl, eval_tokens_per_s=r.tokens_per_s)
+    if decode_tokens:
+        out["decode_tokens_per_s"] = decode_tokens_per_s(model, tok, decode_tokens)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--text", help="evaluation text (default: ../shared/data/eval.txt, else pydoc topics)")
-    p.add_argument("--windows", type=int, default=20, help="windows of 512 tokens (default 20)")
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--windows", type=int, default=20, help="windows of 512 tokens (default 20; 0: no ppl)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="0: no decode speed (measure it on a quiet "
+                   "machine in a separate run: ppl needs no quiet, speed does)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
     p.add_argument("--out", default="benchmarks/results/bnb.json")
     a = p.parse_args()
@@ -77,7 +84,8 @@ def main() -> None:
     text_path = a.text or (str(SHARED_EVAL) if SHARED_EVAL.is_file() else None)
     text = read_text(text_path) if text_path else load_text(None, "eval")
     model, tok = modelpress.load()
-    wins = windows(tokenize(tok, text), 512, a.windows)
+    ids = tokenize(tok, text)
+    wins = windows(ids, 512, a.windows) if a.windows else torch.empty(0, 512, dtype=torch.long)
     work = Path(tempfile.mkdtemp(prefix="mp-bnb-"))
     fp32_dir = modelpress.save(model, tok, work / "fp32")  # a transformers folder bitsandbytes quantizes
     base = {"method": "fp32", "tool": "modelpress", **measure(model, wins, tok, a.decode_tokens),
@@ -94,7 +102,6 @@ def main() -> None:
         ours = {"method": name, "tool": "modelpress", "config": config.to_dict(), "quantize_seconds": quant_s,
                 "size_bytes": size.size_bytes, "bits_per_weight": size.bits_per_weight,
                 "linear_bits_per_weight": size.linear_bits_per_weight, **measure(q, wins, tok, a.decode_tokens)}
-        ours["ppl_change_pct"] = 100 * (ours["ppl"] / base["ppl"] - 1)
         print(json.dumps(ours), flush=True)
         theirs_model, load_s = load_bnb(fp32_dir, bnb_kwargs)
         same, compared = identical_tensors(q, theirs_model)
@@ -102,9 +109,12 @@ def main() -> None:
                   "quantize_seconds": load_s, "memory_footprint_bytes": theirs_model.get_memory_footprint(),
                   **measure(theirs_model, wins, tok, a.decode_tokens),
                   "tensors_bit_identical": same, "tensors_compared": compared}
-        theirs["ppl_change_pct"] = 100 * (theirs["ppl"] / base["ppl"] - 1)
-        ours["decode_speedup"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
-        ours["ppl_equal_to_bitsandbytes"] = ours["ppl"] == theirs["ppl"]
+        if "ppl" in base:
+            for r in (ours, theirs):
+                r["ppl_change_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
+            ours["ppl_equal_to_bitsandbytes"] = ours["ppl"] == theirs["ppl"]
+        if a.decode_tokens:
+            ours["decode_speedup"] = ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
         print(json.dumps(theirs), flush=True)
         rows += [ours, theirs]
         if name == "nf4":  # modelpress' checkpoint, loaded by transformers + bitsandbytes
@@ -112,7 +122,7 @@ def main() -> None:
 
             ck = modelpress.save(q, tok, work / "nf4")
             loaded = AutoModelForCausalLM.from_pretrained(ck, device_map="cpu", dtype=torch.float32).eval()
-            x = wins[:1, :128]
+            x = ids[None, :128]
             with torch.no_grad():
                 prefill = (q(x).logits - loaded(x).logits).abs().max().item()
                 step = (q(x[:, :1]).logits - loaded(x[:, :1]).logits).abs().max().item()
