@@ -59,7 +59,10 @@ def _err(*lines: str) -> None:
 # the options of `quantize` that set a config field: (flag, field)
 _CONFIG_OPTIONS = (("--bits", "bits"), ("--group-size", "group_size"), ("--symmetric", "symmetric"),
                    ("--blocksize", "blocksize"), ("--double-quant", "double_quant"),
-                   ("--compute-dtype", "compute_dtype"), ("--threshold", "threshold"))
+                   ("--compute-dtype", "compute_dtype"), ("--threshold", "threshold"),
+                   ("--act-order", "act_order"), ("--static-groups", "static_groups"), ("--damp", "damp"),
+                   ("--mse", "mse"))
+_FORMATS = ("modelpress", "gptq")
 
 
 def _config_from_args(a: argparse.Namespace) -> Any:
@@ -107,6 +110,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .registry import quantize
 
     config = _config_from_args(a)
+    if a.format != "modelpress" and config.method not in ("gptq", "rtn"):
+        raise ModelpressError(f"--format {a.format} holds GPTQ-style integer weights (methods gptq, rtn), "
+                              f"not {config.method}; use --format modelpress")
     check_target(a.out)  # bad destination or text: fail now, before the model loads
     if a.calib is not None:
         load_text(a.calib, "calib")
@@ -120,7 +126,12 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     quantize(model, config, calib)
     quant_s = time.perf_counter() - start
-    out = save(model, tok, a.out)
+    if a.format == "gptq":
+        from .formats import gptq
+
+        out = gptq.save(model, tok, a.out)
+    else:
+        out = save(model, tok, a.out)
     after = model_size(model)
     _err(f"quantized with {_describe(config)} in {quant_s:.1f} s; "
          f"{before.size_bytes / 1e6:.1f} MB -> {after.size_bytes / 1e6:.1f} MB "
@@ -228,12 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="compress a model and save a modelpress checkpoint")
     q.add_argument("model", nargs="?", help=model_help)
     q.add_argument("--method", default="rtn",
-                   help="rtn (integers, round to nearest), nf4 / fp4 (bitsandbytes 4-bit), int8 (LLM.int8); "
-                        "default: rtn")
-    q.add_argument("--bits", type=int, help="rtn: 2, 3, 4 or 8 (default: 4)")
+                   help="rtn (integers, round to nearest), gptq (calibrated), nf4 / fp4 (bitsandbytes 4-bit), "
+                        "int8 (LLM.int8); default: rtn")
+    q.add_argument("--bits", type=int, help="rtn, gptq: 2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=_group_size,
-                   help="rtn: input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
-    q.add_argument("--symmetric", action="store_true", default=None, help="rtn: absmax scales, no zero point")
+                   help="rtn, gptq: input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
+    q.add_argument("--symmetric", action="store_true", default=None,
+                   help="rtn, gptq: symmetric grid, no stored zero point")
+    q.add_argument("--act-order", action="store_true", default=None,
+                   help="gptq: quantize columns by decreasing activation energy (desc_act)")
+    q.add_argument("--static-groups", action="store_true", default=None,
+                   help="gptq: group parameters fixed before the sweep, in column order")
+    q.add_argument("--damp", type=float, help="gptq: Hessian damping, fraction of its mean diagonal (default: 0.01)")
+    q.add_argument("--mse", action="store_true", default=None, help="gptq: search each group's clipping range")
     q.add_argument("--blocksize", type=int, help="nf4/fp4: weights per absmax, 32 to 4096 (default: 64)")
     q.add_argument("--double-quant", action="store_true", default=None,
                    help="nf4/fp4: quantize the absmax constants too (8-bit, blocks of 256)")
@@ -245,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: Python's pydoc topics)")
     q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
     q.add_argument("--ctx", type=_positive, default=512, help="calibration window length (default: 512)")
+    q.add_argument("--format", choices=_FORMATS, default="modelpress",
+                   help="modelpress (default), or gptq: the HF GPTQ layout transformers, vLLM and GPTQModel read")
     q.add_argument("--out", required=True, help="folder to write")
     q.set_defaults(fn=cmd_quantize)
 

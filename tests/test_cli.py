@@ -115,3 +115,27 @@ def test_quantize_bad_method_options(tmp_path, capsys, tiny_gguf, args, says):
     code, _, err = _run(capsys, "quantize", str(tiny_gguf), *args, "--out", str(tmp_path / "o"))
     _one_line_error(code, err)
     assert says in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["modelpress", "gptq"])
+def test_quantize_gptq(tmp_path, capsys, tiny_gguf, fmt):
+    (tmp_path / "c.txt").write_text("the thing in the winter, then the thing in the spring. " * 80)
+    out = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", str(tiny_gguf), "--method", "gptq", "--bits", "3", "--act-order",
+                        "--calib", str(tmp_path / "c.txt"), "--samples", "4", "--ctx", "64", "--format", fmt,
+                        "--out", str(out))
+    assert code == 0 and "quantized with gptq (" in err and "act order True" in err
+    info = json.loads(_run(capsys, "info", str(out), "--json")[1])
+    if fmt == "gptq":
+        assert info["format"] == "transformers" and info["quantization"] == "gptq"
+    else:
+        assert info["method"] == "gptq" and info["bits"] == 3 and info["act_order"] is True
+    code, stdout, _ = _run(capsys, "generate", str(out), "-p", "the", "-n", "4", "--raw")
+    assert code == 0
+
+
+def test_gptq_layout_refuses_other_methods(tmp_path, capsys, tiny_gguf):
+    code, _, err = _run(capsys, "quantize", str(tiny_gguf), "--method", "nf4", "--format", "gptq",
+                        "--out", str(tmp_path / "o"))
+    _one_line_error(code, err)
+    assert "--format gptq" in err
