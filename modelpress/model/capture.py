@@ -97,3 +97,29 @@ class InputStatsCapture(_InputHooks):
 
     def inputs(self, name: str) -> torch.Tensor:
         return torch.cat(self.kept[self.key(name)])
+
+
+class CallCapture:
+    """The (args, kwargs) of a module's first `max_calls` calls, to replay the module later
+    (AWQ's scale search runs each mapping's parent module on them)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], max_calls: int) -> None:
+        self.modules, self.max_calls = modules, max_calls
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in modules}
+        self._handles: list = []
+
+    def _hook(self, name: str) -> Callable:
+        def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if len(self.calls[name]) < self.max_calls:
+                self.calls[name].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+
+        return pre_hook
+
+    def __enter__(self) -> "CallCapture":
+        self._handles = [m.register_forward_pre_hook(self._hook(n), with_kwargs=True) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,157 @@
+"""AWQ (arXiv:2306.00978), one decoder block at a time: per mapping, search the per-channel scales
+that protect the salient input channels (core/awq.py), fold them into the previous operation,
+search each layer's clipping bound, then round to nearest into IntxLinear.
+
+The mappings are data (STYLE: architecture knowledge is data), as llm-compressor's:
+    (smooth: the operation whose output is divided by s,
+     balance: the layers reading that output, whose weights are multiplied by s,
+     parent: the module whose output the search compares)
+all relative to a decoder block. v -> o applies only where v's outputs are o's inputs
+(not with grouped-query attention, e.g. SmolLM2's 3 key/value heads for 9 query heads).
+
+    AWQConfig(bits=4, group_size=64)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import BaseConfig
+from ..core import awq, grids
+from ..errors import ModelpressError
+from ..model.capture import CallCapture, InputStatsCapture
+from ..model.sequential import blocks_of, run_sequential
+from ..model.walker import iter_targets, replace
+from ..nn import IntxLinear
+from ..registry import register
+
+# (smooth, balance layers, parent), Llama-family names relative to a block
+MAPPINGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+# clipping the query / key weights distorts attention scores more than it saves (AutoAWQ skips them)
+NO_CLIP = ("q_proj", "k_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQConfig(BaseConfig):
+    """bits, group_size, symmetric: the integer grid (as RTN). n_grid: scale ratios tried per
+    mapping; duo_scaling: weigh weight magnitudes into the scales too. clip: search clipping
+    bounds. search_samples: calibration windows the scale search replays (the activation
+    statistics use all of them). batch_size: windows per forward."""
+
+    method = "awq"
+    calibrated = True
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    search_samples: int = 16
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be one of (2, 3, 4, 8), got {self.bits}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(f"group size must be a positive number of input columns, or none; got {self.group_size}")
+        if self.n_grid < 2 or self.search_samples <= 0 or self.batch_size <= 0:
+            raise ValueError("n_grid must be >= 2, search samples and batch size positive")
+
+
+def _get(block: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _replay(parent: torch.nn.Module, calls: list) -> list[torch.Tensor]:
+    outs = []
+    for args, kwargs in calls:
+        y = parent(*args, **kwargs)
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+@torch.no_grad()
+def _search_scales(parent: torch.nn.Module, balance: list[torch.nn.Linear], calls: list, x_mean: torch.Tensor,
+                   config: AWQConfig) -> torch.Tensor:
+    reference = _replay(parent, calls)
+    originals = [b.weight.detach().clone() for b in balance]
+    w_mean = awq.weight_channel_mean(originals, config.group_size) if config.duo_scaling else None
+    best, best_err = None, float("inf")
+    try:
+        for ratio, duo in awq.search_grid(config.n_grid, config.duo_scaling):
+            s = awq.candidate_scales(x_mean, w_mean, ratio, duo)
+            for b, w in zip(balance, originals):
+                b.weight.copy_(awq.fake_quantize(w * s, config.bits, config.group_size, config.symmetric) / s)
+            out = _replay(parent, calls)
+            err = sum(torch.nn.functional.mse_loss(o, r, reduction="sum").item() for o, r in zip(out, reference))
+            if err < best_err:
+                best, best_err = s, err
+    finally:
+        for b, w in zip(balance, originals):
+            b.weight.copy_(w)
+    if best is None:
+        raise ModelpressError("AWQ's scale search found no finite error (NaN in the block's outputs?)")
+    return best
+
+
+@torch.no_grad()
+def _fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tensor) -> None:
+    for b in balance:
+        b.weight.mul_(s.view(1, -1))
+    if smooth.weight.ndim == 1:  # a norm
+        smooth.weight.div_(s)
+    else:  # a linear layer: its output rows
+        smooth.weight.div_(s.view(-1, 1))
+    if getattr(smooth, "bias", None) is not None:
+        smooth.bias.div_(s)
+
+
+@register(AWQConfig)
+def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
+    if not calib:
+        raise ModelpressError("AWQ needs calibration text (windows of token ids)")
+    targets = dict(iter_targets(model, config.targets, config.ignore))
+    prefixes = {id(b): f"model.layers.{i}." for i, b in enumerate(blocks_of(model))}
+    search_batches = -(-config.search_samples // config.batch_size)
+
+    def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
+        prefix = prefixes[id(block)]
+        mods = {f[len(prefix):]: m for f, m in targets.items() if f.startswith(prefix)}
+        mappings = [(sm, [b for b in bal if b in mods], par) for sm, bal, par in MAPPINGS
+                    if _get(block, sm) is not None and _get(block, par) is not None and all(b in mods for b in bal)]
+        mappings = [(sm, bal, par) for sm, bal, par in mappings  # v -> o needs v's outputs to be o's inputs
+                    if _get(block, sm).weight.shape[0] == mods[bal[0]].in_features]
+        parents = {par: _get(block, par) for _, _, par in mappings}
+        with InputStatsCapture(mods, keep_rows=4096) as stats, CallCapture(parents, search_batches) as calls:
+            run()
+        input_scale = {name: torch.ones(m.in_features) for name, m in mods.items()}
+        for smooth, balance, parent in mappings:                       # 1. scales, folded in
+            layers = [mods[b] for b in balance]
+            s = _search_scales(parents[parent], layers, calls.calls[parent], stats.mean_abs(balance[0]), config)
+            _fold(_get(block, smooth), layers, s)
+            for b in balance:
+                input_scale[b] = input_scale[b] / s
+        for name, lin in mods.items():                                 # 2. clip, 3. round to nearest
+            w = lin.weight.detach()
+            if config.clip and not name.endswith(NO_CLIP) and config.group_size and lin.in_features % config.group_size == 0:
+                x = stats.inputs(name) * input_scale[name]             # the inputs in the scaled frame
+                w = awq.apply_clip(w, awq.search_clip(w, x, config.bits, config.group_size, config.symmetric),
+                                   config.group_size)
+            q = IntxLinear(lin.in_features, lin.out_features, config.bits, config.group_size, config.symmetric,
+                           bias=lin.bias is not None)
+            q.set_codes(*grids.quantize_rtn(w, config.bits, config.group_size, config.symmetric))
+            if lin.bias is not None:
+                q.bias = lin.bias.detach().float().clone()
+            replace(model, prefix + name, q)
+
+    model.modelpress_calibration = run_sequential(model, calib, compress, config.batch_size, desc="awq")
+    return model
