@@ -67,6 +67,13 @@ def linear_from_gptq(linear: torch.nn.Linear, config: GPTQConfig, H: torch.Tenso
     return m
 
 
+def _last_called(block: torch.nn.Module, mods: dict[str, torch.nn.Module]) -> torch.nn.Module | None:
+    """The block's last linear layer if it is one we quantize (its output is the block's; for a
+    Llama block, mlp.down_proj), found by module order, else None."""
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear) or m in mods.values()]
+    return linears[-1] if linears and linears[-1] in mods.values() else None
+
+
 @register(GPTQConfig)
 def quantize_gptq(model: torch.nn.Module, config: GPTQConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
     if not calib:
@@ -82,7 +89,10 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQConfig, calib: list[torch.
         prefix = names[id(block)]
         mods = {f: m for f, m in targets.items() if f.startswith(prefix)}
         with HessianCapture(mods) as cap:
-            run()
+            run(stop_at=_last_called(block, mods))  # the last layer's output feeds nothing we measure
+        if any(cap.key(f) not in cap.acc for f in mods):  # the guess at the last layer was wrong
+            with HessianCapture(mods) as cap:
+                run()
         for fqn, lin in mods.items():
             replace(model, fqn, linear_from_gptq(lin, config, cap.hessian(fqn)))
 

@@ -80,13 +80,28 @@ def _out(y: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: torch.nn.Module, inputs: BlockInputs, keep: bool = True) -> list[torch.Tensor]:
-    """The block on every batch; its outputs (or none, when only hooks need the pass)."""
+def run_block(block: torch.nn.Module, inputs: BlockInputs, keep: bool = True,
+              stop_at: torch.nn.Module | None = None) -> list[torch.Tensor]:
+    """The block on every batch; its outputs (or none, when only hooks need the pass). With
+    `stop_at`, each batch stops as that module is called (after the hooks registered before this
+    call have seen its input): a statistics pass need not compute the last layer's output."""
+    handle = None
+    if stop_at is not None:
+        def stop(module: torch.nn.Module, args: tuple) -> None:
+            raise _Stop
+        handle = stop_at.register_forward_pre_hook(stop)
     outs = []
-    for h, kw in zip(inputs.hidden, inputs.kwargs):
-        y = _out(block(h, **kw))
-        if keep:
-            outs.append(y)
+    try:
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            try:
+                y = _out(block(h, **kw))
+            except _Stop:
+                continue
+            if keep:
+                outs.append(y)
+    finally:
+        if handle is not None:
+            handle.remove()
     return outs
 
 
@@ -96,13 +111,14 @@ def peak_rss_bytes() -> int:
 
 
 def run_sequential(model: torch.nn.Module, windows: list[torch.Tensor],
-                   compress: Callable[[int, torch.nn.Module, Callable[[], None]], None],
+                   compress: Callable[[int, torch.nn.Module, Callable[..., None]], None],
                    batch_size: int = 8, desc: str = "calibrate") -> SequentialStats:
-    """Steps 1-3 of the module docstring; `compress(i, block, run)` does step 2 for block i."""
+    """Steps 1-3 of the module docstring; `compress(i, block, run)` does step 2 for block i;
+    `run(stop_at=None)` may name the block's last module to skip computing its output."""
     start = time.perf_counter()
     blocks = blocks_of(model)
     inputs = capture_inputs(model, windows, batch_size)
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
-        compress(i, block, lambda b=block, x=inputs: run_block(b, x, keep=False))
+        compress(i, block, lambda stop_at=None, b=block, x=inputs: run_block(b, x, keep=False, stop_at=stop_at))
         inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
     return SequentialStats(len(blocks), time.perf_counter() - start, peak_rss_bytes())
