@@ -59,7 +59,8 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_int32(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of pack_int32: uint8 codes (..., n)."""
+    """Inverse of pack_int32: uint8 codes (..., n). The last word may be partly padding (as
+    compressed-tensors writes rows whose bits do not fill whole words)."""
     if sys.byteorder != "little":
         raise RuntimeError("int32 packing assumes a little-endian machine")
-    return unpack_bits(words.contiguous().view(torch.uint8), bits, n)
+    return unpack_bits(words.contiguous().view(torch.uint8)[..., :packed_len(n, bits)], bits, n)

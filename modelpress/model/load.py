@@ -103,5 +103,9 @@ def _foreign_quantization(qc: dict[str, Any], state: dict[str, torch.Tensor]) ->
         from ..formats import gptq
 
         return gptq.from_hf(qc, state)
+    if method == "compressed-tensors":
+        from ..formats import compressed_tensors
+
+        return compressed_tensors.from_hf(qc, state)
     raise ModelpressError(f"this folder is quantized with {method!r}, which modelpress does not load "
-                          "(it loads bitsandbytes and GPTQ folders)")
+                          "(it loads bitsandbytes, GPTQ and compressed-tensors pack-quantized folders)")

@@ -1,0 +1,91 @@
+"""compressed-tensors "pack-quantized" checkpoints (what llm-compressor writes, vLLM reads), read.
+
+Per quantized linear layer P (out_features N, in_features K, G groups, b bits), integer weights
+q in [-2^(b-1), 2^(b-1) - 1] stored shifted by +2^(b-1) as unsigned codes:
+    P.weight_packed       int32 (N, ceil(K * b / 32))  each row's codes, little-endian bit stream
+    P.weight_scale        float (N, G)
+    P.weight_zero_point   int32 (ceil(N * b / 32), G)  asymmetric only: zero points, shifted and
+                                                       packed the same way along N (dim 0)
+    P.weight_g_idx        int32 (K,)                   only for activation order "group"
+    P.weight_shape        int64 (2,) = [N, K]
+W = scale * (q - zero_point). config.json: "quantization_config": {"quant_method":
+"compressed-tensors", "format": "pack-quantized", "config_groups": {...: {"weights": {"num_bits",
+"group_size", "symmetric", "strategy", ...}}}, "ignore": [...]}. Loaded as IntxLinear with the
+unsigned codes and zero points (zero + 2^(b-1)) and the scales in their stored dtype, so the
+dequantized weights equal compressed-tensors' own.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..core import packing
+from ..errors import ModelpressError
+from ..nn import IntxLinear
+
+QUANT_METHOD = "compressed-tensors"
+
+
+def _weights_args(qc: dict[str, Any]) -> dict[str, Any]:
+    if qc.get("format") not in ("pack-quantized", None):
+        raise ModelpressError(f"compressed-tensors format {qc.get('format')!r} is not supported (only pack-quantized)")
+    groups = list((qc.get("config_groups") or {}).values())
+    if len(groups) != 1 or not groups[0].get("weights") or groups[0].get("input_activations"):
+        raise ModelpressError("only one weight-only quantization group is supported in compressed-tensors files")
+    w = groups[0]["weights"]
+    if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
+        raise ModelpressError(f"compressed-tensors weights of type {w.get('type')} / strategy {w.get('strategy')} "
+                              "are not supported (int, group or channel)")
+    return w
+
+
+def layer_from_ct(t: dict[str, torch.Tensor], bits: int, group_size: int | None, symmetric: bool) -> IntxLinear:
+    N, K = (int(v) for v in t["weight_shape"].tolist())
+    codes = packing.unpack_int32(t["weight_packed"], bits, K)                       # (N, K) unsigned
+    scale = t["weight_scale"].reshape(N, -1)
+    if symmetric:
+        zero = None
+    else:
+        zp = packing.unpack_int32(t["weight_zero_point"].t(), bits, N).t()           # (N, G) unsigned
+        zero = zp.to(torch.uint8)
+    gs = K if group_size is None else group_size
+    perm = None
+    if "weight_g_idx" in t and not torch.equal(t["weight_g_idx"].long(), torch.arange(K) // gs):
+        g_idx = t["weight_g_idx"].long()
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[perm], torch.arange(K) // gs):
+            raise ModelpressError(f"weight_g_idx does not form groups of {gs} columns; not supported")
+        codes = codes[:, perm]
+    m = IntxLinear(K, N, bits, group_size, symmetric, bias="bias" in t, permuted=perm is not None)
+    m.set_codes(codes, scale, zero)
+    m.scale = scale.contiguous()        # keep the stored dtype (fp32 from llm-compressor): exact weights
+    if perm is not None:
+        m.perm = perm
+    if "bias" in t:
+        m.bias = t["bias"].float()
+    return m
+
+
+def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
+            ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
+    """(modelpress config, state dict for IntxLinear layers, prepare(model) that swaps them in)."""
+    from ..methods import RTNConfig
+    from ..model.walker import replace
+
+    w = _weights_args(qc)
+    bits, symmetric = int(w["num_bits"]), bool(w.get("symmetric", True))
+    group = int(w["group_size"]) if w.get("strategy") == "group" else None
+    layers = {}
+    for p in [k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed")]:
+        tensors = {k[len(p) + 1:]: state.pop(k) for k in list(state) if k.startswith(p + ".")}
+        layers[p] = layer_from_ct(tensors, bits, group, symmetric)
+        state.update({f"{p}.{k}": v for k, v in layers[p].state_dict().items()})
+    # the file says how weights are stored, not how they were chosen (GPTQ, AWQ, RTN): record the grid
+    config = RTNConfig(bits=bits, group_size=group, symmetric=symmetric) if bits in (2, 3, 4, 8) else None
+
+    def prepare(model: torch.nn.Module) -> None:
+        for p, m in layers.items():
+            replace(model, p, m)
+
+    return config, state, prepare
