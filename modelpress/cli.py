@@ -62,7 +62,7 @@ _CONFIG_OPTIONS = (("--bits", "bits"), ("--group-size", "group_size"), ("--symme
                    ("--compute-dtype", "compute_dtype"), ("--threshold", "threshold"),
                    ("--act-order", "act_order"), ("--static-groups", "static_groups"), ("--damp", "damp"),
                    ("--mse", "mse"))
-_FORMATS = ("modelpress", "gptq")
+_FORMATS = ("modelpress", "gptq", "awq")
 
 
 def _config_from_args(a: argparse.Namespace) -> Any:
@@ -110,8 +110,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .registry import quantize
 
     config = _config_from_args(a)
-    if a.format != "modelpress" and config.method not in ("gptq", "rtn"):
-        raise ModelpressError(f"--format {a.format} holds GPTQ-style integer weights (methods gptq, rtn), "
+    if a.format != "modelpress" and config.method not in ("gptq", "awq", "rtn"):
+        raise ModelpressError(f"--format {a.format} holds integer group weights (methods gptq, awq, rtn), "
                               f"not {config.method}; use --format modelpress")
     check_target(a.out)  # bad destination or text: fail now, before the model loads
     if a.calib is not None:
@@ -126,10 +126,10 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     quantize(model, config, calib)
     quant_s = time.perf_counter() - start
-    if a.format == "gptq":
-        from .formats import gptq
+    if a.format in ("gptq", "awq"):
+        import importlib
 
-        out = gptq.save(model, tok, a.out)
+        out = importlib.import_module(f".formats.{a.format}", __package__).save(model, tok, a.out)
     else:
         out = save(model, tok, a.out)
     after = model_size(model)
@@ -239,13 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="compress a model and save a modelpress checkpoint")
     q.add_argument("model", nargs="?", help=model_help)
     q.add_argument("--method", default="rtn",
-                   help="rtn (integers, round to nearest), gptq (calibrated), nf4 / fp4 (bitsandbytes 4-bit), "
-                        "int8 (LLM.int8); default: rtn")
-    q.add_argument("--bits", type=int, help="rtn, gptq: 2, 3, 4 or 8 (default: 4)")
+                   help="rtn (integers, round to nearest), gptq / awq (calibrated), nf4 / fp4 (bitsandbytes "
+                        "4-bit), int8 (LLM.int8); default: rtn")
+    q.add_argument("--bits", type=int, help="rtn, gptq, awq: 2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=_group_size,
-                   help="rtn, gptq: input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
+                   help="rtn, gptq, awq: input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
     q.add_argument("--symmetric", action="store_true", default=None,
-                   help="rtn, gptq: symmetric grid, no stored zero point")
+                   help="rtn, gptq, awq: symmetric grid, no stored zero point")
     q.add_argument("--act-order", action="store_true", default=None,
                    help="gptq: quantize columns by decreasing activation energy (desc_act)")
     q.add_argument("--static-groups", action="store_true", default=None,
@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
     q.add_argument("--ctx", type=_positive, default=512, help="calibration window length (default: 512)")
     q.add_argument("--format", choices=_FORMATS, default="modelpress",
-                   help="modelpress (default), or gptq: the HF GPTQ layout transformers, vLLM and GPTQModel read")
+                   help="modelpress (default); gptq: the HF GPTQ layout, awq: AutoAWQ's GEMM layout "
+                        "(what transformers, vLLM, GPTQModel and AutoAWQ read)")
     q.add_argument("--out", required=True, help="folder to write")
     q.set_defaults(fn=cmd_quantize)
 

@@ -117,19 +117,21 @@ def test_quantize_bad_method_options(tmp_path, capsys, tiny_gguf, args, says):
     assert says in err and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("fmt", ["modelpress", "gptq"])
-def test_quantize_gptq(tmp_path, capsys, tiny_gguf, fmt):
+@pytest.mark.parametrize("method,fmt", [("gptq", "modelpress"), ("gptq", "gptq"), ("awq", "awq"), ("awq", "modelpress")])
+def test_quantize_calibrated(tmp_path, capsys, tiny_gguf, method, fmt):
     (tmp_path / "c.txt").write_text("the thing in the winter, then the thing in the spring. " * 80)
     out = tmp_path / "q"
-    code, _, err = _run(capsys, "quantize", str(tiny_gguf), "--method", "gptq", "--bits", "3", "--act-order",
+    extra = ("--act-order",) if fmt != "awq" and method == "gptq" else ()
+    bits = "4" if fmt == "awq" else "3"
+    code, _, err = _run(capsys, "quantize", str(tiny_gguf), "--method", method, "--bits", bits, *extra,
                         "--calib", str(tmp_path / "c.txt"), "--samples", "4", "--ctx", "64", "--format", fmt,
                         "--out", str(out))
-    assert code == 0 and "quantized with gptq (" in err and "act order True" in err
+    assert code == 0 and f"quantized with {method} (" in err
     info = json.loads(_run(capsys, "info", str(out), "--json")[1])
-    if fmt == "gptq":
-        assert info["format"] == "transformers" and info["quantization"] == "gptq"
+    if fmt != "modelpress":
+        assert info["format"] == "transformers" and info["quantization"] == fmt
     else:
-        assert info["method"] == "gptq" and info["bits"] == 3 and info["act_order"] is True
+        assert info["method"] == method and info["bits"] == 3
     code, stdout, _ = _run(capsys, "generate", str(out), "-p", "the", "-n", "4", "--raw")
     assert code == 0
 

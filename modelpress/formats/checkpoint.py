@@ -62,27 +62,43 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 
     `out` may be new, empty, or an earlier modelpress checkpoint (replaced only once the new one
     is complete); any other existing folder is refused rather than overwritten."""
-    from safetensors.torch import save_file
-
     from .. import __version__
+    from .bnb import quantization_config
 
     out = check_target(out)
+    config = getattr(model, "modelpress_config", None)
+    manifest = {"format": "modelpress", "format_version": FORMAT_VERSION,
+                "modelpress_version": __version__,
+                "quantization": config.to_dict() if config is not None else None,
+                "modules": quantized_modules(model)}
+    qc = quantization_config(config, model) if config is not None else None  # bitsandbytes' layouts
+    return write_folder(model, tokenizer, out, stored_state_dict(model), qc, manifest)
+
+
+def write_folder(model: torch.nn.Module, tokenizer: Any, out: Path, tensors: dict[str, torch.Tensor],
+                 quantization_config: dict[str, Any] | None, manifest: dict[str, Any] | None = None) -> Path:
+    """A transformers folder: model.safetensors (`tensors`), config.json (the model's config with
+    `quantization_config`, or none), the tokenizer, and modelpress.json when a manifest is given.
+    Written under a temporary name beside `out`, then renamed; an existing `out` (the caller has
+    checked that it may go) is replaced only once the new folder is complete."""
+    from safetensors.torch import save_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        config = getattr(model, "modelpress_config", None)
-        manifest = {"format": "modelpress", "format_version": FORMAT_VERSION,
-                    "modelpress_version": __version__,
-                    "quantization": config.to_dict() if config is not None else None,
-                    "modules": quantized_modules(model)}
-        save_file(stored_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         os.chmod(tmp / WEIGHTS, 0o644)
         model.config.save_pretrained(tmp)
-        _set_quantization_config(tmp / "config.json", model, config)
+        data = json.loads((tmp / "config.json").read_text())
+        data.pop("quantization_config", None)  # a stale one from a loaded folder
+        if quantization_config is not None:
+            data["quantization_config"] = quantization_config
+        (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if manifest is not None:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -96,17 +112,13 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     return out
 
 
-def _set_quantization_config(path: Path, model: torch.nn.Module, config: Any) -> None:
-    """config.json gets the quantization_config transformers needs to load the layers (only
-    bitsandbytes' layouts so far), and loses any stale one the model's config carried."""
-    from .bnb import quantization_config
-
-    data = json.loads(path.read_text())
-    data.pop("quantization_config", None)
-    qc = quantization_config(config, model) if config is not None else None
-    if qc is not None:
-        data["quantization_config"] = qc
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def check_new(out: str | Path) -> Path:
+    """Refuse any existing, non-empty destination (for layouts other tools read: no manifest
+    tells that a folder is ours to replace)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelpressError(f"{out} exists and is not empty; choose a new --out (nothing there is overwritten)")
+    return out
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

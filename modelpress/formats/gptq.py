@@ -17,10 +17,6 @@ functions convert. No modelpress.json is written: the folder is what the other t
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,10 +86,9 @@ def layer_from_hf(t: dict[str, torch.Tensor], bits: int, group_size: int | None,
 
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (GPTQ- or RTN-quantized IntxLinear layers) as an HF GPTQ folder."""
-    from safetensors.torch import save_file
+    from .checkpoint import check_new, stored_state_dict, write_folder
 
-    from .checkpoint import stored_state_dict
-
+    out = check_new(out)
     config = getattr(model, "modelpress_config", None)
     quant = {f: m for f, m in model.named_modules() if isinstance(m, IntxLinear)}
     if config is None or not quant:
@@ -103,27 +98,7 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     state = {k: v for k, v in stored_state_dict(model).items() if not any(k.startswith(f + ".") for f in quant)}
     for fqn, m in quant.items():
         state.update({f"{fqn}.{k}": v for k, v in layer_to_hf(m).items()})
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelpressError(f"{out} exists and is not empty; choose a new --out (nothing there is overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        data = json.loads((tmp / "config.json").read_text())
-        data["quantization_config"] = quantization_config(config)
-        (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_folder(model, tokenizer, out, state, quantization_config(config))
 
 
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]

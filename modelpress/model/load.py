@@ -103,9 +103,13 @@ def _foreign_quantization(qc: dict[str, Any], state: dict[str, torch.Tensor]) ->
         from ..formats import gptq
 
         return gptq.from_hf(qc, state)
+    if method == "awq":
+        from ..formats import awq
+
+        return awq.from_hf(qc, state)
     if method == "compressed-tensors":
         from ..formats import compressed_tensors
 
         return compressed_tensors.from_hf(qc, state)
     raise ModelpressError(f"this folder is quantized with {method!r}, which modelpress does not load "
-                          "(it loads bitsandbytes, GPTQ and compressed-tensors pack-quantized folders)")
+                          "(it loads bitsandbytes, GPTQ, AWQ GEMM and compressed-tensors pack-quantized folders)")
