@@ -58,28 +58,33 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric:
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                n_grid: int = 20, max_shrink: float = 0.5, n_tokens: int = 512, row_batch: int = 64) -> torch.Tensor:
-    """Best clipping bound per (row, group): (out, n_groups). x: (tokens, in) inputs of the layer."""
+                n_grid: int = 20, max_shrink: float = 0.5, n_tokens: int = 512, row_batch: int = 256) -> torch.Tensor:
+    """Best clipping bound per (row, group): (out, n_groups). x: (tokens, in) inputs of the layer.
+
+    AutoAWQ measures mean_t (x_t . w_g - x_t . q_g)^2 by running the sampled tokens through every
+    candidate; the same number is d^T C_g d / T with d = w_g - q_g and C_g = sum_t x_tg x_tg^T,
+    which costs group^2 instead of tokens x group per candidate (same result up to float order)."""
     out, inf = w.shape
     gs = inf if group_size is None else group_size
     if inf % gs:
         raise ValueError("clip search needs whole groups")
+    G = inf // gs
     step = max(1, x.shape[0] // n_tokens)
-    xs = x[::step][:n_tokens].float().reshape(1, -1, inf // gs, gs)      # (1, T, G, gs)
-    best = torch.empty(out, inf // gs)
+    xs = x[::step][:n_tokens].float().reshape(-1, G, gs)                   # (T, G, gs)
+    C = torch.einsum("tgi,tgj->gij", xs, xs) / xs.shape[0]                 # (G, gs, gs)
+    best = torch.empty(out, G)
     for r0 in range(0, out, row_batch):
-        wb = w[r0:r0 + row_batch].float().reshape(-1, 1, inf // gs, gs)   # (R, 1, G, gs)
-        org_max = wb.abs().amax(-1, keepdim=True)                         # (R, 1, G, 1)
-        org_out = (xs * wb).sum(-1)                                       # (R, T, G)
+        wb = w[r0:r0 + row_batch].float().reshape(-1, G, gs)               # (R, G, gs)
+        org_max = wb.abs().amax(-1, keepdim=True)                          # (R, G, 1)
         best_max, min_err = org_max.clone(), torch.full_like(org_max, float("inf"))
         for i in range(int(max_shrink * n_grid)):
             max_val = org_max * (1 - i / n_grid)
             cur = torch.clamp(wb, -max_val, max_val)
-            q = fake_quantize(cur.reshape(-1, gs), bits, None, symmetric).reshape(cur.shape)
-            err = ((xs * q).sum(-1) - org_out).pow(2).mean(1).reshape(min_err.shape)
+            d = (wb - fake_quantize(cur.reshape(-1, gs), bits, None, symmetric).reshape(cur.shape)).transpose(0, 1)
+            err = (torch.bmm(d, C) * d).sum(-1).transpose(0, 1).unsqueeze(-1)  # (R, G, 1)
             better = err < min_err
             min_err[better], best_max[better] = err[better], max_val[better]
-        best[r0:r0 + row_batch] = best_max.reshape(-1, inf // gs)
+        best[r0:r0 + row_batch] = best_max.reshape(-1, G)
     return best
 
 

@@ -55,16 +55,29 @@ class GPTQConfig(BaseConfig):
             raise ValueError("block size and batch size must be positive")
 
 
-def linear_from_gptq(linear: torch.nn.Linear, config: GPTQConfig, H: torch.Tensor) -> IntxLinear:
-    r = gptq_quantize(linear.weight.detach(), H, config)
+def _to_module(linear: torch.nn.Linear, config: GPTQConfig, r, rows: slice) -> IntxLinear:  # noqa: ANN001
     m = IntxLinear(linear.in_features, linear.out_features, config.bits, config.group_size, config.symmetric,
                    bias=linear.bias is not None, permuted=r.perm is not None)
-    m.set_codes(r.codes, r.scale, None if config.symmetric else r.zero_point)
+    m.set_codes(r.codes[rows], r.scale[rows], None if config.symmetric else r.zero_point[rows])
     if r.perm is not None:
         m.perm = r.perm
     if linear.bias is not None:
         m.bias = linear.bias.detach().float().clone()
     return m
+
+
+def quantize_group(linears: dict[str, torch.nn.Linear], H: torch.Tensor, config: GPTQConfig) -> dict[str, IntxLinear]:
+    """GPTQ for layers that read the same input (one Hessian): their rows stacked into one sweep,
+    which is the same computation (rows are independent given H), done once."""
+    names = list(linears)
+    W = torch.cat([linears[n].weight.detach() for n in names])
+    r = gptq_quantize(W, H, config)
+    out, row = {}, 0
+    for n in names:
+        rows = linears[n].out_features
+        out[n] = _to_module(linears[n], config, r, slice(row, row + rows))
+        row += rows
+    return out
 
 
 def _last_called(block: torch.nn.Module, mods: dict[str, torch.nn.Module]) -> torch.nn.Module | None:
@@ -93,8 +106,12 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQConfig, calib: list[torch.
         if any(cap.key(f) not in cap.acc for f in mods):  # the guess at the last layer was wrong
             with HessianCapture(mods) as cap:
                 run()
+        shared: dict[str, dict[str, torch.nn.Linear]] = {}
         for fqn, lin in mods.items():
-            replace(model, fqn, linear_from_gptq(lin, config, cap.hessian(fqn)))
+            shared.setdefault(cap.key(fqn), {})[fqn] = lin
+        for key, linears in shared.items():
+            for fqn, q in quantize_group(linears, cap.hessian(key), config).items():
+                replace(model, fqn, q)
 
     model.modelpress_calibration = run_sequential(model, calib, compress, config.batch_size, desc="gptq")
     return model

@@ -63,3 +63,21 @@ def test_clip_search_beats_no_clip():
     err_clip = ((x @ clipped.t() - ref) ** 2).mean()
     err_rtn = ((x @ awq.fake_quantize(w, 3, 32, False).t() - ref) ** 2).mean()
     assert err_clip < 0.8 * err_rtn  # observed 0.53
+
+
+def test_clip_search_matches_the_token_by_token_error():
+    """The quadratic form picks the bounds that running the tokens through each candidate picks."""
+    w, x = _salient_layer(2)
+    bound = awq.search_clip(w, x, 3, 32, False, n_tokens=256)
+    xs = x[:: x.shape[0] // 256][:256].reshape(256, 4, 32)
+    wb = w.reshape(64, 1, 4, 32)
+    org_max = wb.abs().amax(-1, keepdim=True)
+    org_out = (xs[None] * wb).sum(-1)
+    errs = []
+    for i in range(10):
+        mv = org_max * (1 - i / 20)
+        q = awq.fake_quantize(torch.clamp(wb, -mv, mv).reshape(-1, 32), 3, None, False).reshape(wb.shape)
+        errs.append(((xs[None] * q).sum(-1) - org_out).pow(2).mean(1))     # (64, 4)
+    pick = torch.stack(errs).argmin(0)                                       # (64, 4)
+    ref = org_max.reshape(64, 4) * (1 - pick / 20)
+    torch.testing.assert_close(bound, ref)

@@ -1,0 +1,126 @@
+"""GPTQ and AWQ on the default model beside RTN and llm-compressor, in one run.
+
+    .venv/bin/python benchmarks/gptq_awq.py --out benchmarks/results/gptq_awq.json \
+        --peer /work/peers/lc/bin/python          # llm-compressor's own venv (../shared/PEERS.md)
+
+Calibration: ../shared/data/calib.txt, 128 windows of 512 tokens; evaluation: every 512-token
+window of ../shared/data/eval.txt. Each row: method, bits, group size, quantize seconds, peak
+memory, size, bits per weight, ppl and its change against fp32. With --peer, llm-compressor
+quantizes the same fp32 weights with the same calibration windows (token ids handed over in a
+file), reports its own ppl on the same windows, and modelpress loads the compressed-tensors
+checkpoint it wrote and measures the ppl again. Nothing here asserts a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import modelpress  # noqa: E402
+from modelpress.data import read_text, tokenize, windows  # noqa: E402
+from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
+from modelpress.eval.size import model_size  # noqa: E402
+from modelpress.model.sequential import peak_rss_bytes  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "llmcompressor_run.py"
+
+
+def configs(name: str, bits: int, group: int):
+    return {"rtn": lambda: modelpress.RTNConfig(bits=bits, group_size=group),
+            "gptq": lambda: modelpress.GPTQConfig(bits=bits, group_size=group),
+            "gptq-act": lambda: modelpress.GPTQConfig(bits=bits, group_size=group, act_order=True, static_groups=True),
+            "awq": lambda: modelpress.AWQConfig(bits=bits, group_size=group)}[name]()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", default="4,3")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--methods", default="rtn,gptq,gptq-act,awq")
+    p.add_argument("--calib-windows", type=int, default=128)
+    p.add_argument("--eval-windows", type=int, default=100)
+    p.add_argument("--peer", help="python of llm-compressor's venv; omitted: no peer rows")
+    p.add_argument("--peer-methods", default="gptq,awq")
+    p.add_argument("--peer-bits", default="4,3")
+    p.add_argument("--out", default="benchmarks/results/gptq_awq.json")
+    a = p.parse_args()
+
+    model, tok = modelpress.load()
+    calib = windows(tokenize(tok, read_text(SHARED / "calib.txt")), 512, a.calib_windows)
+    ev = windows(tokenize(tok, read_text(SHARED / "eval.txt")), 512, a.eval_windows)
+    work = Path(tempfile.mkdtemp(prefix="mp-gptq-"))
+    rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(a.out, rows, calib, ev)  # partial results survive an interruption
+
+    base = perplexity_of_windows(model, ev).ppl
+    emit({"method": "fp32", "tool": "modelpress", "ppl": base, "size_bytes": model_size(model).size_bytes})
+    for bits in map(int, a.bits.split(",")):
+        for name in a.methods.split(","):
+            cfg = configs(name, bits, a.group_size)
+            q = copy.deepcopy(model)
+            start = time.perf_counter()
+            modelpress.quantize(q, cfg, list(calib) if cfg.calibrated else None)
+            seconds = time.perf_counter() - start
+            size = model_size(q)
+            ppl = perplexity_of_windows(q, ev).ppl
+            emit({"method": name, "tool": "modelpress", "bits": bits, "group_size": a.group_size,
+                  "config": cfg.to_dict(), "quantize_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
+                  "size_bytes": size.size_bytes, "linear_bits_per_weight": size.linear_bits_per_weight,
+                  "ppl": ppl, "ppl_change_pct": 100 * (ppl / base - 1)})
+            del q
+    if a.peer:
+        fp32_dir = modelpress.save(model, tok, work / "fp32")
+        torch.save(calib.clone(), work / "calib.pt")
+        torch.save(ev.clone(), work / "eval.pt")
+        for bits in map(int, a.peer_bits.split(",")):
+            for method in a.peer_methods.split(","):
+                out = work / f"lc-{method}-{bits}"
+                res = subprocess.run([a.peer, str(PEER_SCRIPT), "--model", str(fp32_dir), "--calib-ids",
+                                      str(work / "calib.pt"), "--eval-ids", str(work / "eval.pt"), "--method", method,
+                                      "--bits", str(bits), "--group-size", str(a.group_size), "--out", str(out)],
+                                     capture_output=True, text=True)
+                lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+                if res.returncode != 0 or not lines:
+                    emit({"method": method, "tool": "llm-compressor", "bits": bits, "error": res.stderr[-2000:]})
+                    continue
+                row = json.loads(lines[-1])
+                loaded, _ = modelpress.load(out)
+                row.update(bits=bits, ppl_change_pct=100 * (row["ppl"] / base - 1),
+                           ppl_loaded_in_modelpress=perplexity_of_windows(loaded, ev).ppl)
+                emit(row)
+                del loaded
+    print(f"wrote {a.out}")
+
+
+def write(path: str, rows: list, calib: torch.Tensor, ev: torch.Tensor) -> None:
+    result = {"benchmark": "gptq and awq", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
+              "calibration": f"../shared/data/calib.txt, {calib.shape[0]} windows of {calib.shape[1]}",
+              "evaluation": f"../shared/data/eval.txt, {ev.shape[0]} windows of {ev.shape[1]}",
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()

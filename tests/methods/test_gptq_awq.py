@@ -1,0 +1,59 @@
+"""GPTQ / AWQ methods on tiny models: configs validate, layers that share an input share one sweep
+with the same result as separate sweeps, and on calibration data both beat round-to-nearest."""
+import copy
+
+import pytest
+import torch
+
+import modelpress
+from modelpress import AWQConfig, GPTQConfig, RTNConfig
+from modelpress.core.gptq import gptq_quantize
+from modelpress.core.hessian import HessianAccumulator
+from modelpress.methods.gptq import quantize_group
+from modelpress.nn import IntxLinear
+from tests.conftest import tiny_llama
+
+
+def test_configs_validate():
+    for bad in (dict(bits=5), dict(group_size=0), dict(damp=1.5)):
+        with pytest.raises(ValueError):
+            GPTQConfig(**bad)
+    with pytest.raises(ValueError):
+        AWQConfig(n_grid=1)
+    with pytest.raises(modelpress.ModelpressError, match="calibration"):
+        modelpress.quantize(tiny_llama(), GPTQConfig(), None)
+
+
+def test_stacked_sweep_equals_separate_sweeps():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(96, 40, bias=False), torch.nn.Linear(96, 24, bias=True)
+    x = torch.randn(500, 96) @ torch.randn(96, 96) * 0.3
+    acc = HessianAccumulator(96)
+    acc.add(x)
+    H = acc.hessian()
+    cfg = GPTQConfig(bits=3, group_size=32, act_order=True)
+    got = quantize_group({"a": a, "b": b}, H, cfg)
+    for name, lin in (("a", a), ("b", b)):
+        ref = gptq_quantize(lin.weight.detach(), H, cfg)
+        w = got[name].dequantize()[:, torch.argsort(got[name].perm)]
+        torch.testing.assert_close(w, ref.weight, rtol=0, atol=1e-6)
+    assert isinstance(got["b"], IntxLinear) and got["b"].bias is not None
+
+
+def _calib_error(model, calib):
+    with torch.no_grad():
+        return model(torch.stack(calib)).logits
+
+
+@pytest.mark.parametrize("config", [GPTQConfig(bits=3, group_size=32), GPTQConfig(bits=3, group_size=32, act_order=True),
+                                    AWQConfig(bits=3, group_size=32, search_samples=8)], ids=["gptq", "gptq-act", "awq"])
+def test_beats_rtn_on_the_calibration_logits(config):
+    model = tiny_llama()
+    calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(16)]
+    ref = _calib_error(model, calib)
+    rtn = modelpress.quantize(copy.deepcopy(model), RTNConfig(bits=3, group_size=32))
+    ours = modelpress.quantize(copy.deepcopy(model), config, calib)
+    err_rtn = (_calib_error(rtn, calib) - ref).pow(2).mean()
+    err = (_calib_error(ours, calib) - ref).pow(2).mean()
+    assert err < 0.85 * err_rtn, (err, err_rtn)  # observed 0.54 (gptq), 0.52 (act order), 0.73 (awq)
+    assert sum(isinstance(m, IntxLinear) for m in ours.modules()) == 14
