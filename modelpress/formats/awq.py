@@ -70,35 +70,22 @@ def layer_from_hf(t: dict[str, torch.Tensor], group_size: int) -> IntxLinear:
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (4-bit grouped IntxLinear layers: AWQ, GPTQ without act order, RTN) as an
     AutoAWQ GEMM folder."""
-    from .checkpoint import check_new, stored_state_dict, write_folder
+    from .checkpoint import check_new, with_layers_as, write_folder
 
     out = check_new(out)
     config = getattr(model, "modelpress_config", None)
-    quant = {f: m for f, m in model.named_modules() if isinstance(m, IntxLinear)}
-    if config is None or not quant:
+    if config is None or not any(isinstance(m, IntxLinear) for m in model.modules()):
         raise ModelpressError("only a model quantized to 4-bit integer groups can be saved in the AWQ layout")
-    state = {k: v for k, v in stored_state_dict(model).items() if not any(k.startswith(f + ".") for f in quant)}
-    for fqn, m in quant.items():
-        state.update({f"{fqn}.{k}": v for k, v in layer_to_hf(m).items()})
-    return write_folder(model, tokenizer, out, state, quantization_config(config))
+    return write_folder(model, tokenizer, out, with_layers_as(model, IntxLinear, layer_to_hf), quantization_config(config))
 
 
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
     from ..methods import AWQConfig
-    from ..model.walker import replace
+    from .checkpoint import layers_from
 
     if int(qc.get("bits", 4)) != 4 or str(qc.get("version", "gemm")).lower() != "gemm":
         raise ModelpressError(f"AWQ {qc.get('version')} at {qc.get('bits')} bits is not supported (GEMM, 4 bits)")
     group = int(qc.get("group_size", 128))
-    layers = {}
-    for p in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
-        tensors = {k[len(p) + 1:]: state.pop(k) for k in list(state) if k.startswith(p + ".")}
-        layers[p] = layer_from_hf(tensors, group)
-        state.update({f"{p}.{k}": v for k, v in layers[p].state_dict().items()})
-
-    def prepare(model: torch.nn.Module) -> None:
-        for p, m in layers.items():
-            replace(model, p, m)
-
+    prepare = layers_from(state, "qweight", lambda t: layer_from_hf(t, group))
     return AWQConfig(bits=4, group_size=group, symmetric=not qc.get("zero_point", True)), state, prepare

@@ -112,6 +112,35 @@ def write_folder(model: torch.nn.Module, tokenizer: Any, out: Path, tensors: dic
     return out
 
 
+def with_layers_as(model: torch.nn.Module, layer_type: type, to_tensors: Any) -> dict[str, torch.Tensor]:
+    """The model's stored tensors, each `layer_type` module's replaced by `to_tensors(module)`
+    ({leaf name: tensor}): how the layouts other tools read are written."""
+    quant = {f: m for f, m in model.named_modules() if isinstance(m, layer_type)}
+    state = {k: v for k, v in stored_state_dict(model).items() if not any(k.startswith(f + ".") for f in quant)}
+    for fqn, m in quant.items():
+        state.update({f"{fqn}.{k}": v for k, v in to_tensors(m).items()})
+    return state
+
+
+def layers_from(state: dict[str, torch.Tensor], marker: str, build: Any) -> Any:
+    """Read a foreign layout: every layer owning a `marker` tensor (e.g. "qweight") becomes
+    `build({leaf: tensor})`; its tensors in `state` are replaced by the module's own. Returns
+    prepare(model) for build_causal_lm, which swaps the built modules in."""
+    from ..model.walker import replace
+
+    layers = {}
+    for p in [k[: -len(marker) - 1] for k in list(state) if k.endswith("." + marker)]:
+        tensors = {k[len(p) + 1:]: state.pop(k) for k in list(state) if k.startswith(p + ".")}
+        layers[p] = build(tensors)
+        state.update({f"{p}.{k}": v for k, v in layers[p].state_dict().items()})
+
+    def prepare(model: torch.nn.Module) -> None:
+        for p, m in layers.items():
+            replace(model, p, m)
+
+    return prepare
+
+
 def check_new(out: str | Path) -> Path:
     """Refuse any existing, non-empty destination (for layouts other tools read: no manifest
     tells that a folder is ours to replace)."""

@@ -71,21 +71,12 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
     """(modelpress config, state dict for IntxLinear layers, prepare(model) that swaps them in)."""
     from ..methods import RTNConfig
-    from ..model.walker import replace
+    from .checkpoint import layers_from
 
     w = _weights_args(qc)
     bits, symmetric = int(w["num_bits"]), bool(w.get("symmetric", True))
     group = int(w["group_size"]) if w.get("strategy") == "group" else None
-    layers = {}
-    for p in [k[: -len(".weight_packed")] for k in state if k.endswith(".weight_packed")]:
-        tensors = {k[len(p) + 1:]: state.pop(k) for k in list(state) if k.startswith(p + ".")}
-        layers[p] = layer_from_ct(tensors, bits, group, symmetric)
-        state.update({f"{p}.{k}": v for k, v in layers[p].state_dict().items()})
+    prepare = layers_from(state, "weight_packed", lambda t: layer_from_ct(t, bits, group, symmetric))
     # the file says how weights are stored, not how they were chosen (GPTQ, AWQ, RTN): record the grid
     config = RTNConfig(bits=bits, group_size=group, symmetric=symmetric) if bits in (2, 3, 4, 8) else None
-
-    def prepare(model: torch.nn.Module) -> None:
-        for p, m in layers.items():
-            replace(model, p, m)
-
     return config, state, prepare

@@ -40,7 +40,7 @@ def quantization_config(config: Any) -> dict[str, Any]:
 
 def layer_to_hf(m: IntxLinear) -> dict[str, torch.Tensor]:
     """qweight, qzeros, scales, g_idx (and bias) of one layer."""
-    b, K, N = m.bits, m.in_features, m.out_features
+    b, K = m.bits, m.in_features
     maxq = 2 ** b - 1
     gs = K if m.group_size is None else m.group_size
     codes = m.codes()                                  # (N, K) in stored column order
@@ -86,42 +86,29 @@ def layer_from_hf(t: dict[str, torch.Tensor], bits: int, group_size: int | None,
 
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (GPTQ- or RTN-quantized IntxLinear layers) as an HF GPTQ folder."""
-    from .checkpoint import check_new, stored_state_dict, write_folder
+    from .checkpoint import check_new, with_layers_as, write_folder
 
     out = check_new(out)
     config = getattr(model, "modelpress_config", None)
-    quant = {f: m for f, m in model.named_modules() if isinstance(m, IntxLinear)}
+    quant = [m for m in model.modules() if isinstance(m, IntxLinear)]
     if config is None or not quant:
         raise ModelpressError("only a GPTQ- or RTN-quantized model can be saved in the GPTQ layout")
-    if len({(m.bits, m.group_size) for m in quant.values()}) != 1:
+    if len({(m.bits, m.group_size) for m in quant}) != 1:
         raise ModelpressError("the GPTQ layout needs one bit width and group size for every layer")
-    state = {k: v for k, v in stored_state_dict(model).items() if not any(k.startswith(f + ".") for f in quant)}
-    for fqn, m in quant.items():
-        state.update({f"{fqn}.{k}": v for k, v in layer_to_hf(m).items()})
-    return write_folder(model, tokenizer, out, state, quantization_config(config))
+    return write_folder(model, tokenizer, out, with_layers_as(model, IntxLinear, layer_to_hf), quantization_config(config))
 
 
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
     """(modelpress config, state dict for IntxLinear layers, prepare(model) that swaps them in)."""
     from ..methods import GPTQConfig
-    from ..model.walker import replace
+    from .checkpoint import layers_from
 
     bits = int(qc.get("bits", 4))
     group = qc.get("group_size", 128)
     group = None if group in (-1, None) else int(group)
     v2 = qc.get("checkpoint_format", "gptq") == "gptq_v2"
-    prefixes = [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]
-    layers = {}
-    for p in prefixes:
-        tensors = {k[len(p) + 1:]: state.pop(k) for k in list(state) if k.startswith(p + ".")}
-        layers[p] = layer_from_hf(tensors, bits, group, v2)
-        state.update({f"{p}.{k}": v for k, v in layers[p].state_dict().items()})
+    prepare = layers_from(state, "qweight", lambda t: layer_from_hf(t, bits, group, v2))
     config = GPTQConfig(bits=bits, group_size=group, symmetric=bool(qc.get("sym", False)),
                         act_order=bool(qc.get("desc_act", False)), static_groups=bool(qc.get("static_groups", False)))
-
-    def prepare(model: torch.nn.Module) -> None:
-        for p, m in layers.items():
-            replace(model, p, m)
-
     return config, state, prepare

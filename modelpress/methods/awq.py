@@ -21,8 +21,8 @@ from ..config import BaseConfig
 from ..core import awq, grids
 from ..errors import ModelpressError
 from ..model.capture import CallCapture, InputStatsCapture
-from ..model.sequential import blocks_of, run_sequential
-from ..model.walker import iter_targets, replace
+from ..model.sequential import block_targets, run_sequential
+from ..model.walker import replace
 from ..nn import IntxLinear
 from ..registry import register
 
@@ -119,15 +119,11 @@ def _fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tens
 
 @register(AWQConfig)
 def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
-    if not calib:
-        raise ModelpressError("AWQ needs calibration text (windows of token ids)")
-    targets = dict(iter_targets(model, config.targets, config.ignore))
-    prefixes = {id(b): f"model.layers.{i}." for i, b in enumerate(blocks_of(model))}
+    targets = block_targets(model, config, calib)
     search_batches = -(-config.search_samples // config.batch_size)
 
     def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
-        prefix = prefixes[id(block)]
-        mods = {f[len(prefix):]: m for f, m in targets.items() if f.startswith(prefix)}
+        mods = targets[id(block)]
         mappings = [(sm, [b for b in bal if b in mods], par) for sm, bal, par in MAPPINGS
                     if _get(block, sm) is not None and _get(block, par) is not None and all(b in mods for b in bal)]
         mappings = [(sm, bal, par) for sm, bal, par in mappings  # v -> o needs v's outputs to be o's inputs
@@ -153,7 +149,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Te
             q.set_codes(*grids.quantize_rtn(w, config.bits, config.group_size, config.symmetric))
             if lin.bias is not None:
                 q.bias = lin.bias.detach().float().clone()
-            replace(model, prefix + name, q)
+            replace(block, name, q)
 
     model.modelpress_calibration = run_sequential(model, calib, compress, config.batch_size, desc="awq")
     return model

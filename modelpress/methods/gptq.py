@@ -12,10 +12,9 @@ import torch
 
 from ..config import BaseConfig
 from ..core.gptq import gptq_quantize
-from ..errors import ModelpressError
 from ..model.capture import HessianCapture
-from ..model.sequential import blocks_of, run_sequential
-from ..model.walker import iter_targets, replace
+from ..model.sequential import block_targets, run_sequential
+from ..model.walker import replace
 from ..nn import IntxLinear
 from ..registry import register
 
@@ -60,7 +59,7 @@ def _to_module(linear: torch.nn.Linear, config: GPTQConfig, r, rows: slice) -> I
                    bias=linear.bias is not None, permuted=r.perm is not None)
     m.set_codes(r.codes[rows], r.scale[rows], None if config.symmetric else r.zero_point[rows])
     if r.perm is not None:
-        m.perm = r.perm
+        m.perm = r.perm.clone()  # one tensor per layer: layers sharing a sweep must not share storage
     if linear.bias is not None:
         m.bias = linear.bias.detach().float().clone()
     return m
@@ -89,29 +88,21 @@ def _last_called(block: torch.nn.Module, mods: dict[str, torch.nn.Module]) -> to
 
 @register(GPTQConfig)
 def quantize_gptq(model: torch.nn.Module, config: GPTQConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
-    if not calib:
-        raise ModelpressError("GPTQ needs calibration text (windows of token ids)")
-    targets = dict(iter_targets(model, config.targets, config.ignore))
-    names = {id(b): f"model.layers.{i}." for i, b in enumerate(blocks_of(model))}
-    outside = [f for f in targets if not any(f.startswith(p) for p in names.values())]
-    if outside:
-        raise ModelpressError(f"GPTQ quantizes the decoder blocks' layers; {outside[0]} lies outside them "
-                              "(leave it out with --ignore-style targets)")
+    targets = block_targets(model, config, calib)
 
     def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
-        prefix = names[id(block)]
-        mods = {f: m for f, m in targets.items() if f.startswith(prefix)}
+        mods = targets[id(block)]
         with HessianCapture(mods) as cap:
             run(stop_at=_last_called(block, mods))  # the last layer's output feeds nothing we measure
         if any(cap.key(f) not in cap.acc for f in mods):  # the guess at the last layer was wrong
             with HessianCapture(mods) as cap:
                 run()
         shared: dict[str, dict[str, torch.nn.Linear]] = {}
-        for fqn, lin in mods.items():
-            shared.setdefault(cap.key(fqn), {})[fqn] = lin
+        for name, lin in mods.items():
+            shared.setdefault(cap.key(name), {})[name] = lin
         for key, linears in shared.items():
-            for fqn, q in quantize_group(linears, cap.hessian(key), config).items():
-                replace(model, fqn, q)
+            for name, q in quantize_group(linears, cap.hessian(key), config).items():
+                replace(block, name, q)
 
     model.modelpress_calibration = run_sequential(model, calib, compress, config.batch_size, desc="gptq")
     return model

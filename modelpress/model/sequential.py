@@ -51,6 +51,25 @@ def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def block_targets(model: torch.nn.Module, config: Any, calib: Any) -> dict[int, dict[str, torch.nn.Module]]:
+    """{id(block): {name inside the block: linear}} for the layers `config` targets, checking that
+    there is calibration text and that every target lies inside a decoder block."""
+    from .walker import iter_targets
+
+    if not calib:
+        raise ModelpressError(f"{config.method} needs calibration text (windows of token ids)")
+    targets = dict(iter_targets(model, config.targets, config.ignore))
+    out: dict[int, dict[str, torch.nn.Module]] = {}
+    for i, block in enumerate(blocks_of(model)):
+        prefix = f"model.layers.{i}."
+        out[id(block)] = {f[len(prefix):]: m for f, m in targets.items() if f.startswith(prefix)}
+    inside = sum(len(v) for v in out.values())
+    if inside != len(targets):
+        outside = next(f for f in targets if not f.startswith("model.layers."))
+        raise ModelpressError(f"{config.method} quantizes the decoder blocks' layers; {outside} lies outside them")
+    return out
+
+
 @torch.no_grad()
 def capture_inputs(model: torch.nn.Module, windows: list[torch.Tensor], batch_size: int) -> BlockInputs:
     """Inputs of block 0 for each batch of calibration windows (equal lengths per batch)."""
