@@ -3,7 +3,7 @@
 Storage (what `state_dict` holds and a checkpoint saves; see core/grids.py and core/packing.py):
     qdata       bits < 8: uint8 (out, ceil(in / 8) * bits), codes bit-packed little-endian per row
                 bits = 8: int8 (out, in) = code - 128, so the int8 kernel reads it as it is
-    scale       fp16 (out, n_groups)
+    scale       fp16 (out, n_groups); fp32 where a file stored fp32 (compressed-tensors), kept exact
     zero_point  uint8 (out, n_groups), asymmetric only (symmetric: 2**(bits-1) implied)
     perm        int64 (in,), only for weights stored in a permuted column order (GPTQ's act
                 order without static groups, whose groups are runs of permuted columns):
