@@ -62,7 +62,7 @@ _CONFIG_OPTIONS = (("--bits", "bits"), ("--group-size", "group_size"), ("--symme
                    ("--compute-dtype", "compute_dtype"), ("--threshold", "threshold"),
                    ("--act-order", "act_order"), ("--static-groups", "static_groups"), ("--damp", "damp"),
                    ("--mse", "mse"))
-_FORMATS = ("modelpress", "gptq", "awq")
+_FORMATS = ("modelpress", "gptq", "awq", "compressed-tensors")
 
 
 def _config_from_args(a: argparse.Namespace) -> Any:
@@ -126,10 +126,11 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     quantize(model, config, calib)
     quant_s = time.perf_counter() - start
-    if a.format in ("gptq", "awq"):
+    if a.format != "modelpress":
         import importlib
 
-        out = importlib.import_module(f".formats.{a.format}", __package__).save(model, tok, a.out)
+        module = importlib.import_module(f".formats.{a.format.replace('-', '_')}", __package__)
+        out = module.save(model, tok, a.out)
     else:
         out = save(model, tok, a.out)
     after = model_size(model)
@@ -264,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
     q.add_argument("--ctx", type=_positive, default=512, help="calibration window length (default: 512)")
     q.add_argument("--format", choices=_FORMATS, default="modelpress",
-                   help="modelpress (default); gptq: the HF GPTQ layout, awq: AutoAWQ's GEMM layout "
-                        "(what transformers, vLLM, GPTQModel and AutoAWQ read)")
+                   help="modelpress (default); gptq: the HF GPTQ layout, awq: AutoAWQ's GEMM layout, "
+                        "compressed-tensors: llm-compressor's pack-quantized (what transformers, vLLM, "
+                        "GPTQModel, AutoAWQ and llm-compressor read)")
     q.add_argument("--out", required=True, help="folder to write")
     q.set_defaults(fn=cmd_quantize)
 

@@ -1,4 +1,4 @@
-"""compressed-tensors "pack-quantized" checkpoints (what llm-compressor writes, vLLM reads), read.
+"""compressed-tensors "pack-quantized" checkpoints (what llm-compressor writes, vLLM reads), both ways.
 
 Per quantized linear layer P (out_features N, in_features K, G groups, b bits), integer weights
 q in [-2^(b-1), 2^(b-1) - 1] stored shifted by +2^(b-1) as unsigned codes:
@@ -16,6 +16,7 @@ dequantized weights equal compressed-tensors' own.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -65,6 +66,58 @@ def layer_from_ct(t: dict[str, torch.Tensor], bits: int, group_size: int | None,
     if "bias" in t:
         m.bias = t["bias"].float()
     return m
+
+
+def quantization_config(layers: list[IntxLinear]) -> dict[str, Any]:
+    """The config block llm-compressor writes for one weight-only integer group."""
+    m = layers[0]
+    weights = {"actorder": None, "block_structure": None, "dynamic": False,
+               "group_size": m.group_size, "num_bits": m.bits, "observer": "minmax", "observer_kwargs": {},
+               "strategy": "channel" if m.group_size is None else "group", "symmetric": m.zero_point is None,
+               "type": "int"}
+    return {"config_groups": {"group_0": {"format": "pack-quantized", "input_activations": None,
+                                          "output_activations": None, "targets": ["Linear"], "weights": weights}},
+            "format": "pack-quantized", "ignore": ["lm_head"], "kv_cache_scheme": None,
+            "quant_method": QUANT_METHOD, "quantization_status": "compressed", "sparsity_config": {}}
+
+
+def _pack_padded(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_int32 of any length, as compressed-tensors packs: padded to 32 codes, then cut to
+    ceil(n * bits / 32) words."""
+    n = codes.shape[-1]
+    return packing.pack_int32(torch.nn.functional.pad(codes, (0, -n % 32)), bits)[..., : -(-n * bits // 32)]
+
+
+def layer_to_ct(m: IntxLinear) -> dict[str, torch.Tensor]:
+    """weight_packed, weight_scale, weight_zero_point, weight_shape (and weight_g_idx) of a layer.
+    Our unsigned codes and zero points are compressed-tensors' signed values + 2^(bits-1): the
+    same bits."""
+    codes, scale = m.codes(), m.scale
+    K = m.in_features
+    if m.perm is not None:
+        raise ModelpressError("compressed-tensors (0.19) no longer has groups in activation order (g_idx); "
+                              "quantize with --static-groups, or save as --format gptq")
+    out = {"weight_shape": torch.tensor([m.out_features, K], dtype=torch.int64)}
+    out["weight_packed"] = _pack_padded(codes, m.bits)
+    out["weight_scale"] = scale.contiguous()
+    if m.zero_point is not None:
+        out["weight_zero_point"] = _pack_padded(m.zero_point.t().contiguous(), m.bits).t().contiguous()
+    if m.bias is not None:
+        out["bias"] = m.bias
+    return out
+
+
+def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
+    """Write `model`'s integer group layers (RTN, GPTQ, AWQ) as a compressed-tensors folder."""
+    from .checkpoint import check_new, with_layers_as, write_folder
+
+    out = check_new(out)
+    layers = [m for m in model.modules() if isinstance(m, IntxLinear)]
+    if not layers:
+        raise ModelpressError("only a model quantized to integer groups can be saved as compressed-tensors")
+    if len({(m.bits, m.group_size, m.zero_point is None) for m in layers}) != 1:
+        raise ModelpressError("compressed-tensors needs one bit width, group size and symmetry for every layer")
+    return write_folder(model, tokenizer, out, with_layers_as(model, IntxLinear, layer_to_ct), quantization_config(layers))
 
 
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]

@@ -1,13 +1,17 @@
 """compressed-tensors pack-quantized: a checkpoint llm-compressor wrote (tests/golden) loads with
-the perplexity llm-compressor's own model gave, and its weights equal an independent unpacking."""
+the perplexity llm-compressor's own model gave, and its weights equal an independent unpacking;
+what modelpress writes unpacks the same way and loads back with the same logits."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import modelpress
+from modelpress import GPTQConfig, RTNConfig
 from modelpress.eval.perplexity import perplexity_of_windows
+from modelpress.formats import compressed_tensors as ct_format
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "llmcompressor_gptq_tiny"
 
@@ -45,3 +49,40 @@ def test_weights_equal_an_independent_unpacking():
         g = torch.arange(K) // 32
         W = (q - zp[:, g]).float() * scale[:, g]
         assert torch.equal(model.get_submodule(name).dequantize(), W)
+
+
+@pytest.mark.parametrize("config", [RTNConfig(bits=4, group_size=32), RTNConfig(bits=3, group_size=32, symmetric=True),
+                                    GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True)],
+                         ids=["rtn4", "rtn3-sym", "gptq-act-static"])
+def test_written_folder_reads_back_and_unpacks_independently(tmp_path, tiny, config):
+    model, tok = tiny
+    calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    modelpress.quantize(model, config, calib if config.calibrated else None)
+    out = ct_format.save(model, tok, tmp_path / "ct")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    w = qc["config_groups"]["group_0"]["weights"]
+    assert qc["format"] == "pack-quantized" and (w["num_bits"], w["group_size"]) == (config.bits, 32)
+    sd = load_file(str(out / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    N, K = sd[f"{name}.weight_shape"].tolist()
+    half = 2 ** (config.bits - 1)
+    q = unpack_rows(sd[f"{name}.weight_packed"], config.bits, K) - half
+    zp = (unpack_rows(sd[f"{name}.weight_zero_point"].t(), config.bits, N).t() - half
+          if f"{name}.weight_zero_point" in sd else torch.zeros(N, K // 32, dtype=torch.int64))
+    g = sd[f"{name}.weight_g_idx"].long() if f"{name}.weight_g_idx" in sd else torch.arange(K) // 32
+    W = (q - zp[:, g]).float() * sd[f"{name}.weight_scale"].float()[:, g]
+    mod = model.get_submodule(name)
+    ours = mod.dequantize() if mod.perm is None else mod.dequantize()[:, torch.argsort(mod.perm)]
+    assert torch.equal(W, ours)
+    loaded, _ = modelpress.load(out)
+    x = torch.randint(0, 261, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_dynamic_act_order_is_refused(tmp_path, tiny):
+    model, tok = tiny
+    calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    modelpress.quantize(model, GPTQConfig(bits=4, group_size=32, act_order=True), calib)
+    with pytest.raises(modelpress.ModelpressError, match="static-groups"):
+        ct_format.save(model, tok, tmp_path / "ct")
