@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from modelpress.data import load_text, read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
 from modelpress.eval.size import model_size  # noqa: E402
@@ -131,16 +131,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             del loaded
         del q, theirs_model
-    result = {"benchmark": "bitsandbytes formats", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
-              "text": text_path or "pydoc_data topics (eval split)", "windows": wins.shape[0], "ctx": 512,
-              "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": platform.processor(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_result(a.out, "bitsandbytes formats", rows, text=text_path or "pydoc_data topics (eval split)", windows=wins.shape[0], ctx=512,
+                       bitsandbytes=bitsandbytes.__version__)
     print(f"wrote {out}")
 
 

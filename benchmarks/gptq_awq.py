@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
 from modelpress.eval.size import model_size  # noqa: E402
@@ -110,16 +110,9 @@ def main() -> None:
 
 
 def write(path: str, rows: list, calib: torch.Tensor, ev: torch.Tensor) -> None:
-    result = {"benchmark": "gptq and awq", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
-              "calibration": f"../shared/data/calib.txt, {calib.shape[0]} windows of {calib.shape[1]}",
-              "evaluation": f"../shared/data/eval.txt, {ev.shape[0]} windows of {ev.shape[1]}",
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_result(path, "gptq and awq", rows,
+                 calibration=f"../shared/data/calib.txt, {calib.shape[0]} windows of {calib.shape[1]}",
+                 evaluation=f"../shared/data/eval.txt, {ev.shape[0]} windows of {ev.shape[1]}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from modelpress.data import load_text, read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows, transformers_perplexity  # noqa: E402
 from modelpress.eval.size import model_size  # noqa: E402
@@ -113,15 +113,7 @@ def main() -> None:
         rows.append(row(f"rtn {name}", q, wins, tok, a.decode_tokens, base["ppl"],
                         config=cfg.to_dict(), quantize_seconds=time.perf_counter() - start))
         del q
-    result = {"benchmark": "rtn", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)",
-              "text": text_path or "pydoc_data topics (eval split)", "windows": wins.shape[0], "ctx": 512,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_result(a.out, "rtn", rows, text=text_path or "pydoc_data topics (eval split)", windows=wins.shape[0], ctx=512)
     print(f"wrote {out}")
 
 
