@@ -1,24 +1,21 @@
 """GPTQ's sweep against a slow, obviously correct reference: the paper's column-by-column OBS
 update with an explicit inverse Hessian, in fp64."""
-import dataclasses
 import warnings
 
 import pytest
 import torch
 
 from modelpress.core import gptq, hessian
+from modelpress.methods.gptq import GPTQConfig
 
 
-@dataclasses.dataclass
-class Cfg:
-    bits: int = 4
-    group_size: int | None = 32
-    symmetric: bool = False
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
-    block_size: int = 128
-    mse: bool = False
+def Cfg(**changes) -> GPTQConfig:
+    """The method's own config, with groups of 32 unless a test says otherwise (the core reads
+    only bits, group_size, symmetric, act_order, static_groups, damp, block_size, mse)."""
+    return GPTQConfig(**{"group_size": 32, **changes})
+
+
+_BASE = Cfg()
 
 
 def layer(rows=24, cols=96, tokens=400, seed=0):
@@ -66,7 +63,7 @@ def slow_gptq(W, H, cfg):
     Cfg(block_size=1, mse=True, bits=2), Cfg(block_size=1, bits=8, group_size=None),
     Cfg(group_size=None), Cfg(group_size=64, block_size=32), Cfg(group_size=None, act_order=True, block_size=16),
     Cfg(static_groups=True, act_order=True), Cfg(static_groups=True, group_size=20),
-], ids=lambda c: "-".join(f"{k}{v}" for k, v in dataclasses.asdict(c).items() if v != getattr(Cfg, k)))
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.to_dict().items() if v != getattr(_BASE, k, v)))
 def test_sweep_equals_column_by_column_reference(cfg):
     """Lazy batches are an exact rewrite where the group parameters do not depend on the batch
     boundary (block_size 1, no groups, groups that are whole blocks, or static groups)."""
