@@ -8,7 +8,11 @@ window of ../shared/data/eval.txt. Each row: method, bits, group size, quantize 
 memory, size, bits per weight, ppl and its change against fp32. With --peer, llm-compressor
 quantizes the same fp32 weights with the same calibration windows (token ids handed over in a
 file), reports its own ppl on the same windows, and modelpress loads the compressed-tensors
-checkpoint it wrote and measures the ppl again. Nothing here asserts a timing.
+checkpoint it wrote and measures the ppl again; each peer row comes right after modelpress' row
+of the same algorithm and bits (llm-compressor's default GPTQ orders columns by activation with
+static groups: modelpress' gptq-act), so that their timings share the machine's state. --peer-only
+--keep adds peer rows to an earlier file (llm-compressor's AWQ takes about an hour here).
+Nothing here asserts a timing.
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ from modelpress.eval.size import model_size  # noqa: E402
 from modelpress.model.sequential import peak_rss_bytes  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# llm-compressor's GPTQModifier orders columns by activation with static groups by default
+# (actorder "static"): the same algorithm as modelpress' act_order + static_groups
+PEER_OF = {"gptq-act": "gptq", "awq": "awq"}
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "llmcompressor_run.py"
 
 
@@ -54,7 +61,8 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=100)
     p.add_argument("--peer", help="python of llm-compressor's venv; omitted: no peer rows")
     p.add_argument("--peer-methods", default="gptq,awq")
-    p.add_argument("--peer-bits", default="4,3")
+    p.add_argument("--peer-only", action="store_true", help="only the peer's rows (with --keep: added to earlier ones)")
+    p.add_argument("--keep", action="store_true", help="keep the rows of --out that this run does not redo")
     p.add_argument("--out", default="benchmarks/results/gptq_awq.json")
     a = p.parse_args()
 
@@ -63,50 +71,63 @@ def main() -> None:
     ev = windows(tokenize(tok, read_text(SHARED / "eval.txt")), 512, a.eval_windows)
     work = Path(tempfile.mkdtemp(prefix="mp-gptq-"))
     rows = []
+    kept = json.loads(Path(a.out).read_text())["rows"] if a.keep and Path(a.out).exists() else []
+
+    def key(row: dict) -> tuple:
+        return row["tool"].split(" ")[0], row["method"], row.get("bits")
 
     def emit(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write(a.out, rows, calib, ev)  # partial results survive an interruption
+        done = {key(r) for r in rows}  # partial results survive an interruption
+        write(a.out, [r for r in kept if key(r) not in done] + rows, calib, ev)
 
     base = perplexity_of_windows(model, ev).ppl
     emit({"method": "fp32", "tool": "modelpress", "ppl": base, "size_bytes": model_size(model).size_bytes})
-    for bits in map(int, a.bits.split(",")):
-        for name in a.methods.split(","):
-            cfg = configs(name, bits, a.group_size)
-            q = copy.deepcopy(model)
-            start = time.perf_counter()
-            modelpress.quantize(q, cfg, list(calib) if cfg.calibrated else None)
-            seconds = time.perf_counter() - start
-            size = model_size(q)
-            ppl = perplexity_of_windows(q, ev).ppl
-            emit({"method": name, "tool": "modelpress", "bits": bits, "group_size": a.group_size,
-                  "config": cfg.to_dict(), "quantize_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
-                  "size_bytes": size.size_bytes, "linear_bits_per_weight": size.linear_bits_per_weight,
-                  "ppl": ppl, "ppl_change_pct": 100 * (ppl / base - 1)})
-            del q
     if a.peer:
         fp32_dir = modelpress.save(model, tok, work / "fp32")
         torch.save(calib.clone(), work / "calib.pt")
         torch.save(ev.clone(), work / "eval.pt")
-        for bits in map(int, a.peer_bits.split(",")):
-            for method in a.peer_methods.split(","):
-                out = work / f"lc-{method}-{bits}"
-                res = subprocess.run([a.peer, str(PEER_SCRIPT), "--model", str(fp32_dir), "--calib-ids",
-                                      str(work / "calib.pt"), "--eval-ids", str(work / "eval.pt"), "--method", method,
-                                      "--bits", str(bits), "--group-size", str(a.group_size), "--out", str(out)],
-                                     capture_output=True, text=True)
-                lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-                if res.returncode != 0 or not lines:
-                    emit({"method": method, "tool": "llm-compressor", "bits": bits, "error": res.stderr[-2000:]})
-                    continue
-                row = json.loads(lines[-1])
-                loaded, _ = modelpress.load(out)
-                row.update(bits=bits, ppl_change_pct=100 * (row["ppl"] / base - 1),
-                           ppl_loaded_in_modelpress=perplexity_of_windows(loaded, ev).ppl)
-                emit(row)
-                del loaded
+    for bits in map(int, a.bits.split(",")):
+        for name in a.methods.split(","):
+            if not a.peer_only:
+                emit(ours(model, name, bits, a.group_size, calib, ev, base))
+            if a.peer and PEER_OF.get(name) in a.peer_methods.split(","):  # right after: timings side by side
+                emit(peer(a.peer, PEER_OF[name], bits, a.group_size, fp32_dir, work, ev, base))
     print(f"wrote {a.out}")
+
+
+def ours(model, name: str, bits: int, group: int, calib: torch.Tensor, ev: torch.Tensor, base: float) -> dict:
+    cfg = configs(name, bits, group)
+    q = copy.deepcopy(model)
+    start = time.perf_counter()
+    modelpress.quantize(q, cfg, list(calib) if cfg.calibrated else None)
+    seconds = time.perf_counter() - start
+    size = model_size(q)
+    ppl = perplexity_of_windows(q, ev).ppl
+    return {"method": name, "tool": "modelpress", "bits": bits, "group_size": group,
+            "config": cfg.to_dict(), "quantize_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
+            "size_bytes": size.size_bytes, "linear_bits_per_weight": size.linear_bits_per_weight,
+            "ppl": ppl, "ppl_change_pct": 100 * (ppl / base - 1)}
+
+
+def peer(python: str, method: str, bits: int, group: int, fp32_dir: Path, work: Path, ev: torch.Tensor,
+         base: float) -> dict:
+    """llm-compressor in its own venv; then its checkpoint loaded in modelpress, ppl again."""
+    out = work / f"lc-{method}-{bits}"
+    res = subprocess.run([python, str(PEER_SCRIPT), "--model", str(fp32_dir), "--calib-ids",
+                          str(work / "calib.pt"), "--eval-ids", str(work / "eval.pt"), "--method", method,
+                          "--bits", str(bits), "--group-size", str(group), "--out", str(out)],
+                         capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        return {"method": method, "tool": "llm-compressor", "bits": bits, "error": res.stderr[-2000:]}
+    row = json.loads(lines[-1])
+    loaded, _ = modelpress.load(out)
+    row.update(bits=bits, ppl_change_pct=100 * (row["ppl"] / base - 1),
+               ppl_loaded_in_modelpress=perplexity_of_windows(loaded, ev).ppl,
+               size_bytes=model_size(loaded).size_bytes)
+    return row
 
 
 def write(path: str, rows: list, calib: torch.Tensor, ev: torch.Tensor) -> None:

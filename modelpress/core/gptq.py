@@ -109,9 +109,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config) -> GPTQResult:  # no
     scale = zero = None
     for i1 in range(0, cols, config.block_size):                                    # step 5
         i2 = min(i1 + config.block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2].t().clone()  # the block transposed: each column a contiguous row
+        C1, Q1 = torch.empty_like(W1), torch.empty_like(W1)  # codes, dequantized
+        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
@@ -120,17 +122,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config) -> GPTQResult:  # no
                 # block's (W1): the reference's order of operations, kept for fidelity
                 scale, zero = qparams(W[:, col:col + gs], bits, config.symmetric, config.mse)
                 scales[:, col // gs], zeros[:, col // gs] = scale, zero
-            w = W1[:, i]
-            d = U1[i, i]
-            q = quant(w, scale, zero, maxq)
-            codes[:, col] = q.to(torch.uint8)
-            wq = dequant(q, scale, zero)
-            Q[:, col] = wq
-            losses += (w - wq) ** 2 / d ** 2
-            err = (w - wq) / d
-            W1[:, i:] -= err[:, None] @ U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            w = W1[i]
+            C1[i] = quant(w, scale, zero, maxq)
+            Q1[i] = dequant(C1[i], scale, zero)
+            err = (w - Q1[i]).div_(d[i])
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)  # the block's remaining columns
+            Err1[i] = err
+        codes[:, i1:i2] = C1.t().to(torch.uint8)
+        Q[:, i1:i2] = Q1.t()
+        losses += Err1.square().sum(0)  # (w - q)^2 / U[i, i]^2 per column
+        W[:, i2:] -= Err1.t() @ U[i1:i2, i2:]
     if static is not None:  # static groups stay in the original order: store codes that way too
         for g, (s, z) in enumerate(static):
             scales[:, g], zeros[:, g] = s, z

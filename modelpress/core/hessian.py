@@ -9,8 +9,14 @@ import warnings
 import torch
 
 
+_TILE = 256  # column tiles of the upper-triangle product
+
+
 class HessianAccumulator:
-    """Running X^T X and row count; `hessian()` gives H = 2 X^T X / n (fp32, in x in)."""
+    """Running X^T X and row count; `hessian()` gives H = 2 X^T X / n (fp32, in x in).
+
+    X^T X is symmetric: only its upper triangle is computed, one strip of `_TILE` rows at a time
+    (tile i times tiles i..end), about 60 % of the full product's work at 1536 columns."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
@@ -19,13 +25,15 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         """x: (..., in_features); every leading position counts as one row."""
         x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.xtx += (x2.t() @ x2).to(torch.float64)  # fp32 GEMM, fp64 running sum
+        for i in range(0, x2.shape[1], _TILE):  # fp32 GEMM, fp64 running sum
+            self.xtx[i:i + _TILE, i:] += (x2[:, i:i + _TILE].t() @ x2[:, i:]).to(torch.float64)
         self.rows += x2.shape[0]
 
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
-        return (2.0 * self.xtx / self.rows).to(torch.float32)
+        full = torch.triu(self.xtx) + torch.triu(self.xtx, 1).t()
+        return (2.0 * full / self.rows).to(torch.float32)
 
 
 def prepare(H: torch.Tensor, W: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,10 @@ import torch
 
 from ..config import BaseConfig
 from ..core.gptq import gptq_quantize
+from ..core.hessian import HessianAccumulator
 from ..model.capture import HessianCapture
 from ..model.sequential import block_targets, run_sequential
+from ..model.stages import ResidualStages
 from ..model.walker import replace
 from ..nn import IntxLinear
 from ..registry import register
@@ -29,7 +31,10 @@ class GPTQConfig(BaseConfig):
     parameters from the unquantized weight, in the original order (keeps groups contiguous with
     act_order). damp: fraction of the mean Hessian diagonal added to it (raised automatically if
     the Hessian is not positive definite). block_size: lazy-batch width. mse: search a clipping
-    range per group. batch_size: calibration windows per forward."""
+    range per group. batch_size: calibration windows per forward. true_sequential: inside a
+    block, each layer's Hessian comes from inputs that the already quantized layers before it
+    produced (q/k/v, then o, then gate/up, then down; AutoGPTQ's default), computed in stages
+    (model/stages.py) where the block has the Llama layout; False: all from the original block."""
 
     method = "gptq"
     calibrated = True
@@ -42,6 +47,7 @@ class GPTQConfig(BaseConfig):
     block_size: int = 128
     mse: bool = False
     batch_size: int = 8
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -90,8 +96,19 @@ def _last_called(block: torch.nn.Module, mods: dict[str, torch.nn.Module]) -> to
 def quantize_gptq(model: torch.nn.Module, config: GPTQConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
     targets = block_targets(model, config, calib)
 
-    def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
+    def compress(i: int, block: torch.nn.Module, run) -> list[torch.Tensor] | None:  # noqa: ANN001
         mods = targets[id(block)]
+        stages = ResidualStages.of(block, run.inputs, mods, check=i == 0) if config.true_sequential else None
+        if stages is not None:
+            for names, xs in stages:  # a stage's layers share their input: one Hessian, one sweep
+                group = {n: mods[n] for n in names if n in mods}
+                if group:
+                    acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
+                    for x in xs:
+                        acc.add(x)
+                    for name, q in quantize_group(group, acc.hessian(), config).items():
+                        replace(block, name, q)
+            return stages.outputs
         with HessianCapture(mods) as cap:
             run(stop_at=_last_called(block, mods))  # the last layer's output feeds nothing we measure
         if any(cap.key(f) not in cap.acc for f in mods):  # the guess at the last layer was wrong
@@ -103,6 +120,7 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQConfig, calib: list[torch.
         for key, linears in shared.items():
             for name, q in quantize_group(linears, cap.hessian(key), config).items():
                 replace(block, name, q)
+        return None
 
     model.modelpress_calibration = run_sequential(model, calib, compress, config.batch_size, desc="gptq")
     return model

@@ -5,7 +5,8 @@
     kept with them);
  2. for each block: `compress(index, block, run)` gathers statistics by calling `run()` (the block
     on every batch, outputs dropped) under its hooks, and replaces the block's layers;
- 3. the compressed block runs once more on every batch; its outputs are the next block's inputs.
+ 3. the compressed block runs once more on every batch; its outputs are the next block's inputs
+    (unless `compress` returns them itself: model/stages.py computes them on the way).
 Only one block's inputs and outputs live at a time, besides the model. Works with any
 transformers decoder whose `model.model.layers` holds the blocks.
 
@@ -129,15 +130,27 @@ def peak_rss_bytes() -> int:
     return kb if sys.platform == "darwin" else kb * 1024
 
 
+class BlockRun:
+    """What `compress` gets: `run(stop_at=None)` runs the block on every batch for the hooks
+    (`stop_at` may name the block's last module, to skip computing its output); `inputs` are the
+    block's inputs, for a method that runs the block its own way."""
+
+    def __init__(self, block: torch.nn.Module, inputs: BlockInputs) -> None:
+        self.block, self.inputs = block, inputs
+
+    def __call__(self, stop_at: torch.nn.Module | None = None) -> None:
+        run_block(self.block, self.inputs, keep=False, stop_at=stop_at)
+
+
 def run_sequential(model: torch.nn.Module, windows: list[torch.Tensor],
-                   compress: Callable[[int, torch.nn.Module, Callable[..., None]], None],
+                   compress: Callable[[int, torch.nn.Module, BlockRun], list[torch.Tensor] | None],
                    batch_size: int = 8, desc: str = "calibrate") -> SequentialStats:
-    """Steps 1-3 of the module docstring; `compress(i, block, run)` does step 2 for block i;
-    `run(stop_at=None)` may name the block's last module to skip computing its output."""
+    """Steps 1-3 of the module docstring; `compress(i, block, run)` does step 2 for block i and
+    may return the compressed block's outputs on every batch (then step 3 is skipped)."""
     start = time.perf_counter()
     blocks = blocks_of(model)
     inputs = capture_inputs(model, windows, batch_size)
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
-        compress(i, block, lambda stop_at=None, b=block, x=inputs: run_block(b, x, keep=False, stop_at=stop_at))
-        inputs = BlockInputs(run_block(block, inputs), inputs.kwargs)
+        outs = compress(i, block, BlockRun(block, inputs))
+        inputs = BlockInputs(run_block(block, inputs) if outs is None else outs, inputs.kwargs)
     return SequentialStats(len(blocks), time.perf_counter() - start, peak_rss_bytes())

@@ -46,7 +46,9 @@ def _calib_error(model, calib):
 
 
 @pytest.mark.parametrize("config", [GPTQConfig(bits=3, group_size=32), GPTQConfig(bits=3, group_size=32, act_order=True),
-                                    AWQConfig(bits=3, group_size=32, search_samples=8)], ids=["gptq", "gptq-act", "awq"])
+                                    GPTQConfig(bits=3, group_size=32, true_sequential=False),
+                                    AWQConfig(bits=3, group_size=32, search_samples=8)],
+                         ids=["gptq", "gptq-act", "gptq-one-pass", "awq"])
 def test_beats_rtn_on_the_calibration_logits(config):
     model = tiny_llama()
     calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(16)]
@@ -55,5 +57,5 @@ def test_beats_rtn_on_the_calibration_logits(config):
     ours = modelpress.quantize(copy.deepcopy(model), config, calib)
     err_rtn = (_calib_error(rtn, calib) - ref).pow(2).mean()
     err = (_calib_error(ours, calib) - ref).pow(2).mean()
-    assert err < 0.85 * err_rtn, (err, err_rtn)  # observed 0.54 (gptq), 0.52 (act order), 0.73 (awq)
+    assert err < 0.85 * err_rtn, (err, err_rtn)  # observed 0.53 (gptq), 0.51 (act order), 0.54 (one pass), 0.73 (awq)
     assert sum(isinstance(m, IntxLinear) for m in ours.modules()) == 14
