@@ -1,0 +1,510 @@
+"""GGUF block formats as pure functions: quantize / dequantize Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
+Q3_K, Q4_K, Q5_K, Q6_K, byte for byte as llama.cpp's reference quantizers in ggml/src/ggml-quants.c
+(`quantize_row_*_ref`, the searches `make_qx_quants`, `make_q3_quants`, `make_qkx2_quants`).
+
+    data = quantize(w, "Q4_K")            # w: (rows, cols) fp32 -> uint8 (rows, cols / 256 * 144)
+    w2 = dequantize(data, "Q4_K", cols)   # -> fp32 (rows, cols)
+
+Vectorized over all blocks of a tensor; loops run only along the elements of one block, in the
+C code's order, with every sum accumulated in fp32 in that order and every product grouped as the
+C expression groups it, so that the searches take the same branches (ggml-base is built without
+FMA contraction; nearest_int = round half to even = torch.round).
+
+Byte layouts (little-endian; "fp16" = IEEE half; n = elements per block):
+  Q4_0  n=32, 18 B: d fp16 | qs[16]: byte j = q[j] | q[j+16] << 4;   x = d * (q - 8)
+  Q4_1  n=32, 20 B: d fp16 | m fp16 | qs[16] (as Q4_0);               x = d * q + m
+  Q5_0  n=32, 22 B: d fp16 | qh u32 (bit k = bit 4 of q[k]) | qs[16] (low nibbles as Q4_0); x = d * (q - 16)
+  Q5_1  n=32, 24 B: d fp16 | m fp16 | qh u32 | qs[16];               x = d * q + m
+  Q8_0  n=32, 34 B: d fp16 | qs int8[32];                             x = d * q
+  Q2_K  n=256, 84 B: scales[16] (low nibble scale, high nibble min, one per 16) | qs[64] | d fp16 | dmin fp16
+        qs: for each half h of 128: byte 32h + l = q[128h+l] | q[+32] << 2 | q[+64] << 4 | q[+96] << 6
+        x = d * sc * q - dmin * m
+  Q3_K  n=256, 110 B: hmask[32] (bit b of byte m: high bit of q[32b + m]) | qs[64] (low 2 bits, as Q2_K)
+        | scales[12] (16 6-bit scales, +32 offset: low nibbles in bytes 0-7, high 2 bits in 8-11) | d fp16
+        x = d * (s - 32) * (q - 4)
+  Q4_K  n=256, 144 B: d fp16 | dmin fp16 | scales[12] (8 6-bit scales and mins, get_scale_min_k4) | qs[128]
+        qs: for each quarter c of 64: byte 32c + l = q[64c+l] | q[64c+l+32] << 4;  x = d * sc * q - dmin * m
+  Q5_K  n=256, 176 B: d fp16 | dmin fp16 | scales[12] | qh[32] (bit 2c / 2c+1 of byte l: bit 4 of q[64c+l] /
+        q[64c+l+32]) | qs[128] (low nibbles, as Q4_K)
+  Q6_K  n=256, 210 B: ql[128] | qh[64] | scales int8[16] | d fp16; for each half h of 128, l < 32:
+        ql[64h+l] = q[128h+l] & 15 | (q[128h+l+64] & 15) << 4, ql[64h+l+32] = q[+32] & 15 | (q[+96] & 15) << 4,
+        qh[32h+l] = q[128h+l] >> 4 | q[+32] >> 4 << 2 | q[+64] >> 4 << 4 | q[+96] >> 4 << 6;  x = d * s * (q - 32)
+Written by hand: no PyPI package quantizes the K types (the `gguf` package quantizes only the
+legacy types and dequantizes all; it is the reference the tests compare against).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+F32 = torch.float32
+BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+         "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+TYPES = tuple(BLOCK)
+_EPS = np.float32(1e-15)  # GROUP_MAX_EPS
+
+
+def _f(v: float) -> float:
+    """A constant rounded to fp32, as a Python float (a tensor op then computes in fp32; a numpy
+    scalar would not stay in torch)."""
+    return float(np.float32(v))
+
+
+def _div(a: float | torch.Tensor, b: float | torch.Tensor) -> torch.Tensor:
+    """a / b in fp32, correctly rounded, one of them a constant (torch computes `scalar / tensor`
+    as scalar * (1 / tensor), which differs from C's division in the last bit)."""
+    t = b if isinstance(b, torch.Tensor) else a
+    a = a if isinstance(a, torch.Tensor) else torch.full_like(t, _f(a))
+    b = b if isinstance(b, torch.Tensor) else torch.full_like(t, _f(b))
+    return a / b
+
+
+def _f3(a: float, b: float, c: float) -> float:
+    """fp32 a + b * c, as C computes `a + b*c` in float."""
+    return float(np.float32(a) + np.float32(b) * np.float32(c))
+
+
+# ---------------------------------------------------------------- bytes <-> numbers
+
+
+def _half(v: torch.Tensor) -> torch.Tensor:
+    """fp32 (n,) -> fp16 bytes (n, 2), rounded to nearest even as GGML_FP32_TO_FP16."""
+    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def _unhalf(b: torch.Tensor) -> torch.Tensor:
+    """fp16 bytes (n, 2) -> fp32 (n,)."""
+    return b.contiguous().view(torch.float16).reshape(-1).to(F32)
+
+
+def _u32(bits: torch.Tensor) -> torch.Tensor:
+    """(n, 32) 0/1 -> (n, 4) little-endian bytes of sum bit_k << k."""
+    w = (bits.to(torch.int64) << torch.arange(32)).sum(1)
+    return torch.stack([(w >> (8 * i)) & 0xFF for i in range(4)], 1).to(torch.uint8)
+
+
+def _bits32(b: torch.Tensor) -> torch.Tensor:
+    """(n, 4) little-endian bytes -> (n, 32) bits."""
+    w = sum(b[:, i].to(torch.int64) << (8 * i) for i in range(4))
+    return (w[:, None] >> torch.arange(32)) & 1
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) -> (n, 16): byte j = q[j] | q[j + 16] << 4 (low nibbles only)."""
+    return ((q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)).to(torch.uint8)
+
+
+def _unnibbles(b: torch.Tensor) -> torch.Tensor:
+    b = b.to(torch.int64)
+    return torch.cat([b & 15, b >> 4], 1)
+
+
+def _crumbs(q: torch.Tensor) -> torch.Tensor:
+    """(n, 256) 2-bit values -> (n, 64) bytes (Q2_K / Q3_K order)."""
+    q = q.to(torch.int64).reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | q[:, :, 1] << 2 | q[:, :, 2] << 4 | q[:, :, 3] << 6).reshape(-1, 64).to(torch.uint8)
+
+
+def _uncrumbs(b: torch.Tensor) -> torch.Tensor:
+    b = b.to(torch.int64).reshape(-1, 2, 1, 32)
+    return ((b >> (2 * torch.arange(4).view(1, 1, 4, 1))) & 3).reshape(-1, 256)
+
+
+# ---------------------------------------------------------------- llama.cpp's searches, vectorized
+
+
+def _round(t: torch.Tensor) -> torch.Tensor:
+    return torch.round(t)  # nearest_int: round half to even
+
+
+def _first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(amax, the signed value there) per row, the first of equal maxima; (0, 0) for a zero row."""
+    ax = x.abs()
+    i = ax.argmax(1, keepdim=True)
+    amax = ax.gather(1, i)[:, 0]
+    return amax, torch.where(amax > 0, x.gather(1, i)[:, 0], torch.zeros_like(amax))
+
+
+def _pos_max(t: torch.Tensor) -> torch.Tensor:
+    """max(0, rows' maxima) with +0.0 where none is positive (the reference starts from 0 and
+    takes only larger values, so -0.0 never wins)."""
+    m = t.amax(1)
+    return torch.where(m > 0, m, torch.zeros_like(m))
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants with rmse_type 1: (scale (B,), L (B, n) in [0, 2 nmax)); weights qw, or x^2."""
+    n = x.shape[1]
+    amax, mx = _first_absmax(x)
+    zero = amax < _EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    w = qw if qw is not None else x * x
+
+    def sums(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lv = _round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+        slx = torch.zeros_like(amax)
+        sl2 = torch.zeros_like(amax)
+        for i in range(n):
+            li = lv[:, i]
+            slx = slx + w[:, i] * x[:, i] * li
+            sl2 = sl2 + w[:, i] * li * li
+        return lv, slx, sl2
+
+    L, sumlx, suml2 = sums(_div(-nmax, mx))
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        lv, slx, sl2 = sums(_div(-_f3(nmax, 0.1, step), mx))
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        L = torch.where(better[:, None], lv, L)
+        scale = torch.where(better, slx / sl2, scale)
+        best = torch.where(better, scale * slx, best)
+    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L) + nmax
+    return torch.where(zero, torch.zeros_like(scale), scale), L
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_q3_quants with do_rmse: (scale, L in [0, 2 nmax)); the 5 tries of coordinate descent."""
+    n = x.shape[1]
+    amax, mx = _first_absmax(x)
+    zero = amax < _EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    L = _round(_div(-nmax, mx)[:, None] * x).clamp(-nmax, nmax - 1)
+    w = x * x
+    sumlx = torch.zeros_like(amax)
+    suml2 = torch.zeros_like(amax)
+    for i in range(n):
+        sumlx = sumlx + w[:, i] * x[:, i] * L[:, i]
+        suml2 = suml2 + w[:, i] * L[:, i] * L[:, i]
+    active = ~zero
+    for _ in range(5):
+        changed = torch.zeros_like(active)
+        for i in range(n):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx = sumlx - wi * xi * li
+            pos = slx > 0
+            sl2 = suml2 - wi * li * li
+            new = _round(xi * sl2 / torch.where(pos, slx, torch.ones_like(slx))).clamp(-nmax, nmax - 1)
+            slx2 = slx + wi * xi * new
+            sl22 = sl2 + wi * new * new
+            take = active & pos & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[:, i] = torch.where(take, new, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+            changed |= take
+        active &= changed
+        if not active.any():
+            break
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L) + nmax
+    return torch.where(zero, torch.zeros_like(scale), scale), L
+
+
+def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants: (scale, the_min = -min (>= 0), L in [0, nmax]) per row of x with weights w."""
+    n = x.shape[1]
+    lo, hi = x[:, 0].clone(), x[:, 0].clone()
+    sum_w = w[:, 0].clone()
+    sum_x = sum_w * x[:, 0]
+    for i in range(1, n):
+        lo = torch.where(x[:, i] < lo, x[:, i], lo)
+        hi = torch.where(x[:, i] > hi, x[:, i], hi)
+        sum_w = sum_w + w[:, i]
+        sum_x = sum_x + w[:, i] * x[:, i]
+    lo = torch.where(lo > 0, torch.zeros_like(lo), lo)
+    flat = hi == lo
+    span = torch.where(flat, torch.ones_like(hi), hi - lo)
+
+    def error(scale: torch.Tensor, mn: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        err = torch.zeros_like(scale)
+        for i in range(n):
+            diff = scale * lv[:, i] + mn - x[:, i]
+            err = err + w[:, i] * (diff.abs() if use_mad else diff * diff)
+        return err
+
+    iscale = _div(nmax, span)
+    scale = _div(1, iscale)
+    L = _round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
+    best = error(scale, lo, L)
+    mn = lo
+    for step in range(nstep + 1):  # the reference reads `min` as the search last left it
+        span = torch.where(flat, torch.ones_like(hi), hi - mn)
+        iscale = _div(float(np.float32(_f3(rmin, rdelta, step)) + np.float32(nmax)), span)
+        la = _round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
+        sum_l = torch.zeros_like(scale)
+        sum_l2 = torch.zeros_like(scale)
+        sum_xl = torch.zeros_like(scale)
+        for i in range(n):
+            wl = w[:, i] * la[:, i]
+            sum_l = sum_l + wl
+            sum_l2 = sum_l2 + wl * la[:, i]
+            sum_xl = sum_xl + wl * x[:, i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, torch.ones_like(D))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        neg = this_min > 0
+        this_scale = torch.where(neg, sum_xl / torch.where(neg, sum_l2, torch.ones_like(sum_l2)), this_scale)
+        this_min = torch.where(neg, torch.zeros_like(this_min), this_min)
+        cur = error(this_scale, this_min, la)
+        better = ok & ~flat & (cur < best)
+        L = torch.where(better[:, None], la, L)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = torch.where(flat[:, None], torch.zeros_like(L), L)
+    return torch.where(flat, torch.zeros_like(scale), scale), -mn, L
+
+
+# ---------------------------------------------------------------- legacy types (32 per block)
+
+
+def _q4_0(x: torch.Tensor) -> torch.Tensor:
+    _, mx = _first_absmax(x)
+    d = _div(mx, -8)
+    inv = torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
+    q = torch.trunc(x * inv[:, None] + _f(8.5)).clamp(max=15).to(torch.int64)
+    return torch.cat([_half(d), _nibbles(q)], 1)
+
+
+def _minmax_blocks(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo, hi = x.amin(1), x.amax(1)
+    d = _div(hi - lo, levels)
+    inv = torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
+    return lo, d, torch.trunc((x - lo[:, None]) * inv[:, None] + _f(0.5))
+
+
+def _q4_1(x: torch.Tensor) -> torch.Tensor:
+    lo, d, q = _minmax_blocks(x, 15)
+    return torch.cat([_half(d), _half(lo), _nibbles(q.clamp(max=15).to(torch.int64))], 1)
+
+
+def _q5_0(x: torch.Tensor) -> torch.Tensor:
+    _, mx = _first_absmax(x)
+    d = _div(mx, -16)
+    inv = torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
+    q = torch.trunc(x * inv[:, None] + _f(16.5)).clamp(max=31).to(torch.int64)
+    return torch.cat([_half(d), _u32(q >> 4), _nibbles(q)], 1)
+
+
+def _q5_1(x: torch.Tensor) -> torch.Tensor:
+    lo, d, q = _minmax_blocks(x, 31)
+    q = q.to(torch.int64) & 0xFF  # (uint8_t) cast, no clamp in the reference
+    return torch.cat([_half(d), _half(lo), _u32((q >> 4) & 1), _nibbles(q)], 1)
+
+
+def _q8_0(x: torch.Tensor) -> torch.Tensor:
+    d = _div(x.abs().amax(1), 127)
+    inv = torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
+    v = x * inv[:, None]
+    q = torch.where((v - torch.trunc(v)).abs() == 0.5, torch.trunc(v) + torch.sign(v), torch.round(v))  # roundf
+    return torch.cat([_half(d), q.to(torch.int8).view(torch.uint8)], 1)
+
+
+# ---------------------------------------------------------------- K types (256 per super-block)
+
+
+def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """8 6-bit scales and mins (B, 8) -> 12 bytes, as quantize_row_q4_K_ref writes them."""
+    sc = torch.zeros(ls.shape[0], 12, dtype=torch.int64)
+    sc[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    sc[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    sc[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return sc.to(torch.uint8)
+
+
+def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """get_scale_min_k4 for j = 0..7: (scales (B, 8), mins (B, 8))."""
+    b = b.to(torch.int64)
+    ls = torch.cat([b[:, 0:4] & 63, (b[:, 8:12] & 0xF) | ((b[:, 0:4] >> 6) << 4)], 1)
+    lm = torch.cat([b[:, 4:8] & 63, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], 1)
+    return ls, lm
+
+
+def _k_minmax(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple:
+    """Q4_K / Q5_K: sub-blocks of 32 by make_qkx2_quants, 6-bit scales and mins, then the final codes."""
+    B = x.shape[0]
+    sub = x.reshape(B * 8, 32)
+    sum_x2 = torch.zeros(B * 8)
+    for i in range(32):
+        sum_x2 = sum_x2 + sub[:, i] * sub[:, i]
+    w = torch.sqrt(_div(sum_x2, 32))[:, None] + sub.abs()
+    scales, mins, L = make_qkx2_quants(sub, w, nmax, rmin, rdelta, nstep, use_mad=False)
+    scales, mins, L = scales.reshape(B, 8), mins.reshape(B, 8), L.reshape(B, 8, 32)
+    max_scale = _pos_max(scales)
+    max_min = _pos_max(mins)
+    inv_scale = torch.where(max_scale > 0, _div(63, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _div(63, torch.where(max_min > 0, max_min, torch.ones_like(max_min))), torch.zeros_like(max_min))
+    ls = (_round(inv_scale[:, None] * scales).to(torch.int64) & 0xFF).clamp(max=63)
+    lm = (_round(inv_min[:, None] * mins).to(torch.int64) & 0xFF).clamp(max=63)
+    dh, mh = _half(_div(max_scale, 63)), _half(_div(max_min, 63))
+    d = _unhalf(dh)[:, None] * ls.to(F32)
+    dm = _unhalf(mh)[:, None] * lm.to(F32)
+    q = _round((x.reshape(B, 8, 32) + dm[..., None]) / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(0, nmax)
+    L = torch.where((d != 0)[..., None], q, L).reshape(B, 256).to(torch.int64)
+    return torch.cat([dh, mh, _pack_scale_min_k4(ls, lm)], 1), L
+
+
+def _q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _k_minmax(x, 15, -1.0, 0.1, 20)
+    L = L.reshape(-1, 4, 2, 32)
+    return torch.cat([head, (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128).to(torch.uint8)], 1)
+
+
+def _q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _k_minmax(x, 31, -0.5, 0.1, 15)
+    L = L.reshape(-1, 4, 2, 32)
+    hi = (L >> 4) << (2 * torch.arange(4).view(1, 4, 1, 1) + torch.arange(2).view(1, 1, 2, 1))
+    qh = hi.sum((1, 2)).to(torch.uint8)
+    ql = ((L[:, :, 0] & 15) | ((L[:, :, 1] & 15) << 4)).reshape(-1, 128).to(torch.uint8)
+    return torch.cat([head, qh, ql], 1)
+
+
+def _q2_k(x: torch.Tensor) -> torch.Tensor:
+    B = x.shape[0]
+    sub = x.reshape(B * 16, 16)
+    scales, mins, L = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins, L = scales.reshape(B, 16), mins.reshape(B, 16), L.reshape(B, 16, 16)
+    max_scale = _pos_max(scales)
+    max_min = _pos_max(mins)
+    has_s, has_m = max_scale > 0, max_min > 0
+    ls = torch.where(has_s[:, None], _round(_div(15, torch.where(has_s, max_scale, torch.ones_like(max_scale)))[:, None] * scales), torch.zeros_like(scales))
+    lm = torch.where(has_m[:, None], _round(_div(15, torch.where(has_m, max_min, torch.ones_like(max_min)))[:, None] * mins), torch.zeros_like(mins))
+    sc = (ls.to(torch.int64) & 0xFF) | ((lm.to(torch.int64) << 4) & 0xFF)
+    dh = _half(torch.where(has_s, _div(max_scale, 15), torch.zeros_like(max_scale)))
+    mh = _half(torch.where(has_m, _div(max_min, 15), torch.zeros_like(max_min)))
+    d = _unhalf(dh)[:, None] * (sc & 0xF).to(F32)
+    dm = _unhalf(mh)[:, None] * (sc >> 4).to(F32)
+    q = _round((x.reshape(B, 16, 16) + dm[..., None]) / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(0, 3)
+    L = torch.where((d != 0)[..., None], q, L).reshape(B, 256)
+    return torch.cat([sc.to(torch.uint8), _crumbs(L), dh, mh], 1)
+
+
+def _q3_k(x: torch.Tensor) -> torch.Tensor:
+    B = x.shape[0]
+    scales, L = make_q3_quants(x.reshape(B * 16, 16), 4)
+    scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16)
+    _, max_scale = _first_absmax(scales)
+    has = max_scale != 0
+    iscale = _div(-32, torch.where(has, max_scale, torch.ones_like(max_scale)))
+    l6 = torch.where(has[:, None], _round(iscale[:, None] * scales).clamp(-32, 31) + 32, torch.zeros_like(scales)).to(torch.int64)
+    sc = torch.zeros(B, 12, dtype=torch.int64)
+    sc[:, :8] = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
+    hi2 = (l6 >> 4).reshape(B, 4, 4)  # [j // 4, j % 4]
+    sc[:, 8:] = (hi2 << (2 * torch.arange(4).view(1, 4, 1))).sum(1)
+    dh = _half(torch.where(has, _div(1, iscale), torch.zeros_like(iscale)))
+    d = _unhalf(dh)[:, None] * torch.where(has[:, None], l6 - 32, torch.zeros_like(l6)).to(F32)
+    q = _round(x.reshape(B, 16, 16) / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(-4, 3) + 4
+    L = torch.where((d != 0)[..., None], q, L).reshape(B, 256).to(torch.int64)
+    hmask = ((L > 3).reshape(B, 8, 32).to(torch.int64) << torch.arange(8).view(1, 8, 1)).sum(1)
+    return torch.cat([hmask.to(torch.uint8), _crumbs(torch.where(L > 3, L - 4, L)), sc.to(torch.uint8), dh], 1)
+
+
+def _q6_k(x: torch.Tensor) -> torch.Tensor:
+    B = x.shape[0]
+    scales, L = make_qx_quants(x.reshape(B * 16, 16), 32)
+    scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16)
+    amax, max_scale = _first_absmax(scales)
+    zero = amax < _EPS
+    iscale = _div(-128, torch.where(zero, torch.ones_like(max_scale), max_scale))
+    dh = _half(_div(1, iscale))
+    s8 = _round(iscale[:, None] * scales).clamp(max=127)
+    d = _unhalf(dh)[:, None] * s8
+    q = _round(x.reshape(B, 16, 16) / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(-32, 31) + 32
+    L = torch.where((d != 0)[..., None], q, L).reshape(B, 2, 4, 32).to(torch.int64)
+    ql = torch.stack([(L[:, :, 0] & 15) | ((L[:, :, 2] & 15) << 4), (L[:, :, 1] & 15) | ((L[:, :, 3] & 15) << 4)], 2)
+    qh = (L >> 4) << (2 * torch.arange(4).view(1, 1, 4, 1))
+    out = torch.cat([ql.reshape(B, 128).to(torch.uint8), qh.sum(2).reshape(B, 64).to(torch.uint8),
+                     s8.to(torch.int8).view(torch.uint8), dh], 1)
+    return torch.where(zero[:, None], torch.zeros_like(out), out)
+
+
+_QUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+          "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+
+
+def _check(kind: str, cols: int) -> tuple[int, int]:
+    if kind not in BLOCK:
+        raise ValueError(f"unknown GGUF block type {kind!r}; known: {', '.join(TYPES)}")
+    n, nbytes = BLOCK[kind]
+    if cols % n:
+        raise ValueError(f"{kind} needs rows whose length is a multiple of {n}; got {cols}")
+    return n, nbytes
+
+
+def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """w (rows, cols) -> uint8 (rows, cols / n * block bytes): llama.cpp's quantize_row_<kind>_ref."""
+    rows, cols = w.shape
+    n, nbytes = _check(kind, cols)
+    blocks = w.detach().to(F32).reshape(-1, n).contiguous()
+    return _QUANT[kind](blocks).reshape(rows, cols // n * nbytes)
+
+
+# ---------------------------------------------------------------- dequantization (ggml's dequantize_row_*)
+
+
+def _dq_legacy(b: torch.Tensor, kind: str) -> torch.Tensor:
+    d = _unhalf(b[:, 0:2])[:, None]
+    if kind == "Q8_0":
+        return d * b[:, 2:].contiguous().view(torch.int8).to(F32)
+    if kind in ("Q4_0", "Q5_0"):
+        q = _unnibbles(b[:, -16:])
+        if kind == "Q5_0":
+            q = q | (_bits32(b[:, 2:6]) << 4)
+        return (q - (8 if kind == "Q4_0" else 16)).to(F32) * d
+    m = _unhalf(b[:, 2:4])[:, None]
+    q = _unnibbles(b[:, -16:])
+    if kind == "Q5_1":
+        q = q | (_bits32(b[:, 4:8]) << 4)
+    return q.to(F32) * d + m
+
+
+def _dq_k(b: torch.Tensor, kind: str) -> torch.Tensor:
+    B = b.shape[0]
+    if kind in ("Q4_K", "Q5_K"):
+        d, dmin = _unhalf(b[:, 0:2]), _unhalf(b[:, 2:4])
+        ls, lm = _unpack_scale_min_k4(b[:, 4:16])
+        ql = b[:, -128:].to(torch.int64).reshape(B, 4, 1, 32)
+        q = (ql >> (4 * torch.arange(2).view(1, 1, 2, 1))) & 15                   # (B, 4, 2, 32)
+        if kind == "Q5_K":
+            qh = b[:, 16:48].to(torch.int64).reshape(B, 1, 1, 32)
+            shift = 2 * torch.arange(4).view(1, 4, 1, 1) + torch.arange(2).view(1, 1, 2, 1)
+            q = q + 16 * ((qh >> shift) & 1)
+        q = q.reshape(B, 8, 32).to(F32)
+        return ((d[:, None] * ls.to(F32))[..., None] * q - (dmin[:, None] * lm.to(F32))[..., None]).reshape(B, 256)
+    if kind == "Q2_K":
+        sc = b[:, :16].to(torch.int64)
+        d, dmin = _unhalf(b[:, 80:82]), _unhalf(b[:, 82:84])
+        q = _uncrumbs(b[:, 16:80]).reshape(B, 16, 16).to(F32)
+        return ((d[:, None] * (sc & 0xF).to(F32))[..., None] * q - (dmin[:, None] * (sc >> 4).to(F32))[..., None]).reshape(B, 256)
+    if kind == "Q3_K":
+        hm = b[:, :32].to(torch.int64)
+        high = (hm[:, None, :] >> torch.arange(8).view(1, 8, 1)) & 1                # (B, 8, 32): element 32k + m
+        q = _uncrumbs(b[:, 32:96]) - 4 * (1 - high.reshape(B, 256))
+        sc = b[:, 96:108].to(torch.int64)
+        low = torch.cat([sc[:, :8] & 0xF, sc[:, :8] >> 4], 1)
+        hi2 = (sc[:, 8:12][:, None, :] >> (2 * torch.arange(4).view(1, 4, 1))) & 3     # [j // 4, j % 4]
+        s = (low | (hi2.reshape(B, 16) << 4)) - 32
+        d = _unhalf(b[:, 108:110])
+        return ((d[:, None] * s.to(F32))[..., None] * q.reshape(B, 16, 16).to(F32)).reshape(B, 256)
+    # Q6_K
+    ql = b[:, :128].to(torch.int64).reshape(B, 2, 2, 32)                          # [half, 0/32, l]
+    qh = b[:, 128:192].to(torch.int64).reshape(B, 2, 1, 32)
+    lo = torch.stack([ql & 15, ql >> 4], 2).reshape(B, 2, 4, 32)                   # quarters 0, 1, 2, 3
+    q = lo | (((qh >> (2 * torch.arange(4).view(1, 1, 4, 1))) & 3) << 4)
+    s = b[:, 192:208].contiguous().view(torch.int8).to(F32)
+    d = _unhalf(b[:, 208:210])
+    return ((d[:, None] * s)[..., None] * (q.reshape(B, 16, 16) - 32).to(F32)).reshape(B, 256)
+
+
+def dequantize(data: torch.Tensor, kind: str, cols: int) -> torch.Tensor:
+    """uint8 (rows, row bytes) -> fp32 (rows, cols): ggml's dequantize_row_<kind>."""
+    n, nbytes = _check(kind, cols)
+    rows = data.shape[0]
+    b = data.reshape(-1, nbytes)
+    out = _dq_legacy(b, kind) if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") else _dq_k(b, kind)
+    return out.reshape(rows, cols)
