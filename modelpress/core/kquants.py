@@ -59,6 +59,12 @@ def _div(a: float | torch.Tensor, b: float | torch.Tensor) -> torch.Tensor:
     return a / b
 
 
+def _sqrt(t: torch.Tensor) -> torch.Tensor:
+    """sqrtf, correctly rounded: torch's vectorized fp32 sqrt is not always (it differs from C's
+    sqrtf in the last bit for some inputs); a double square root rounded to fp32 is exact."""
+    return torch.sqrt(t.double()).to(F32)
+
+
 def _f3(a: float, b: float, c: float) -> float:
     """fp32 a + b * c, as C computes `a + b*c` in float."""
     return float(np.float32(a) + np.float32(b) * np.float32(c))
@@ -165,6 +171,71 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     return torch.where(zero, torch.zeros_like(scale), scale), L
 
 
+def _descend(x: torch.Tensor, w: torch.Tensor, L: torch.Tensor, sumlx: torch.Tensor, suml2: torch.Tensor,
+             active: torch.Tensor, lo: int | None, hi: int, qp: bool) -> tuple:
+    """Up to 5 rounds of coordinate descent on each code, keeping a change when it raises
+    sumlx^2 / suml2 (make_q3_quants; make_qp_quants with qp=True: codes only capped at hi, the
+    move tried only where suml2 without the code is positive)."""
+    for _ in range(5):
+        changed = torch.zeros_like(active)
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0) if qp else slx > 0
+            new = _round(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(lo, hi)
+            slx2 = slx + wi * xi * new
+            sl22 = sl2 + wi * new * new
+            take = active & ok & (new != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            if not qp:
+                take &= sl22 > 0
+            L[:, i] = torch.where(take, new, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+            changed |= take
+        active = active & changed
+        if not active.any():
+            break
+    return L, sumlx, suml2
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qp_quants: (scale, L in [.., nmax]) for non-negative x (the sub-block scales or mins
+    of the K types with an importance matrix), weights qw."""
+    n = x.shape[1]
+    mx = x.amax(1)
+    zero = ~(mx >= _EPS)
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+
+    def mse(iscale: torch.Tensor, cap: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lv = _round(iscale[:, None] * x)
+        lv = lv.clamp(max=nmax) if cap else lv
+        scale = _div(1, iscale)
+        err = torch.zeros_like(mx)
+        for i in range(n):
+            diff = x[:, i] - scale * lv[:, i]
+            err = err + qw[:, i] * diff * diff
+        return lv, err
+
+    iscale = _div(nmax, mx)
+    _, best = mse(iscale, cap=False)
+    for step in range(-4, 5):
+        if step:
+            cand = _div(float(np.float32(0.1) * np.float32(step) + np.float32(nmax)), mx)
+            _, err = mse(cand, cap=True)
+            better = err < best
+            best, iscale = torch.where(better, err, best), torch.where(better, cand, iscale)
+    L = _round(iscale[:, None] * x).clamp(max=nmax)
+    sumlx = torch.zeros_like(mx)
+    suml2 = torch.zeros_like(mx)
+    for i in range(n):
+        sumlx = sumlx + qw[:, i] * x[:, i] * L[:, i]
+        suml2 = suml2 + qw[:, i] * L[:, i] * L[:, i]
+    L, sumlx, suml2 = _descend(x, qw, L, sumlx, suml2, ~zero, None, nmax, qp=True)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], torch.zeros_like(L), L)
+
+
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_q3_quants with do_rmse: (scale, L in [0, 2 nmax)); the 5 tries of coordinate descent."""
     n = x.shape[1]
@@ -178,25 +249,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     for i in range(n):
         sumlx = sumlx + w[:, i] * x[:, i] * L[:, i]
         suml2 = suml2 + w[:, i] * L[:, i] * L[:, i]
-    active = ~zero
-    for _ in range(5):
-        changed = torch.zeros_like(active)
-        for i in range(n):
-            wi, xi, li = w[:, i], x[:, i], L[:, i]
-            slx = sumlx - wi * xi * li
-            pos = slx > 0
-            sl2 = suml2 - wi * li * li
-            new = _round(xi * sl2 / torch.where(pos, slx, torch.ones_like(slx))).clamp(-nmax, nmax - 1)
-            slx2 = slx + wi * xi * new
-            sl22 = sl2 + wi * new * new
-            take = active & pos & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[:, i] = torch.where(take, new, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
-            changed |= take
-        active &= changed
-        if not active.any():
-            break
+    L, sumlx, suml2 = _descend(x, w, L, sumlx, suml2, ~zero, -nmax, nmax - 1, qp=False)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
     L = torch.where(zero[:, None], torch.full_like(L, -nmax), L) + nmax
     return torch.where(zero, torch.zeros_like(scale), scale), L
@@ -263,44 +316,54 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
 # ---------------------------------------------------------------- legacy types (32 per block)
 
 
-def _q4_0(x: torch.Tensor) -> torch.Tensor:
-    _, mx = _first_absmax(x)
-    d = _div(mx, -8)
-    inv = torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
-    q = torch.trunc(x * inv[:, None] + _f(8.5)).clamp(max=15).to(torch.int64)
-    return torch.cat([_half(d), _nibbles(q)], 1)
+def _inv(d: torch.Tensor) -> torch.Tensor:
+    """d ? 1/d : 0"""
+    return torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
 
 
-def _minmax_blocks(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lo, hi = x.amin(1), x.amax(1)
-    d = _div(hi - lo, levels)
-    inv = torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
-    return lo, d, torch.trunc((x - lo[:, None]) * inv[:, None] + _f(0.5))
+def _q4_0(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    if qw is not None:  # quantize_row_q4_0_impl
+        d, q = make_qx_quants(x, 8, qw)
+    else:
+        d = _div(_first_absmax(x)[1], -8)
+        q = torch.trunc(x * _inv(d)[:, None] + _f(8.5)).clamp(max=15)
+    return torch.cat([_half(d), _nibbles(q.to(torch.int64))], 1)
 
 
-def _q4_1(x: torch.Tensor) -> torch.Tensor:
-    lo, d, q = _minmax_blocks(x, 15)
-    return torch.cat([_half(d), _half(lo), _nibbles(q.clamp(max=15).to(torch.int64))], 1)
-
-
-def _q5_0(x: torch.Tensor) -> torch.Tensor:
-    _, mx = _first_absmax(x)
-    d = _div(mx, -16)
-    inv = torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
-    q = torch.trunc(x * inv[:, None] + _f(16.5)).clamp(max=31).to(torch.int64)
+def _q5_0(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    if qw is not None:  # quantize_row_q5_0_impl
+        d, q = make_qx_quants(x, 16, qw)
+    else:
+        d = _div(_first_absmax(x)[1], -16)
+        q = torch.trunc(x * _inv(d)[:, None] + _f(16.5)).clamp(max=31)
+    q = q.to(torch.int64)
     return torch.cat([_half(d), _u32(q >> 4), _nibbles(q)], 1)
 
 
-def _q5_1(x: torch.Tensor) -> torch.Tensor:
-    lo, d, q = _minmax_blocks(x, 31)
-    q = q.to(torch.int64) & 0xFF  # (uint8_t) cast, no clamp in the reference
-    return torch.cat([_half(d), _half(lo), _u32((q >> 4) & 1), _nibbles(q)], 1)
+def _min_offset(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 / Q5_1: (d, m, codes); with weights, make_qkx3_quants' search (the _impl variants)."""
+    if qw is not None:
+        d, neg_min, q = make_qkx2_quants(x, qw, nmax, -0.9, 0.05, 36, use_mad=False)
+        return d, -neg_min, q.to(torch.int64)
+    lo, hi = x.amin(1), x.amax(1)
+    d = _div(hi - lo, nmax)
+    q = torch.trunc((x - lo[:, None]) * _inv(d)[:, None] + _f(0.5)).to(torch.int64)
+    return d, lo, (q.clamp(max=15) if nmax == 15 else q & 0xFF)  # Q5_1: a (uint8_t) cast, no clamp
 
 
-def _q8_0(x: torch.Tensor) -> torch.Tensor:
+def _q4_1(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    d, m, q = _min_offset(x, 15, qw)
+    return torch.cat([_half(d), _half(m), _nibbles(q)], 1)
+
+
+def _q5_1(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    d, m, q = _min_offset(x, 31, qw)
+    return torch.cat([_half(d), _half(m), _u32((q >> 4) & 1), _nibbles(q)], 1)
+
+
+def _q8_0(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:  # no weighted variant
     d = _div(x.abs().amax(1), 127)
-    inv = torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
-    v = x * inv[:, None]
+    v = x * _inv(d)[:, None]
     q = torch.where((v - torch.trunc(v)).abs() == 0.5, torch.trunc(v) + torch.sign(v), torch.round(v))  # roundf
     return torch.cat([_half(d), q.to(torch.int8).view(torch.uint8)], 1)
 
@@ -325,38 +388,68 @@ def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ls, lm
 
 
-def _k_minmax(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple:
-    """Q4_K / Q5_K: sub-blocks of 32 by make_qkx2_quants, 6-bit scales and mins, then the final codes."""
+def _seq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Row sums accumulated left to right in fp32, as the reference's loops."""
+    acc = torch.zeros(t.shape[0], dtype=t.dtype)
+    for i in range(t.shape[1]):
+        acc = acc + t[:, i]
+    return acc
+
+
+def _importance(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The _impl variants' weights qw * sqrt(sigma2 + x^2) per sub-block of `sub`, and their sums."""
+    B = x.shape[0]
+    xs = x.reshape(-1, sub)
+    w = qw.reshape(-1, sub) * _sqrt(sigma2.repeat_interleave(xs.shape[0] // B)[:, None] + xs * xs)
+    return w, _seq_sum(w)
+
+
+def _requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dm: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    """The final codes from the stored (fp16-rounded) sub-block scales d and offsets dm (B, S):
+    nearest((x + dm) / d) (or x / d), clamped, where d != 0; L (from the search) elsewhere."""
+    B, S = d.shape
+    xs = x.reshape(B, S, -1)
+    num = xs + dm[..., None] if dm is not None else xs
+    q = _round(num / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(lo, hi)
+    return torch.where((d != 0)[..., None], q - lo if lo < 0 else q, L.reshape(B, S, -1)).reshape(B, -1).to(torch.int64)
+
+
+def _k_minmax(x: torch.Tensor, qw: torch.Tensor | None, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple:
+    """Q4_K / Q5_K: sub-blocks of 32 searched by make_qkx2_quants (with weights: make_qkx3_quants
+    and the 6-bit scales and mins by make_qp_quants), then the final codes: (head bytes, codes)."""
     B = x.shape[0]
     sub = x.reshape(B * 8, 32)
-    sum_x2 = torch.zeros(B * 8)
-    for i in range(32):
-        sum_x2 = sum_x2 + sub[:, i] * sub[:, i]
-    w = torch.sqrt(_div(sum_x2, 32))[:, None] + sub.abs()
-    scales, mins, L = make_qkx2_quants(sub, w, nmax, rmin, rdelta, nstep, use_mad=False)
-    scales, mins, L = scales.reshape(B, 8), mins.reshape(B, 8), L.reshape(B, 8, 32)
-    max_scale = _pos_max(scales)
-    max_min = _pos_max(mins)
-    inv_scale = torch.where(max_scale > 0, _div(63, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))), torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, _div(63, torch.where(max_min > 0, max_min, torch.ones_like(max_min))), torch.zeros_like(max_min))
-    ls = (_round(inv_scale[:, None] * scales).to(torch.int64) & 0xFF).clamp(max=63)
-    lm = (_round(inv_min[:, None] * mins).to(torch.int64) & 0xFF).clamp(max=63)
-    dh, mh = _half(_div(max_scale, 63)), _half(_div(max_min, 63))
+    if qw is None:
+        w = _sqrt(_div(_seq_sum(sub * sub), 32))[:, None] + sub.abs()
+        scales, mins, L = make_qkx2_quants(sub, w, nmax, rmin, rdelta, nstep, use_mad=False)
+        scales, mins = scales.reshape(B, 8), mins.reshape(B, 8)
+        max_scale, max_min = _pos_max(scales), _pos_max(mins)
+        inv_scale = torch.where(max_scale > 0, _div(63, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))), torch.zeros_like(max_scale))
+        inv_min = torch.where(max_min > 0, _div(63, torch.where(max_min > 0, max_min, torch.ones_like(max_min))), torch.zeros_like(max_min))
+        ls = _round(inv_scale[:, None] * scales)
+        lm = _round(inv_min[:, None] * mins)
+        dh, mh = _half(_div(max_scale, 63)), _half(_div(max_min, 63))
+    else:
+        w, sw = _importance(x, qw, _div(2 * _seq_sum(x * x), 256), 32)
+        scales, mins, L = make_qkx2_quants(sub, w, nmax, -0.9, 0.05, 36, use_mad=False)
+        d_block, ls = make_qp_quants(scales.reshape(B, 8), 63, sw.reshape(B, 8))
+        m_block, lm = make_qp_quants(mins.reshape(B, 8), 63, sw.reshape(B, 8))
+        dh, mh = _half(d_block), _half(m_block)
+    ls = (ls.to(torch.int64) & 0xFF).clamp(max=63)
+    lm = (lm.to(torch.int64) & 0xFF).clamp(max=63)
     d = _unhalf(dh)[:, None] * ls.to(F32)
     dm = _unhalf(mh)[:, None] * lm.to(F32)
-    q = _round((x.reshape(B, 8, 32) + dm[..., None]) / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(0, nmax)
-    L = torch.where((d != 0)[..., None], q, L).reshape(B, 256).to(torch.int64)
-    return torch.cat([dh, mh, _pack_scale_min_k4(ls, lm)], 1), L
+    return torch.cat([dh, mh, _pack_scale_min_k4(ls, lm)], 1), _requantize(x, L, d, dm, 0, nmax)
 
 
-def _q4_k(x: torch.Tensor) -> torch.Tensor:
-    head, L = _k_minmax(x, 15, -1.0, 0.1, 20)
+def _q4_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    head, L = _k_minmax(x, qw, 15, -1.0, 0.1, 20)
     L = L.reshape(-1, 4, 2, 32)
     return torch.cat([head, (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128).to(torch.uint8)], 1)
 
 
-def _q5_k(x: torch.Tensor) -> torch.Tensor:
-    head, L = _k_minmax(x, 31, -0.5, 0.1, 15)
+def _q5_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    head, L = _k_minmax(x, qw, 31, -0.5, 0.1, 15)
     L = L.reshape(-1, 4, 2, 32)
     hi = (L >> 4) << (2 * torch.arange(4).view(1, 4, 1, 1) + torch.arange(2).view(1, 1, 2, 1))
     qh = hi.sum((1, 2)).to(torch.uint8)
@@ -364,58 +457,67 @@ def _q5_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, qh, ql], 1)
 
 
-def _q2_k(x: torch.Tensor) -> torch.Tensor:
+def _q2_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     B = x.shape[0]
     sub = x.reshape(B * 16, 16)
-    scales, mins, L = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
-    scales, mins, L = scales.reshape(B, 16), mins.reshape(B, 16), L.reshape(B, 16, 16)
-    max_scale = _pos_max(scales)
-    max_min = _pos_max(mins)
-    has_s, has_m = max_scale > 0, max_min > 0
-    ls = torch.where(has_s[:, None], _round(_div(15, torch.where(has_s, max_scale, torch.ones_like(max_scale)))[:, None] * scales), torch.zeros_like(scales))
-    lm = torch.where(has_m[:, None], _round(_div(15, torch.where(has_m, max_min, torch.ones_like(max_min)))[:, None] * mins), torch.zeros_like(mins))
+    if qw is None:
+        scales, mins, L = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins = scales.reshape(B, 16), mins.reshape(B, 16)
+        max_scale, max_min = _pos_max(scales), _pos_max(mins)
+        has_s, has_m = max_scale > 0, max_min > 0
+        ls = torch.where(has_s[:, None], _round(_div(15, torch.where(has_s, max_scale, torch.ones_like(max_scale)))[:, None] * scales), torch.zeros_like(scales))
+        lm = torch.where(has_m[:, None], _round(_div(15, torch.where(has_m, max_min, torch.ones_like(max_min)))[:, None] * mins), torch.zeros_like(mins))
+        dh = _half(torch.where(has_s, _div(max_scale, 15), torch.zeros_like(max_scale)))
+        mh = _half(torch.where(has_m, _div(max_min, 15), torch.zeros_like(max_min)))
+    else:  # quantize_row_q2_K_impl
+        w, sw = _importance(x, qw, _div(_seq_sum(x * x), 256), 16)
+        scales, mins, L = make_qkx2_quants(sub, w, 3, -0.9, 0.05, 36, use_mad=False)
+        dm, ls = make_qp_quants(scales.reshape(B, 16), 15, sw.reshape(B, 16))
+        mm, lm = make_qp_quants(mins.reshape(B, 16), 15, sw.reshape(B, 16))
+        dh, mh = _half(dm), _half(mm)
     sc = (ls.to(torch.int64) & 0xFF) | ((lm.to(torch.int64) << 4) & 0xFF)
-    dh = _half(torch.where(has_s, _div(max_scale, 15), torch.zeros_like(max_scale)))
-    mh = _half(torch.where(has_m, _div(max_min, 15), torch.zeros_like(max_min)))
     d = _unhalf(dh)[:, None] * (sc & 0xF).to(F32)
     dm = _unhalf(mh)[:, None] * (sc >> 4).to(F32)
-    q = _round((x.reshape(B, 16, 16) + dm[..., None]) / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(0, 3)
-    L = torch.where((d != 0)[..., None], q, L).reshape(B, 256)
+    L = _requantize(x, L, d, dm, 0, 3)
     return torch.cat([sc.to(torch.uint8), _crumbs(L), dh, mh], 1)
 
 
-def _q3_k(x: torch.Tensor) -> torch.Tensor:
+def _q3_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     B = x.shape[0]
-    scales, L = make_q3_quants(x.reshape(B * 16, 16), 4)
-    scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16)
-    _, max_scale = _first_absmax(scales)
-    has = max_scale != 0
-    iscale = _div(-32, torch.where(has, max_scale, torch.ones_like(max_scale)))
-    l6 = torch.where(has[:, None], _round(iscale[:, None] * scales).clamp(-32, 31) + 32, torch.zeros_like(scales)).to(torch.int64)
+    if qw is None:
+        scales, L = make_q3_quants(x.reshape(B * 16, 16), 4)
+        scales = scales.reshape(B, 16)
+        _, max_scale = _first_absmax(scales)
+        has = max_scale != 0
+        iscale = _div(-32, torch.where(has, max_scale, torch.ones_like(max_scale)))
+        l6 = torch.where(has[:, None], _round(iscale[:, None] * scales).clamp(-32, 31) + 32, torch.zeros_like(scales))
+        dh = _half(torch.where(has, _div(1, iscale), torch.zeros_like(iscale)))
+        s6 = torch.where(has[:, None], l6 - 32, torch.zeros_like(l6))
+    else:  # quantize_row_q3_K_impl
+        w, sw = _importance(x, qw, _div(2 * _seq_sum(x * x), 256), 16)
+        scales, L = make_qx_quants(x.reshape(B * 16, 16), 4, w)
+        d_block, l6 = make_qx_quants(scales.reshape(B, 16), 32, sw.reshape(B, 16))
+        dh = _half(d_block)
+        s6 = l6 - 32
+    l6 = l6.to(torch.int64)
     sc = torch.zeros(B, 12, dtype=torch.int64)
     sc[:, :8] = (l6[:, :8] & 0xF) | ((l6[:, 8:] & 0xF) << 4)
-    hi2 = (l6 >> 4).reshape(B, 4, 4)  # [j // 4, j % 4]
-    sc[:, 8:] = (hi2 << (2 * torch.arange(4).view(1, 4, 1))).sum(1)
-    dh = _half(torch.where(has, _div(1, iscale), torch.zeros_like(iscale)))
-    d = _unhalf(dh)[:, None] * torch.where(has[:, None], l6 - 32, torch.zeros_like(l6)).to(F32)
-    q = _round(x.reshape(B, 16, 16) / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(-4, 3) + 4
-    L = torch.where((d != 0)[..., None], q, L).reshape(B, 256).to(torch.int64)
+    sc[:, 8:] = ((l6 >> 4).reshape(B, 4, 4) << (2 * torch.arange(4).view(1, 4, 1))).sum(1)  # [j // 4, j % 4]
+    L = _requantize(x, L, _unhalf(dh)[:, None] * s6.to(F32), None, -4, 3)
     hmask = ((L > 3).reshape(B, 8, 32).to(torch.int64) << torch.arange(8).view(1, 8, 1)).sum(1)
     return torch.cat([hmask.to(torch.uint8), _crumbs(torch.where(L > 3, L - 4, L)), sc.to(torch.uint8), dh], 1)
 
 
-def _q6_k(x: torch.Tensor) -> torch.Tensor:
+def _q6_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     B = x.shape[0]
-    scales, L = make_qx_quants(x.reshape(B * 16, 16), 32)
-    scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16)
+    scales, L = make_qx_quants(x.reshape(B * 16, 16), 32, None if qw is None else qw.reshape(B * 16, 16))
+    scales = scales.reshape(B, 16)
     amax, max_scale = _first_absmax(scales)
     zero = amax < _EPS
     iscale = _div(-128, torch.where(zero, torch.ones_like(max_scale), max_scale))
     dh = _half(_div(1, iscale))
     s8 = _round(iscale[:, None] * scales).clamp(max=127)
-    d = _unhalf(dh)[:, None] * s8
-    q = _round(x.reshape(B, 16, 16) / torch.where(d != 0, d, torch.ones_like(d))[..., None]).clamp(-32, 31) + 32
-    L = torch.where((d != 0)[..., None], q, L).reshape(B, 2, 4, 32).to(torch.int64)
+    L = _requantize(x, L, _unhalf(dh)[:, None] * s8, None, -32, 31).reshape(B, 2, 4, 32)
     ql = torch.stack([(L[:, :, 0] & 15) | ((L[:, :, 2] & 15) << 4), (L[:, :, 1] & 15) | ((L[:, :, 3] & 15) << 4)], 2)
     qh = (L >> 4) << (2 * torch.arange(4).view(1, 1, 4, 1))
     out = torch.cat([ql.reshape(B, 128).to(torch.uint8), qh.sum(2).reshape(B, 64).to(torch.uint8),
@@ -425,6 +527,7 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
 
 _QUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
           "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
 def _check(kind: str, cols: int) -> tuple[int, int]:
@@ -436,12 +539,23 @@ def _check(kind: str, cols: int) -> tuple[int, int]:
     return n, nbytes
 
 
-def quantize(w: torch.Tensor, kind: str) -> torch.Tensor:
-    """w (rows, cols) -> uint8 (rows, cols / n * block bytes): llama.cpp's quantize_row_<kind>_ref."""
+def quantize(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    """w (rows, cols) -> uint8 (rows, cols / n * block bytes), as llama.cpp's quantize_<kind>:
+    the reference quantizer, or with `imatrix` (cols,) (mean squared activation per input
+    column) the importance-weighted one (quantize_row_<kind>_impl; Q8_0 has none)."""
     rows, cols = w.shape
     n, nbytes = _check(kind, cols)
-    blocks = w.detach().to(F32).reshape(-1, n).contiguous()
-    return _QUANT[kind](blocks).reshape(rows, cols // n * nbytes)
+    x = w.detach().to(F32).contiguous()
+    qw = None
+    if imatrix is not None and kind != "Q8_0":
+        if imatrix.shape != (cols,):
+            raise ValueError(f"the importance matrix of a tensor with {cols} columns has {cols} entries; got {tuple(imatrix.shape)}")
+        qw = imatrix.detach().to(F32).reshape(1, cols).expand(rows, cols).reshape(-1, n)
+        if kind in LEGACY:  # weights qw * sqrt(sigma2 + x^2), sigma2 over the whole row
+            sigma2 = _div(_seq_sum(x * x), cols).repeat_interleave(cols // n)
+            xb = x.reshape(-1, n)
+            qw = qw * _sqrt(sigma2[:, None] + xb * xb)
+    return _QUANT[kind](x.reshape(-1, n), qw).reshape(rows, cols // n * nbytes)
 
 
 # ---------------------------------------------------------------- dequantization (ggml's dequantize_row_*)

@@ -12,7 +12,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from modelpress.core import kquants
-from tests.golden.kquants_input import golden_input
+from tests.golden.kquants_input import golden_imatrix, golden_input
 from tests.llamacpp_ref import MISSING, quantize_ref
 
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
@@ -45,13 +45,15 @@ def test_legacy_types_equal_the_gguf_package(kind):
     assert np.array_equal(got[~signed_zero.numpy()], ref[~signed_zero.numpy()])
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("kind", kquants.TYPES)
-def test_every_type_equals_llama_cpp(kind):
+def test_every_type_equals_llama_cpp(kind, weighted):
     if MISSING:
         pytest.skip(MISSING)
     for seed in range(3):
         w = _awkward(seed=seed)
-        got, want = kquants.quantize(w, kind).numpy(), quantize_ref(w, kind)
+        imatrix = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(seed)) ** 3 * 10 if weighted else None
+        got, want = kquants.quantize(w, kind, imatrix).numpy(), quantize_ref(w, kind, imatrix)
         n_bytes = kquants.BLOCK[kind][1]
         differ = (got != want).reshape(-1, n_bytes).any(1)
         assert not differ.any(), f"{kind}, seed {seed}: {int(differ.sum())} of {differ.size} blocks differ"
@@ -62,6 +64,7 @@ def test_every_type_equals_the_golden_blocks(kind):
     w = golden_input()
     assert list(w.shape) == GOLDEN["shape"]
     assert kquants.quantize(w, kind).numpy().tobytes().hex() == GOLDEN["bytes"][kind]
+    assert kquants.quantize(w, kind, golden_imatrix()).numpy().tobytes().hex() == GOLDEN["imatrix_bytes"][kind]
 
 
 @pytest.mark.parametrize("kind", kquants.TYPES)
@@ -81,5 +84,7 @@ def test_bad_input_says_what_to_do():
         kquants.quantize(torch.zeros(2, 256), "Q4_7")
     with pytest.raises(ValueError, match="multiple of 256"):
         kquants.quantize(torch.zeros(2, 576), "Q4_K")
+    with pytest.raises(ValueError, match="512 entries"):
+        kquants.quantize(torch.zeros(2, 512), "Q4_K", torch.ones(256))
     with pytest.raises(ValueError, match="multiple of 32"):
         kquants.dequantize(torch.zeros(2, 18, dtype=torch.uint8), "Q4_0", 33)

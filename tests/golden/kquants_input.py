@@ -14,3 +14,8 @@ def golden_input() -> torch.Tensor:
     w[3, :32] *= 2.0 ** -20       # tiny values
     w[3, 64:96] *= 64.0           # large values
     return w
+
+
+def golden_imatrix() -> torch.Tensor:
+    """Importance per column (mean squared activations are positive and uneven)."""
+    return (((torch.arange(512) * 37) % 101) + 1).to(torch.float32) / 16
