@@ -37,3 +37,16 @@ def replace(model: torch.nn.Module, fqn: str, new: torch.nn.Module) -> None:
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def dense_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The fp32 (out, in) weight a linear layer computes with, in the input's column order:
+    nn.Linear's own, or a quantized layer's dequantized weight (un-permuted where it stores its
+    columns permuted)."""
+    if not hasattr(module, "dequantize"):
+        return module.weight.detach().float()
+    w = module.dequantize().float()
+    perm = getattr(module, "perm", None)
+    if perm is not None:
+        w = w[:, torch.argsort(perm)]
+    return w

@@ -1,0 +1,157 @@
+"""Write a Llama model as a GGUF file that llama.cpp runs: architecture metadata, the tokenizer
+and chat template (copied from the GGUF the model came from), and every tensor in the type a
+mix picks (formats/gguf_mixes.py), quantized by core/kquants.py.
+
+    write_gguf("out.gguf", model, "Q4_K_M", source_gguf=path, imatrix={gguf name: (cols,)})
+
+Tensor names and the q/k row order follow llama.cpp's convert_hf_to_gguf.py (its rotary
+permutation); the file is written with the `gguf` package to a temporary name, then renamed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..core import kquants
+from ..errors import ModelpressError
+from .gguf_mixes import MIXES, tensor_types
+
+# transformers Llama name -> GGUF name (convert_hf_to_gguf.py's mapping)
+_NAMES = [(re.compile(p + "$"), r) for p, r in (
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"blk.\1.attn_q.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"blk.\1.attn_k.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"blk.\1.attn_v.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"blk.\1.attn_output.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"blk.\1.ffn_gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"blk.\1.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"blk.\1.ffn_down.weight"),
+)]
+# metadata that describes the weights, rewritten here rather than copied
+_OWN_KEYS = ("general.file_type", "general.quantization_version", "general.alignment", "general.architecture")
+
+
+def gguf_name(hf: str) -> str:
+    for pat, rep in _NAMES:
+        if pat.match(hf):
+            return pat.sub(rep, hf)
+    raise ModelpressError(f"{hf} has no GGUF name; GGUF export supports Llama-architecture models")
+
+
+def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf's q/k row order: each head's rotary halves interleaved."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor) in convert_hf_to_gguf's order: embeddings, blocks, output.
+    Quantized layers contribute their dequantized weight (what they compute with)."""
+    from ..model.walker import dense_weight
+
+    cfg = model.config
+    found: dict[str, torch.Tensor] = {}
+    for hf, t in model.state_dict().items():
+        if any(p.match(hf) for p, _ in _NAMES):
+            found[hf] = t
+    for name, mod in model.named_modules():  # quantized linear layers: their effective weight
+        if hasattr(mod, "dequantize") and not list(mod.children()) and f"{name}.weight" not in found:
+            found[f"{name}.weight"] = dense_weight(mod)
+    if getattr(cfg, "tie_word_embeddings", False):
+        found.pop("lm_head.weight", None)
+    out = []
+    for hf, t in found.items():
+        t = t.detach().float()
+        if hf.endswith("q_proj.weight"):
+            t = permute_rope(t, cfg.num_attention_heads)
+        elif hf.endswith("k_proj.weight"):
+            t = permute_rope(t, cfg.num_key_value_heads)
+        out.append((gguf_name(hf), t.contiguous()))
+
+    def order(item: tuple[str, torch.Tensor]) -> tuple:
+        n = item[0]
+        m = re.match(r"blk\.(\d+)\.(.*)", n)
+        sub = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+        if m:
+            return (1, int(m.group(1)), sub.index(m.group(2).split(".")[0]))
+        return ({"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}[n], 0, 0)
+
+    return sorted(out, key=order)
+
+
+def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
+    """(key, value, type, sub type) of the source file's metadata, for copying."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = []
+    for key, f in GGUFReader(str(source_gguf)).fields.items():
+        if key.startswith("GGUF.") or key in _OWN_KEYS:
+            continue
+        vtype = f.types[0]
+        sub = f.types[1] if vtype == GGUFValueType.ARRAY and len(f.types) > 1 else None
+        fields.append((key, f.contents(), vtype, sub))
+    return fields
+
+
+def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: str | Path,
+               imatrix: dict[str, torch.Tensor] | None = None, progress: bool = True) -> dict[str, str]:
+    """Write `model` as GGUF `mix`; returns {tensor name: type}. `source_gguf` gives the tokenizer
+    and descriptive metadata; `imatrix` maps GGUF tensor names to importance vectors."""
+    import gguf
+
+    cfg = model.config
+    tensors = gguf_tensors(model)
+    types = tensor_types([(n, tuple(t.shape)) for n, t in tensors], mix, cfg.num_attention_heads,
+                         cfg.num_key_value_heads, imatrix=bool(imatrix))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    for key, value, vtype, sub in _source_fields(source_gguf):
+        if not key.startswith("llama."):
+            writer.add_key_value(key, value, vtype, sub)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(MIXES[mix][0])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, t in tqdm(tensors, desc=f"gguf {mix}", unit="tensor", disable=not progress, leave=False):
+        kind = types[name]
+        if kind in kquants.BLOCK:
+            imat = None if not imatrix else imatrix.get(name)
+            data = kquants.quantize(t, kind, imat).numpy()
+            writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))  # byte shape
+        elif kind == "F16":
+            writer.add_tensor(name, t.to(torch.float16).numpy())
+        elif kind == "BF16":
+            raw = t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+            writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(name, t.numpy().astype(np.float32))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return types
