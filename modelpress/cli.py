@@ -6,6 +6,7 @@ with code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import sys
 import time
@@ -141,6 +142,30 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- export ------------------------------------------------------------------------------------
+def cmd_export(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .formats.gguf_mixes import MIXES
+    from .formats.gguf_writer import write_gguf
+
+    if a.type not in MIXES:
+        raise ModelpressError(f"unknown GGUF type {a.type!r}; choose one of: {', '.join(MIXES)}")
+    out = Path(a.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ModelpressError(f"--out must be a file path in an existing folder; got {a.out}")
+    model, _, _ = _load(a.model)
+    source = Path(getattr(model, "modelpress_source", ""))
+    if source.suffix.lower() != ".gguf":
+        raise ModelpressError("GGUF export copies the tokenizer from the GGUF file the model came from; "
+                              f"{source} is not one (export from a GGUF file, such as the default model)")
+    start = time.perf_counter()
+    types = write_gguf(out, model, a.type, source)
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
+    _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type}: {counts}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 # -- eval --------------------------------------------------------------------------------------
 def cmd_eval(a: argparse.Namespace) -> int:
     from .data import load_text
@@ -270,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPTQModel, AutoAWQ and llm-compressor read)")
     q.add_argument("--out", required=True, help="folder to write")
     q.set_defaults(fn=cmd_quantize)
+
+    x = sub.add_parser("export", help="write a model as a GGUF file llama.cpp runs")
+    x.add_argument("model", nargs="?", help=model_help)
+    x.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (default)")
+    x.add_argument("--type", default="Q4_K_M",
+                   help="llama.cpp's mix: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, Q5_K_S/M, Q6_K, "
+                        "Q8_0, F16, BF16, F32 (default: Q4_K_M)")
+    x.add_argument("--out", required=True, help="the .gguf file to write")
+    x.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("eval", help="perplexity, size, bits per weight, decode speed")
     e.add_argument("model", nargs="?", help=model_help)

@@ -68,8 +68,13 @@ class _Cursor:
         return v.item()
 
 
+# metadata key -> (GGUF value type, array element type or None), of the keys read last
+VALUE_TYPES: dict[str, tuple[int, int | None]] = {}
+
+
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
-    """(metadata, tensors) of a GGUF file. Raises ModelpressError for a file that is not valid GGUF."""
+    """(metadata, tensors) of a GGUF file. Raises ModelpressError for a file that is not valid GGUF.
+    The value types of the metadata are left in VALUE_TYPES (see metadata_fields)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
@@ -85,7 +90,10 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         meta = {}
         for _ in range(n_kv):
             key = cur.string()
-            meta[key] = cur.value(cur.take("<I"))
+            vtype = cur.take("<I")
+            sub = struct.unpack_from("<I", cur.buf, cur.pos)[0] if vtype == 9 else None
+            meta[key] = cur.value(vtype)
+            VALUE_TYPES[key] = (vtype, sub)
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
@@ -111,6 +119,13 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         data = mm[lo:lo + rows * row_bytes].reshape(rows, row_bytes)
         tensors.append(GGUFTensor(name, tuple(reversed(dims)), gtype, data))
     return meta, tensors
+
+
+def metadata_fields(path: str | Path) -> list[tuple[str, Any, int, int | None]]:
+    """(key, value, value type, array element type) of every metadata entry, for copying them
+    into another file with their exact types."""
+    meta, _ = read_gguf(path)
+    return [(k, v, *VALUE_TYPES[k]) for k, v in meta.items()]
 
 
 def dequantize(t: GGUFTensor) -> np.ndarray:

@@ -91,16 +91,12 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
     """(key, value, type, sub type) of the source file's metadata, for copying."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    fields = []
-    for key, f in GGUFReader(str(source_gguf)).fields.items():
-        if key.startswith("GGUF.") or key in _OWN_KEYS:
-            continue
-        vtype = f.types[0]
-        sub = f.types[1] if vtype == GGUFValueType.ARRAY and len(f.types) > 1 else None
-        fields.append((key, f.contents(), vtype, sub))
-    return fields
+    from .gguf_reader import metadata_fields
+
+    return [(k, v, GGUFValueType(t), None if sub is None else GGUFValueType(sub))
+            for k, v, t, sub in metadata_fields(source_gguf) if k not in _OWN_KEYS]
 
 
 def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: str | Path,
