@@ -102,3 +102,32 @@ def test_bitsandbytes_formats_bit_exact_on_every_linear_weight(default_model):
             assert torch.equal(cb, ref_cb) and torch.equal(scb, ref_scb), name
             checked += 1
     assert checked == 210
+
+
+def test_gguf_q4_k_m_identical_to_llama_cpp(default_model, tmp_path):
+    """modelpress' Q4_K_M of the fp32 weights against llama.cpp's quantizer run on modelpress'
+    F32 export of the same weights: every tensor's type and bytes (272 tensors)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a peer) is not installed")
+    import ctypes
+
+    import numpy as np
+
+    from modelpress.formats.gguf_reader import read_gguf
+    from modelpress.formats.gguf_writer import write_gguf
+
+    model, _ = default_model
+    source = default_model_path()
+    write_gguf(tmp_path / "f32.gguf", model, "F32", source, progress=False)
+    write_gguf(tmp_path / "ours.gguf", model, "Q4_K_M", source, progress=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "theirs.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    _, ours = read_gguf(tmp_path / "ours.gguf")
+    _, theirs = read_gguf(tmp_path / "theirs.gguf")
+    theirs = {t.name: t for t in theirs}
+    assert len(ours) == len(theirs) == 272
+    differ = [t.name for t in ours if t.ggml_type != theirs[t.name].ggml_type
+              or not np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data))]
+    assert differ == []
