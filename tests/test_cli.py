@@ -141,3 +141,22 @@ def test_gptq_layout_refuses_other_methods(tmp_path, capsys, tiny_gguf):
                         "--out", str(tmp_path / "o"))
     _one_line_error(code, err)
     assert "--format gptq" in err
+
+
+def test_export_gguf(tmp_path, capsys, tiny_gguf):
+    import torch
+
+    import modelpress
+
+    out = tmp_path / "tiny-q8.gguf"
+    code, _, err = _run(capsys, "export", str(tiny_gguf), "--type", "Q8_0", "--out", str(out))
+    assert code == 0 and "Q8_0" in err and out.is_file(), err
+    a, _ = modelpress.load(tiny_gguf)
+    b, _ = modelpress.load(out)
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    assert 0 < (la - lb).abs().max() < 0.05  # Q8_0 rounding, nothing more
+    capsys.readouterr()
+    _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--type", "Q9", "--out", str(out))[::2])
+    _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--out", str(tmp_path / "no" / "x.gguf"))[::2])
