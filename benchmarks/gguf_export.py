@@ -1,6 +1,6 @@
 """GGUF export of the default model beside llama.cpp's own quantizer, in one run.
 
-    .venv/bin/python benchmarks/gguf.py --out benchmarks/results/gguf.json [--mixes Q4_0,Q8_0,...]
+    .venv/bin/python benchmarks/gguf_export.py --out benchmarks/results/gguf.json [--mixes Q4_0,Q8_0,...]
 
 The fp32 weights (the Q4_1 default dequantized) go out once as an F32 GGUF. For each mix,
 modelpress exports the model directly (`write_gguf`) and llama.cpp (llama-cpp-python's
