@@ -21,30 +21,16 @@ from tqdm.auto import tqdm
 from ..core import kquants
 from ..errors import ModelpressError
 from .gguf_mixes import MIXES, tensor_types
+from .gguf_names import to_gguf
 
-# transformers Llama name -> GGUF name (convert_hf_to_gguf.py's mapping)
-_NAMES = [(re.compile(p + "$"), r) for p, r in (
-    (r"model\.embed_tokens\.weight", "token_embd.weight"),
-    (r"model\.norm\.weight", "output_norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"blk.\1.attn_q.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"blk.\1.attn_k.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"blk.\1.attn_v.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"blk.\1.attn_output.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"blk.\1.ffn_gate.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"blk.\1.ffn_up.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"blk.\1.ffn_down.weight"),
-)]
 # metadata that describes the weights, rewritten here rather than copied
 _OWN_KEYS = ("general.file_type", "general.quantization_version", "general.alignment", "general.architecture")
 
 
 def gguf_name(hf: str) -> str:
-    for pat, rep in _NAMES:
-        if pat.match(hf):
-            return pat.sub(rep, hf)
+    name = to_gguf(hf)
+    if name is not None:
+        return name
     raise ModelpressError(f"{hf} has no GGUF name; GGUF export supports Llama-architecture models")
 
 
@@ -62,7 +48,7 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     cfg = model.config
     found: dict[str, torch.Tensor] = {}
     for hf, t in model.state_dict().items():
-        if any(p.match(hf) for p, _ in _NAMES):
+        if to_gguf(hf) is not None:
             found[hf] = t
     for name, mod in model.named_modules():  # quantized linear layers: their effective weight
         if hasattr(mod, "dequantize") and not list(mod.children()) and f"{name}.weight" not in found:

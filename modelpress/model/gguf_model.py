@@ -9,34 +9,19 @@ import numpy as np
 import torch
 
 from ..errors import ModelpressError
+from ..formats.gguf_names import to_hf
 from ..formats.gguf_reader import GGUFTensor, dequantize, read_gguf
 from .build import build_causal_lm
 
-# GGUF tensor name -> transformers Llama name (llama.cpp's convert_hf_to_gguf.py mapping, reversed)
-_NAMES = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.attn_q\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
-    (r"blk\.(\d+)\.attn_k\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
-    (r"blk\.(\d+)\.attn_v\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-]
-_NAMES = [(re.compile(p + "$"), r) for p, r in _NAMES]
 _SKIP = re.compile(r"rope_freqs\.weight$|blk\.\d+\.attn_rot_embd")
 
 
 def hf_name(gguf_name: str) -> str | None:
     if _SKIP.match(gguf_name):
         return None
-    for pat, rep in _NAMES:
-        if pat.match(gguf_name):
-            return pat.sub(rep, gguf_name)
+    name = to_hf(gguf_name)
+    if name is not None:
+        return name
     raise ModelpressError(f"GGUF tensor {gguf_name!r} has no place in a Llama model; "
                           "only Llama-architecture GGUF files load")
 
