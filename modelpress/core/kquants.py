@@ -333,22 +333,24 @@ def _inv(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, _div(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
 
 
-def _q4_0(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
-    if qw is not None:  # quantize_row_q4_0_impl
-        d, q = make_qx_quants(x, 8, qw)
+def _zero_offset(x: torch.Tensor, nmax: int, qw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q5_0 (nmax 8 / 16): (d, codes in [0, 2 nmax)); with weights, make_qx_quants (the
+    _impl variants), else d = max / -nmax and codes trunc(x / d + nmax + 0.5)."""
+    if qw is not None:
+        d, q = make_qx_quants(x, nmax, qw)
     else:
-        d = _div(_first_absmax(x)[1], -8)
-        q = torch.trunc(x * _inv(d)[:, None] + _f(8.5)).clamp(max=15)
-    return torch.cat([_half(d), _nibbles(q.to(torch.int64))], 1)
+        d = _div(_first_absmax(x)[1], -nmax)
+        q = torch.trunc(x * _inv(d)[:, None] + _f(nmax + 0.5)).clamp(max=2 * nmax - 1)
+    return d, q.to(torch.int64)
+
+
+def _q4_0(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    d, q = _zero_offset(x, 8, qw)
+    return torch.cat([_half(d), _nibbles(q)], 1)
 
 
 def _q5_0(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
-    if qw is not None:  # quantize_row_q5_0_impl
-        d, q = make_qx_quants(x, 16, qw)
-    else:
-        d = _div(_first_absmax(x)[1], -16)
-        q = torch.trunc(x * _inv(d)[:, None] + _f(16.5)).clamp(max=31)
-    q = q.to(torch.int64)
+    d, q = _zero_offset(x, 16, qw)
     return torch.cat([_half(d), _u32(q >> 4), _nibbles(q)], 1)
 
 
