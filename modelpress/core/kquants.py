@@ -234,7 +234,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
     best = mse(iscale, cap=False)
     for step in range(-4, 5):
         if step:
-            cand = _div(float(np.float32(0.1) * np.float32(step) + np.float32(nmax)), mx)
+            cand = _div(_f3(nmax, 0.1, step), mx)
             err = mse(cand, cap=True)
             better = err < best
             best, iscale = torch.where(better, err, best), torch.where(better, cand, iscale)

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import modelpress
-from modelpress import AWQConfig, GPTQConfig
+from modelpress import AWQConfig
 from modelpress.formats import awq as awq_format
+from tests.conftest import gptq_act_order
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -48,8 +49,7 @@ def test_layout_and_round_trip(tmp_path, tiny):
 
 def test_act_order_is_refused(tmp_path, tiny):
     model, tok = tiny
-    calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    modelpress.quantize(model, GPTQConfig(bits=4, group_size=32, act_order=True), calib)
+    gptq_act_order(model)
     with pytest.raises(modelpress.ModelpressError, match="column order"):
         awq_format.save(model, tok, tmp_path / "awq")
     assert not (tmp_path / "awq").exists()

@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from modelpress.core.kquants import TYPES  # noqa: E402
