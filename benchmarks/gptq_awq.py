@@ -49,6 +49,8 @@ def configs(name: str, bits: int, group: int):
     return {"rtn": lambda: modelpress.RTNConfig(bits=bits, group_size=group),
             "gptq": lambda: modelpress.GPTQConfig(bits=bits, group_size=group),
             "gptq-act": lambda: modelpress.GPTQConfig(bits=bits, group_size=group, act_order=True, static_groups=True),
+            "gptq-act-mse": lambda: modelpress.GPTQConfig(bits=bits, group_size=group, act_order=True,
+                                                          static_groups=True, mse=True),
             "awq": lambda: modelpress.AWQConfig(bits=bits, group_size=group)}[name]()
 
 

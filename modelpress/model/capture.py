@@ -123,3 +123,25 @@ class CallCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class SquareSumCapture(_InputHooks):
+    """Running sum of x^2 per input column and the number of rows (tokens) seen: llama.cpp's
+    importance matrix (tools/imatrix/imatrix.cpp accumulates the same, per weight tensor)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
+        self.sq_sum: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        super().__init__(modules, self._accumulate)
+
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        if key not in self.sq_sum:
+            self.sq_sum[key] = torch.zeros(x2.shape[-1], dtype=torch.float64, device=x.device)
+            self.rows[key] = 0
+        self.sq_sum[key] += x2.square().sum(0)
+        self.rows[key] += x2.shape[0]
+
+    def sums(self, name: str) -> tuple[torch.Tensor, int]:
+        key = self.key(name)
+        return self.sq_sum[key], self.rows[key]
