@@ -143,26 +143,98 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 # -- export ------------------------------------------------------------------------------------
+def _gguf_out(path: str) -> Any:
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ModelpressError(f"--out must be a file path in an existing folder; got {path}")
+    return out
+
+
+def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
+    """The importance matrix of `model` on --calib (or the default text); None without --calib."""
+    from pathlib import Path
+
+    from .data import calibration_windows
+    from .model.imatrix import compute_imatrix
+
+    start = time.perf_counter()
+    wins = calibration_windows(tok, a.calib, a.ctx, a.samples)
+    dataset = Path(a.calib).name if a.calib else "pydoc_data topics (modelpress default text)"
+    im = compute_imatrix(model, wins, dataset=dataset)
+    _err(f"imatrix: {len(im.sums)} tensors from {len(wins)} windows of {a.ctx} tokens "
+         f"in {time.perf_counter() - start:.1f} s")
+    return im
+
+
+_FROM_METHOD_HELP = ("awq: AWQ scales folded into the norms and weights, clipped and rounded on a 4-bit grid "
+                     "with groups of 32 (Q4 blocks); gptq: GPTQ's error-compensated 4-bit weights (groups of 32, "
+                     "act order); then the GGUF mix quantizes those weights")
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .data import load_text
     from .formats.gguf_mixes import MIXES
     from .formats.gguf_writer import write_gguf
+    from .formats.imatrix import load_imatrix
 
     if a.type not in MIXES:
         raise ModelpressError(f"unknown GGUF type {a.type!r}; choose one of: {', '.join(MIXES)}")
-    out = Path(a.out)
-    if out.is_dir() or not out.parent.is_dir():
-        raise ModelpressError(f"--out must be a file path in an existing folder; got {a.out}")
-    model, _, _ = _load(a.model)
+    out = _gguf_out(a.out)
+    if a.imatrix and a.calib:
+        raise ModelpressError("give --imatrix (a file) or --calib (text to compute one from), not both")
+    if a.imatrix and a.from_method == "awq":
+        raise ModelpressError("AWQ rescales the layers' input columns, so an imatrix of the original model no "
+                              "longer fits; give --calib and the imatrix is computed after AWQ")
+    imatrix = load_imatrix(a.imatrix) if a.imatrix else None  # a bad file fails before the model loads
+    if a.calib is not None:
+        load_text(a.calib, "calib")
+    model, tok, _ = _load(a.model)
     source = Path(getattr(model, "modelpress_source", ""))
     if source.suffix.lower() != ".gguf":
         raise ModelpressError("GGUF export copies the tokenizer from the GGUF file the model came from; "
                               f"{source} is not one (export from a GGUF file, such as the default model)")
     start = time.perf_counter()
-    types = write_gguf(out, model, a.type, source)
+    if a.from_method:
+        from .data import calibration_windows
+        from .registry import quantize
+
+        import modelpress
+
+        config = (modelpress.AWQConfig(bits=4, group_size=32) if a.from_method == "awq" else
+                  modelpress.GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
+        quantize(model, config, calibration_windows(tok, a.calib, a.ctx, a.samples))
+        _err(f"{_describe(config)} in {time.perf_counter() - start:.1f} s")
+    if a.calib is not None:
+        imatrix = _imatrix_of(model, tok, a)
+    meta = {}
+    if imatrix is not None:
+        meta = {"quantize.imatrix.file": str(a.imatrix or "(computed by modelpress)"),
+                "quantize.imatrix.entries_count": len(imatrix.sums),
+                "quantize.imatrix.chunks_count": imatrix.chunk_count}
+        if imatrix.datasets:
+            meta["quantize.imatrix.dataset"] = imatrix.datasets[0]
+    types = write_gguf(out, model, a.type, source, imatrix=None if imatrix is None else imatrix.importance(),
+                       extra_metadata=meta)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
-    _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type}: {counts}) in {time.perf_counter() - start:.1f} s")
+    _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type}: {counts}"
+         f"{', with an imatrix' if imatrix is not None else ''}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_imatrix(a: argparse.Namespace) -> int:
+    from .data import load_text
+    from .formats.imatrix import save_imatrix
+
+    out = _gguf_out(a.out)
+    if a.calib is not None:
+        load_text(a.calib, "calib")
+    model, tok, _ = _load(a.model)
+    path = save_imatrix(out, _imatrix_of(model, tok, a))
+    _err(f"wrote {path} ({'GGUF' if path.suffix.lower() == '.gguf' else 'legacy'} imatrix format)")
     return 0
 
 
@@ -302,8 +374,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--type", default="Q4_K_M",
                    help="llama.cpp's mix: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, Q5_K_S/M, Q6_K, "
                         "Q8_0, F16, BF16, F32 (default: Q4_K_M)")
+    x.add_argument("--imatrix", help="llama.cpp importance-matrix file (.gguf or legacy .dat) to weigh the rounding")
+    x.add_argument("--calib", help=".txt or .jsonl text to compute the importance matrix from (and to calibrate "
+                   "--from-method)")
+    x.add_argument("--from-method", choices=("awq", "gptq"), help=_FROM_METHOD_HELP + " (default: neither)")
+    x.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
+    x.add_argument("--ctx", type=_positive, default=512, help="calibration window length (default: 512)")
     x.add_argument("--out", required=True, help="the .gguf file to write")
     x.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("imatrix", help="compute llama.cpp's importance matrix from calibration text")
+    m.add_argument("model", nargs="?", help=model_help)
+    m.add_argument("--calib", help=".txt or .jsonl calibration text (default: Python's pydoc topics)")
+    m.add_argument("--samples", type=_positive, default=128, help="windows of text (default: 128)")
+    m.add_argument("--ctx", type=_positive, default=512, help="window length (default: 512, llama-imatrix's)")
+    m.add_argument("--out", required=True, help="file to write: .gguf (llama.cpp's format), else the legacy .dat")
+    m.set_defaults(fn=cmd_imatrix)
 
     e = sub.add_parser("eval", help="perplexity, size, bits per weight, decode speed")
     e.add_argument("model", nargs="?", help=model_help)

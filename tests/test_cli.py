@@ -160,3 +160,65 @@ def test_export_gguf(tmp_path, capsys, tiny_gguf):
     capsys.readouterr()
     _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--type", "Q9", "--out", str(out))[::2])
     _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--out", str(tmp_path / "no" / "x.gguf"))[::2])
+    _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--imatrix", str(tmp_path / "none.gguf"),
+                          "--out", str(out))[::2])
+    _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--imatrix", "a.gguf", "--calib", "b.txt",
+                          "--out", str(out))[::2])
+
+
+def test_imatrix_then_export_with_it(tmp_path, capsys, tiny_gguf):
+    from modelpress.formats.gguf_reader import read_gguf
+    from modelpress.formats.imatrix import load_imatrix
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the thing in the winter and the summer. " * 200)
+    im_path = tmp_path / "imatrix.gguf"
+    code, _, err = _run(capsys, "imatrix", str(tiny_gguf), "--calib", str(calib), "--ctx", "64",
+                        "--samples", "4", "--out", str(im_path))
+    assert code == 0 and im_path.is_file(), err
+    im = load_imatrix(im_path)
+    assert im.chunk_count == 4 and im.datasets == ["calib.txt"] and set(im.counts.values()) == {256}
+    a, b = tmp_path / "plain.gguf", tmp_path / "imat.gguf"
+    assert _run(capsys, "export", str(tiny_gguf), "--type", "Q4_0", "--out", str(a))[0] == 0
+    code, _, err = _run(capsys, "export", str(tiny_gguf), "--type", "Q4_0", "--imatrix", str(im_path), "--out", str(b))
+    assert code == 0 and "with an imatrix" in err, err
+    meta, tensors = read_gguf(b)
+    assert meta["quantize.imatrix.entries_count"] == len(im.sums) and meta["quantize.imatrix.dataset"] == "calib.txt"
+    _, plain = read_gguf(a)
+    differ = [t.name for t, p in zip(tensors, plain) if t.ggml_type == 2 and bytes(t.data) != bytes(p.data)]
+    assert differ and all(n.startswith("blk.") for n in differ)  # the weighted search moved blocks
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_export_from_a_calibrated_method(tmp_path, capsys, tiny_gguf, method):
+    import torch
+
+    import modelpress
+    from modelpress.model.walker import dense_weight
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the thing in the winter and the summer. " * 200)
+    out = tmp_path / f"{method}.gguf"
+    code, _, err = _run(capsys, "export", str(tiny_gguf), "--type", "Q8_0", "--from-method", method,
+                        "--calib", str(calib), "--ctx", "64", "--samples", "4", "--out", str(out))
+    assert code == 0 and method in err and "with an imatrix" in err, err
+    exported, _ = modelpress.load(out)
+    original, _ = modelpress.load(tiny_gguf)
+    calibrated, _ = modelpress.load(tiny_gguf)
+    config = (modelpress.AWQConfig(bits=4, group_size=32) if method == "awq" else
+              modelpress.GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
+    from modelpress.data import calibration_windows
+
+    modelpress.quantize(calibrated, config, calibration_windows(_tok_of(tiny_gguf), calib, 64, 4))
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"):
+        got = dense_weight(exported.get_submodule(name))
+        want = dense_weight(calibrated.get_submodule(name))
+        # Q8_0 re-rounds the method's 4-bit weights by < half an 8-bit step; the method moved them far more
+        assert (got - want).abs().max() < 0.6 * want.abs().max() / 127
+        assert (got - original.get_submodule(name).weight).abs().max() > 4 * (got - want).abs().max()
+
+
+def _tok_of(path):
+    import modelpress
+
+    return modelpress.load(path)[1]

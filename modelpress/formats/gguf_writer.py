@@ -86,9 +86,11 @@ def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
 
 
 def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: str | Path,
-               imatrix: dict[str, torch.Tensor] | None = None, progress: bool = True) -> dict[str, str]:
+               imatrix: dict[str, torch.Tensor] | None = None, progress: bool = True,
+               extra_metadata: dict[str, str | int] | None = None) -> dict[str, str]:
     """Write `model` as GGUF `mix`; returns {tensor name: type}. `source_gguf` gives the tokenizer
-    and descriptive metadata; `imatrix` maps GGUF tensor names to importance vectors."""
+    and descriptive metadata; `imatrix` maps GGUF tensor names to importance vectors;
+    `extra_metadata` adds string / integer keys (llama-quantize's quantize.imatrix.*)."""
     import gguf
 
     cfg = model.config
@@ -114,6 +116,8 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(MIXES[mix][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in (extra_metadata or {}).items():
+        writer.add_string(key, value) if isinstance(value, str) else writer.add_uint32(key, value)  # as llama-quantize
     for name, t in tqdm(tensors, desc=f"gguf {mix}", unit="tensor", disable=not progress, leave=False):
         kind = types[name]
         if kind in kquants.BLOCK:
