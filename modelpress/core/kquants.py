@@ -576,23 +576,31 @@ def quantize(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None) ->
 # ---------------------------------------------------------------- dequantization (ggml's dequantize_row_*)
 
 
-def _dq_legacy(b: torch.Tensor, kind: str) -> torch.Tensor:
+# Every type decodes to an affine form: groups of GROUP[kind] weights, each w = scale * q + offset
+# with q an unsigned code (< 2^8) and fp32 scale / offset. Each product and sum is exact in fp32
+# (fp16 d times a 6-8 bit scale times a code of at most 6 bits stays within 24 bits), so
+# scale * q + offset equals ggml's dequantize_row_* bit for bit, and a kernel can run on the codes.
+GROUP = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
+         "Q2_K": 16, "Q3_K": 16, "Q4_K": 32, "Q5_K": 32, "Q6_K": 16}
+
+
+def _affine_legacy(b: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     d = _unhalf(b[:, 0:2])[:, None]
-    if kind == "Q8_0":
-        return d * b[:, 2:].contiguous().view(torch.int8).to(F32)
+    if kind == "Q8_0":  # signed codes, stored + 128
+        return (b[:, 2:].contiguous().view(torch.int8).to(torch.int64) + 128), d, -128 * d
     if kind in ("Q4_0", "Q5_0"):
         q = _unnibbles(b[:, -16:])
         if kind == "Q5_0":
             q = q | (_bits32(b[:, 2:6]) << 4)
-        return (q - (8 if kind == "Q4_0" else 16)).to(F32) * d
+        return q, d, -(8 if kind == "Q4_0" else 16) * d
     m = _unhalf(b[:, 2:4])[:, None]
     q = _unnibbles(b[:, -16:])
     if kind == "Q5_1":
         q = q | (_bits32(b[:, 4:8]) << 4)
-    return q.to(F32) * d + m
+    return q, d, m
 
 
-def _dq_k(b: torch.Tensor, kind: str) -> torch.Tensor:
+def _affine_k(b: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B = b.shape[0]
     if kind in ("Q4_K", "Q5_K"):
         d, dmin = _unhalf(b[:, 0:2]), _unhalf(b[:, 2:4])
@@ -603,37 +611,45 @@ def _dq_k(b: torch.Tensor, kind: str) -> torch.Tensor:
             qh = b[:, 16:48].to(torch.int64).reshape(B, 1, 1, 32)
             shift = 2 * torch.arange(4).view(1, 4, 1, 1) + torch.arange(2).view(1, 1, 2, 1)
             q = q + 16 * ((qh >> shift) & 1)
-        q = q.reshape(B, 8, 32).to(F32)
-        return ((d[:, None] * ls.to(F32))[..., None] * q - (dmin[:, None] * lm.to(F32))[..., None]).reshape(B, 256)
+        return q.reshape(B, 256), d[:, None] * ls.to(F32), -(dmin[:, None] * lm.to(F32))
     if kind == "Q2_K":
         sc = b[:, :16].to(torch.int64)
         d, dmin = _unhalf(b[:, 80:82]), _unhalf(b[:, 82:84])
-        q = _uncrumbs(b[:, 16:80]).reshape(B, 16, 16).to(F32)
-        return ((d[:, None] * (sc & 0xF).to(F32))[..., None] * q - (dmin[:, None] * (sc >> 4).to(F32))[..., None]).reshape(B, 256)
-    if kind == "Q3_K":
+        q = _uncrumbs(b[:, 16:80])
+        return q, d[:, None] * (sc & 0xF).to(F32), -(dmin[:, None] * (sc >> 4).to(F32))
+    if kind == "Q3_K":  # codes -4..3, stored + 4
         hm = b[:, :32].to(torch.int64)
         high = (hm[:, None, :] >> torch.arange(8).view(1, 8, 1)) & 1                # (B, 8, 32): element 32k + m
-        q = _uncrumbs(b[:, 32:96]) - 4 * (1 - high.reshape(B, 256))
+        q = _uncrumbs(b[:, 32:96]) + 4 * high.reshape(B, 256)
         sc = b[:, 96:108].to(torch.int64)
         low = torch.cat([sc[:, :8] & 0xF, sc[:, :8] >> 4], 1)
         hi2 = (sc[:, 8:12][:, None, :] >> (2 * torch.arange(4).view(1, 4, 1))) & 3     # [j // 4, j % 4]
-        s = (low | (hi2.reshape(B, 16) << 4)) - 32
-        d = _unhalf(b[:, 108:110])
-        return ((d[:, None] * s.to(F32))[..., None] * q.reshape(B, 16, 16).to(F32)).reshape(B, 256)
-    # Q6_K
+        scale = _unhalf(b[:, 108:110])[:, None] * ((low | (hi2.reshape(B, 16) << 4)) - 32).to(F32)
+        return q, scale, -4 * scale
+    # Q6_K: codes -32..31, stored + 32
     ql = b[:, :128].to(torch.int64).reshape(B, 2, 2, 32)                          # [half, 0/32, l]
     qh = b[:, 128:192].to(torch.int64).reshape(B, 2, 1, 32)
     lo = torch.stack([ql & 15, ql >> 4], 2).reshape(B, 2, 4, 32)                   # quarters 0, 1, 2, 3
     q = lo | (((qh >> (2 * torch.arange(4).view(1, 1, 4, 1))) & 3) << 4)
-    s = b[:, 192:208].contiguous().view(torch.int8).to(F32)
-    d = _unhalf(b[:, 208:210])
-    return ((d[:, None] * s)[..., None] * (q.reshape(B, 16, 16) - 32).to(F32)).reshape(B, 256)
+    scale = _unhalf(b[:, 208:210])[:, None] * b[:, 192:208].contiguous().view(torch.int8).to(F32)
+    return q.reshape(B, 256), scale, -32 * scale
+
+
+def affine(data: torch.Tensor, kind: str, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 (rows, row bytes) -> (codes uint8 (rows, cols), scale fp32 (rows, cols / g), offset
+    fp32 (rows, cols / g)) with g = GROUP[kind]: weight = scale * code + offset, exactly."""
+    n, nbytes = _check(kind, cols)
+    rows, g = data.shape[0], GROUP[kind]
+    b = data.reshape(-1, nbytes)
+    q, scale, offset = (_affine_legacy if kind in LEGACY else _affine_k)(b, kind)
+    return (q.to(torch.uint8).reshape(rows, cols), scale.reshape(rows, cols // g).contiguous(),
+            offset.reshape(rows, cols // g).contiguous())
 
 
 def dequantize(data: torch.Tensor, kind: str, cols: int) -> torch.Tensor:
     """uint8 (rows, row bytes) -> fp32 (rows, cols): ggml's dequantize_row_<kind>."""
-    n, nbytes = _check(kind, cols)
-    rows = data.shape[0]
-    b = data.reshape(-1, nbytes)
-    out = _dq_legacy(b, kind) if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0") else _dq_k(b, kind)
-    return out.reshape(rows, cols)
+    q, scale, offset = affine(data, kind, cols)
+    g = GROUP[kind]
+    rows = q.shape[0]
+    w = q.reshape(rows, cols // g, g).to(F32) * scale[..., None] + offset[..., None]
+    return w.reshape(rows, cols)

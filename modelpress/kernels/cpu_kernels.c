@@ -253,3 +253,52 @@ void mp_f32_gemv(const float *x, int64_t m, int64_t k, const float *w, int64_t n
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Affine codes (every GGUF block type, decoded once by core/kquants.affine), fp32 activations.
+ *   x      fp32 (m, k), m <= MP_MAX_ROWS
+ *   q      uint8 (n, k): one code per weight
+ *   scale, offset  fp32 (n, k / g): weight = scale * q + offset in each group of g columns
+ *   y      fp32 (m, n) = x @ W^T = sum over groups of scale * (x . q) + offset * sum(x)
+ * Requires g % 16 == 0 and k % g == 0 (GGUF rows are whole blocks).
+ */
+void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, const float *scale,
+                    const float *offset, int64_t n, int64_t g, float *y) {
+    const int64_t ng = k / g;
+    float *xsum = malloc(sizeof(float) * (size_t)(m * ng));
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t t = 0; t < ng; t++) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < g; j++) s += x[r * k + t * g + j];
+            xsum[r * ng + t] = s;
+        }
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++) {
+        const uint8_t *qo = q + o * k;
+        float acc[MP_MAX_ROWS] = {0};
+        for (int64_t t = 0; t < ng; t++) {
+            const uint8_t *qg = qo + t * g;
+            const float so = scale[o * ng + t], oo = offset[o * ng + t];
+            for (int64_t r = 0; r < m; r++) {
+                const float *xg = x + r * k + t * g;
+                float dot = 0.0f;
+                int64_t j = 0;
+#ifdef MP_AVX2
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                for (; j + 16 <= g; j += 16) {
+                    __m128i b = _mm_loadu_si128((const __m128i *)(qg + j));
+                    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+                    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + j), a0);
+                    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + j + 8), a1);
+                }
+                dot = hsum8(_mm256_add_ps(a0, a1));
+#endif
+                for (; j < g; j++) dot += (float)qg[j] * xg[j];
+                acc[r] += so * dot + oo * xsum[r * ng + t];
+            }
+        }
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = acc[r];
+    }
+    free(xsum);
+}

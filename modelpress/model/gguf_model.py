@@ -61,33 +61,61 @@ def llama_config(meta: dict[str, Any], tied: bool):  # noqa: ANN201
     )
 
 
-def _state_dict(tensors: list[GGUFTensor], config) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _block_type(t: GGUFTensor, name: str) -> str | None:
+    """The kquants type of a linear layer's tensor that can stay in blocks, else None."""
+    from gguf import GGMLQuantizationType
+
+    from ..core.kquants import BLOCK
+
+    kind = GGMLQuantizationType(t.ggml_type).name
+    linear = name.endswith("_proj.weight") or name == "lm_head.weight"
+    return kind if linear and kind in BLOCK else None
+
+
+def _state_dict(tensors: list[GGUFTensor], config, keep_blocks: bool = False  # noqa: ANN001
+                ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, int]]]:
+    """(state dict, {module name: (GGUF type, in_features)} of the layers kept in blocks)."""
     from tqdm.auto import tqdm
 
-    sd = {}
-    for t in tqdm(tensors, desc="dequantize", unit="tensor", leave=False, mininterval=1.0):
+    sd, kept = {}, {}
+    for t in tqdm(tensors, desc="load" if keep_blocks else "dequantize", unit="tensor", leave=False, mininterval=1.0):
         name = hf_name(t.name)
         if name is None:
             continue
-        w = dequantize(t)
+        kind = _block_type(t, name) if keep_blocks else None
+        # a kept tensor's raw rows (blocks never cross a row) take the same row order as its values
+        w = np.asarray(t.data) if kind is not None else dequantize(t)
         if name.endswith("q_proj.weight"):
             w = unpermute_rope(w, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             w = unpermute_rope(w, config.num_key_value_heads)
+        if kind is not None:
+            kept[name[: -len(".weight")]] = (kind, t.shape[-1])
+            name = name[: -len(".weight")] + ".qdata"
         if not w.flags.writeable or not w.flags.c_contiguous:  # an F32 tensor is a view of the map
             w = np.array(w, copy=True, order="C")
         sd[name] = torch.from_numpy(w)
-    return sd
+    return sd, kept
 
 
-def load_gguf(path: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer) from a Llama GGUF file, weights dequantized to fp32."""
+def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) from a Llama GGUF file, weights dequantized to fp32; with keep_blocks,
+    the linear layers of a block type stay in their blocks (nn/gguf_linear.GGUFLinear) and only
+    embeddings, norms and F16/F32 tensors become fp32."""
+    from ..model.walker import replace
+    from ..nn.gguf_linear import GGUFLinear
     from .gguf_tokenizer import tokenizer_from_gguf
 
     path = Path(path)
     meta, tensors = read_gguf(path)
     tied = not any(t.name == "output.weight" for t in tensors)
     config = llama_config(meta, tied)
-    model = build_causal_lm(config, _state_dict(tensors, config))
+    sd, kept = _state_dict(tensors, config, keep_blocks)
+
+    def prepare(model: torch.nn.Module) -> None:
+        for module, (kind, cols) in kept.items():
+            replace(model, module, GGUFLinear.from_blocks(sd[module + ".qdata"], kind, cols))
+
+    model = build_causal_lm(config, sd, prepare)
     tokenizer = tokenizer_from_gguf(meta, path)
     return model, tokenizer

@@ -35,9 +35,10 @@ def resolve(source: str | Path | None) -> Path:
     return path
 
 
-def load(source: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
+def load(source: str | Path | None = None, keep_blocks: bool = False) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a GGUF file, a transformers folder, a modelpress checkpoint, or,
-    with no source, the embedded default SmolLM2-135M-Instruct. The model is in eval mode, fp32."""
+    with no source, the embedded default SmolLM2-135M-Instruct. The model is in eval mode, fp32;
+    with keep_blocks, a GGUF's quantized linear layers run on their blocks (nn/gguf_linear.py)."""
     from ..formats import checkpoint
 
     path = resolve(source)
@@ -46,7 +47,7 @@ def load(source: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
             raise ModelpressError(f"{path} is a file but not a .gguf; give a GGUF file or a model folder")
         from .gguf_model import load_gguf
 
-        model, tok = load_gguf(path)
+        model, tok = load_gguf(path, keep_blocks)
     elif (path / checkpoint.MANIFEST).is_file():
         model, tok = checkpoint.load(path)
     elif (path / "config.json").is_file():

@@ -1,0 +1,73 @@
+"""GGUFLinear: a linear layer that keeps a GGUF tensor's blocks (any type of core/kquants) and
+runs on them without an fp32 copy of the weight.
+
+The blocks are decoded once, at first use, into the affine form every type shares
+(kquants.affine: a uint8 code per weight and an fp32 scale and offset per group of 16 or 32):
+few-row products (decode) go through the hand-written kernel mp_affine_gemv
+(kernels/cpu_kernels.c) on those codes; many rows (prefill) expand one layer at a time to fp32
+and call F.linear. `qdata` (the GGUF bytes, rows in the transformers order) stays as loaded, for
+export and for `dequantize()`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..core import kquants
+from .dense_linear import kernel_allowed
+
+
+class GGUFLinear(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int, kind: str) -> None:
+        super().__init__()
+        if kind not in kquants.BLOCK:
+            raise ValueError(f"GGUF type {kind} is not one of {', '.join(kquants.TYPES)}")
+        block, nbytes = kquants.BLOCK[kind]
+        if in_features % block:
+            raise ValueError(f"{kind} rows hold whole blocks of {block}; in_features {in_features} is not a multiple")
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.register_buffer("qdata", torch.zeros(out_features, in_features // block * nbytes, dtype=torch.uint8))
+        self._affine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_blocks(cls, data: torch.Tensor, kind: str, in_features: int) -> "GGUFLinear":
+        m = cls.__new__(cls)
+        torch.nn.Module.__init__(m)
+        m.in_features, m.out_features, m.kind = in_features, data.shape[0], kind
+        m.register_buffer("qdata", data)
+        m._affine = None
+        return m
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes uint8 (out, in), scale, offset fp32 (out, in / g)), decoded once."""
+        if self._affine is None or self._affine[0].device != self.qdata.device:
+            self._affine = kquants.affine(self.qdata.cpu(), self.kind, self.in_features)
+            self._affine = tuple(t.to(self.qdata.device) for t in self._affine)
+        return self._affine
+
+    def dequantize(self) -> torch.Tensor:
+        q, scale, offset = self.affine()
+        g = kquants.GROUP[self.kind]
+        w = q.view(self.out_features, -1, g).float() * scale[..., None] + offset[..., None]
+        return w.view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if kernel_allowed(x, rows) and x.dtype == torch.float32:
+            lib = kernels.lib()
+            if lib is not None:
+                q, scale, offset = self.affine()
+                x2 = x.reshape(rows, self.in_features).contiguous()
+                y = torch.empty(rows, self.out_features)
+                lib.mp_affine_gemv(x2.data_ptr(), rows, self.in_features, q.data_ptr(), scale.data_ptr(),
+                                   offset.data_ptr(), self.out_features, kquants.GROUP[self.kind], y.data_ptr())
+                return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        self._affine = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={self.kind}"
