@@ -39,8 +39,9 @@ def _positive(text: str) -> int:
     return v
 
 
-def _load(source: str | None, device: str = "cpu") -> tuple[Any, Any, float]:
-    """(model, tokenizer, load seconds), the model moved to `device`."""
+def _load(source: str | None, device: str = "cpu", keep_blocks: bool = False) -> tuple[Any, Any, float]:
+    """(model, tokenizer, load seconds), the model moved to `device`; keep_blocks: a GGUF's
+    quantized layers run on their blocks."""
     import torch
 
     from .model.load import load
@@ -48,7 +49,7 @@ def _load(source: str | None, device: str = "cpu") -> tuple[Any, Any, float]:
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise ModelpressError(f"device {device!r} is not available here; use --device cpu")
     start = time.perf_counter()
-    model, tok = load(source)
+    model, tok = load(source, keep_blocks=keep_blocks)
     return model.to(device), tok, time.perf_counter() - start
 
 
@@ -246,7 +247,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .eval.speed import decode_tokens_per_s
 
     text = load_text(a.text, "eval")
-    model, tok, load_s = _load(a.model, a.device)
+    model, tok, load_s = _load(a.model, a.device, a.gguf_blocks)
     r = perplexity(model, tok, text, ctx=a.ctx, max_windows=a.max_windows, progress=not a.json)
     size = model_size(model)
     speed = (decode_tokens_per_s(model, tok, new_tokens=a.decode_tokens, progress=not a.json)
@@ -270,7 +271,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import stream_text
 
-    model, tok, _ = _load(a.model, a.device)
+    model, tok, _ = _load(a.model, a.device, a.gguf_blocks)
     for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, chat=not a.raw,
                              temperature=a.temperature, top_p=a.top_p, seed=a.seed):
         print(piece, end="", flush=True)
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed run (0: skip)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    e.add_argument("--gguf-blocks", action="store_true",
+                   help="GGUF: run the quantized layers on their blocks, not on an fp32 copy")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("generate", help="stream a completion")
@@ -410,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument("--gguf-blocks", action="store_true",
+                   help="GGUF: run the quantized layers on their blocks, not on an fp32 copy")
     g.set_defaults(fn=cmd_generate)
 
     i = sub.add_parser("info", help="what a model file or checkpoint holds")

@@ -158,6 +158,16 @@ def test_export_gguf(tmp_path, capsys, tiny_gguf):
         la, lb = a(ids).logits, b(ids).logits
     assert 0 < (la - lb).abs().max() < 0.05  # Q8_0 rounding, nothing more
     capsys.readouterr()
+    text = tmp_path / "eval.txt"
+    text.write_text("the thing in the winter and the summer. " * 40)
+    ppl = []
+    for extra in ([], ["--gguf-blocks"]):  # on the blocks: the same ppl as on the fp32 copy
+        code, printed, err = _run(capsys, "eval", str(out), "--text", str(text), "--ctx", "64", "--decode-tokens",
+                                  "4", "--json", *extra)
+        assert code == 0, err
+        ppl.append(json.loads(printed))
+    assert abs(ppl[1]["ppl"] / ppl[0]["ppl"] - 1) < 1e-5, ppl
+    assert ppl[1]["linear_bits_per_weight"] < 9 < ppl[0]["linear_bits_per_weight"]  # Q8_0: 8.5 bits
     _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--type", "Q9", "--out", str(out))[::2])
     _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--out", str(tmp_path / "no" / "x.gguf"))[::2])
     _one_line_error(*_run(capsys, "export", str(tiny_gguf), "--imatrix", str(tmp_path / "none.gguf"),
