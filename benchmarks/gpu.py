@@ -1,6 +1,7 @@
 """The GPU paths on a SmolLM2-135M-shaped model with random weights (the real model's 98 MB file
 does not travel to a lent GPU machine): perplexity tokens/s beside the plain transformers loop,
-fp32 and RTN int4 / int8 (reference path: dequantize, then cuBLAS), and decode tokens/s.
+fp32 and RTN int4 / int8 (reference path: dequantize, then cuBLAS), and decode tokens/s; GPTQ
+and AWQ wall time on the GPU with 128 x 512 calibration tokens.
 
     python benchmarks/gpu.py --out results/gpu.json     # needs a CUDA device
 
@@ -63,6 +64,23 @@ def main() -> None:
         r = perplexity_of_windows(q, wins, batch_size=16, progress=False)
         rows.append({"method": name, "ppl_change_pct": 100 * (r.ppl / ours.ppl - 1),
                      "eval_tokens_per_s": r.tokens_per_s, "decode_tokens_per_s": decode_tps(q)})
+        print(json.dumps(rows[-1]), flush=True)
+        del q
+    import time
+
+    calib = list(torch.randint(0, 49152, (128, 512), generator=torch.Generator().manual_seed(2)).cuda())
+    for name, cfg in [("gptq w4 g64 act-order static", modelpress.GPTQConfig(bits=4, group_size=64, act_order=True,
+                                                                             static_groups=True)),
+                      ("awq w4 g64", modelpress.AWQConfig(bits=4, group_size=64))]:
+        q = copy.deepcopy(fp32)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        modelpress.quantize(q, cfg, calib)
+        torch.cuda.synchronize()
+        sec = time.perf_counter() - start
+        r = perplexity_of_windows(q, wins, batch_size=16, progress=False)
+        rows.append({"method": name, "calibration": "128 x 512 random tokens", "quantize_seconds": sec,
+                     "ppl_change_pct": 100 * (r.ppl / ours.ppl - 1)})
         print(json.dumps(rows[-1]), flush=True)
         del q
     out = {"benchmark": "gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
