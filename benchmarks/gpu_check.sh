@@ -2,7 +2,7 @@
 # One prepared run on a lent GPU machine (its python3 already holds torch and transformers):
 # the CPU-independent tests plus the CUDA ones, then benchmarks/gpu.py. Writes to $OUT.
 set -uo pipefail
-export PYTHONPATH=$PWD TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

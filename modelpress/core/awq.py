@@ -72,7 +72,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | N
     step = max(1, x.shape[0] // n_tokens)
     xs = x[::step][:n_tokens].float().reshape(-1, G, gs)                   # (T, G, gs)
     C = torch.einsum("tgi,tgj->gij", xs, xs) / xs.shape[0]                 # (G, gs, gs)
-    best = torch.empty(out, G)
+    best = torch.empty(out, G, device=w.device)
     for r0 in range(0, out, row_batch):
         wb = w[r0:r0 + row_batch].float().reshape(-1, G, gs)               # (R, G, gs)
         org_max = wb.abs().amax(-1, keepdim=True)                          # (R, G, 1)

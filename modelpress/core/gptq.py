@@ -101,11 +101,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config) -> GPTQResult:  # no
     U = hessian.inverse_cholesky(H, config.damp)
 
     Q = torch.zeros_like(W)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     n_groups = -(-cols // gs)
-    scales = torch.zeros(rows, n_groups, dtype=W.dtype)
-    zeros = torch.zeros(rows, n_groups, dtype=W.dtype)
-    losses = torch.zeros(rows, dtype=W.dtype)
+    scales = torch.zeros(rows, n_groups, dtype=W.dtype, device=W.device)
+    zeros = torch.zeros(rows, n_groups, dtype=W.dtype, device=W.device)
+    losses = torch.zeros(rows, dtype=W.dtype, device=W.device)
     scale = zero = None
     for i1 in range(0, cols, config.block_size):                                    # step 5
         i2 = min(i1 + config.block_size, cols)
@@ -140,7 +140,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config) -> GPTQResult:  # no
             codes, Q, perm = codes[:, inv], Q[:, inv], None
     if perm is not None:  # canonical order: groups in sweep order, inside a group ascending columns
         inv = torch.argsort(perm)
-        g_idx = (torch.arange(cols) // gs)[inv]          # group of each original column
+        g_idx = (torch.arange(cols, device=W.device) // gs)[inv]          # group of each original column
         canon = torch.argsort(g_idx, stable=True)
         codes, Q, perm = codes[:, inv][:, canon], Q[:, inv][:, canon], canon
     weight = Q if perm is None else Q[:, torch.argsort(perm)]

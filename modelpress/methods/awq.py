@@ -131,7 +131,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Te
         parents = {par: _get(block, par) for _, _, par in mappings}
         with InputStatsCapture(mods, keep_rows=4096) as stats, CallCapture(parents, search_batches) as calls:
             run()
-        input_scale = {name: torch.ones(m.in_features) for name, m in mods.items()}
+        input_scale = {name: torch.ones(m.in_features, device=m.weight.device) for name, m in mods.items()}
         for smooth, balance, parent in mappings:                       # 1. scales, folded in
             layers = [mods[b] for b in balance]
             s = _search_scales(parents[parent], layers, calls.calls[parent], stats.mean_abs(balance[0]), config)
