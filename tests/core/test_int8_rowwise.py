@@ -20,7 +20,11 @@ def test_golden_llm_int8():
     cb, scb = int8_rowwise.quantize_rows(w)
     assert cb.tolist() == g["CB"] and [float(v).hex() for v in scb.tolist()] == g["SCB_fp32_hex"]
     y = int8_rowwise.int8_linear(_fp32(g["x_fp32_hex"], (3, 32)), cb, scb, None, g["threshold"])
-    assert [float(v).hex() for v in y.reshape(-1).tolist()] == g["y_fp32_hex"]
+    # the outlier columns go through an fp32 GEMM (torch addmm, as in bitsandbytes), whose summation
+    # order depends on the CPU's vector width: bit-exact on AVX2 (where the golden values were made),
+    # 1 ulp apart on an AVX-512 machine (seen on a lent GPU machine's CPU)
+    expect = torch.tensor([float.fromhex(h) for h in g["y_fp32_hex"]]).reshape(y.shape)
+    torch.testing.assert_close(y, expect, rtol=1e-6, atol=1e-7)
 
 
 def test_int_matmul_is_exact_past_fp32_range():
