@@ -131,6 +131,7 @@ def main() -> None:
         for f in (ours, theirs):
             if f.exists():
                 f.unlink()
+        del loaded
 
     for mix in a.mixes.split(","):
         row("no imatrix", mix, model, None)
@@ -148,7 +149,7 @@ def main() -> None:
         print(r, flush=True)
         from modelpress.model.imatrix import compute_imatrix
 
-        for method, config in (("awq", modelpress.AWQConfig(bits=4, group_size=32)),
+        for method, config in (("awq", modelpress.AWQConfig(bits=4, group_size=32, scales_only=True)),
                                ("gptq", modelpress.GPTQConfig(bits=4, group_size=32, act_order=True,
                                                               static_groups=True))):
             m = copy.deepcopy(model)

@@ -169,9 +169,9 @@ def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
     return im
 
 
-_FROM_METHOD_HELP = ("awq: AWQ scales folded into the norms and weights, clipped and rounded on a 4-bit grid "
-                     "with groups of 32 (Q4 blocks); gptq: GPTQ's error-compensated 4-bit weights (groups of 32, "
-                     "act order); then the GGUF mix quantizes those weights")
+_FROM_METHOD_HELP = ("awq: AWQ's scales (searched for a 4-bit grid with groups of 32) folded into the norms and "
+                     "weights, which stay in float; gptq: GPTQ's error-compensated 4-bit weights (groups of 32, act "
+                     "order); then the GGUF mix quantizes those weights")
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -205,7 +205,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
         import modelpress
 
-        config = (modelpress.AWQConfig(bits=4, group_size=32) if a.from_method == "awq" else
+        config = (modelpress.AWQConfig(bits=4, group_size=32, scales_only=True) if a.from_method == "awq" else
                   modelpress.GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
         quantize(model, config, calibration_windows(tok, a.calib, a.ctx, a.samples))
         _err(f"{_describe(config)} in {time.perf_counter() - start:.1f} s")

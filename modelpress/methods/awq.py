@@ -44,7 +44,8 @@ class AWQConfig(BaseConfig):
     bounds. search_samples: calibration windows the scale search replays (the activation
     statistics use all of them; 8 windows of 512 = 4096 tokens keeps the 20-point search near a
     minute per 100M parameters on 2 cores, where replaying all 128 would take ~16x that).
-    batch_size: windows per forward."""
+    batch_size: windows per forward. scales_only: fold the scales in and leave the weights in
+    float, for another format to round (AWQ -> GGUF); then nothing is clipped or quantized."""
 
     method = "awq"
     calibrated = True
@@ -56,6 +57,7 @@ class AWQConfig(BaseConfig):
     clip: bool = True
     search_samples: int = 8
     batch_size: int = 8
+    scales_only: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
@@ -138,6 +140,8 @@ def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Te
             _fold(_get(block, smooth), layers, s)
             for b in balance:
                 input_scale[b] = input_scale[b] / s
+        if config.scales_only:
+            return
         for name, lin in mods.items():                                 # 2. clip, 3. round to nearest
             w = lin.weight.detach()
             if config.clip and not name.endswith(NO_CLIP) and config.group_size and lin.in_features % config.group_size == 0:
