@@ -21,6 +21,7 @@ import argparse
 import copy
 import ctypes
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -158,6 +159,7 @@ def main() -> None:
             im = compute_imatrix(m, list(calib), dataset="calib.txt")
             extra = {"method_seconds": time.perf_counter() - start, "method": config.to_dict()}
             row(f"{method} + modelpress imatrix", mix, m, im.importance(), vs_llama=False, extra=extra)
+    shutil.rmtree(work)
     print(f"wrote {a.out}")
 
 

@@ -147,7 +147,31 @@ def _cols(t: torch.Tensor) -> torch.Tensor:
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants with rmse_type 1: (scale (B,), L (B, n) in [0, 2 nmax)); weights qw, or x^2."""
+    """make_qx_quants with rmse_type 1: (scale (B,), L (B, n) in [0, 2 nmax)); weights qw, or x^2.
+    Runs the compiled search (kernels/cpu_kernels.c, the same operations) where it is available."""
+    lib = _kernels()
+    if lib is not None and x.device.type == "cpu":
+        x = x.contiguous()
+        qw = None if qw is None else qw.to(F32).contiguous()
+        scale = torch.empty(x.shape[0], dtype=F32)
+        L = torch.empty(x.shape, dtype=torch.uint8)
+        lib.mp_make_qx_quants(x.data_ptr(), None if qw is None else qw.data_ptr(), x.shape[0], x.shape[1], nmax,
+                              scale.data_ptr(), L.data_ptr())
+        return scale, L.to(F32)
+    return make_qx_quants_reference(x, nmax, qw)
+
+
+def _kernels():  # noqa: ANN202
+    from .. import kernels
+
+    return kernels.lib() if USE_KERNELS else None
+
+
+USE_KERNELS = True  # tests switch it off to run the torch reference
+
+
+def make_qx_quants_reference(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch implementation of make_qx_quants (vectorized over blocks)."""
     amax, mx = _first_absmax(x)
     zero = amax < _EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)

@@ -302,3 +302,66 @@ void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, cons
     }
     free(xsum);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * GGUF quantization: the weighted grid search of make_qx_quants (ggml-quants.c, rmse_type 1),
+ * per block of n <= 64 values, bit for bit: the same float operations in the same order (the
+ * library is built with -ffp-contract=off, as ggml's ISO C build is, so no multiply-add fuses),
+ * rounding half to even (lrintf in the default rounding mode, like ggml's nearest_int).
+ *   x      fp32 (B, n);  qw  fp32 (B, n) importance, or NULL: x^2
+ *   scale  fp32 (B);     L   uint8 (B, n) in [0, 2 nmax)
+ * core/kquants.make_qx_quants is the torch reference (tests compare both with llama.cpp).
+ */
+static inline int mp_qx_level(float v, int nmax) {
+    int l = (int)lrintf(v);
+    return l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+}
+
+void mp_make_qx_quants(const float *x, const float *qw, int64_t B, int64_t n, int64_t nmax, float *scale,
+                       uint8_t *L) {
+    const int nm = (int)nmax;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * n;
+        const float *wb = qw ? qw + b * n : NULL;
+        uint8_t *Lb = L + b * n;
+        float amax = 0.0f, max = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            float ax = fabsf(xb[i]);
+            if (ax > amax) { amax = ax; max = xb[i]; }
+        }
+        if (amax < 1e-15f) {
+            memset(Lb, 0, (size_t)n);
+            scale[b] = 0.0f;
+            continue;
+        }
+        float sumlx = 0.0f, suml2 = 0.0f;
+        float iscale = (float)(-nm) / max;
+        for (int64_t i = 0; i < n; i++) {
+            int l = mp_qx_level(iscale * xb[i], nm);
+            Lb[i] = (uint8_t)(l + nm);
+            float w = wb ? wb[i] : xb[i] * xb[i];
+            sumlx += w * xb[i] * (float)l;
+            suml2 += w * (float)l * (float)l;
+        }
+        float best_scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
+        float best = best_scale * sumlx;
+        for (int is = -9; is <= 9; is++) {
+            if (is == 0) continue;
+            iscale = -((float)nm + 0.1f * (float)is) / max;
+            sumlx = suml2 = 0.0f;
+            for (int64_t i = 0; i < n; i++) {
+                int l = mp_qx_level(iscale * xb[i], nm);
+                float w = wb ? wb[i] : xb[i] * xb[i];
+                sumlx += w * xb[i] * (float)l;
+                suml2 += w * (float)l * (float)l;
+            }
+            if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
+                for (int64_t i = 0; i < n; i++) Lb[i] = (uint8_t)(mp_qx_level(iscale * xb[i], nm) + nm);
+                best_scale = sumlx / suml2;
+                best = best_scale * sumlx;
+            }
+        }
+        scale[b] = best_scale;
+    }
+}

@@ -45,9 +45,20 @@ def test_legacy_types_equal_the_gguf_package(kind):
     assert np.array_equal(got[~signed_zero.numpy()], ref[~signed_zero.numpy()])
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def search(request, monkeypatch):
+    """make_qx_quants through the compiled search, then through the torch reference."""
+    from modelpress import kernels
+
+    if request.param == "kernel" and kernels.lib() is None:
+        pytest.skip("no C compiler here: the searches run in torch only")
+    monkeypatch.setattr(kquants, "USE_KERNELS", request.param == "kernel")
+    return request.param
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["ref", "imatrix"])
 @pytest.mark.parametrize("kind", kquants.TYPES)
-def test_every_type_equals_llama_cpp(kind, weighted):
+def test_every_type_equals_llama_cpp(kind, weighted, search):
     if MISSING:
         pytest.skip(MISSING)
     for seed in range(3):
@@ -60,7 +71,7 @@ def test_every_type_equals_llama_cpp(kind, weighted):
 
 
 @pytest.mark.parametrize("kind", kquants.TYPES)
-def test_every_type_equals_the_golden_blocks(kind):
+def test_every_type_equals_the_golden_blocks(kind, search):
     w = golden_input()
     assert list(w.shape) == GOLDEN["shape"]
     assert kquants.quantize(w, kind).numpy().tobytes().hex() == GOLDEN["bytes"][kind]
