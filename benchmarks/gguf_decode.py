@@ -30,7 +30,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
-from benchmarks.gguf_export import llama_quantize  # noqa: E402
+from benchmarks.gguf_export import compare, llama_quantize  # noqa: E402
 from modelpress.eval.speed import decode_ids_per_s  # noqa: E402
 from modelpress.formats.gguf_writer import write_gguf  # noqa: E402
 from modelpress.generate import encode_prompt, generate_ids  # noqa: E402
@@ -48,7 +48,8 @@ def llama_greedy(path: Path, prompt: list[int], n: int, threads: int = 2) -> tup
     for step in range(n + 4):
         if step == 4:
             start = time.perf_counter()
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # the last position's logits (without logits_all, Llama.eval keeps no scores)
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
         out.append(tok)
         llm.eval([tok])
     sec = time.perf_counter() - start
@@ -102,8 +103,9 @@ def main() -> None:
         del m
     mine, _ = llama_greedy(files["Q4_K_M"], prompt[0].tolist(), a.tokens)
     own, _ = llama_greedy(files["llama.cpp Q4_K_M"], prompt[0].tolist(), a.tokens)
+    same = compare(files["Q4_K_M"], files["llama.cpp Q4_K_M"])
     rows.append({"row": "llama.cpp greedy on modelpress' Q4_K_M vs on its own Q4_K_M",
-                 "identical_files": files["Q4_K_M"].read_bytes() == files["llama.cpp Q4_K_M"].read_bytes(),
+                 "identical_tensors": f"{same['identical']}/{same['llama_cpp_tensors']}",
                  "greedy_tokens_agreeing": agree(mine, own), "greedy_tokens": a.tokens})
     print(rows[-1], flush=True)
     write_result(a.out, "gguf decode", rows, prompt=PROMPT, threads_both=2,
