@@ -150,8 +150,8 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     """make_qx_quants with rmse_type 1: (scale (B,), L (B, n) in [0, 2 nmax)); weights qw, or x^2.
     Runs the compiled search (kernels/cpu_kernels.c, the same operations) where it is available."""
     lib = _kernels()
-    if lib is not None and x.device.type == "cpu":
-        x = x.contiguous()
+    if lib is not None and x.device.type == "cpu" and x.shape[1] <= 64:
+        x = x.to(F32).contiguous()
         qw = None if qw is None else qw.to(F32).contiguous()
         scale = torch.empty(x.shape[0], dtype=F32)
         L = torch.empty(x.shape, dtype=torch.uint8)
@@ -293,7 +293,22 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
 def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                      use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """make_qkx2_quants (and make_qkx3_quants, the same search): (scale, the_min = -min (>= 0),
-    L in [0, nmax]) per row of x with weights w."""
+    L in [0, nmax]) per row of x with weights w. Runs the compiled search where it is available."""
+    lib = _kernels()
+    if lib is not None and x.device.type == "cpu" and x.shape[1] <= 64:
+        x, w = x.to(F32).contiguous(), w.to(F32).contiguous()
+        B = x.shape[0]
+        scale, the_min = torch.empty(B, dtype=F32), torch.empty(B, dtype=F32)
+        L = torch.empty(x.shape, dtype=torch.uint8)
+        lib.mp_make_qkx2_quants(x.data_ptr(), w.data_ptr(), B, x.shape[1], nmax, _f(rmin), _f(rdelta), nstep,
+                                int(use_mad), scale.data_ptr(), the_min.data_ptr(), L.data_ptr())
+        return scale, the_min, L.to(F32)
+    return make_qkx2_quants_reference(x, w, nmax, rmin, rdelta, nstep, use_mad)
+
+
+def make_qkx2_quants_reference(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                               use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch implementation of make_qkx2_quants (vectorized over blocks)."""
     X, W = _cols(x), _cols(w)
     n = X.shape[0]
     lo, hi = X[0].clone(), X[0].clone()

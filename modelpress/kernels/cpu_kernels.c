@@ -365,3 +365,85 @@ void mp_make_qx_quants(const float *x, const float *qw, int64_t B, int64_t n, in
         scale[b] = best_scale;
     }
 }
+
+/* The min + scale search of make_qkx2_quants / make_qkx3_quants (ggml-quants.c; one search, the
+ * weights given), per block of n <= 64, bit for bit as above. `min` follows the search: a better
+ * candidate moves it, and the later candidates' grids start from it, as in the reference.
+ *   x, w     fp32 (B, n)
+ *   scale    fp32 (B);  the_min  fp32 (B) = -min (>= 0);  L  uint8 (B, n) in [0, nmax]
+ */
+static inline int mp_k_level(float v, int nmax) {
+    int l = (int)lrintf(v);
+    return l < 0 ? 0 : (l > nmax ? nmax : l);
+}
+
+void mp_make_qkx2_quants(const float *x, const float *w, int64_t B, int64_t n, int64_t nmax, float rmin, float rdelta,
+                         int64_t nstep, int64_t use_mad, float *scale_out, float *the_min, uint8_t *L) {
+    const int nm = (int)nmax;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * n, *wb = w + b * n;
+        uint8_t *Lb = L + b * n;
+        uint8_t aux[64];
+        float lo = xb[0], hi = xb[0], sum_w = wb[0], sum_x = sum_w * xb[0];
+        for (int64_t i = 1; i < n; i++) {
+            if (xb[i] < lo) lo = xb[i];
+            if (xb[i] > hi) hi = xb[i];
+            sum_w += wb[i];
+            sum_x += wb[i] * xb[i];
+        }
+        if (lo > 0) lo = 0;
+        if (hi == lo) {
+            memset(Lb, 0, (size_t)n);
+            scale_out[b] = 0.0f;
+            the_min[b] = -lo;
+            continue;
+        }
+        float mn = lo;
+        float iscale = (float)nm / (hi - mn);
+        float scale = 1 / iscale;
+        float best = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            int l = mp_k_level(iscale * (xb[i] - mn), nm);
+            Lb[i] = (uint8_t)l;
+            float diff = scale * (float)l + mn - xb[i];
+            diff = use_mad ? fabsf(diff) : diff * diff;
+            best += wb[i] * diff;
+        }
+        for (int64_t is = 0; is <= nstep && nstep >= 1; is++) {
+            iscale = (rmin + rdelta * (float)is + (float)nm) / (hi - mn);
+            float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+            for (int64_t i = 0; i < n; i++) {
+                int l = mp_k_level(iscale * (xb[i] - mn), nm);
+                aux[i] = (uint8_t)l;
+                float wl = wb[i] * (float)l;
+                sum_l += wl;
+                sum_l2 += wl * (float)l;
+                sum_xl += wl * xb[i];
+            }
+            float D = sum_w * sum_l2 - sum_l * sum_l;
+            if (D > 0) {
+                float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+                float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+                if (this_min > 0) {
+                    this_min = 0;
+                    this_scale = sum_xl / sum_l2;
+                }
+                float cur = 0.0f;
+                for (int64_t i = 0; i < n; i++) {
+                    float diff = this_scale * (float)aux[i] + this_min - xb[i];
+                    diff = use_mad ? fabsf(diff) : diff * diff;
+                    cur += wb[i] * diff;
+                }
+                if (cur < best) {
+                    memcpy(Lb, aux, (size_t)n);
+                    best = cur;
+                    scale = this_scale;
+                    mn = this_min;
+                }
+            }
+        }
+        scale_out[b] = scale;
+        the_min[b] = -mn;
+    }
+}
