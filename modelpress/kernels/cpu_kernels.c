@@ -447,3 +447,69 @@ void mp_make_qkx2_quants(const float *x, const float *w, int64_t B, int64_t n, i
         the_min[b] = -mn;
     }
 }
+
+/* fp32 -> fp16 bits, round to nearest even (what ggml's GGML_FP32_TO_FP16 gives on x86). */
+static inline uint16_t mp_fp16_bits(float f) {
+#ifdef MP_AVX2
+    return (uint16_t)_cvtss_sh(f, 0);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u)); /* inf, nan */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);     /* rounds past 65504: inf */
+    if (a < 0x38800000u) {                                         /* below 2^-14: a subnormal half */
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(v * 16777216.0f)); /* in units of 2^-24 */
+    }
+    uint32_t h = (a - 0x38000000u) >> 13, rest = a & 0x1fffu;     /* rebias 127 -> 15, keep 10 bits */
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+#endif
+}
+
+/* The reference quantizers of the legacy types without a search (quantize_row_q4_0_ref,
+ * _q5_0_ref, _q8_0_ref in ggml-quants.c), writing the GGUF blocks directly:
+ *   kind 0  Q4_0: d fp16 | qs[16]: code j low nibble, code j + 16 high nibble     (18 bytes)
+ *   kind 1  Q5_0: d fp16 | qh u32: bit 4 of code j at bit j | qs[16] as Q4_0      (22 bytes)
+ *   kind 2  Q8_0: d fp16 | qs int8[32]                                             (34 bytes)
+ * x fp32 (nblocks, 32). Q4_0 / Q5_0: d = (the value of largest magnitude, first of ties) / -8
+ * or -16, code = min(15 or 31, (int8) trunc(x / d + 8.5 or 16.5)); Q8_0: d = max |x| / 127,
+ * code = roundf(x / d) (half away from zero).
+ */
+void mp_quantize_legacy(const float *x, int64_t nblocks, int64_t kind, uint8_t *out) {
+    const int64_t size = kind == 0 ? 18 : (kind == 1 ? 22 : 34);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const float *xb = x + b * 32;
+        uint8_t *o = out + b * size;
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float ax = fabsf(xb[j]);
+            if (kind == 2) { amax = amax > ax ? amax : ax; continue; }
+            if (amax < ax) { amax = ax; max = xb[j]; }
+        }
+        const float d = kind == 2 ? amax / 127 : max / (kind == 0 ? -8 : -16);
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const uint16_t dh = mp_fp16_bits(d);
+        memcpy(o, &dh, 2);
+        if (kind == 2) {
+            for (int j = 0; j < 32; j++) o[2 + j] = (uint8_t)(int8_t)(int32_t)roundf(xb[j] * id);
+            continue;
+        }
+        const int top = kind == 0 ? 15 : 31;
+        const float half = kind == 0 ? 8.5f : 16.5f;
+        uint32_t qh = 0;
+        uint8_t *qs = o + (kind == 0 ? 2 : 6);
+        for (int j = 0; j < 16; j++) {
+            int q0 = (int8_t)(int32_t)(xb[j] * id + half), q1 = (int8_t)(int32_t)(xb[j + 16] * id + half);
+            q0 = q0 < top ? q0 : top;
+            q1 = q1 < top ? q1 : top;
+            qs[j] = (uint8_t)((q0 & 0x0F) | ((q1 & 0x0F) << 4));
+            qh |= ((uint32_t)(q0 & 0x10) >> 4) << j;
+            qh |= ((uint32_t)(q1 & 0x10) >> 4) << (j + 16);
+        }
+        if (kind == 1) memcpy(o + 2, &qh, 4);
+    }
+}

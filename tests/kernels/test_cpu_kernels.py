@@ -80,3 +80,23 @@ def test_affine_gemv_runs_every_gguf_type(lib, kind, m):
     ref = x.double() @ kquants.dequantize(data, kind, k).double().t()
     # fp32 sums in another order: observed <= 3e-6 relative to the largest output
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q8_0"])
+def test_quantize_legacy_equals_the_torch_reference(lib, kind, monkeypatch):
+    from modelpress.core import kquants
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 256, generator=gen)
+    w[0] *= 1e-6            # d a subnormal fp16
+    w[1] *= 1e-9            # d rounds to zero
+    w[2, :32] = 3e6         # d past fp16's range: inf
+    w[3] = -0.0
+    w[4, 5] = 1e4           # one outlier
+    w[5, :32] = 0.5 * torch.arange(32)  # ties in x / d + 8.5
+    monkeypatch.setattr(kquants, "USE_KERNELS", False)
+    want = kquants.quantize(w, kind)
+    got = torch.empty_like(want)
+    lib.mp_quantize_legacy(w.contiguous().data_ptr(), w.numel() // 32, {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2}[kind],
+                           got.data_ptr())
+    assert torch.equal(got, want)
