@@ -135,11 +135,13 @@ class SquareSumCapture(_InputHooks):
         super().__init__(modules, self._accumulate)
 
     def _accumulate(self, key: str, x: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).double()
+        x2 = x.reshape(-1, x.shape[-1]).float()
         if key not in self.sq_sum:
             self.sq_sum[key] = torch.zeros(x2.shape[-1], dtype=torch.float64, device=x.device)
             self.rows[key] = 0
-        self.sq_sum[key] += x2.square().sum(0)
+        # each batch summed in fp32 (torch sums in blocks: closer than llama.cpp's running fp32
+        # sum), the batches in fp64; an fp64 copy of the activations would cost 4x the time
+        self.sq_sum[key] += torch.einsum("ti,ti->i", x2, x2).double()
         self.rows[key] += x2.shape[0]
 
     def sums(self, name: str) -> tuple[torch.Tensor, int]:
