@@ -195,9 +195,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         load_text(a.calib, "calib")
     model, tok, _ = _load(a.model)
     source = Path(getattr(model, "modelpress_source", ""))
-    if source.suffix.lower() != ".gguf":
-        raise ModelpressError("GGUF export copies the tokenizer from the GGUF file the model came from; "
-                              f"{source} is not one (export from a GGUF file, such as the default model)")
+    source = source if source.suffix.lower() == ".gguf" else None  # else: the tokenizer's own fields
     start = time.perf_counter()
     if a.from_method:
         from .data import calibration_windows
@@ -219,7 +217,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         if imatrix.datasets:
             meta["quantize.imatrix.dataset"] = imatrix.datasets[0]
     types = write_gguf(out, model, a.type, source, imatrix=None if imatrix is None else imatrix.importance(),
-                       extra_metadata=meta)
+                       extra_metadata=meta, tokenizer=tok)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
     _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type}: {counts}"
          f"{', with an imatrix' if imatrix is not None else ''}) in {time.perf_counter() - start:.1f} s")

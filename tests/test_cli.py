@@ -232,3 +232,10 @@ def _tok_of(path):
     import modelpress
 
     return modelpress.load(path)[1]
+
+
+def test_export_a_transformers_folder(tmp_path, capsys, tiny_hf_dir):
+    d, _, _ = tiny_hf_dir
+    out = tmp_path / "hf-q8.gguf"
+    code, _, err = _run(capsys, "export", str(d), "--type", "Q8_0", "--out", str(out))
+    assert code == 0 and out.is_file(), err

@@ -85,11 +85,12 @@ def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
             for k, v, t, sub in metadata_fields(source_gguf) if k not in _OWN_KEYS]
 
 
-def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: str | Path,
+def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: str | Path | None = None,
                imatrix: dict[str, torch.Tensor] | None = None, progress: bool = True,
-               extra_metadata: dict[str, str | int] | None = None) -> dict[str, str]:
+               extra_metadata: dict[str, str | int] | None = None, tokenizer: Any = None) -> dict[str, str]:
     """Write `model` as GGUF `mix`; returns {tensor name: type}. `source_gguf` gives the tokenizer
-    and descriptive metadata; `imatrix` maps GGUF tensor names to importance vectors;
+    and descriptive metadata; without one, `tokenizer` (a transformers tokenizer) gives the
+    tokenizer's (formats/gguf_vocab.py). `imatrix` maps GGUF tensor names to importance vectors;
     `extra_metadata` adds string / integer keys (llama-quantize's quantize.imatrix.*)."""
     import gguf
 
@@ -100,7 +101,18 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     writer = gguf.GGUFWriter(str(tmp), "llama")
-    for key, value, vtype, sub in _source_fields(source_gguf):
+    if source_gguf is not None:
+        fields = _source_fields(source_gguf)
+    elif tokenizer is not None:
+        from gguf import GGUFValueType
+
+        from .gguf_vocab import tokenizer_fields
+
+        fields = [(k, v, GGUFValueType(t), None if sub is None else GGUFValueType(sub))
+                  for k, v, t, sub in tokenizer_fields(tokenizer, cfg.vocab_size)]
+    else:
+        raise ModelpressError("GGUF export needs the tokenizer: a source GGUF file or a transformers tokenizer")
+    for key, value, vtype, sub in fields:
         if not key.startswith("llama."):
             writer.add_key_value(key, value, vtype, sub)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -70,3 +70,29 @@ def test_modelpress_reads_back_what_it_wrote(tmp_path, source_gguf, mix):
 def test_export_refuses_what_it_cannot_write(tmp_path, source_gguf):
     with pytest.raises(ValueError, match="unknown GGUF mix"):
         write_gguf(tmp_path / "x.gguf", tiny_llama(), "Q4_K_X", source_gguf)
+
+
+def test_a_transformers_model_exports_with_its_own_tokenizer(tmp_path, tiny_hf_dir):
+    """No source GGUF: the tokenizer's fields come from the transformers tokenizer; llama.cpp
+    tokenizes like it and computes our logits, and modelpress reads the tokenizer back."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    d, model, tok = tiny_hf_dir
+    path = tmp_path / "hf-f32.gguf"
+    write_gguf(path, model, "F32", tokenizer=tok, progress=False)
+    text = "the thing in the winter"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    torch.testing.assert_close(torch.tensor(llm.scores[:len(ids)]), _logits(model, ids), rtol=0, atol=5e-3)
+    _, back = modelpress.load(path)
+    assert back(text, add_special_tokens=False)["input_ids"] == ids
+    assert back.eos_token_id == tok.eos_token_id
+
+
+def test_the_default_models_tokenizer_keeps_its_pre_tokenizer(tmp_path, source_gguf):
+    from modelpress.formats.gguf_vocab import tokenizer_fields
+
+    _, tok = modelpress.load()
+    fields = {k: v for k, v, *_ in tokenizer_fields(tok, VOCAB)}
+    assert fields["tokenizer.ggml.pre"] == "smollm" and len(fields["tokenizer.ggml.tokens"]) == VOCAB
