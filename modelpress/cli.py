@@ -154,7 +154,7 @@ def _gguf_out(path: str) -> Any:
 
 
 def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
-    """The importance matrix of `model` on --calib (or the default text); None without --calib."""
+    """The importance matrix of `model` on --calib (or the default text): --samples windows of --ctx."""
     from pathlib import Path
 
     from .data import calibration_windows
@@ -199,12 +199,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     if a.from_method:
         from .data import calibration_windows
+        from .methods.awq import AWQConfig
+        from .methods.gptq import GPTQConfig
         from .registry import quantize
 
-        import modelpress
-
-        config = (modelpress.AWQConfig(bits=4, group_size=32, scales_only=True) if a.from_method == "awq" else
-                  modelpress.GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
+        config = (AWQConfig(bits=4, group_size=32, scales_only=True) if a.from_method == "awq" else
+                  GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
         quantize(model, config, calibration_windows(tok, a.calib, a.ctx, a.samples))
         _err(f"{_describe(config)} in {time.perf_counter() - start:.1f} s")
     if a.calib is not None:
