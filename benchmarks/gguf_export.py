@@ -80,7 +80,8 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=100)
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--no-imatrix", dest="imatrix", action="store_false", help="only the rows without an imatrix")
-    p.add_argument("--best-of", default="Q4_K_M", help="the mix of the llama.cpp-imatrix, AWQ and GPTQ rows")
+    p.add_argument("--best-of", default="Q4_K_M", help="the mix of the llama.cpp-imatrix, AWQ and GPTQ rows "
+                   "('' for none)")
     p.add_argument("--out", default="benchmarks/results/gguf.json")
     a = p.parse_args()
 
@@ -138,7 +139,7 @@ def main() -> None:
         row("no imatrix", mix, model, None)
         if ours_im is not None:
             row("modelpress imatrix", mix, model, ours_im.importance())
-    if ours_im is not None:
+    if ours_im is not None and a.best_of:
         mix = a.best_of
         theirs = work / f"llama-im-{mix}.gguf"
         sec = llama_quantize(f32, theirs, mix, imatrix=theirs_im)
