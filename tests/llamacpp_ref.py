@@ -77,7 +77,7 @@ def imatrix_ref(gguf_path: str | Path, windows: torch.Tensor, n_threads: int = 2
         assert x.nb[1] == x.ne[0] * 4 and x.nb[2] == x.nb[1] * x.ne[1], "expects a contiguous input"
         a = np.ctypeslib.as_array(ctypes.cast(x.data, ctypes.POINTER(ctypes.c_float)), shape=(rows, x.ne[0]))
         acc = got.setdefault(name, [np.zeros(x.ne[0], np.float64), 0])
-        acc[0] += np.square(a.astype(np.float64)).sum(0)
+        acc[0] += np.einsum("ti,ti->i", a, a).astype(np.float64)
         acc[1] += rows
         return True
 
