@@ -307,13 +307,13 @@ void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, cons
  * GGUF quantization: the weighted grid search of make_qx_quants (ggml-quants.c, rmse_type 1),
  * per block of n <= 64 values, bit for bit: the same float operations in the same order (the
  * library is built with -ffp-contract=off, as ggml's ISO C build is, so no multiply-add fuses),
- * rounding half to even (lrintf in the default rounding mode, like ggml's nearest_int).
+ * rounding half to even (rintf in the default rounding mode, like ggml's nearest_int).
  *   x      fp32 (B, n);  qw  fp32 (B, n) importance, or NULL: x^2
  *   scale  fp32 (B);     L   uint8 (B, n) in [0, 2 nmax)
  * core/kquants.make_qx_quants is the torch reference (tests compare both with llama.cpp).
  */
 static inline int mp_qx_level(float v, int nmax) {
-    int l = (int)lrintf(v);
+    int l = (int)rintf(v);  /* inlined (roundss); lrintf would call libm */
     return l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
 }
 
@@ -373,7 +373,7 @@ void mp_make_qx_quants(const float *x, const float *qw, int64_t B, int64_t n, in
  *   scale    fp32 (B);  the_min  fp32 (B) = -min (>= 0);  L  uint8 (B, n) in [0, nmax]
  */
 static inline int mp_k_level(float v, int nmax) {
-    int l = (int)lrintf(v);
+    int l = (int)rintf(v);  /* inlined (roundss); lrintf would call libm */
     return l < 0 ? 0 : (l > nmax ? nmax : l);
 }
 
