@@ -85,6 +85,30 @@ def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
             for k, v, t, sub in metadata_fields(source_gguf) if k not in _OWN_KEYS]
 
 
+def _writer(path: Path) -> Any:
+    """gguf.GGUFWriter whose arrays of strings or numbers pack in one go: the same bytes (little
+    endian), where packing the 49k tokens and merges of a vocabulary item by item takes ~1 s."""
+    import struct
+
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            fast = (vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) > 0
+                    and self.endianess == gguf.GGUFEndian.LITTLE)
+            if not fast or (sub_type != gguf.GGUFValueType.STRING and sub_type not in self._simple_value_packing):
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            head = struct.pack("<I", vtype) if add_vtype else b""
+            head += struct.pack("<IQ", sub_type, len(val))
+            if sub_type == gguf.GGUFValueType.STRING:
+                enc = [v.encode("utf-8") if isinstance(v, str) else v for v in val]
+                return head + b"".join(struct.pack("<Q", len(e)) + e for e in enc)
+            fmt = self._simple_value_packing[sub_type]
+            return head + struct.pack(f"<{len(val)}{fmt}", *val)
+
+    return Writer(str(path), "llama")
+
+
 def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: str | Path | None = None,
                imatrix: dict[str, torch.Tensor] | None = None, progress: bool = True,
                extra_metadata: dict[str, str | int] | None = None, tokenizer: Any = None) -> dict[str, str]:
@@ -100,7 +124,7 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
                          cfg.num_key_value_heads, imatrix=bool(imatrix))
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer = _writer(tmp)
     if source_gguf is not None:
         fields = _source_fields(source_gguf)
     elif tokenizer is not None:

@@ -96,3 +96,16 @@ def test_the_default_models_tokenizer_keeps_its_pre_tokenizer(tmp_path, source_g
     _, tok = modelpress.load()
     fields = {k: v for k, v, *_ in tokenizer_fields(tok, VOCAB)}
     assert fields["tokenizer.ggml.pre"] == "smollm" and len(fields["tokenizer.ggml.tokens"]) == VOCAB
+
+
+def test_fast_array_packing_writes_the_gguf_packages_bytes(tmp_path, source_gguf, monkeypatch):
+    import gguf
+
+    from modelpress.formats import gguf_writer
+
+    model = tiny_llama(vocab_size=VOCAB)
+    ours, stock = tmp_path / "ours.gguf", tmp_path / "stock.gguf"
+    write_gguf(ours, model, "Q8_0", source_gguf, progress=False)
+    monkeypatch.setattr(gguf_writer, "_writer", lambda path: gguf.GGUFWriter(str(path), "llama"))
+    write_gguf(stock, model, "Q8_0", source_gguf, progress=False)
+    assert ours.read_bytes() == stock.read_bytes()
