@@ -11,7 +11,8 @@ file), reports its own ppl on the same windows, and modelpress loads the compres
 checkpoint it wrote and measures the ppl again; each peer row comes right after modelpress' row
 of the same algorithm and bits (llm-compressor's default GPTQ orders columns by activation with
 static groups: modelpress' gptq-act), so that their timings share the machine's state. --peer-only
---keep adds peer rows to an earlier file (llm-compressor's AWQ takes about an hour here).
+--keep adds peer rows to an earlier file (llm-compressor's AWQ on 2 cores: ~9 min per smoothing mapping,
+three per block, with 127 windows and other jobs beside it; plan hours).
 Nothing here asserts a timing.
 """
 from __future__ import annotations
