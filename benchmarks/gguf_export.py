@@ -149,8 +149,6 @@ def main() -> None:
         r["ppl_change_pct"] = 100 * (r["ppl"] / rows[0]["ppl"] - 1)
         rows.append(r)
         print(r, flush=True)
-        from modelpress.model.imatrix import compute_imatrix
-
         for method, config in (("awq", modelpress.AWQConfig(bits=4, group_size=32, scales_only=True)),
                                ("gptq", modelpress.GPTQConfig(bits=4, group_size=32, act_order=True,
                                                               static_groups=True))):

@@ -213,25 +213,19 @@ def test_export_from_a_calibrated_method(tmp_path, capsys, tiny_gguf, method):
                         "--calib", str(calib), "--ctx", "64", "--samples", "4", "--out", str(out))
     assert code == 0 and method in err and "with an imatrix" in err, err
     exported, _ = modelpress.load(out)
-    original, _ = modelpress.load(tiny_gguf)
+    original, tok = modelpress.load(tiny_gguf)
     calibrated, _ = modelpress.load(tiny_gguf)
     config = (modelpress.AWQConfig(bits=4, group_size=32, scales_only=True) if method == "awq" else
               modelpress.GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
     from modelpress.data import calibration_windows
 
-    modelpress.quantize(calibrated, config, calibration_windows(_tok_of(tiny_gguf), calib, 64, 4))
+    modelpress.quantize(calibrated, config, calibration_windows(tok, calib, 64, 4))
     for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"):
         got = dense_weight(exported.get_submodule(name))
         want = dense_weight(calibrated.get_submodule(name))
         # Q8_0 re-rounds the method's 4-bit weights by < half an 8-bit step; the method moved them far more
         assert (got - want).abs().max() < 0.6 * want.abs().max() / 127
         assert (got - original.get_submodule(name).weight).abs().max() > 4 * (got - want).abs().max()
-
-
-def _tok_of(path):
-    import modelpress
-
-    return modelpress.load(path)[1]
 
 
 def test_export_a_transformers_folder(tmp_path, capsys, tiny_hf_dir):
