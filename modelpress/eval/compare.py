@@ -1,0 +1,370 @@
+"""`modelpress compare`: every compression of one model, measured the same way, side by side.
+
+    rows = compare(None, ["fp32", "nf4", "gptq-w4", "q4_k_m"], out="compare")   # the default model
+
+Each method is a recipe (`recipe(name)`): a float dtype, a method config (modelpress.quantize), a
+GGUF mix (written with formats/gguf_writer.py and run on its blocks), or the automatic per-tensor
+mix (methods/auto.py). For each, one row: size on disk, bits per weight (all weights; linear
+layers alone), ppl and its change against the original model, mean KL divergence of the
+next-token distribution and top-1 agreement against the original (eval/divergence.py), decode
+tokens/s, quantize seconds and peak memory.
+
+Rows run one at a time, each in its own process (`python -m modelpress.eval.compare JOB`), so
+that peak memory is the row's own and a crash loses one row; a finished row is written to
+OUT/rows/<method>-<key>.json, the key hashing the model file, the recipe, the texts and the
+settings, so a rerun reuses it and computes only what is missing (`fresh=True`: everything).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelpressError
+
+DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
+                   "q4_k_m", "q5_k_m", "q8_0")
+ROW_FORMAT = 1  # bump when a row's meaning changes: old cached rows no longer match
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How one row's model is made: kind 'float' (dtype), 'config' (a method config's dict),
+    'gguf' (mix, imatrix) or 'auto' (auto config dict)."""
+    name: str
+    kind: str
+    args: dict[str, Any]
+
+    @property
+    def calibrated(self) -> bool:
+        if self.kind == "config":
+            from ..config import BaseConfig
+
+            return BaseConfig.from_dict(self.args).calibrated
+        return (self.kind == "gguf" and self.args["imatrix"]) or self.kind == "auto"
+
+
+def _config_recipes() -> dict[str, Any]:
+    from ..methods import AWQConfig, FP4Config, GPTQConfig, LLMInt8Config, NF4Config, RTNConfig
+
+    table: dict[str, Any] = {
+        "int8": RTNConfig(bits=8, group_size=None, symmetric=True),
+        "llm-int8": LLMInt8Config(), "nf4": NF4Config(), "nf4-dq": NF4Config(double_quant=True),
+        "fp4": FP4Config(), "fp4-dq": FP4Config(double_quant=True),
+    }
+    for bits in (2, 3, 4, 8):
+        table[f"rtn-w{bits}"] = RTNConfig(bits=bits, group_size=64)
+    for bits in (2, 3, 4, 8):  # GPTQ as llm-compressor runs it by default: act order, static groups
+        table[f"gptq-w{bits}"] = GPTQConfig(bits=bits, group_size=64, act_order=True, static_groups=True)
+        table[f"gptq-w{bits}-mse"] = GPTQConfig(bits=bits, group_size=64, act_order=True, static_groups=True,
+                                                mse=True)
+    for bits in (3, 4):
+        table[f"awq-w{bits}"] = AWQConfig(bits=bits, group_size=64)
+    return table
+
+
+def method_names() -> list[str]:
+    """Every name `recipe` accepts (GGUF mixes also with '-imat': an imatrix from the calibration text)."""
+    from ..formats.gguf_mixes import MIXES
+
+    mixes = [m.lower() for m in MIXES if m not in ("F32",)]
+    return (["fp32"] + list(_config_recipes()) + mixes + [f"{m}-imat" for m in mixes if m[0] == "q"]
+            + ["auto-<bpw>", "auto-<gguf mix>"])
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe a method name stands for; an unknown name is a ModelpressError listing the known ones."""
+    from ..formats.gguf_mixes import MIXES
+
+    name = name.strip().lower()
+    if name in ("fp32", "f32"):
+        return Recipe("fp32", "float", {"dtype": "float32"})
+    if name in ("bf16", "fp16", "f16"):
+        return Recipe(name, "float", {"dtype": {"bf16": "bfloat16"}.get(name, "float16")})
+    configs = _config_recipes()
+    if name in configs:
+        return Recipe(name, "config", configs[name].to_dict())
+    mix, _, imat = name.partition("-imat")
+    if mix.upper() in MIXES and imat == "":
+        return Recipe(name, "gguf", {"mix": mix.upper(), "imatrix": name.endswith("-imat")})
+    if name.startswith("auto-"):
+        from ..methods.auto import AutoConfig
+
+        target = name[5:]
+        try:
+            cfg = AutoConfig(target_bpw=float(target))
+        except ValueError:
+            if target.upper() not in MIXES:
+                raise ModelpressError(f"{name}: give a bits-per-weight number or a GGUF mix after 'auto-' "
+                                      "(auto-4.5, auto-q4_k_m)") from None
+            cfg = AutoConfig(target_mix=target.upper())
+        return Recipe(name, "auto", cfg.to_dict())
+    raise ModelpressError(f"unknown method {name!r}; choose from: {', '.join(method_names())}")
+
+
+# -- the data every row shares -----------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+    model: str | None          # None: the default model
+    eval_text: str | None      # None: the default text (pydoc topics), else a file
+    calib_text: str | None
+    eval_windows: int = 16
+    samples: int = 32          # calibration windows (GPTQ, AWQ, imatrix, auto)
+    ctx: int = 512
+    decode_tokens: int = 32
+
+    def key_fields(self) -> dict[str, Any]:
+        from ..data import load_text
+        from ..model.load import resolve
+
+        def digest(text: str) -> str:
+            return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+        return {"model": _file_identity(resolve(self.model)), "eval": digest(load_text(self.eval_text, "eval")),
+                "calib": digest(load_text(self.calib_text, "calib")), "eval_windows": self.eval_windows,
+                "samples": self.samples, "ctx": self.ctx, "decode_tokens": self.decode_tokens}
+
+
+def _file_identity(path: Path) -> str:
+    """Path, sizes and modification times of the model's files: a changed model is a new key."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def row_key(setup_key: dict[str, Any], r: Recipe) -> str:
+    blob = json.dumps({"setup": setup_key, "recipe": dataclasses.asdict(r), "row_format": ROW_FORMAT},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# -- one row ------------------------------------------------------------------------------------
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+
+
+def _gguf_sizes(path: Path) -> dict[str, float]:
+    """Bits per weight of a GGUF file's tensors: all of them, and the blocks' linear weights."""
+    from gguf import GGUFReader
+
+    total_b = total_n = lin_b = lin_n = 0
+    for t in GGUFReader(str(path)).tensors:
+        b, n = int(t.n_bytes), int(t.n_elements)
+        total_b, total_n = total_b + b, total_n + n
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            lin_b, lin_n = lin_b + b, lin_n + n
+    return {"bits_per_weight": 8 * total_b / total_n, "linear_bits_per_weight": 8 * lin_b / lin_n}
+
+
+def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor] | None,
+          work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Make the row's model from the loaded original; returns (model, size facts)."""
+    from ..formats.checkpoint import save
+    from .size import disk_bytes, model_size
+
+    if r.kind in ("gguf", "auto"):
+        path = work / f"{r.name}.gguf"
+        _write_gguf_row(r, model, tok, calib, path)
+        from ..model.load import load
+
+        q, _ = load(path, keep_blocks=True)
+        facts = {"size_bytes": path.stat().st_size, **_gguf_sizes(path)}
+        path.unlink()
+        return q, facts
+    if r.kind == "float":
+        model = model.to(getattr(torch, r.args["dtype"]))
+    else:
+        from ..config import BaseConfig
+        from ..registry import quantize
+
+        model = quantize(model, BaseConfig.from_dict(r.args), calib)
+    size = model_size(model)
+    tmp = work / f"{r.name}.checkpoint"
+    save(model, tok, tmp)
+    facts = {"size_bytes": disk_bytes(tmp), "bits_per_weight": size.bits_per_weight,
+             "linear_bits_per_weight": size.linear_bits_per_weight}
+    shutil.rmtree(tmp, ignore_errors=True)
+    return model, facts
+
+
+def _write_gguf_row(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor] | None,
+                    path: Path) -> None:
+    from ..formats.gguf_writer import write_gguf
+
+    source = Path(getattr(model, "modelpress_source", ""))
+    source = source if source.suffix.lower() == ".gguf" else None
+    if r.kind == "auto":
+        from ..config import BaseConfig
+        from ..methods.auto import allocate_for
+
+        plan = allocate_for(model, BaseConfig.from_dict(r.args), calib)
+        write_gguf(path, model, plan.file_type, source, imatrix=plan.importance, tokenizer=tok, types=plan.types)
+        return
+    importance = None
+    if r.args["imatrix"]:
+        from ..model.imatrix import compute_imatrix
+
+        importance = compute_imatrix(model, calib).importance()
+    write_gguf(path, model, r.args["mix"], source, imatrix=importance, tokenizer=tok, progress=False)
+
+
+def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Tensor | None,
+            ref: torch.Tensor, work: Path, progress: bool = True) -> dict[str, Any]:
+    """Load the model, make the row's version of it, and measure it."""
+    from ..core.metrics import perplexity
+    from ..model.load import load
+    from .divergence import divergence
+    from .speed import decode_tokens_per_s
+
+    model, tok = load(setup.model)
+    start = time.perf_counter()
+    model, facts = build(r, model, tok, None if calib_ids is None else list(calib_ids), work)
+    quantize_s = time.perf_counter() - start
+    peak = _peak_rss()
+    d = divergence(model, eval_ids, ref, progress=progress)
+    ref_nll = -ref.gather(-1, eval_ids[:, 1:, None]).double().sum().item()
+    tps = decode_tokens_per_s(model, tok, setup.decode_tokens, progress=False)
+    return {"method": r.name, "recipe": dataclasses.asdict(r), **facts, "ppl": d.ppl, "kl_mean": d.kl_mean,
+            "kl_p99": d.kl_p99, "top1_agreement": d.top1_agreement, "tokens_scored": d.tokens_scored,
+            "decode_tokens_per_s": tps, "quantize_seconds": quantize_s, "peak_rss_bytes": peak,
+            "eval_seconds": d.seconds, "reference_ppl": perplexity(ref_nll, d.tokens_scored),
+            "ppl_change_pct": 100 * (d.ppl / perplexity(ref_nll, d.tokens_scored) - 1)}
+
+
+def _worker(job_path: str) -> int:
+    """A row in its own process: reads the job file, writes the row file."""
+    from safetensors.torch import load_file
+
+    job = json.loads(Path(job_path).read_text())
+    setup = Setup(**job["setup"])
+    r = Recipe(**job["recipe"])
+    ids = load_file(job["ids"])
+    ref = load_file(job["ref"])["logprobs"]
+    row = measure(r, setup, ids["eval"], ids.get("calib"), ref, Path(job["work"]))
+    row["key"] = job["key"]
+    _write_json(Path(job["row"]), row)
+    return 0
+
+
+# -- the whole comparison ------------------------------------------------------------------------
+def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEFAULT_METHODS,
+            out: str | Path = "compare", text: str | None = None, calib: str | None = None,
+            eval_windows: int = 16, samples: int = 32, ctx: int = 512, decode_tokens: int = 32,
+            fresh: bool = False, isolate: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Measure every method in `methods` on `model` (default: the embedded default model) and write
+    OUT/results.json, OUT/report.md, OUT/pareto.png and OUT/report.html. Returns the results."""
+    from .report import write_reports
+
+    recipes = [recipe(m) for m in methods]
+    if len({r.name for r in recipes}) != len(recipes):
+        raise ModelpressError("a method is named twice in --methods")
+    setup = Setup(model, text, calib, eval_windows, samples, ctx, decode_tokens)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelpressError(f"{out} is a file; --out must be a folder")
+    skey = setup.key_fields()  # also checks the texts and the model path before anything runs
+    rows_dir, work = out / "rows", out / "work"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(exist_ok=True)
+    keys = {r.name: row_key(skey, r) for r in recipes}
+    paths = {r.name: rows_dir / f"{r.name}-{keys[r.name]}.json" for r in recipes}
+    todo = [r for r in recipes if fresh or not paths[r.name].is_file()]
+    say = _say if progress else (lambda *a: None)
+    say(f"compare: {len(recipes)} methods, {len(recipes) - len(todo)} reused from {rows_dir}, {len(todo)} to run")
+    data = _shared_data(setup, skey, work, any(r.calibrated for r in todo), bool(todo), say)
+    failed: dict[str, str] = {}
+    for i, r in enumerate(todo, 1):
+        left = ", ".join(x.name for x in todo[i:]) or "nothing"
+        say(f"[{i}/{len(todo)}] {r.name}: running (left after it: {left})")
+        start = time.perf_counter()
+        err = _run_row(r, setup, keys[r.name], paths[r.name], data, work, isolate, progress)
+        if err:
+            failed[r.name] = err
+            say(f"[{i}/{len(todo)}] {r.name}: FAILED after {time.perf_counter() - start:.0f} s: {err}")
+        else:
+            row = json.loads(paths[r.name].read_text())
+            say(f"[{i}/{len(todo)}] {r.name}: ppl {row['ppl']:.4f}, KL {row['kl_mean']:.4f}, "
+                f"{row['size_bytes'] / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s")
+    rows = [json.loads(paths[r.name].read_text()) for r in recipes if r.name not in failed]
+    results = {"model": str(model or "default: SmolLM2-135M-Instruct"), "settings": dataclasses.asdict(setup),
+               "key": skey, "reference_ppl": rows[0]["reference_ppl"] if rows else None, "rows": rows,
+               "failed": failed}
+    write_reports(out, results)
+    if not failed:
+        shutil.rmtree(work, ignore_errors=True)  # the reference log-probs are large; rows are kept
+    return results
+
+
+def _say(msg: str) -> None:
+    print(f"modelpress: {msg}", file=sys.stderr, flush=True)
+
+
+def _shared_data(setup: Setup, skey: dict[str, Any], work: Path, need_calib: bool, need_ref: bool,
+                 say: Any) -> dict[str, Any]:
+    """Token windows and the original model's log-probs, in files the row processes read."""
+    from safetensors.torch import save_file
+
+    from ..data import load_text, tokenize, windows
+    from ..model.load import load
+    from .divergence import reference_logprobs
+
+    data: dict[str, Any] = {"ids": work / "ids.safetensors", "ref": work / "reference.safetensors"}
+    tag = hashlib.sha256(json.dumps(skey, sort_keys=True).encode()).hexdigest()[:12]
+    stamp = work / "reference.key"
+    if not need_ref or (stamp.is_file() and stamp.read_text() == tag and data["ref"].is_file()):
+        return data
+    say("loading the model and computing its reference log-probs")
+    model, tok = load(setup.model)
+    ids = {"eval": windows(tokenize(tok, load_text(setup.eval_text, "eval")), setup.ctx, setup.eval_windows)}
+    ids["calib"] = windows(tokenize(tok, load_text(setup.calib_text, "calib")), setup.ctx, setup.samples)
+    save_file({k: v.contiguous() for k, v in ids.items()}, str(data["ids"]))
+    ref = reference_logprobs(model, ids["eval"])
+    save_file({"logprobs": ref}, str(data["ref"]))
+    stamp.write_text(tag)
+    return data
+
+
+def _run_row(r: Recipe, setup: Setup, key: str, path: Path, data: dict[str, Any], work: Path, isolate: bool,
+             progress: bool) -> str | None:
+    """Run one row; None when its file was written, else what went wrong."""
+    job = {"setup": dataclasses.asdict(setup), "recipe": dataclasses.asdict(r), "key": key, "row": str(path),
+           "ids": str(data["ids"]), "ref": str(data["ref"]), "work": str(work)}
+    if not isolate:
+        from safetensors.torch import load_file
+
+        ids = load_file(str(data["ids"]))
+        row = measure(r, setup, ids["eval"], ids.get("calib"), load_file(str(data["ref"]))["logprobs"], work,
+                      progress)
+        _write_json(path, {**row, "key": key})
+        return None
+    job_path = work / f"{r.name}.job.json"
+    _write_json(job_path, job)
+    res = subprocess.run([sys.executable, "-m", "modelpress.eval.compare", str(job_path)],
+                         stderr=None if progress else subprocess.PIPE, text=True)
+    if res.returncode != 0 or not path.is_file():
+        tail = (res.stderr or "").strip().splitlines()
+        return tail[-1] if tail else f"exit status {res.returncode} (its output is above)"
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

@@ -1,0 +1,130 @@
+"""The comparison's outputs: results.json, report.md (the table, sorted by size), pareto.png (size
+against ppl, the Pareto front marked) and report.html (table and plot in one page). Each file is
+written under a temporary name and renamed when complete."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# (header, row key, format); None: the value is missing
+COLUMNS = (("method", "method", "{}"), ("size MB", "size_bytes", "{:.1f}"),
+           ("bits/weight", "bits_per_weight", "{:.2f}"), ("linear bits/weight", "linear_bits_per_weight", "{:.2f}"),
+           ("ppl", "ppl", "{:.4f}"), ("ppl vs original", "ppl_change_pct", "{:+.2f} %"),
+           ("mean KL", "kl_mean", "{:.5f}"), ("top-1 agree", "top1_agreement", "{:.2%}"),
+           ("decode tok/s", "decode_tokens_per_s", "{:.1f}"), ("quantize s", "quantize_seconds", "{:.1f}"),
+           ("peak MB", "peak_rss_bytes", "{:.0f}"))
+_SCALE = {"size_bytes": 1e-6, "peak_rss_bytes": 1e-6}
+
+
+def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    return fmt.format(v * _SCALE.get(key, 1))
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
+    """Methods that no other row beats on both size and ppl (smaller and lower, one strictly)."""
+    front = []
+    for r in rows:
+        dominated = any(o is not r and o["size_bytes"] <= r["size_bytes"] and o["ppl"] <= r["ppl"]
+                        and (o["size_bytes"] < r["size_bytes"] or o["ppl"] < r["ppl"]) for o in rows)
+        if not dominated:
+            front.append(r["method"])
+    return front
+
+
+def table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [[cell(r, k, f) for _, k, f in COLUMNS] for r in sorted(rows, key=lambda r: r["size_bytes"])]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    rows = results["rows"]
+    front = set(pareto_front(rows))
+    lines = [f"# modelpress compare: {results['model']}", "",
+             f"Evaluation: {s['eval_windows']} windows of {s['ctx']} tokens of "
+             f"{s['eval_text'] or 'the default text (pydoc topics)'}; calibration (GPTQ, AWQ, imatrix, auto): "
+             f"{s['samples']} windows of {s['calib_text'] or 'the default text'}. KL: mean KL(original || method) "
+             f"of the next-token distribution per token, nats. Decode: {s['decode_tokens']} greedy tokens, "
+             f"batch 1. Peak MB: the row's process, load and quantize. * on the Pareto front (size, ppl).", "",
+             "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
+        cells[0] = f"{cells[0]} *" if r["method"] in front else cells[0]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, err in results.get("failed", {}).items():
+        lines.append(f"\n{name}: failed ({err})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Size (MB) against ppl, log ppl axis, the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = set(pareto_front(rows))
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    for r in rows:
+        on = r["method"] in front
+        ax.scatter(r["size_bytes"] / 1e6, r["ppl"], s=40, color="tab:red" if on else "tab:blue", zorder=3)
+        ax.annotate(r["method"], (r["size_bytes"] / 1e6, r["ppl"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=9)
+    pts = sorted((r["size_bytes"] / 1e6, r["ppl"]) for r in rows if r["method"] in front)
+    if len(pts) > 1:
+        ax.plot(*zip(*pts), color="tab:red", lw=1, ls="--", label="Pareto front", zorder=2)
+        ax.legend()
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ppls = [r["ppl"] for r in rows]
+    if max(ppls) > 3 * min(ppls):  # a wide range: log scale, plain numbers on the axis
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title("size against perplexity")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def page(results: dict[str, Any], png: bytes) -> str:
+    rows = results["rows"]
+    front = set(pareto_front(rows))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
+    body = ""
+    for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
+        style = ' class="front"' if r["method"] in front else ""
+        body += f"<tr{style}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>\n"
+    note = html.escape(markdown(results).split("\n\n")[1])
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>modelpress compare</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+            "tr.front td:first-child{font-weight:bold;color:#b00}</style></head><body>"
+            f"<h1>modelpress compare: {html.escape(results['model'])}</h1><p>{note}</p>"
+            f"<table><tr>{head}</tr>\n{body}</table>"
+            f"<p><img alt='size against perplexity' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>"
+            "</body></html>\n")
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_reports(out: Path, results: dict[str, Any]) -> None:
+    _atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _atomic(out / "report.md", markdown(results))
+    if results["rows"]:
+        plot(results["rows"], out / "pareto.png")
+        _atomic(out / "report.html", page(results, (out / "pareto.png").read_bytes()))
