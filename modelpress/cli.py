@@ -265,6 +265,27 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- compare -----------------------------------------------------------------------------------
+def cmd_compare(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .eval.compare import DEFAULT_METHODS, compare, method_names
+
+    if a.list:
+        print("\n".join(method_names()))
+        return 0
+    methods = [m for m in (a.methods.split(",") if a.methods else DEFAULT_METHODS) if m.strip()]
+    results = compare(a.model, methods, a.out, a.text, a.calib, a.eval_windows, a.samples, a.ctx,
+                      a.decode_tokens, fresh=a.fresh)
+    print((Path(a.out) / "report.md").read_text(), end="")
+    _err(f"modelpress: wrote {a.out}/report.md, results.json, pareto.png, report.html")
+    if results["failed"]:
+        _err(f"modelpress: {len(results['failed'])} method(s) failed: {', '.join(results['failed'])}; "
+             "rerun the same command to retry them (finished rows are reused)")
+        return 1
+    return 0
+
+
 # -- generate ----------------------------------------------------------------------------------
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import stream_text
@@ -325,6 +346,12 @@ def _count_tensors(path: Any) -> int:
             return len(list(f.keys()))
     except (SafetensorError, OSError) as e:
         raise ModelpressError(f"{path} is not a valid safetensors file ({e})") from None
+
+
+def _default_methods() -> tuple[str, ...]:
+    from .eval.compare import DEFAULT_METHODS
+
+    return DEFAULT_METHODS
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -401,6 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gguf-blocks", action="store_true",
                    help="GGUF: run the quantized layers on their blocks, not on an fp32 copy")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("compare", help="measure many compressions of one model side by side: table, plot, report")
+    c.add_argument("model", nargs="?", help=model_help)
+    c.add_argument("--methods", help="comma-separated names (default: " + ",".join(_default_methods())
+                   + "); --list shows every name")
+    c.add_argument("--list", action="store_true", help="print every method name compare accepts")
+    c.add_argument("--text", help=".txt or .jsonl evaluation text (default: Python's pydoc topics)")
+    c.add_argument("--calib", help=".txt or .jsonl calibration text for gptq, awq, imatrix and auto "
+                   "(default: Python's pydoc topics)")
+    c.add_argument("--eval-windows", type=_positive, default=16, help="evaluation windows (default: 16)")
+    c.add_argument("--samples", type=_positive, default=32, help="calibration windows (default: 32)")
+    c.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
+    c.add_argument("--decode-tokens", type=_positive, default=32, help="tokens timed for decode speed (default: 32)")
+    c.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse finished rows)")
+    c.add_argument("--out", default="results/compare", help="folder for the report (default: results/compare)")
+    c.set_defaults(fn=cmd_compare)
 
     g = sub.add_parser("generate", help="stream a completion")
     g.add_argument("model", nargs="?", help=model_help)
