@@ -12,9 +12,9 @@ from .config import BaseConfig
 from .errors import ModelpressError
 from .eval.perplexity import perplexity
 from .formats.checkpoint import save
-from .methods import AWQConfig, FP4Config, GPTQConfig, LLMInt8Config, NF4Config, RTNConfig
+from .methods import AutoConfig, AWQConfig, FP4Config, GPTQConfig, LLMInt8Config, NF4Config, RTNConfig
 from .model.load import load
 from .registry import quantize
 
-__all__ = ["AWQConfig", "BaseConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "ModelpressError", "NF4Config", "RTNConfig", "load", "perplexity", "quantize", "save",
+__all__ = ["AWQConfig", "AutoConfig", "BaseConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "ModelpressError", "NF4Config", "RTNConfig", "load", "perplexity", "quantize", "save",
            "__version__"]

@@ -75,6 +75,21 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(out, key=order)
 
 
+def _gguf_blocks(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """GGUF name -> (type, bytes in the file's row order) of the layers that hold GGUF blocks."""
+    cfg = model.config
+    out = {}
+    for fqn, m in model.named_modules():
+        if hasattr(m, "qdata") and hasattr(m, "kind"):
+            data = m.qdata.cpu()
+            if fqn.endswith("q_proj"):
+                data = permute_rope(data, cfg.num_attention_heads)  # rows move whole: bytes permute alike
+            elif fqn.endswith("k_proj"):
+                data = permute_rope(data, cfg.num_key_value_heads)
+            out[gguf_name(f"{fqn}.weight")] = (m.kind, data.contiguous())
+    return out
+
+
 def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
     """(key, value, type, sub type) of the source file's metadata, for copying."""
     from gguf import GGUFValueType
@@ -111,17 +126,21 @@ def _writer(path: Path) -> Any:
 
 def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: str | Path | None = None,
                imatrix: dict[str, torch.Tensor] | None = None, progress: bool = True,
-               extra_metadata: dict[str, str | int] | None = None, tokenizer: Any = None) -> dict[str, str]:
+               extra_metadata: dict[str, str | int] | None = None, tokenizer: Any = None,
+               types: dict[str, str] | None = None) -> dict[str, str]:
     """Write `model` as GGUF `mix`; returns {tensor name: type}. `source_gguf` gives the tokenizer
     and descriptive metadata; without one, `tokenizer` (a transformers tokenizer) gives the
     tokenizer's (formats/gguf_vocab.py). `imatrix` maps GGUF tensor names to importance vectors;
-    `extra_metadata` adds string / integer keys (llama-quantize's quantize.imatrix.*)."""
+    `extra_metadata` adds string / integer keys (llama-quantize's quantize.imatrix.*). `types`
+    overrides the mix's type per tensor (methods/auto.py); a layer that already holds GGUF blocks
+    of its tensor's type (nn/gguf_linear.py) is written as those bytes, not rounded again."""
     import gguf
 
     cfg = model.config
     tensors = gguf_tensors(model)
-    types = tensor_types([(n, tuple(t.shape)) for n, t in tensors], mix, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, imatrix=bool(imatrix))
+    types = {**tensor_types([(n, tuple(t.shape)) for n, t in tensors], mix, cfg.num_attention_heads,
+                            cfg.num_key_value_heads, imatrix=bool(imatrix)), **(types or {})}
+    blocks = _gguf_blocks(model)
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     writer = _writer(tmp)
@@ -158,7 +177,8 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
         kind = types[name]
         if kind in kquants.BLOCK:
             imat = None if not imatrix else imatrix.get(name)
-            data = kquants.quantize(t, kind, imat).numpy()
+            held = blocks.get(name)
+            data = (held[1] if held is not None and held[0] == kind else kquants.quantize(t, kind, imat)).numpy()
             writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))  # byte shape
         elif kind == "F16":
             writer.add_tensor(name, t.to(torch.float16).numpy())

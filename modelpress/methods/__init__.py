@@ -1,8 +1,9 @@
 """One file per method: its Config and its registered handler. Importing this package registers them all."""
+from .auto import AutoConfig
 from .awq import AWQConfig
 from .bnb4 import FP4Config, NF4Config
 from .gptq import GPTQConfig
 from .llm_int8 import LLMInt8Config
 from .rtn import RTNConfig
 
-__all__ = ["AWQConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "RTNConfig"]
+__all__ = ["AWQConfig", "AutoConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "RTNConfig"]

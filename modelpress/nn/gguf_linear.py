@@ -39,6 +39,11 @@ class GGUFLinear(torch.nn.Module):
         m._affine = None
         return m
 
+    def meta(self) -> dict[str, object]:
+        """What the checkpoint manifest records to rebuild the module (formats/checkpoint.py)."""
+        return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                "kind": self.kind}
+
     def affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes uint8 (out, in), scale, offset fp32 (out, in / g)), decoded once."""
         if self._affine is None or self._affine[0].device != self.qdata.device:
