@@ -63,8 +63,9 @@ _CONFIG_OPTIONS = (("--bits", "bits"), ("--group-size", "group_size"), ("--symme
                    ("--blocksize", "blocksize"), ("--double-quant", "double_quant"),
                    ("--compute-dtype", "compute_dtype"), ("--threshold", "threshold"),
                    ("--act-order", "act_order"), ("--static-groups", "static_groups"), ("--damp", "damp"),
-                   ("--mse", "mse"))
-_FORMATS = ("modelpress", "gptq", "awq", "compressed-tensors")
+                   ("--mse", "mse"), ("--target-bpw", "target_bpw"), ("--target-mix", "target_mix"),
+                   ("--formats", "formats"))
+_FORMATS = ("modelpress", "gptq", "awq", "compressed-tensors", "gguf")
 
 
 def _config_from_args(a: argparse.Namespace) -> Any:
@@ -112,10 +113,15 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .registry import quantize
 
     config = _config_from_args(a)
-    if a.format != "modelpress" and config.method not in ("gptq", "awq", "rtn"):
+    if a.format == "gguf":
+        if config.method != "auto":
+            raise ModelpressError("--format gguf is for --method auto; for llama.cpp's mixes use `modelpress export`")
+        _gguf_out(a.out)
+    elif a.format != "modelpress" and config.method not in ("gptq", "awq", "rtn"):
         raise ModelpressError(f"--format {a.format} holds integer group weights (methods gptq, awq, rtn), "
                               f"not {config.method}; use --format modelpress")
-    check_target(a.out)  # bad destination or text: fail now, before the model loads
+    if a.format != "gguf":
+        check_target(a.out)  # bad destination or text: fail now, before the model loads
     if a.calib is not None:
         load_text(a.calib, "calib")
     model, tok, _ = _load(a.model)
@@ -128,6 +134,21 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     start = time.perf_counter()
     quantize(model, config, calib)
     quant_s = time.perf_counter() - start
+    if config.method == "auto":
+        _err(_allocation(model.modelpress_plan))
+    if a.format == "gguf":
+        from pathlib import Path
+
+        from .formats.gguf_writer import write_gguf
+
+        plan = model.modelpress_plan
+        source = Path(getattr(model, "modelpress_source", ""))
+        out = Path(a.out)
+        write_gguf(out, model, plan.file_type, source if source.suffix.lower() == ".gguf" else None, tokenizer=tok,
+                   types=plan.types)
+        _err(f"quantized with {_describe(config)} in {quant_s:.1f} s; wrote {out} "
+             f"({out.stat().st_size / 1e6:.1f} MB, {plan.bits_per_weight:.3f} bits/weight)")
+        return 0
     if a.format != "modelpress":
         import importlib
 
@@ -141,6 +162,25 @@ def cmd_quantize(a: argparse.Namespace) -> int:
          f"({after.bits_per_weight:.2f} bits/weight, linear layers {after.linear_bits_per_weight:.2f}); "
          f"saved to {out}")
     return 0
+
+
+def _allocation(plan: Any) -> str:
+    """The chosen types, one line per block (q k v o gate up down), and the totals."""
+    import re
+
+    cols = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    blocks: dict[int, dict[str, str]] = {}
+    for name, kind in plan.types.items():
+        m = re.match(r"blk\.(\d+)\.(\w+)\.weight", name)
+        if m and m.group(2) in cols:
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = kind
+    lines = ["auto: chosen types (" + " ".join(cols) + ")"]
+    lines += [f"  blk.{i:<3} " + " ".join(f"{row.get(c, '-'):<5}" for c in cols) for i, row in sorted(blocks.items())]
+    counts = Counter(k for n, k in plan.types.items() if n in plan.costs)
+    lines.append(f"auto: {', '.join(f'{n} {k}' for k, n in counts.most_common())}; "
+                 f"{plan.bits_per_weight:.3f} bits/weight for a budget of {plan.budget_bits / plan.weights:.3f}; "
+                 f"predicted mean KL {sum(plan.predicted.values()):.5f}")
+    return "\n".join(lines)
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -182,7 +222,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .formats.gguf_writer import write_gguf
     from .formats.imatrix import load_imatrix
 
-    if a.type not in MIXES:
+    if a.type is not None and a.type not in MIXES:
         raise ModelpressError(f"unknown GGUF type {a.type!r}; choose one of: {', '.join(MIXES)}")
     out = _gguf_out(a.out)
     if a.imatrix and a.calib:
@@ -216,10 +256,14 @@ def cmd_export(a: argparse.Namespace) -> int:
                 "quantize.imatrix.chunks_count": imatrix.chunk_count}
         if imatrix.datasets:
             meta["quantize.imatrix.dataset"] = imatrix.datasets[0]
-    types = write_gguf(out, model, a.type, source, imatrix=None if imatrix is None else imatrix.importance(),
-                       extra_metadata=meta, tokenizer=tok)
+    from .formats.gguf_writer import held_blocks
+
+    held = {n: k for n, (k, _) in held_blocks(model).items()}  # e.g. an `auto` checkpoint: keep its types
+    mix = a.type or getattr(getattr(model, "modelpress_config", None), "target_mix", None) or "Q4_K_M"
+    types = write_gguf(out, model, mix, source, imatrix=None if imatrix is None else imatrix.importance(),
+                       extra_metadata=meta, tokenizer=tok, types=held if held and a.type is None else None)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
-    _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type}: {counts}"
+    _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {mix}: {counts}"
          f"{', with an imatrix' if imatrix is not None else ''}) in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -364,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", help=model_help)
     q.add_argument("--method", default="rtn",
                    help="rtn (integers, round to nearest), gptq / awq (calibrated), nf4 / fp4 (bitsandbytes "
-                        "4-bit), int8 (LLM.int8); default: rtn")
+                        "4-bit), int8 (LLM.int8), auto (a GGUF type per layer within --target-bpw); default: rtn")
     q.add_argument("--bits", type=int, help="rtn, gptq, awq: 2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=_group_size,
                    help="rtn, gptq, awq: input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
@@ -383,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nf4/fp4: the dtype the layers multiply in (default: float32)")
     q.add_argument("--threshold", type=float,
                    help="int8: input magnitude from which a column runs in fp32 (default: 6.0; 0: none)")
+    q.add_argument("--target-bpw", type=float, help="auto: bits per weight of the whole model (GGUF file), e.g. 4.5")
+    q.add_argument("--target-mix", help="auto: the size of this llama.cpp mix instead, e.g. Q4_K_M")
+    q.add_argument("--formats", type=lambda t: tuple(x.strip().upper() for x in t.split(",") if x.strip()),
+                   help="auto: the GGUF types to choose from (default: Q2_K,Q3_K,Q4_0,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,"
+                        "Q6_K,Q8_0)")
     q.add_argument("--calib", help=".txt or .jsonl calibration text, for methods that calibrate "
                    "(default: Python's pydoc topics)")
     q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
@@ -390,16 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=_FORMATS, default="modelpress",
                    help="modelpress (default); gptq: the HF GPTQ layout, awq: AutoAWQ's GEMM layout, "
                         "compressed-tensors: llm-compressor's pack-quantized (what transformers, vLLM, "
-                        "GPTQModel, AutoAWQ and llm-compressor read)")
-    q.add_argument("--out", required=True, help="folder to write")
+                        "GPTQModel, AutoAWQ and llm-compressor read); gguf (auto only): a .gguf file")
+    q.add_argument("--out", required=True, help="folder to write (--format gguf: the .gguf file)")
     q.set_defaults(fn=cmd_quantize)
 
     x = sub.add_parser("export", help="write a model as a GGUF file llama.cpp runs")
     x.add_argument("model", nargs="?", help=model_help)
     x.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (default)")
-    x.add_argument("--type", default="Q4_K_M",
+    x.add_argument("--type",
                    help="llama.cpp's mix: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, Q5_K_S/M, Q6_K, "
-                        "Q8_0, F16, BF16, F32 (default: Q4_K_M)")
+                        "Q8_0, F16, BF16, F32 (default: Q4_K_M; a model whose layers hold GGUF blocks, such as "
+                        "an `auto` checkpoint, keeps their types)")
     x.add_argument("--imatrix", help="llama.cpp importance-matrix file (.gguf or legacy .dat) to weigh the rounding")
     x.add_argument("--calib", help=".txt or .jsonl text to compute the importance matrix from (and to calibrate "
                    "--from-method)")

@@ -233,3 +233,43 @@ def test_export_a_transformers_folder(tmp_path, capsys, tiny_hf_dir):
     out = tmp_path / "hf-q8.gguf"
     code, _, err = _run(capsys, "export", str(d), "--type", "Q8_0", "--out", str(out))
     assert code == 0 and out.is_file(), err
+
+
+def test_quantize_auto_then_export_keeps_the_types(tmp_path, capsys, tiny_gguf):
+    from gguf import GGUFReader
+
+    (tmp_path / "c.txt").write_text("the thing in the winter, then the thing in the spring. " * 80)
+    common = ("--calib", str(tmp_path / "c.txt"), "--samples", "4", "--ctx", "64")
+    code, _, err = _run(capsys, "quantize", str(tiny_gguf), "--method", "auto", "--target-bpw", "6",
+                        "--formats", "q4_0,q5_1,q8_0", *common, "--out", str(tmp_path / "auto"))
+    assert code == 0 and "auto: chosen types" in err and "blk.1" in err, err
+    assert "bits/weight for a budget of 6.000" in err
+    code, _, err = _run(capsys, "export", str(tmp_path / "auto"), "--out", str(tmp_path / "auto.gguf"))
+    assert code == 0, err
+    code, _, err = _run(capsys, "quantize", str(tiny_gguf), "--method", "auto", "--target-bpw", "6",
+                        "--formats", "q4_0,q5_1,q8_0", *common, "--format", "gguf", "--out", str(tmp_path / "direct.gguf"))
+    assert code == 0, err
+    a = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "auto.gguf")).tensors}
+    b = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "direct.gguf")).tensors}
+    assert a == b and {"Q4_0", "Q8_0"} <= set(a.values())
+    _one_line_error(*_run(capsys, "quantize", str(tiny_gguf), "--method", "auto", "--out", str(tmp_path / "x"))[::2])
+    _one_line_error(*_run(capsys, "quantize", str(tiny_gguf), "--method", "rtn", "--format", "gguf",
+                          "--out", str(tmp_path / "y.gguf"))[::2])
+
+
+def test_compare_runs_resumes_and_reports(tmp_path, capsys, tiny_gguf):
+    out = tmp_path / "cmp"
+    (tmp_path / "c.txt").write_text("the thing in the winter, then the thing in the spring. " * 80)
+    args = ("compare", str(tiny_gguf), "--methods", "fp32,q8_0", "--ctx", "64", "--eval-windows", "3",
+            "--samples", "2", "--decode-tokens", "4", "--text", str(tmp_path / "c.txt"), "--out", str(out))
+    code, stdout, err = _run(capsys, *args)
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} >= {"report.md", "results.json", "pareto.png", "report.html", "rows"}
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["fp32", "q8_0"]
+    fp32 = res["rows"][0]
+    assert fp32["kl_mean"] < 1e-6 and fp32["top1_agreement"] == 1.0 and abs(fp32["ppl"] / res["reference_ppl"] - 1) < 1e-5
+    assert "| q8_0" in stdout and "2 to run" in err
+    code, _, err = _run(capsys, *args[:3], "fp32,q8_0,rtn-w4", *args[4:])  # one more method: only it runs
+    assert code == 0 and "2 reused" in err and "1 to run" in err and "rtn-w4: running" in err
+    _one_line_error(*_run(capsys, "compare", str(tiny_gguf), "--methods", "fp32,bogus", "--out", str(out))[::2])

@@ -36,7 +36,7 @@ def test_perplexity_and_generation_on_cuda(tiny):
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q6_K"])
-def test_gguf_blocks_on_cuda(kind):
+def testheld_blocks_on_cuda(kind):
     from modelpress.core import kquants
     from modelpress.nn.gguf_linear import GGUFLinear
 

@@ -75,7 +75,7 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(out, key=order)
 
 
-def _gguf_blocks(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+def held_blocks(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
     """GGUF name -> (type, bytes in the file's row order) of the layers that hold GGUF blocks."""
     cfg = model.config
     out = {}
@@ -140,7 +140,7 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
     tensors = gguf_tensors(model)
     types = {**tensor_types([(n, tuple(t.shape)) for n, t in tensors], mix, cfg.num_attention_heads,
                             cfg.num_key_value_heads, imatrix=bool(imatrix)), **(types or {})}
-    blocks = _gguf_blocks(model)
+    blocks = held_blocks(model)
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     writer = _writer(tmp)

@@ -133,9 +133,9 @@ def test_quantize_save_load_and_export_keep_the_types_and_bytes(tmp_path, tiny):
     written = write_gguf(path, model, plan.file_type, tokenizer=tok, types=plan.types, progress=False)
     assert written == plan.types
     by_name = {t.name: t for t in GGUFReader(str(path)).tensors}
-    from modelpress.formats.gguf_writer import _gguf_blocks
+    from modelpress.formats.gguf_writer import held_blocks
 
-    for name, (kind, data) in _gguf_blocks(model).items():
+    for name, (kind, data) in held_blocks(model).items():
         assert by_name[name].tensor_type.name == kind
         assert torch.equal(torch.from_numpy(by_name[name].data.copy()).view(torch.uint8).reshape(data.shape), data)
     gg, _ = modelpress.load(path, keep_blocks=True)

@@ -1,0 +1,62 @@
+"""The comparison (eval/compare.py, eval/report.py) on the tiny model, rows run in this process."""
+import json
+
+import pytest
+import torch
+
+from modelpress.eval.compare import compare, recipe
+from modelpress.eval.divergence import divergence, reference_logprobs, token_kl
+from modelpress.eval.perplexity import perplexity_of_windows
+from modelpress.eval.report import pareto_front
+from modelpress.errors import ModelpressError
+
+
+def test_divergence_against_a_direct_computation(tiny):
+    model, _ = tiny
+    wins = torch.randint(0, 261, (3, 40), generator=torch.Generator().manual_seed(0))
+    ref = reference_logprobs(model, wins, progress=False)
+    same = divergence(model, wins, ref, progress=False)
+    assert same.kl_mean < 1e-6 and same.top1_agreement == 1.0
+    assert abs(same.ppl / perplexity_of_windows(model, wins, progress=False).ppl - 1) < 1e-5
+    other = type(model)(model.config).eval()  # another random model
+    d = divergence(other, wins, ref, progress=False)
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=wins).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(other(input_ids=wins).logits[:, :-1].double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert abs(d.kl_mean - kl.mean().item()) < 1e-5 * kl.mean().item() + 1e-7
+    assert abs(d.top1_agreement - (p.argmax(-1) == q.argmax(-1)).double().mean().item()) < 1e-12
+    assert torch.allclose(token_kl(p, q), kl)
+
+
+def test_pareto_front():
+    rows = [{"method": "a", "size_bytes": 10, "ppl": 5.0}, {"method": "b", "size_bytes": 20, "ppl": 4.0},
+            {"method": "c", "size_bytes": 20, "ppl": 6.0}, {"method": "d", "size_bytes": 30, "ppl": 4.0}]
+    assert pareto_front(rows) == ["a", "b"]
+
+
+def test_recipes():
+    assert recipe("GPTQ-W4").args["act_order"] is True
+    assert recipe("q4_k_m-imat").args == {"mix": "Q4_K_M", "imatrix": True}
+    assert recipe("auto-q3_k_m").args["target_mix"] == "Q3_K_M"
+    assert recipe("auto-4.5").args["target_bpw"] == 4.5
+    for bad in ("q9_k", "auto-x", "gptq-w5"):
+        with pytest.raises(ModelpressError):
+            recipe(bad)
+
+
+def test_fresh_recomputes_and_rows_survive(tmp_path, tiny_hf_dir):
+    d, _, _ = tiny_hf_dir
+    kw = dict(out=tmp_path / "c", eval_windows=2, samples=2, ctx=32, decode_tokens=2, isolate=False, progress=False)
+    first = compare(str(d), ["fp32", "nf4", "auto-q8_0"], **kw)
+    rows = sorted(p.name for p in (tmp_path / "c" / "rows").iterdir())
+    assert len(rows) == 3 and not (tmp_path / "c" / "work").exists()
+    again = compare(str(d), ["fp32", "nf4", "auto-q8_0"], fresh=True, **kw)
+    for a, b in zip(first["rows"], again["rows"]):  # deterministic: the same figures
+        assert a["ppl"] == b["ppl"] and a["size_bytes"] == b["size_bytes"]
+    saved = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["fp32", "nf4", "auto-q8_0"]
+    assert saved["rows"][2]["kl_mean"] < 0.01  # at Q8_0's size: nearly the original (observed 1e-4)
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert md.index("| nf4") < md.index("| fp32")  # sorted by size
+    assert "<img" in (tmp_path / "c" / "report.html").read_text()
