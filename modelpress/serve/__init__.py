@@ -1,0 +1,1 @@
+"""Serving: sequence, block_manager, scheduler (no torch), sampler, runner, engine, http."""
