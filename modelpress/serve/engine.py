@@ -1,0 +1,218 @@
+"""Engine: the step loop. Requests come in (`add_request`), each `step()` schedules a batch,
+runs it, samples the sequences whose tokens are all computed, checks stops, and returns what
+changed. `generate()` runs prompts to completion; `stream()` yields text as it comes.
+
+    engine = Engine(model, tokenizer, max_num_seqs=32, kv_blocks=1024)
+    out = engine.generate(["Once upon a time"], SamplingParams(max_tokens=32, temperature=0))
+    print(out[0].outputs[0].text)
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Iterator
+
+import torch
+
+from .block_manager import BlockManager
+from .runner import ModelRunner
+from .sampler import SamplingParams, sample, top_logprobs
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None          # "stop", "length", "abort" or None while running
+    logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    generators: list[torch.Generator | None]
+    arrival: float
+    texts: list[str]
+    spawned: bool = False
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_num_seqs: int = 32, kv_blocks: int = 1024,
+                 block_size: int = 16, max_tokens_per_step: int = 512, prefix_caching: bool = True) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.block_manager = BlockManager(kv_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens_per_step)
+        self.runner = ModelRunner(model, kv_blocks, block_size)
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        eos = getattr(model.config, "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = set(eos)
+        self.requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self.tokens_generated = 0
+        self.steps = 0
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                             f"context of {self.max_model_len} tokens")
+        bs, blocks = self.block_manager.block_size, len(self.block_manager.blocks)
+        if -(-(len(ids) + params.max_tokens) // bs) > blocks:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more than the "
+                             f"{blocks} KV blocks of {bs} tokens the cache has; raise kv_blocks or lower max_tokens")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is in use")
+        seq = Sequence(ids, params, rid, 0)
+        self.scheduler.add(seq)
+        gens = [None if params.seed is None else torch.Generator().manual_seed(params.seed + i)
+                for i in range(params.n)]
+        self.requests[rid] = _Request(rid, ids, params, [seq], gens, time.time(), [""] * params.n)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (a client went away): its sequences finish and free their blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for s in req.seqs:
+            if s.status is not Status.FINISHED:
+                self.scheduler.finish(s, "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("the KV cache cannot hold the next waiting sequence; raise kv_blocks")
+            return []
+        logits = self.runner.run(batch.seqs, batch.num_tokens)
+        self.steps += 1
+        touched: dict[str, _Request] = {}
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            seq.num_computed += n
+            self.block_manager.mark_computed(seq)
+            if seq.num_uncomputed:  # a prefill chunk: nothing to sample yet
+                continue
+            req = self.requests.get(seq.request_id)
+            if req is None or seq.status is not Status.RUNNING:
+                continue
+            self._advance(req, seq, logits[row])
+            touched[req.request_id] = req
+        outs = [self._output(r) for r in touched.values()]
+        for o in outs:
+            if o.finished:
+                self.requests.pop(o.request_id, None)
+        return outs
+
+    def _advance(self, req: _Request, seq: Sequence, logits: torch.Tensor) -> None:
+        p = req.params
+        if not req.spawned and p.n > 1:  # the prompt is computed: its other completions fork from here
+            req.spawned = True
+            for k in range(1, p.n):
+                child = Sequence(req.prompt_ids, p, req.request_id, k)
+                child.token_ids = list(seq.token_ids)
+                self._append(req, child, logits)
+                req.seqs.append(child)
+                if child.status is Status.FINISHED:
+                    continue
+                self.runner.copy_blocks(self.scheduler.spawn(seq, child))
+        self._append(req, seq, logits)
+
+    def _append(self, req: _Request, seq: Sequence, logits: torch.Tensor) -> None:
+        p = req.params
+        tok = sample(logits, p, seq.token_ids, req.generators[seq.index])
+        if p.logprobs is not None:
+            lp, alts = top_logprobs(logits, tok, p.logprobs)
+            seq.logprobs.append({"token_id": tok, "logprob": lp, "top": alts})
+        seq.append(tok)
+        self.tokens_generated += 1
+        reason = None
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = "stop"
+        elif seq.num_generated >= p.max_tokens:
+            reason = "length"
+        text = self._text(seq)
+        if p.stop:
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        req.texts[seq.index] = text
+        if reason is not None:
+            if seq.status is Status.RUNNING or seq.status is Status.WAITING:
+                self.scheduler.finish(seq, reason)
+            else:
+                seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def _text(self, seq: Sequence) -> str:
+        ids = seq.output_ids
+        if ids and ids[-1] in self.eos_ids and not seq.params.ignore_eos:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for s in sorted(req.seqs, key=lambda s: s.index):
+            ids = s.output_ids
+            outs.append(CompletionOutput(s.index, req.texts[s.index], ids, s.finish_reason,
+                                         s.logprobs if req.params.logprobs is not None else None))
+        finished = len(outs) == req.params.n and all(s.status is Status.FINISHED for s in req.seqs)
+        return RequestOutput(req.request_id, req.prompt_ids, outs, finished)
+
+    # -- conveniences ----------------------------------------------------------------------------------
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in the prompts' order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(rids):
+            for o in self.step():
+                if o.finished:
+                    done[o.request_id] = o
+        return [done[r] for r in rids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that changed it (text so far)."""
+        rid = self.add_request(prompt, params)
+        while True:
+            for o in self.step():
+                if o.request_id == rid:
+                    yield o
+                    if o.finished:
+                        return
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": bm.num_used, "kv_blocks_total": len(bm.blocks),
+                "tokens_generated": self.tokens_generated, "preemptions": self.scheduler.preemptions,
+                "prefix_cache_hit_tokens": bm.hits, "prefix_cache_query_tokens": bm.queries}

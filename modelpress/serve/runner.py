@@ -1,0 +1,128 @@
+"""ModelRunner: one forward pass for a scheduled batch, over a paged KV cache.
+
+It drives a Llama-family transformers model through its own modules (embeddings, norms, the
+q/k/v/o and MLP linears, whatever compressed class they are, rotary embedding, output head), so
+every format modelpress loads runs through its own kernels; only attention is done here, against
+the cache:
+
+    k_cache[layer], v_cache[layer]: (num_blocks, block_size, n_kv_heads, head_dim)
+    a token at position p of a sequence lives in slot block_table[p // block_size] * block_size
+    + p % block_size
+
+The batch is flattened to N tokens (each sequence's next `num_tokens`): the linear layers run once
+on (N, hidden). Attention: every sequence that decodes one token joins one padded, masked
+scaled_dot_product_attention call (its keys gathered from its blocks); each prefill chunk runs its
+own causal call against its cached prefix plus itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .sequence import Sequence
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int = 16) -> None:
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.layers = list(model.model.layers)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, (p.dtype if p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                             else torch.float32)
+        shape = (num_blocks, block_size, self.n_kv, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * len(self.layers) * self.block_size * self.n_kv * self.head_dim * self.k_cache[0].element_size()
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write for forks: block dst takes src's keys and values in every layer."""
+        for src, dst in pairs:
+            for kc, vc in zip(self.k_cache, self.v_cache):
+                kc[dst] = kc[src]
+                vc[dst] = vc[src]
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], num_tokens: list[int]) -> torch.Tensor:
+        """Compute the scheduled tokens into the cache; returns (len(seqs), vocab) fp32 logits of
+        each sequence's last scheduled token (callers use those of sequences now complete)."""
+        ids, pos, slots, spans = [], [], [], []
+        for seq, n in zip(seqs, num_tokens):
+            start = seq.num_computed
+            ids += seq.token_ids[start:start + n]
+            pos.append(torch.arange(start, start + n))
+            slots.append(self._slots(seq, start, start + n))
+            spans.append((start, n))
+        dev = self.device
+        input_ids = torch.tensor(ids, device=dev)
+        positions = torch.cat(pos).to(dev)
+        slot = torch.cat(slots).to(dev)
+        key_slots = [self._slots(s, 0, st + n).to(dev) for s, (st, n) in zip(seqs, spans)]
+        decode = [i for i, (_, n) in enumerate(spans) if n == 1]
+        dec_index = dec_mask = None
+        if decode:  # (B, Lmax) slot ids, padded with slot 0 and masked out
+            lens = [key_slots[i].numel() for i in decode]
+            lmax = max(lens)
+            dec_index = torch.zeros(len(decode), lmax, dtype=torch.long, device=dev)
+            dec_mask = torch.zeros(len(decode), 1, 1, lmax, dtype=torch.bool, device=dev)
+            for r, (i, L) in enumerate(zip(decode, lens)):
+                dec_index[r, :L] = key_slots[i]
+                dec_mask[r, ..., :L] = True
+        offsets = torch.tensor([0] + [n for _, n in spans]).cumsum(0).tolist()
+        m = self.model.model
+        x = m.embed_tokens(input_ids[None])[0].to(self.dtype)
+        cos, sin = m.rotary_emb(x[None], positions[None])
+        cos, sin = cos[0][:, None, :].to(self.dtype), sin[0][:, None, :].to(self.dtype)
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(-1, self.n_heads, self.head_dim)
+            k = attn.k_proj(h).view(-1, self.n_kv, self.head_dim)
+            v = attn.v_proj(h).view(-1, self.n_kv, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc = self.k_cache[li].view(-1, self.n_kv, self.head_dim)
+            vc = self.v_cache[li].view(-1, self.n_kv, self.head_dim)
+            kc[slot] = k.to(self.dtype)
+            vc[slot] = v.to(self.dtype)
+            out = torch.empty_like(q)
+            if decode:
+                rows = torch.tensor([offsets[i] for i in decode], device=dev)
+                qd = q[rows][:, :, None, :]                                   # (B, H, 1, D)
+                kd = kc[dec_index].transpose(1, 2)                            # (B, Hkv, L, D)
+                vd = vc[dec_index].transpose(1, 2)
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec_mask, enable_gqa=True)
+                out[rows] = od[:, :, 0, :]
+            for i, (start, n) in enumerate(spans):
+                if n == 1:
+                    continue
+                a, b = offsets[i], offsets[i + 1]
+                ks, L = key_slots[i], key_slots[i].numel()
+                qp = q[a:b].transpose(0, 1)[None]                             # (1, H, n, D)
+                kp = kc[ks].transpose(0, 1)[None]                             # (1, Hkv, L, D)
+                vp = vc[ks].transpose(0, 1)[None]
+                # query j (position start + j) sees keys 0 .. start + j
+                mask = torch.arange(L, device=dev)[None, :] <= (start + torch.arange(n, device=dev))[:, None]
+                out[a:b] = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+            x = x + attn.o_proj(out.reshape(-1, self.n_heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = torch.tensor([offsets[i + 1] - 1 for i in range(len(spans))], device=dev)
+        return self.model.lm_head(m.norm(x[last])).float()

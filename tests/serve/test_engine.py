@@ -1,0 +1,100 @@
+"""The engine on the tiny model: greedy outputs equal transformers' generate token for token at
+batch sizes 1 to 32, with mixed prompt lengths, chunked prefill, prefix-cache hits and preemptions
+forced by a small cache; sampling options; n completions; abort frees blocks."""
+import pytest
+import torch
+
+from modelpress.serve.engine import Engine
+from modelpress.serve.sampler import SamplingParams
+from tests.conftest import byte_tokenizer, tiny_llama
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    new = out[0, len(ids):].tolist()
+    eos = model.config.eos_token_id
+    return new[: new.index(eos) + 1] if eos in new else new
+
+
+def prompts(k, seed=0, shared=0):
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(1, 261, (shared,), generator=g).tolist()
+    return [prefix + torch.randint(1, 261, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(k)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("batch,kv_blocks,step_tokens,shared", [(1, 64, 512, 0), (4, 64, 16, 20), (32, 64, 128, 33),
+                                                                  (32, 24, 64, 0), (9, 24, 7, 18)])
+def test_greedy_equals_transformers(model, batch, kv_blocks, step_tokens, shared):
+    tok = byte_tokenizer()
+    ps = prompts(batch, seed=batch, shared=shared)
+    eng = Engine(model, tok, max_num_seqs=8 if batch > 8 else batch, kv_blocks=kv_blocks, block_size=4,
+                 max_tokens_per_step=step_tokens)
+    outs = eng.generate(ps, SamplingParams(max_tokens=12, temperature=0))
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == hf_greedy(model, p, 12)
+    assert eng.block_manager.num_used == 0
+    if kv_blocks <= 24:
+        assert eng.scheduler.preemptions > 0  # the small cache forced recomputation
+    if shared:
+        assert eng.block_manager.hits > 0
+
+
+def test_sampling_is_seeded_and_filters_apply(model):
+    tok = byte_tokenizer()
+    eng = Engine(model, tok, kv_blocks=64, block_size=4)
+    p = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=3,
+                       repetition_penalty=1.3, ignore_eos=True)
+    a = eng.generate([[5, 6, 7]], p)[0].outputs[0].token_ids
+    b = eng.generate([[5, 6, 7]], p)[0].outputs[0].token_ids
+    assert a == b and len(a) == 10
+    c = eng.generate([[5, 6, 7]], SamplingParams(max_tokens=10, temperature=0.8, seed=4, ignore_eos=True))
+    assert c[0].outputs[0].token_ids != a
+
+
+def test_n_completions_share_the_prompt_and_differ(model):
+    tok = byte_tokenizer()
+    eng = Engine(model, tok, kv_blocks=64, block_size=4)
+    out = eng.generate([list(range(1, 30))], SamplingParams(max_tokens=8, temperature=1.0, seed=0, n=4,
+                                                            ignore_eos=True, logprobs=2))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert all(len(c.token_ids) == 8 and len(c.logprobs) == 8 for c in out.outputs)
+    assert all(len(lp["top"]) == 2 for lp in out.outputs[0].logprobs)
+    assert eng.block_manager.num_used == 0
+
+
+def test_greedy_n_completions_are_identical(model):
+    eng = Engine(model, byte_tokenizer(), kv_blocks=64, block_size=4)
+    ids = list(range(1, 23))
+    out = eng.generate([ids], SamplingParams(max_tokens=8, temperature=0, n=3))[0]
+    assert all(c.token_ids == hf_greedy(model, ids, 8) for c in out.outputs)
+
+
+def test_stop_strings_and_abort(model):
+    tok = byte_tokenizer()
+    eng = Engine(model, tok, kv_blocks=64, block_size=4)
+    full = eng.generate(["the "], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0].outputs[0]
+    stop = full.text[5:7]
+    cut = eng.generate(["the "], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert cut.outputs[0].finish_reason == "stop" and cut.outputs[0].text == full.text[:full.text.find(stop)]
+    rid = eng.add_request("the ", SamplingParams(max_tokens=20, ignore_eos=True))
+    eng.step()
+    assert eng.block_manager.num_used > 0
+    eng.abort(rid)
+    assert eng.block_manager.num_used == 0 and not eng.has_work
+
+
+def test_bad_requests(model):
+    eng = Engine(model, byte_tokenizer(), kv_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        eng.add_request([1] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="KV blocks of 4 tokens"):
+        eng.add_request([1] * 20, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
