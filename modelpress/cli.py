@@ -330,6 +330,23 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve -------------------------------------------------------------------------------------
+def cmd_serve(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .serve.engine import Engine
+    from .serve.http import serve
+
+    model, tok, load_s = _load(a.model, keep_blocks=True)  # a GGUF runs on its blocks
+    engine = Engine(model, tok, max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks, block_size=a.block_size,
+                    max_tokens_per_step=a.max_step_tokens)
+    name = a.served_model_name or Path(model.modelpress_source).stem
+    _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {a.kv_blocks} blocks of {a.block_size} "
+         f"tokens, {engine.runner.bytes_per_block * a.kv_blocks / 1e6:.0f} MB) on http://{a.host}:{a.port}/v1")
+    serve(engine, name, a.host, a.port, a.api_key)
+    return 0
+
+
 # -- generate ----------------------------------------------------------------------------------
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import stream_text
@@ -494,6 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse finished rows)")
     c.add_argument("--out", default="results/compare", help="folder for the report (default: results/compare)")
     c.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    s.add_argument("model", nargs="?", help=model_help)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=_positive, default=8000, help="port (default: 8000)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    s.add_argument("--max-num-seqs", type=_positive, default=32, help="sequences running at once (default: 32)")
+    s.add_argument("--kv-blocks", type=_positive, default=1024, help="KV-cache blocks (default: 1024)")
+    s.add_argument("--block-size", type=_positive, default=16, help="tokens per KV-cache block (default: 16)")
+    s.add_argument("--max-step-tokens", type=_positive, default=512,
+                   help="tokens computed per engine step, prefill chunks included (default: 512)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the model file's name)")
+    s.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="stream a completion")
     g.add_argument("model", nargs="?", help=model_help)
