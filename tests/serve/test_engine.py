@@ -98,3 +98,40 @@ def test_bad_requests(model):
         eng.add_request([1] * 20, SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def _quantized(kind):
+    import modelpress
+
+    model = tiny_llama()
+    if kind == "bf16":
+        return model.to(torch.bfloat16)
+    if kind.startswith("gguf-"):
+        import tempfile
+        from pathlib import Path
+
+        from modelpress.formats.gguf_writer import write_gguf
+
+        path = Path(tempfile.mkdtemp()) / "m.gguf"
+        write_gguf(path, model, kind[5:], tokenizer=byte_tokenizer(), progress=False)
+        return modelpress.load(path, keep_blocks=True)[0]
+    cfg = {"rtn-w4": modelpress.RTNConfig(bits=4, group_size=32), "nf4": modelpress.NF4Config(),
+           "llm-int8": modelpress.LLMInt8Config()}[kind]
+    return modelpress.quantize(model, cfg)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "rtn-w4", "nf4", "llm-int8", "gguf-Q4_K_M", "gguf-Q8_0"])
+def test_every_format_runs_through_its_own_layers(kind):
+    """Greedy tokens of the engine (batched, paged) equal modelpress' plain generate loop on the
+    same compressed model (which runs transformers' forward over the same layers)."""
+    from modelpress.generate import generate_ids
+    from modelpress.nn import QUANT_LINEAR_CLASSES
+
+    model = _quantized(kind)
+    if kind != "bf16":
+        assert any(isinstance(m, tuple(QUANT_LINEAR_CLASSES.values())) for m in model.modules())
+    ps = prompts(6, seed=7)
+    eng = Engine(model, byte_tokenizer(), max_num_seqs=6, kv_blocks=80, block_size=4)
+    outs = eng.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == list(generate_ids(model, torch.tensor([p]), 8)), kind

@@ -1,0 +1,257 @@
+"""The serving engine beside llama.cpp and transformers, in one run.
+
+    .venv/bin/python benchmarks/serve.py --out benchmarks/results/serve.json \
+        [--llama-server /path/to/llama-server]     # llama.cpp's own server (../shared/PEERS.md)
+
+1. decode: batch-1 decode tokens/s on the default model's Q4_K_M and Q8_0 GGUF files (written by
+   modelpress, the same files for both): modelpress' Engine on the blocks, llama.cpp
+   (llama-cpp-python, 2 threads) on the file. --decode-tokens greedy tokens after a short prompt.
+2. throughput: --clients concurrent requests (prompts of ~128 tokens from eval.txt, 128 new
+   tokens each, greedy, no stop at eos) through `modelpress serve`'s HTTP API, through
+   llama-server with as many slots (if given), and transformers' batched generate (fp32).
+3. load: --load-clients streaming clients against a KV cache too small for all of them, a quarter
+   disconnecting after their first tokens; every other output must equal the same request run
+   alone, and /metrics must show 0 KV blocks in use at the end.
+Nothing here asserts a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import modelpress  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
+from modelpress.data import read_text  # noqa: E402
+from modelpress.serve.engine import Engine  # noqa: E402
+from modelpress.serve.sampler import SamplingParams  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROMPT = "The history of data compression begins with"
+
+
+def gguf_files(work: Path, mixes: list[str]) -> dict[str, Path]:
+    from modelpress.formats.gguf_writer import write_gguf
+    from modelpress.model.load import default_model_path
+
+    model, tok = modelpress.load()
+    out = {}
+    for mix in mixes:
+        out[mix] = work / f"smollm2-{mix}.gguf"
+        write_gguf(out[mix], model, mix, default_model_path(), tokenizer=tok)
+    return out
+
+
+def decode_ours(path: Path, n: int) -> float:
+    model, tok = modelpress.load(path, keep_blocks=True)
+    eng = Engine(model, tok, max_num_seqs=1, kv_blocks=64)
+    p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    eng.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm up (kernels, caches)
+    rid = eng.add_request(PROMPT, p)
+    eng.step()  # prefill and the first token: not decode
+    start, made = time.perf_counter(), 1
+    while eng.has_work:
+        for o in eng.step():
+            made = len(o.outputs[0].token_ids)
+            if o.request_id == rid and o.finished:
+                break
+    return (made - 1) / (time.perf_counter() - start)
+
+
+def decode_llamacpp(path: Path, n: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_threads=2, n_ctx=512, verbose=False)
+    ids = llm.tokenize(PROMPT.encode(), add_bos=False)
+    llm.eval(ids)
+    tok = llm.sample(temp=0)
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        llm.eval([tok])
+        tok = llm.sample(temp=0)
+    return (n - 1) / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
+    import httpx
+
+    end = time.time() + seconds
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not come up")
+
+
+def eval_prompts(k: int, length: int = 128) -> list[list[int]]:
+    model_tok = modelpress.load()[1]
+    ids = model_tok(read_text(SHARED / "eval.txt"), add_special_tokens=False)["input_ids"]
+    return [ids[i * 300:i * 300 + length] for i in range(k)]
+
+
+async def _fire(url: str, model: str, prompts: list[list[int]], new: int, stream: bool = False,
+                leave_after: set[int] | None = None) -> list[dict]:
+    import httpx
+
+    leave_after = leave_after or set()
+    async with httpx.AsyncClient(timeout=3600) as client:
+        async def one(i: int, p: list[int]) -> dict:
+            body = {"model": model, "prompt": p, "max_tokens": new, "temperature": 0, "ignore_eos": True,
+                    "stream": stream}
+            t0 = time.perf_counter()
+            if not stream:
+                r = await client.post(f"{url}/v1/completions", json=body)
+                r.raise_for_status()
+                j = r.json()
+                return {"text": j["choices"][0]["text"], "tokens": j["usage"]["completion_tokens"],
+                        "seconds": time.perf_counter() - t0}
+            text = ""
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    if i in leave_after and text:
+                        return {"left": True}
+            return {"text": text, "seconds": time.perf_counter() - t0}
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def throughput(url: str, model: str, prompts: list[list[int]], new: int) -> dict:
+    start = time.perf_counter()
+    res = asyncio.run(_fire(url, model, prompts, new))
+    wall = time.perf_counter() - start
+    toks = sum(r["tokens"] for r in res)
+    return {"requests": len(prompts), "new_tokens": toks, "seconds": wall, "tokens_per_s": toks / wall}
+
+
+def serve_ours(model: str, port: int, extra: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "modelpress.cli", "serve", model, "--port", str(port),
+                             "--served-model-name", "m", *extra], stderr=subprocess.DEVNULL)
+
+
+def transformers_throughput(prompts: list[list[int]], new: int) -> dict:
+    model, tok = modelpress.load()
+    batch = torch.tensor(prompts)  # equal lengths: no padding needed
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False)
+    wall = time.perf_counter() - start
+    toks = (out.shape[1] - batch.shape[1]) * batch.shape[0]
+    return {"requests": len(prompts), "new_tokens": toks, "seconds": wall, "tokens_per_s": toks / wall}
+
+
+def load_test(gguf: Path, clients: int, new: int, kv_blocks: int) -> dict:
+    import httpx
+
+    prompts = eval_prompts(clients, 96)
+    leave = set(range(0, clients, 4))
+    port = free_port()
+    proc = serve_ours(str(gguf), port, ["--kv-blocks", str(kv_blocks), "--max-num-seqs", "32"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        start = time.perf_counter()
+        res = asyncio.run(_fire(url, "m", prompts, new, stream=True, leave_after=leave))
+        wall = time.perf_counter() - start
+        time.sleep(1.0)
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait()
+    used = float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("modelpress_kv_blocks_used ")))
+    pre = float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("modelpress_preemptions_total ")))
+    model, tok = modelpress.load(gguf, keep_blocks=True)
+    eng = Engine(model, tok, max_num_seqs=8, kv_blocks=1024)
+    alone = eng.generate(prompts, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    done = [i for i in range(clients) if i not in leave]
+    same = sum(res[i].get("text") == alone[i].outputs[0].text for i in done)
+    return {"clients": clients, "disconnected": len(leave), "completed": len(done), "identical_to_alone": same,
+            "kv_blocks": kv_blocks, "kv_blocks_used_at_end": used, "preemptions": pre, "seconds": wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--load-clients", type=int, default=64)
+    p.add_argument("--load-kv-blocks", type=int, default=160)
+    p.add_argument("--llama-server", help="llama.cpp's llama-server binary (throughput peer)")
+    p.add_argument("--parts", default="decode,throughput,load")
+    p.add_argument("--serve-mix", default="Q8_0", help="the GGUF the servers run in the throughput part")
+    p.add_argument("--out", default="benchmarks/results/serve.json")
+    a = p.parse_args()
+    parts = a.parts.split(",")
+    work = Path(tempfile.mkdtemp(prefix="mp-serve-"))
+    files = gguf_files(work, ["Q4_K_M", "Q8_0"])
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_result(a.out, "serving", rows)
+
+    if "decode" in parts:
+        for mix, path in files.items():
+            emit({"part": "decode", "mix": mix, "tool": "modelpress", "tokens_per_s": decode_ours(path, a.decode_tokens)})
+            emit({"part": "decode", "mix": mix, "tool": "llama.cpp", "tokens_per_s": decode_llamacpp(path, a.decode_tokens)})
+    if "throughput" in parts:
+        prompts = eval_prompts(a.clients)
+        gguf = files[a.serve_mix]
+        port = free_port()
+        proc = serve_ours(str(gguf), port, ["--max-num-seqs", str(a.clients), "--kv-blocks", "1024"])
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc)
+            emit({"part": "throughput", "tool": "modelpress serve", "mix": a.serve_mix,
+                  **throughput(f"http://127.0.0.1:{port}", "m", prompts, a.new_tokens)})
+        finally:
+            proc.terminate()
+            proc.wait()
+        if a.llama_server:
+            port = free_port()
+            proc = subprocess.Popen([a.llama_server, "-m", str(gguf), "-np", str(a.clients), "-t", "2",
+                                     "-c", str(a.clients * (128 + a.new_tokens + 16)), "--port", str(port),
+                                     "--alias", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_ready(f"http://127.0.0.1:{port}", proc)
+                emit({"part": "throughput", "tool": "llama-server", "mix": a.serve_mix,
+                      **throughput(f"http://127.0.0.1:{port}", "m", prompts, a.new_tokens)})
+            finally:
+                proc.terminate()
+                proc.wait()
+        emit({"part": "throughput", "tool": "transformers generate (fp32, one batch)",
+              **transformers_throughput(prompts, a.new_tokens)})
+    if "load" in parts:
+        emit({"part": "load", "tool": "modelpress serve", "mix": "Q4_K_M",
+              **load_test(files["Q4_K_M"], a.load_clients, 64, a.load_kv_blocks)})
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
