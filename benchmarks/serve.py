@@ -106,6 +106,26 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
     raise RuntimeError("server did not come up")
 
 
+class Server:
+    """A server process, up and answering /health inside the block, stopped after."""
+
+    def __init__(self, argv: list[str], port: int) -> None:
+        self.argv, self.url = argv, f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> str:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(self.url, self.proc)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
 def eval_prompts(k: int, length: int = 128) -> list[list[int]]:
     model_tok = modelpress.load()[1]
     ids = model_tok(read_text(SHARED / "eval.txt"), add_special_tokens=False)["input_ids"]
@@ -149,9 +169,9 @@ def throughput(url: str, model: str, prompts: list[list[int]], new: int) -> dict
     return {"requests": len(prompts), "new_tokens": toks, "seconds": wall, "tokens_per_s": toks / wall}
 
 
-def serve_ours(model: str, port: int, extra: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "modelpress.cli", "serve", model, "--port", str(port),
-                             "--served-model-name", "m", *extra], stderr=subprocess.DEVNULL)
+def ours(model: str, port: int, extra: list[str]) -> Server:
+    return Server([sys.executable, "-m", "modelpress.cli", "serve", model, "--port", str(port),
+                   "--served-model-name", "m", *extra], port)
 
 
 def transformers_throughput(prompts: list[list[int]], new: int) -> dict:
@@ -171,19 +191,12 @@ def load_test(gguf: Path, clients: int, new: int, kv_blocks: int) -> dict:
 
     prompts = eval_prompts(clients, 96)
     leave = set(range(0, clients, 4))
-    port = free_port()
-    proc = serve_ours(str(gguf), port, ["--kv-blocks", str(kv_blocks), "--max-num-seqs", "32"])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
+    with ours(str(gguf), free_port(), ["--kv-blocks", str(kv_blocks), "--max-num-seqs", "32"]) as url:
         start = time.perf_counter()
         res = asyncio.run(_fire(url, "m", prompts, new, stream=True, leave_after=leave))
         wall = time.perf_counter() - start
         time.sleep(1.0)
         metrics = httpx.get(f"{url}/metrics").text
-    finally:
-        proc.terminate()
-        proc.wait()
     used = float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("modelpress_kv_blocks_used ")))
     pre = float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("modelpress_preemptions_total ")))
     model, tok = modelpress.load(gguf, keep_blocks=True)
@@ -224,27 +237,16 @@ def main() -> None:
     if "throughput" in parts:
         prompts = eval_prompts(a.clients)
         gguf = files[a.serve_mix]
-        port = free_port()
-        proc = serve_ours(str(gguf), port, ["--max-num-seqs", str(a.clients), "--kv-blocks", "1024"])
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", proc)
-            emit({"part": "throughput", "tool": "modelpress serve", "mix": a.serve_mix,
-                  **throughput(f"http://127.0.0.1:{port}", "m", prompts, a.new_tokens)})
-        finally:
-            proc.terminate()
-            proc.wait()
+        servers = [("modelpress serve", ours(str(gguf), port := free_port(),
+                                             ["--max-num-seqs", str(a.clients), "--kv-blocks", "1024"]))]
         if a.llama_server:
-            port = free_port()
-            proc = subprocess.Popen([a.llama_server, "-m", str(gguf), "-np", str(a.clients), "-t", "2",
-                                     "-c", str(a.clients * (128 + a.new_tokens + 16)), "--port", str(port),
-                                     "--alias", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                wait_ready(f"http://127.0.0.1:{port}", proc)
-                emit({"part": "throughput", "tool": "llama-server", "mix": a.serve_mix,
-                      **throughput(f"http://127.0.0.1:{port}", "m", prompts, a.new_tokens)})
-            finally:
-                proc.terminate()
-                proc.wait()
+            servers.append(("llama-server", Server([a.llama_server, "-m", str(gguf), "-np", str(a.clients), "-t", "2",
+                                                    "-c", str(a.clients * (128 + a.new_tokens + 16)),
+                                                    "--port", str(port := free_port()), "--alias", "m"], port)))
+        for tool, server in servers:
+            with server as url:
+                emit({"part": "throughput", "tool": tool, "mix": a.serve_mix,
+                      **throughput(url, "m", prompts, a.new_tokens)})
         emit({"part": "throughput", "tool": "transformers generate (fp32, one batch)",
               **transformers_throughput(prompts, a.new_tokens)})
     if "load" in parts:

@@ -201,8 +201,6 @@ def test_imatrix_then_export_with_it(tmp_path, capsys, tiny_gguf):
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_export_from_a_calibrated_method(tmp_path, capsys, tiny_gguf, method):
-    import torch
-
     import modelpress
     from modelpress.model.walker import dense_weight
 

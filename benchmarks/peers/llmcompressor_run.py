@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="calibration windows per forward (all are 512 tokens: no padding, the same sums)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -63,7 +65,7 @@ def main() -> None:
         recipe = AWQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     start = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
-            num_calibration_samples=calib.shape[0])
+            num_calibration_samples=calib.shape[0], batch_size=a.batch_size)
     seconds = time.perf_counter() - start
     ppl = perplexity(model, torch.load(a.eval_ids))
     model.save_pretrained(a.out, save_compressed=True)
@@ -73,7 +75,7 @@ def main() -> None:
     import llmcompressor
 
     print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__}", "method": a.method, "bits": a.bits,
-                      "group_size": a.group_size, "symmetric": a.symmetric, "quantize_seconds": seconds,
+                      "group_size": a.group_size, "symmetric": a.symmetric, "batch_size": a.batch_size, "quantize_seconds": seconds,
                       "ppl": ppl, "calib_windows": calib.shape[0], "eval_windows": int(torch.load(a.eval_ids).shape[0]),
                       "out": a.out}), flush=True)
 

@@ -75,15 +75,7 @@ class Engine:
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                             f"context of {self.max_model_len} tokens")
-        bs, blocks = self.block_manager.block_size, len(self.block_manager.blocks)
-        if -(-(len(ids) + params.max_tokens) // bs) > blocks:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more than the "
-                             f"{blocks} KV blocks of {bs} tokens the cache has; raise kv_blocks or lower max_tokens")
+        self.check_request(ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is in use")
@@ -93,6 +85,19 @@ class Engine:
                 for i in range(params.n)]
         self.requests[rid] = _Request(rid, ids, params, [seq], gens, time.time(), [""] * params.n)
         return rid
+
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        """ValueError if the request could never run: an empty prompt, or one that with max_tokens
+        exceeds the model's context or the whole KV cache. Reads only settings (thread-safe)."""
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                             f"{len(ids)} and max_tokens asks {params.max_tokens} more")
+        bs, blocks = self.block_manager.block_size, len(self.block_manager.blocks)
+        if -(-(len(ids) + params.max_tokens) // bs) > blocks:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more than the "
+                             f"{blocks} KV blocks of {bs} tokens the cache has; raise kv_blocks or lower max_tokens")
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away): its sequences finish and free their blocks."""

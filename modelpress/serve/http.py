@@ -38,26 +38,13 @@ class EngineLoop:
         self.thread.start()
 
     def submit(self, ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
-        self.check(ids, params)
+        self.engine.check_request(ids, params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         q: asyncio.Queue = asyncio.Queue()
         with self.lock:
             self.streams[rid] = (asyncio.get_running_loop(), q)
         self.commands.put(("add", rid, ids, params))
         return rid, q
-
-    def check(self, ids: list[int], params: SamplingParams) -> None:
-        """The engine's own admission checks, before queueing (ValueError: a bad request)."""
-        e = self.engine
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) + params.max_tokens > e.max_model_len:
-            raise ValueError(f"This model's maximum context length is {e.max_model_len} tokens; the prompt has "
-                             f"{len(ids)} and max_tokens asks {params.max_tokens} more")
-        bs, blocks = e.block_manager.block_size, len(e.block_manager.blocks)
-        if -(-(len(ids) + params.max_tokens) // bs) > blocks:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more KV cache than "
-                             f"the server has ({blocks} blocks of {bs} tokens)")
 
     def abort(self, rid: str) -> None:
         with self.lock:

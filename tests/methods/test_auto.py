@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import modelpress
-from modelpress.core import kquants
 from modelpress.methods.auto import AutoConfig, allocate_for, fisher_diagonal, rounded, type_bytes
 from modelpress.nn.gguf_linear import GGUFLinear
 from tests.conftest import tiny_llama

@@ -92,7 +92,7 @@ def test_stop_strings_and_abort(model):
 
 def test_bad_requests(model):
     eng = Engine(model, byte_tokenizer(), kv_blocks=4, block_size=4)
-    with pytest.raises(ValueError, match="exceeds the model's context"):
+    with pytest.raises(ValueError, match="maximum context length"):
         eng.add_request([1] * 250, SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="KV blocks of 4 tokens"):
         eng.add_request([1] * 20, SamplingParams(max_tokens=10))

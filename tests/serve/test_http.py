@@ -84,7 +84,7 @@ def test_chat_with_the_openai_client(server):
     ({"model": "tiny", "prompt": "a", "n": 0}, 400, "n must be between"),
     ({"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens must be at least 1"),
     ({"model": "tiny", "prompt": "a" * 300, "max_tokens": 4}, 400, "maximum context length"),
-    ({"model": "tiny", "prompt": "a" * 100, "max_tokens": 100}, 400, "KV cache"),
+    ({"model": "tiny", "prompt": "a" * 100, "max_tokens": 100}, 400, "KV blocks"),
     ({"model": "other", "prompt": "a"}, 404, "does not exist"),
     ({"model": "tiny", "prompt": 5}, 400, "'prompt' must be"),
     ({"model": "tiny", "prompt": "a", "temperature": "hot"}, 400, "'temperature' must be"),
