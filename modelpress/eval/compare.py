@@ -191,7 +191,9 @@ def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor]
         path.unlink()
         return q, facts
     if r.kind == "float":
-        model = model.to(getattr(torch, r.args["dtype"]))
+        from ..nn.dense_linear import use_dense_kernels
+
+        model = use_dense_kernels(model.to(getattr(torch, r.args["dtype"])))  # decode on the same kernels
     else:
         from ..config import BaseConfig
         from ..registry import quantize
