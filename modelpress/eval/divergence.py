@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,23 +35,37 @@ class Divergence:
     seconds: float
 
 
-def _window_logprobs(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
-    """(ctx - 1, vocab) fp32 log-probs of the next token at positions 0 .. ctx-2 of one window."""
-    x = window[None].to(device_of(model))
+def _batch_logprobs(model: torch.nn.Module, batch: torch.Tensor) -> Iterator[torch.Tensor]:
+    """For each window of a (B, ctx) batch: (ctx - 1, vocab) fp32 log-probs of the next token at
+    positions 0 .. ctx-2. One forward for the batch (a layer that expands its weight per call,
+    such as GGUFLinear in prefill, does so once per batch), the output head a chunk at a time."""
+    x = batch.to(device_of(model))
     if hasattr(model, "model") and hasattr(model, "lm_head"):
-        hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[0, :-1]
-        return torch.cat([F.log_softmax(model.lm_head(hidden[i:i + _HEAD_CHUNK]).float(), -1).cpu()
-                          for i in range(0, hidden.shape[0], _HEAD_CHUNK)])
-    return F.log_softmax(model(input_ids=x, use_cache=False).logits[0, :-1].float(), -1).cpu()
+        hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
+        for h in hidden:
+            yield torch.cat([F.log_softmax(model.lm_head(h[i:i + _HEAD_CHUNK]).float(), -1).cpu()
+                             for i in range(0, h.shape[0], _HEAD_CHUNK)])
+    else:
+        for lg in model(input_ids=x, use_cache=False).logits[:, :-1]:
+            yield F.log_softmax(lg.float(), -1).cpu()
+
+
+def _all_logprobs(model: torch.nn.Module, wins: torch.Tensor, desc: str, progress: bool,
+                  batch_size: int) -> Iterator[torch.Tensor]:
+    with tqdm(total=wins.shape[0], desc=desc, unit="window", disable=not progress, leave=False) as bar:
+        for i in range(0, wins.shape[0], batch_size):
+            for lp in _batch_logprobs(model, wins[i:i + batch_size]):
+                yield lp
+                bar.update(1)
 
 
 @torch.inference_mode()
-def reference_logprobs(model: torch.nn.Module, wins: torch.Tensor, progress: bool = True) -> torch.Tensor:
+def reference_logprobs(model: torch.nn.Module, wins: torch.Tensor, progress: bool = True,
+                       batch_size: int = 4) -> torch.Tensor:
     """The reference model's log-probs on every window: (windows, ctx - 1, vocab) fp32."""
     n, ctx = wins.shape
     out = None
-    for i, w in enumerate(tqdm(wins, desc="reference log-probs", unit="window", disable=not progress, leave=False)):
-        lp = _window_logprobs(model, w)
+    for i, lp in enumerate(_all_logprobs(model, wins, "reference log-probs", progress, batch_size)):
         if out is None:
             out = torch.empty(n, ctx - 1, lp.shape[-1])
         out[i] = lp
@@ -63,14 +78,15 @@ def token_kl(ref: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def divergence(model: torch.nn.Module, wins: torch.Tensor, ref: torch.Tensor, progress: bool = True) -> Divergence:
+def divergence(model: torch.nn.Module, wins: torch.Tensor, ref: torch.Tensor, progress: bool = True,
+               batch_size: int = 4) -> Divergence:
     """ppl, KL and top-1 agreement of `model` against `ref` (reference_logprobs on the same `wins`)."""
     if ref.shape[:2] != (wins.shape[0], wins.shape[1] - 1):
         raise ValueError(f"reference log-probs {tuple(ref.shape)} do not match {wins.shape[0]} windows of {wins.shape[1]}")
     start = time.perf_counter()
     nll, kls, same = 0.0, [], 0
-    for i, w in enumerate(tqdm(wins, desc="ppl + KL", unit="window", disable=not progress, leave=False)):
-        lp, r = _window_logprobs(model, w), ref[i].float()
+    for i, lp in enumerate(_all_logprobs(model, wins, "ppl + KL", progress, batch_size)):
+        w, r = wins[i], ref[i].float()
         if lp.shape != r.shape:
             raise ValueError(f"vocabulary {lp.shape[-1]} differs from the reference's {r.shape[-1]}")
         nll -= lp.gather(-1, w[1:, None]).sum().item()
