@@ -79,7 +79,7 @@ def method_names() -> list[str]:
 
     mixes = [m.lower() for m in MIXES if m not in ("F32",)]
     return (["fp32"] + list(_config_recipes()) + mixes + [f"{m}-imat" for m in mixes if m[0] == "q"]
-            + ["auto-<bpw>", "auto-<gguf mix>"])
+            + ["auto-<bpw>", "auto-<gguf mix>", "auto-<bpw or mix>@<type>+<type>+..."])
 
 
 def recipe(name: str) -> Recipe:
@@ -100,14 +100,19 @@ def recipe(name: str) -> Recipe:
     if name.startswith("auto-"):
         from ..methods.auto import AutoConfig
 
-        target = name[5:]
+        target, _, formats = name[5:].partition("@")
+        extra = {"formats": tuple(f.upper() for f in formats.split("+"))} if formats else {}
         try:
-            cfg = AutoConfig(target_bpw=float(target))
-        except ValueError:
-            if target.upper() not in MIXES:
-                raise ModelpressError(f"{name}: give a bits-per-weight number or a GGUF mix after 'auto-' "
-                                      "(auto-4.5, auto-q4_k_m)") from None
-            cfg = AutoConfig(target_mix=target.upper())
+            try:
+                cfg = AutoConfig(target_bpw=float(target), **extra)
+            except ValueError as e:
+                if target.upper() not in MIXES:
+                    raise ValueError(str(e) if "formats" in str(e) else
+                                     "give a bits-per-weight number or a GGUF mix after 'auto-' (auto-4.5, "
+                                     "auto-q4_k_m; '@q4_0+q5_0+...' limits the formats)") from None
+                cfg = AutoConfig(target_mix=target.upper(), **extra)
+        except ValueError as e:
+            raise ModelpressError(f"{name}: {e}") from None
         return Recipe(name, "auto", cfg.to_dict())
     raise ModelpressError(f"unknown method {name!r}; choose from: {', '.join(method_names())}")
 

@@ -40,7 +40,8 @@ def test_recipes():
     assert recipe("q4_k_m-imat").args == {"mix": "Q4_K_M", "imatrix": True}
     assert recipe("auto-q3_k_m").args["target_mix"] == "Q3_K_M"
     assert recipe("auto-4.5").args["target_bpw"] == 4.5
-    for bad in ("q9_k", "auto-x", "gptq-w5"):
+    assert recipe("auto-q4_k_m@q4_0+q8_0").args["formats"] == ["Q4_0", "Q8_0"]
+    for bad in ("q9_k", "auto-x", "gptq-w5", "auto-4.5@q9_0"):
         with pytest.raises(ModelpressError):
             recipe(bad)
 
