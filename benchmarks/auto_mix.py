@@ -7,8 +7,9 @@ KL does, and does `auto` beat llama.cpp's mixes at their own size?
    (a type every row length takes); its measured mean KL against fp32 on --rank-windows windows of
    eval.txt beside the Fisher prediction (methods/auto.fisher_diagonal on --fisher-windows
    windows of calib.txt); Spearman's rank correlation and the ratio of the two.
-2. At the size of Q4_K_M and of Q3_K_M: `modelpress compare` rows for the mix (llama.cpp's rules)
-   and auto at that mix's size, on --eval-windows windows of eval.txt (ppl, KL, top-1, size).
+2. At the size of Q4_K_M and of Q3_K_M: `modelpress compare` rows for the mix (llama.cpp's rules),
+   auto at that mix's size, and auto without Q4_1 (the default model's weights come from a Q4_1
+   file, so Q4_1 re-rounds them losslessly), on --eval-windows windows of eval.txt.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import modelpress  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.divergence import divergence, reference_logprobs  # noqa: E402
-from modelpress.methods.auto import fisher_diagonal, rounded  # noqa: E402
+from modelpress.methods.auto import DEFAULT_FORMATS, fisher_diagonal, rounded  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -89,7 +90,11 @@ def main() -> None:
         write_result(a.out, "auto mixed precision", [], **result)
     from modelpress.eval.compare import compare
 
-    methods = [m for mix in a.mixes.split(",") for m in (mix.lower(), f"auto-{mix.lower()}")]
+    # the reference weights are the Q4_1 file's: re-rounding them to Q4_1 is lossless, so auto with
+    # every format finds Q4_1; the rows without Q4_1 compare the allocation itself with the mix's rules
+    no_q4_1 = "+".join(f.lower() for f in DEFAULT_FORMATS if f != "Q4_1")
+    methods = [m for mix in a.mixes.split(",")
+               for m in (mix.lower(), f"auto-{mix.lower()}", f"auto-{mix.lower()}@{no_q4_1}")]
     res = compare(None, methods, a.work, str(SHARED / "eval.txt"), str(SHARED / "calib.txt"),
                   eval_windows=a.eval_windows, samples=a.samples)
     write_result(a.out, "auto mixed precision", res["rows"], **result, compare_settings=res["settings"],
