@@ -271,3 +271,25 @@ def test_compare_runs_resumes_and_reports(tmp_path, capsys, tiny_gguf):
     code, _, err = _run(capsys, *args[:3], "fp32,q8_0,rtn-w4", *args[4:])  # one more method: only it runs
     assert code == 0 and "2 reused" in err and "1 to run" in err and "rtn-w4: running" in err
     _one_line_error(*_run(capsys, "compare", str(tiny_gguf), "--methods", "fp32,bogus", "--out", str(out))[::2])
+
+
+def test_an_interrupted_compare_reruns_only_the_unfinished_rows(tmp_path, capsys, tiny_gguf):
+    import signal
+    import time
+
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_gguf), "--methods", "fp32,q8_0,rtn-w4", "--ctx", "64", "--eval-windows", "2",
+            "--samples", "2", "--decode-tokens", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "modelpress.cli", *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any((out / "rows").glob("*.json")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "no row finished in 5 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C: during the second row
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "rerun the same command" in err and "Traceback" not in err, err
+    done = len(list((out / "rows").glob("*.json")))
+    assert 1 <= done < 3
+    code, _, err = _run(capsys, *args)
+    assert code == 0 and f"{done} reused" in err and f"{3 - done} to run" in err

@@ -303,7 +303,12 @@ def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEF
         left = ", ".join(x.name for x in todo[i:]) or "nothing"
         say(f"[{i}/{len(todo)}] {r.name}: running (left after it: {left})")
         start = time.perf_counter()
-        err = _run_row(r, setup, keys[r.name], paths[r.name], data, work, isolate, progress)
+        try:
+            err = _run_row(r, setup, keys[r.name], paths[r.name], data, work, isolate, progress)
+        except KeyboardInterrupt:
+            say(f"interrupted during {r.name}; the finished rows are kept in {rows_dir}: rerun the same "
+                "command to measure only what is missing")
+            raise
         if err:
             failed[r.name] = err
             say(f"[{i}/{len(todo)}] {r.name}: FAILED after {time.perf_counter() - start:.0f} s: {err}")
