@@ -34,7 +34,7 @@ from ..errors import ModelpressError
 
 DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
                    "q4_k_m", "q5_k_m", "q8_0")
-ROW_FORMAT = 1  # bump when a row's meaning changes: old cached rows no longer match
+ROW_FORMAT = 2  # bump when a row's meaning changes: old cached rows no longer match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,17 +182,21 @@ def _gguf_sizes(path: Path) -> dict[str, float]:
 
 def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor] | None,
           work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Make the row's model from the loaded original; returns (model, size facts)."""
+    """Make the row's model from the loaded original; returns (model, facts: size on disk, bits per
+    weight, quantize seconds: the method alone, or writing the GGUF file with its imatrix / auto
+    allocation, not saving or reloading)."""
     from ..formats.checkpoint import save
     from .size import disk_bytes, model_size
 
+    start = time.perf_counter()
     if r.kind in ("gguf", "auto"):
         path = work / f"{r.name}.gguf"
         _write_gguf_row(r, model, tok, calib, path)
+        seconds = time.perf_counter() - start
         from ..model.load import load
 
         q, _ = load(path, keep_blocks=True)
-        facts = {"size_bytes": path.stat().st_size, **_gguf_sizes(path)}
+        facts = {"size_bytes": path.stat().st_size, **_gguf_sizes(path), "quantize_seconds": seconds}
         path.unlink()
         return q, facts
     if r.kind == "float":
@@ -204,11 +208,12 @@ def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor]
         from ..registry import quantize
 
         model = quantize(model, BaseConfig.from_dict(r.args), calib)
+    seconds = time.perf_counter() - start
     size = model_size(model)
     tmp = work / f"{r.name}.checkpoint"
     save(model, tok, tmp)
     facts = {"size_bytes": disk_bytes(tmp), "bits_per_weight": size.bits_per_weight,
-             "linear_bits_per_weight": size.linear_bits_per_weight}
+             "linear_bits_per_weight": size.linear_bits_per_weight, "quantize_seconds": seconds}
     shutil.rmtree(tmp, ignore_errors=True)
     return model, facts
 
@@ -243,16 +248,14 @@ def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Te
     from .speed import decode_tokens_per_s
 
     model, tok = load(setup.model)
-    start = time.perf_counter()
     model, facts = build(r, model, tok, None if calib_ids is None else list(calib_ids), work)
-    quantize_s = time.perf_counter() - start
     peak = _peak_rss()
     d = divergence(model, eval_ids, ref, progress=progress)
     ref_nll = -ref.gather(-1, eval_ids[:, 1:, None]).double().sum().item()
     tps = decode_tokens_per_s(model, tok, setup.decode_tokens, progress=False)
     return {"method": r.name, "recipe": dataclasses.asdict(r), **facts, "ppl": d.ppl, "kl_mean": d.kl_mean,
             "kl_p99": d.kl_p99, "top1_agreement": d.top1_agreement, "tokens_scored": d.tokens_scored,
-            "decode_tokens_per_s": tps, "quantize_seconds": quantize_s, "peak_rss_bytes": peak,
+            "decode_tokens_per_s": tps, "peak_rss_bytes": peak,
             "eval_seconds": d.seconds, "reference_ppl": perplexity(ref_nll, d.tokens_scored),
             "ppl_change_pct": 100 * (d.ppl / perplexity(ref_nll, d.tokens_scored) - 1)}
 

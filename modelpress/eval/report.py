@@ -51,7 +51,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"{s['eval_text'] or 'the default text (pydoc topics)'}; calibration (GPTQ, AWQ, imatrix, auto): "
              f"{s['samples']} windows of {s['calib_text'] or 'the default text'}. KL: mean KL(original || method) "
              f"of the next-token distribution per token, nats. Decode: {s['decode_tokens']} greedy tokens, "
-             f"batch 1. Peak MB: the row's process, load and quantize. * on the Pareto front (size, ppl).", "",
+             f"batch 1. Peak MB: the row's process, load and quantize. Quantize s: the method alone (GGUF rows: writing the file, imatrix or allocation included). * on the Pareto front (size, ppl).", "",
              "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
         cells[0] = f"{cells[0]} *" if r["method"] in front else cells[0]
