@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import modelpress  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 from modelpress.data import read_text, tokenize, windows  # noqa: E402
-from modelpress.eval.divergence import divergence, reference_logprobs  # noqa: E402
+from modelpress.eval.divergence import divergence, reference  # noqa: E402
 from modelpress.methods.auto import DEFAULT_FORMATS, fisher_diagonal, rounded  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -48,7 +48,7 @@ def ranking(model, tok, blocks: list[int], fisher_windows: int, rank_windows: in
     start = time.perf_counter()
     fisher = fisher_diagonal(model, names, calib)
     fisher_s = time.perf_counter() - start
-    ref = reference_logprobs(model, ev)
+    ref = reference(model, ev)
     rows = []
     params = dict(model.named_parameters())
     for n in names:

@@ -34,7 +34,7 @@ from ..errors import ModelpressError
 
 DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
                    "q4_k_m", "q5_k_m", "q8_0")
-ROW_FORMAT = 2  # bump when a row's meaning changes: old cached rows no longer match
+ROW_FORMAT = 3  # bump when a row's meaning changes: old cached rows no longer match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +123,8 @@ class Setup:
     model: str | None          # None: the default model
     eval_text: str | None      # None: the default text (pydoc topics), else a file
     calib_text: str | None
-    eval_windows: int = 16
-    samples: int = 32          # calibration windows (GPTQ, AWQ, imatrix, auto)
+    eval_windows: int = 12
+    samples: int = 16          # calibration windows (GPTQ, AWQ, imatrix, auto)
     ctx: int = 512
     decode_tokens: int = 32
 
@@ -240,7 +240,7 @@ def _write_gguf_row(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[tor
 
 
 def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Tensor | None,
-            ref: torch.Tensor, work: Path, progress: bool = True) -> dict[str, Any]:
+            ref: Any, work: Path, progress: bool = True) -> dict[str, Any]:
     """Load the model, make the row's version of it, and measure it."""
     from ..core.metrics import perplexity
     from ..model.load import load
@@ -251,7 +251,7 @@ def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Te
     model, facts = build(r, model, tok, None if calib_ids is None else list(calib_ids), work)
     peak = _peak_rss()
     d = divergence(model, eval_ids, ref, progress=progress)
-    ref_nll = -ref.gather(-1, eval_ids[:, 1:, None]).double().sum().item()
+    ref_nll = ref.nll
     tps = decode_tokens_per_s(model, tok, setup.decode_tokens, progress=False)
     return {"method": r.name, "recipe": dataclasses.asdict(r), **facts, "ppl": d.ppl, "kl_mean": d.kl_mean,
             "kl_p99": d.kl_p99, "top1_agreement": d.top1_agreement, "tokens_scored": d.tokens_scored,
@@ -264,11 +264,13 @@ def _worker(job_path: str) -> int:
     """A row in its own process: reads the job file, writes the row file."""
     from safetensors.torch import load_file
 
+    from .divergence import Reference
+
     job = json.loads(Path(job_path).read_text())
     setup = Setup(**job["setup"])
     r = Recipe(**job["recipe"])
     ids = load_file(job["ids"])
-    ref = load_file(job["ref"])["logprobs"]
+    ref = Reference.from_tensors(load_file(job["ref"]))
     row = measure(r, setup, ids["eval"], ids.get("calib"), ref, Path(job["work"]))
     row["key"] = job["key"]
     _write_json(Path(job["row"]), row)
@@ -278,7 +280,7 @@ def _worker(job_path: str) -> int:
 # -- the whole comparison ------------------------------------------------------------------------
 def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEFAULT_METHODS,
             out: str | Path = "compare", text: str | None = None, calib: str | None = None,
-            eval_windows: int = 16, samples: int = 32, ctx: int = 512, decode_tokens: int = 32,
+            eval_windows: int = 12, samples: int = 16, ctx: int = 512, decode_tokens: int = 32,
             fresh: bool = False, isolate: bool = True, progress: bool = True) -> dict[str, Any]:
     """Measure every method in `methods` on `model` (default: the embedded default model) and write
     OUT/results.json, OUT/report.md, OUT/pareto.png and OUT/report.html. Returns the results."""
@@ -340,7 +342,7 @@ def _shared_data(setup: Setup, skey: dict[str, Any], work: Path, need_calib: boo
 
     from ..data import load_text, tokenize, windows
     from ..model.load import load
-    from .divergence import reference_logprobs
+    from .divergence import reference
 
     data: dict[str, Any] = {"ids": work / "ids.safetensors", "ref": work / "reference.safetensors"}
     tag = hashlib.sha256(json.dumps(skey, sort_keys=True).encode()).hexdigest()[:12]
@@ -352,8 +354,7 @@ def _shared_data(setup: Setup, skey: dict[str, Any], work: Path, need_calib: boo
     ids = {"eval": windows(tokenize(tok, load_text(setup.eval_text, "eval")), setup.ctx, setup.eval_windows)}
     ids["calib"] = windows(tokenize(tok, load_text(setup.calib_text, "calib")), setup.ctx, setup.samples)
     save_file({k: v.contiguous() for k, v in ids.items()}, str(data["ids"]))
-    ref = reference_logprobs(model, ids["eval"])
-    save_file({"logprobs": ref}, str(data["ref"]))
+    save_file(reference(model, ids["eval"]).tensors(), str(data["ref"]))
     stamp.write_text(tag)
     return data
 
@@ -366,9 +367,11 @@ def _run_row(r: Recipe, setup: Setup, key: str, path: Path, data: dict[str, Any]
     if not isolate:
         from safetensors.torch import load_file
 
+        from .divergence import Reference
+
         ids = load_file(str(data["ids"]))
-        row = measure(r, setup, ids["eval"], ids.get("calib"), load_file(str(data["ref"]))["logprobs"], work,
-                      progress)
+        row = measure(r, setup, ids["eval"], ids.get("calib"), Reference.from_tensors(load_file(str(data["ref"]))),
+                      work, progress)
         _write_json(path, {**row, "key": key})
         return None
     job_path = work / f"{r.name}.job.json"

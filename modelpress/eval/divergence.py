@@ -3,11 +3,12 @@ of the perplexity protocol (eval/perplexity.py): mean KL divergence KL(p_ref || 
 token, as llama.cpp's `llama-perplexity --kl-divergence` reports it, top-1 agreement (its "same
 top p"), and the perplexity itself, in one pass.
 
-    ref = reference_logprobs(fp32_model, wins)        # (windows, ctx - 1, vocab) fp32 log-probs
+    ref = reference(fp32_model, wins)                  # the original's next-token distributions
     d = divergence(quantized_model, wins, ref)         # d.ppl, d.kl_mean, d.top1_agreement
 
-The reference is kept in fp32 (llama.cpp stores it as 16-bit fixed point), so a model compared
-with itself gives KL 0 up to float rounding (< 1e-6).
+The reference keeps fp32 probabilities (llama.cpp stores 16-bit fixed-point log-probs) with
+sum p log p per position precomputed, so a model compared with itself gives KL 0 up to float
+rounding (< 1e-6) and each comparison is one pass over the vocabulary.
 """
 from __future__ import annotations
 
@@ -35,64 +36,95 @@ class Divergence:
     seconds: float
 
 
-def _batch_logprobs(model: torch.nn.Module, batch: torch.Tensor) -> Iterator[torch.Tensor]:
-    """For each window of a (B, ctx) batch: (ctx - 1, vocab) fp32 log-probs of the next token at
-    positions 0 .. ctx-2. One forward for the batch (a layer that expands its weight per call,
-    such as GGUFLinear in prefill, does so once per batch), the output head a chunk at a time."""
+def _batch_chunks(model: torch.nn.Module, batch: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(window in batch, first position, (positions, vocab) fp32 log-probs) for every chunk of
+    every window of a (B, ctx) batch, positions 0 .. ctx-2. One forward for the batch (a layer
+    that expands its weight per call, such as GGUFLinear in prefill, does so once per batch), the
+    output head a chunk at a time."""
     x = batch.to(device_of(model))
     if hasattr(model, "model") and hasattr(model, "lm_head"):
         hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
-        for h in hidden:
-            yield torch.cat([F.log_softmax(model.lm_head(h[i:i + _HEAD_CHUNK]).float(), -1).cpu()
-                             for i in range(0, h.shape[0], _HEAD_CHUNK)])
+        for b, h in enumerate(hidden):
+            for i in range(0, h.shape[0], _HEAD_CHUNK):
+                yield b, i, F.log_softmax(model.lm_head(h[i:i + _HEAD_CHUNK]).float(), -1).cpu()
     else:
-        for lg in model(input_ids=x, use_cache=False).logits[:, :-1]:
-            yield F.log_softmax(lg.float(), -1).cpu()
+        for b, lg in enumerate(model(input_ids=x, use_cache=False).logits[:, :-1]):
+            yield b, 0, F.log_softmax(lg.float(), -1).cpu()
 
 
-def _all_logprobs(model: torch.nn.Module, wins: torch.Tensor, desc: str, progress: bool,
-                  batch_size: int) -> Iterator[torch.Tensor]:
+def _all_chunks(model: torch.nn.Module, wins: torch.Tensor, desc: str, progress: bool,
+                batch_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(window index, first position, log-probs) over every window, batch by batch."""
     with tqdm(total=wins.shape[0], desc=desc, unit="window", disable=not progress, leave=False) as bar:
         for i in range(0, wins.shape[0], batch_size):
-            for lp in _batch_logprobs(model, wins[i:i + batch_size]):
-                yield lp
-                bar.update(1)
+            for b, pos, lp in _batch_chunks(model, wins[i:i + batch_size]):
+                yield i + b, pos, lp
+            bar.update(min(batch_size, wins.shape[0] - i))
+
+
+@dataclasses.dataclass
+class Reference:
+    """What a comparison needs of the original model on the windows, computed once:
+    probs (windows, ctx - 1, vocab) fp32; neg_entropy sum_v p log p and top1 argmax_v p per
+    position; nll the summed next-token loss (the original's ppl)."""
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    top1: torch.Tensor
+    nll: float
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"probs": self.probs, "neg_entropy": self.neg_entropy, "top1": self.top1,
+                "nll": torch.tensor([self.nll], dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Reference":
+        return cls(t["probs"], t["neg_entropy"], t["top1"], float(t["nll"][0]))
 
 
 @torch.inference_mode()
-def reference_logprobs(model: torch.nn.Module, wins: torch.Tensor, progress: bool = True,
-                       batch_size: int = 4) -> torch.Tensor:
-    """The reference model's log-probs on every window: (windows, ctx - 1, vocab) fp32."""
+def reference(model: torch.nn.Module, wins: torch.Tensor, progress: bool = True, batch_size: int = 4) -> Reference:
+    """The original model's next-token distributions on every window."""
     n, ctx = wins.shape
-    out = None
-    for i, lp in enumerate(_all_logprobs(model, wins, "reference log-probs", progress, batch_size)):
-        if out is None:
-            out = torch.empty(n, ctx - 1, lp.shape[-1])
-        out[i] = lp
-    return out
+    probs = neg = top1 = None
+    nll = 0.0
+    for w, pos, lp in _all_chunks(model, wins, "reference", progress, batch_size):
+        if probs is None:
+            probs = torch.empty(n, ctx - 1, lp.shape[-1])
+            neg, top1 = torch.empty(n, ctx - 1, dtype=torch.float64), torch.empty(n, ctx - 1, dtype=torch.long)
+        end = pos + lp.shape[0]
+        p = lp.exp()
+        probs[w, pos:end] = p
+        neg[w, pos:end] = (p * lp).sum(-1).double()
+        top1[w, pos:end] = lp.argmax(-1)
+        nll -= lp.gather(-1, wins[w, pos + 1:end + 1, None]).double().sum().item()
+    return Reference(probs, neg, top1, nll)
 
 
-def token_kl(ref: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+def token_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """KL(p_ref || p) per position: sum over the vocabulary of exp(ref) * (ref - logprobs)."""
-    return (ref.exp() * (ref - logprobs)).sum(-1)
+    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
 
 
 @torch.inference_mode()
-def divergence(model: torch.nn.Module, wins: torch.Tensor, ref: torch.Tensor, progress: bool = True,
+def divergence(model: torch.nn.Module, wins: torch.Tensor, ref: Reference, progress: bool = True,
                batch_size: int = 4) -> Divergence:
-    """ppl, KL and top-1 agreement of `model` against `ref` (reference_logprobs on the same `wins`)."""
-    if ref.shape[:2] != (wins.shape[0], wins.shape[1] - 1):
-        raise ValueError(f"reference log-probs {tuple(ref.shape)} do not match {wins.shape[0]} windows of {wins.shape[1]}")
+    """ppl, KL and top-1 agreement of `model` against `ref` (reference() on the same `wins`).
+    KL per position = sum p log p (kept) - sum p log q: one pass over the vocabulary."""
+    if ref.probs.shape[:2] != (wins.shape[0], wins.shape[1] - 1):
+        raise ValueError(f"the reference {tuple(ref.probs.shape)} does not match {wins.shape[0]} windows of "
+                         f"{wins.shape[1]}")
     start = time.perf_counter()
-    nll, kls, same = 0.0, [], 0
-    for i, lp in enumerate(_all_logprobs(model, wins, "ppl + KL", progress, batch_size)):
-        w, r = wins[i], ref[i].float()
-        if lp.shape != r.shape:
-            raise ValueError(f"vocabulary {lp.shape[-1]} differs from the reference's {r.shape[-1]}")
-        nll -= lp.gather(-1, w[1:, None]).sum().item()
-        kls.append(token_kl(r, lp))
-        same += (lp.argmax(-1) == r.argmax(-1)).sum().item()
-    kl = torch.cat(kls).double()
+    nll, same = 0.0, 0
+    kl = torch.empty(ref.neg_entropy.shape, dtype=torch.float64)
+    for w, pos, lp in _all_chunks(model, wins, "ppl + KL", progress, batch_size):
+        end = pos + lp.shape[0]
+        p = ref.probs[w, pos:end]
+        if lp.shape != p.shape:
+            raise ValueError(f"vocabulary {lp.shape[-1]} differs from the reference's {p.shape[-1]}")
+        nll -= lp.gather(-1, wins[w, pos + 1:end + 1, None]).double().sum().item()
+        kl[w, pos:end] = ref.neg_entropy[w, pos:end] - (p * lp).sum(-1).double()
+        same += (lp.argmax(-1) == ref.top1[w, pos:end]).sum().item()
+    kl = kl.flatten()
     n = kl.numel()
     return Divergence(ppl_from_nll(nll, n), kl.mean().item(), torch.quantile(kl, 0.99).item(), same / n, n,
                       time.perf_counter() - start)

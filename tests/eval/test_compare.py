@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modelpress.eval.compare import compare, recipe
-from modelpress.eval.divergence import divergence, reference_logprobs, token_kl
+from modelpress.eval.divergence import divergence, reference, token_kl
 from modelpress.eval.perplexity import perplexity_of_windows
 from modelpress.eval.report import pareto_front
 from modelpress.errors import ModelpressError
@@ -14,10 +14,11 @@ from modelpress.errors import ModelpressError
 def test_divergence_against_a_direct_computation(tiny):
     model, _ = tiny
     wins = torch.randint(0, 261, (3, 40), generator=torch.Generator().manual_seed(0))
-    ref = reference_logprobs(model, wins, progress=False)
+    ref = reference(model, wins, progress=False)
     same = divergence(model, wins, ref, progress=False)
     assert same.kl_mean < 1e-6 and same.top1_agreement == 1.0
     assert abs(same.ppl / perplexity_of_windows(model, wins, progress=False).ppl - 1) < 1e-5
+    assert abs(same.ppl / __import__("math").exp(ref.nll / same.tokens_scored) - 1) < 1e-9
     other = type(model)(model.config).eval()  # another random model
     d = divergence(other, wins, ref, progress=False)
     with torch.no_grad():
