@@ -34,7 +34,7 @@ from ..errors import ModelpressError
 
 DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
                    "q4_k_m", "q5_k_m", "q8_0")
-ROW_FORMAT = 3  # bump when a row's meaning changes: old cached rows no longer match
+ROW_FORMAT = 4  # bump when a row's meaning changes: old cached rows no longer match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +241,8 @@ def _write_gguf_row(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[tor
 
 def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Tensor | None,
             ref: Any, work: Path, progress: bool = True) -> dict[str, Any]:
-    """Load the model, make the row's version of it, and measure it."""
+    """Load the model, make the row's version of it, and measure it. `ref`: the Reference, or a
+    function reading it (called after the peak memory of load + quantize is taken)."""
     from ..core.metrics import perplexity
     from ..model.load import load
     from .divergence import divergence
@@ -250,6 +251,7 @@ def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Te
     model, tok = load(setup.model)
     model, facts = build(r, model, tok, None if calib_ids is None else list(calib_ids), work)
     peak = _peak_rss()
+    ref = ref() if callable(ref) else ref  # read after the peak: the reference is not the method's memory
     d = divergence(model, eval_ids, ref, progress=progress)
     ref_nll = ref.nll
     tps = decode_tokens_per_s(model, tok, setup.decode_tokens, progress=False)
@@ -270,8 +272,8 @@ def _worker(job_path: str) -> int:
     setup = Setup(**job["setup"])
     r = Recipe(**job["recipe"])
     ids = load_file(job["ids"])
-    ref = Reference.from_tensors(load_file(job["ref"]))
-    row = measure(r, setup, ids["eval"], ids.get("calib"), ref, Path(job["work"]))
+    row = measure(r, setup, ids["eval"], ids.get("calib"), lambda: Reference.from_tensors(load_file(job["ref"])),
+                  Path(job["work"]))
     row["key"] = job["key"]
     _write_json(Path(job["row"]), row)
     return 0
