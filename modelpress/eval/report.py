@@ -70,11 +70,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     front = set(pareto_front(rows))
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    for r in rows:
+    xs, ys = [r["size_bytes"] / 1e6 for r in rows], [r["ppl"] for r in rows]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for r, x, y in sorted(zip(rows, xs, ys), key=lambda t: t[1]):
         on = r["method"] in front
-        ax.scatter(r["size_bytes"] / 1e6, r["ppl"], s=40, color="tab:red" if on else "tab:blue", zorder=3)
-        ax.annotate(r["method"], (r["size_bytes"] / 1e6, r["ppl"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=9)
+        ax.scatter(x, y, s=40, color="tab:red" if on else "tab:blue", zorder=3)
+        near = sum(abs(x - px) < 0.06 * dx and abs(y - py) < 0.04 * dy for px, py in placed)
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4 - 13 * near), fontsize=9)
+        placed.append((x, y))
     pts = sorted((r["size_bytes"] / 1e6, r["ppl"]) for r in rows if r["method"] in front)
     if len(pts) > 1:
         ax.plot(*zip(*pts), color="tab:red", lw=1, ls="--", label="Pareto front", zorder=2)
