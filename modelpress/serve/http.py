@@ -235,7 +235,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
             return list(prompt)
         raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
 
-    async def run(ids: list[int], params: SamplingParams, request: Request) -> AsyncIterator[RequestOutput]:
+    async def run(ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         el = engine_loop()
         try:
             rid, q = el.submit(ids, params)
@@ -272,10 +272,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
                 "token_logprobs": [lp["logprob"] for lp in c.logprobs],
                 "top_logprobs": [{dec([t]): v for t, v in lp["top"].items()} for lp in c.logprobs]}
 
-    async def respond(request: Request, ids: list[int], params: SamplingParams, chat: bool, stream: bool) -> Any:
+    async def respond(ids: list[int], params: SamplingParams, chat: bool, stream: bool) -> Any:
         created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion" if chat else "text_completion"
-        gen = run(ids, params, request)
+        gen = run(ids, params)
         if not stream:
             final = None
             async for out in gen:
@@ -334,7 +334,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         ids = prompt_ids(prompt)
-        return await respond(request, ids, sampling_params(body, chat=False), False, field(body, "stream", False))
+        return await respond(ids, sampling_params(body, chat=False), False, field(body, "stream", False))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -353,7 +353,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise BadRequest(f"the chat template cannot render these messages: {e}", "messages") from None
         ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return await respond(request, ids, sampling_params(body, chat=True), True, field(body, "stream", False))
+        return await respond(ids, sampling_params(body, chat=True), True, field(body, "stream", False))
 
     return app
 
