@@ -280,7 +280,9 @@ def test_an_interrupted_compare_reruns_only_the_unfinished_rows(tmp_path, capsys
     out = tmp_path / "cmp"
     args = ["compare", str(tiny_gguf), "--methods", "fp32,q8_0,rtn-w4", "--ctx", "64", "--eval-windows", "2",
             "--samples", "2", "--decode-tokens", "2", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "modelpress.cli", *args], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "modelpress.cli", *args], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background
+    # shell starts its jobs with SIGINT ignored, and children inherit that
     deadline = time.time() + 300
     while not any((out / "rows").glob("*.json")):
         assert proc.poll() is None, proc.stderr.read()
