@@ -36,7 +36,7 @@ def setup(default_model):
     return model, tok, prompts, [hf_greedy(model, p, NEW) for p in prompts]
 
 
-@pytest.mark.parametrize("batch,kv_blocks,step_tokens", [(1, 64, 512), (8, 64, 128), (32, 32, 256)])
+@pytest.mark.parametrize("batch,kv_blocks,step_tokens", [(1, 64, 512), (8, 64, 128), (32, 12, 256)])
 def test_greedy_equals_transformers_generate(setup, batch, kv_blocks, step_tokens):
     model, tok, prompts, expected = setup
     eng = Engine(model, tok, max_num_seqs=batch, kv_blocks=kv_blocks, block_size=16, max_tokens_per_step=step_tokens)
@@ -44,5 +44,5 @@ def test_greedy_equals_transformers_generate(setup, batch, kv_blocks, step_token
     for o, e in zip(outs, expected):
         assert o.outputs[0].token_ids == e
     if batch == 32:
-        assert eng.scheduler.preemptions > 0  # 32 blocks of 16 cannot hold all 32 sequences at once
+        assert eng.scheduler.preemptions > 0  # 12 blocks of 16 hold one or two sequences at a time
     assert eng.block_manager.num_used == 0
