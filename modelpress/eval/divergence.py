@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from ..core.metrics import perplexity as ppl_from_nll
 from ..model.walker import device_of
+from .perplexity import _HEAD_CHUNK  # positions per output-head matmul, shared
 
-_HEAD_CHUNK = 1024  # positions per output-head matmul (1024 x 49152 fp32 logits = 200 MB)
 
 
 @dataclasses.dataclass

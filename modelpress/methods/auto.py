@@ -152,9 +152,7 @@ def allocate_for(model: torch.nn.Module, config: AutoConfig, calib: list[torch.T
     if config.target_bpw is not None:
         budget = config.target_bpw * weights
     else:
-        budget = 8 * sum(type_bytes(t, shapes[n]) for n, t in
-                         tensor_types(list(shapes.items()), config.target_mix, cfg.num_attention_heads,
-                                      cfg.num_key_value_heads).items())
+        budget = 8 * sum(type_bytes(t, shapes[n]) for n, t in fixed.items())  # reference_mix is target_mix
     fixed_bits = 8 * sum(type_bytes(t, shapes[n]) for n, t in fixed.items() if n not in free)
     fisher = fisher_diagonal(model, [f"{f}.weight" for f in linears], calib[:config.fisher_windows], progress)
     costs, sizes, order = [], [], []
