@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", help=".txt or .jsonl evaluation text (default: Python's pydoc topics)")
     c.add_argument("--calib", help=".txt or .jsonl calibration text for gptq, awq, imatrix and auto "
                    "(default: Python's pydoc topics)")
-    c.add_argument("--eval-windows", type=_positive, default=12, help="evaluation windows (default: 12)")
+    c.add_argument("--eval-windows", type=_positive, default=8, help="evaluation windows (default: 8)")
     c.add_argument("--samples", type=_positive, default=16, help="calibration windows (default: 16)")
     c.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
     c.add_argument("--decode-tokens", type=_positive, default=32, help="tokens timed for decode speed (default: 32)")

@@ -9,22 +9,26 @@ layers alone), ppl and its change against the original model, mean KL divergence
 next-token distribution and top-1 agreement against the original (eval/divergence.py), decode
 tokens/s, quantize seconds and peak memory.
 
-Rows run one at a time, each in its own process (`python -m modelpress.eval.compare JOB`), so
-that peak memory is the row's own and a crash loses one row; a finished row is written to
+Rows run one at a time, each in its own process, so that peak memory is the row's own and a crash
+loses one row: forked from a server process that imported torch and transformers once (saving
+each row ~5 s of imports) and has run no torch operation (so no thread pool is forked); `python -m
+modelpress.eval.compare JOB` runs one row's job file by hand; a finished row is written to
 OUT/rows/<method>-<key>.json, the key hashing the model file, the recipe, the texts and the
 settings, so a rerun reuses it and computes only what is missing (`fresh=True`: everything).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +72,9 @@ def _config_recipes() -> dict[str, Any]:
         table[f"gptq-w{bits}"] = GPTQConfig(bits=bits, group_size=64, act_order=True, static_groups=True)
         table[f"gptq-w{bits}-mse"] = GPTQConfig(bits=bits, group_size=64, act_order=True, static_groups=True,
                                                 mse=True)
-    for bits in (3, 4):
-        table[f"awq-w{bits}"] = AWQConfig(bits=bits, group_size=64)
+    for bits in (3, 4):  # the scale search replays 4 windows (quantize's default: 8): half the time of
+        # the slowest default row; activation statistics and clip search still use every window
+        table[f"awq-w{bits}"] = AWQConfig(bits=bits, group_size=64, search_samples=4, batch_size=4)
     return table
 
 
@@ -123,7 +128,7 @@ class Setup:
     model: str | None          # None: the default model
     eval_text: str | None      # None: the default text (pydoc topics), else a file
     calib_text: str | None
-    eval_windows: int = 12
+    eval_windows: int = 8
     samples: int = 16          # calibration windows (GPTQ, AWQ, imatrix, auto)
     ctx: int = 512
     decode_tokens: int = 32
@@ -282,7 +287,7 @@ def _worker(job_path: str) -> int:
 # -- the whole comparison ------------------------------------------------------------------------
 def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEFAULT_METHODS,
             out: str | Path = "compare", text: str | None = None, calib: str | None = None,
-            eval_windows: int = 12, samples: int = 16, ctx: int = 512, decode_tokens: int = 32,
+            eval_windows: int = 8, samples: int = 16, ctx: int = 512, decode_tokens: int = 32,
             fresh: bool = False, isolate: bool = True, progress: bool = True) -> dict[str, Any]:
     """Measure every method in `methods` on `model` (default: the embedded default model) and write
     OUT/results.json, OUT/report.md, OUT/pareto.png and OUT/report.html. Returns the results."""
@@ -376,14 +381,51 @@ def _run_row(r: Recipe, setup: Setup, key: str, path: Path, data: dict[str, Any]
                       work, progress)
         _write_json(path, {**row, "key": key})
         return None
-    job_path = work / f"{r.name}.job.json"
+    job_path, error = work / f"{r.name}.job.json", work / f"{r.name}.error.txt"
     _write_json(job_path, job)
-    res = subprocess.run([sys.executable, "-m", "modelpress.eval.compare", str(job_path)],
-                         stderr=None if progress else subprocess.PIPE, text=True)
-    if res.returncode != 0 or not path.is_file():
-        tail = (res.stderr or "").strip().splitlines()
-        return tail[-1] if tail else f"exit status {res.returncode} (its output is above)"
+    error.unlink(missing_ok=True)
+    proc = _row_processes().Process(target=_child, args=(str(job_path), str(error), progress), name=r.name)
+    proc.start()
+    try:
+        proc.join()
+    finally:
+        if proc.is_alive():  # interrupted: the row goes with the parent
+            proc.terminate()
+            proc.join()
+    if proc.exitcode != 0 or not path.is_file():
+        tail = error.read_text().strip().splitlines() if error.is_file() else []
+        return tail[-1] if tail else f"exit status {proc.exitcode} (its output is above)"
     return None
+
+
+# what every row imports: loaded once into the fork server, before any torch operation runs
+_PRELOAD = ["torch", "safetensors.torch", "transformers", "transformers.models.llama.modeling_llama",
+            "modelpress.eval.compare", "modelpress.eval.divergence", "modelpress.model.load",
+            "modelpress.model.gguf_model", "modelpress.methods"]
+
+
+@functools.cache
+def _row_processes() -> Any:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _child(job_path: str, error_path: str, progress: bool) -> None:
+    """A row in a forked process. What went wrong goes to `error_path` (the parent prints its last
+    line): a user's mistake as its message, a bug as its traceback (also shown on stderr)."""
+    if not progress:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    try:
+        _worker(job_path)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        sys.exit(130)
+    except ModelpressError as e:
+        Path(error_path).write_text(str(e))
+        sys.exit(1)
+    except BaseException:
+        Path(error_path).write_text(traceback.format_exc())
+        raise
 
 
 if __name__ == "__main__":

@@ -62,3 +62,20 @@ def test_fresh_recomputes_and_rows_survive(tmp_path, tiny_hf_dir):
     md = (tmp_path / "c" / "report.md").read_text()
     assert md.index("| nf4") < md.index("| fp32")  # sorted by size
     assert "<img" in (tmp_path / "c" / "report.html").read_text()
+
+
+def test_a_row_failing_in_its_process_reports_why(tmp_path):
+    from safetensors.torch import save_file
+
+    from modelpress.eval import compare as c
+
+    save_file({"eval": torch.zeros(1, 8, dtype=torch.long)}, str(tmp_path / "ids.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "ref.safetensors"))
+    data = {"ids": tmp_path / "ids.safetensors", "ref": tmp_path / "ref.safetensors"}
+    setup = c.Setup(str(tmp_path / "missing.gguf"), None, None)
+    row = tmp_path / "row.json"
+    err = c._run_row(c.recipe("fp32"), setup, "k", row, data, tmp_path, isolate=True, progress=False)
+    assert "missing.gguf does not exist" in err and not row.exists()    # a user's mistake: its message
+    data["ids"] = tmp_path / "absent.safetensors"
+    err = c._run_row(c.recipe("fp32"), setup, "k", row, data, tmp_path, isolate=True, progress=False)
+    assert err.startswith(("FileNotFoundError", "SafetensorError")), err  # a crash: its traceback's last line

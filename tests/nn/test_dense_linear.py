@@ -30,3 +30,25 @@ def test_use_dense_kernels_keeps_ties_and_state_dict():
     assert list(model.state_dict()) == keys
     tol = 1e-5 if kernels.lib() is not None else 0
     torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+
+
+def test_half_rows_without_native_gemm_are_fp32_products_rounded(monkeypatch):
+    from modelpress.nn import dense_linear
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        lin = torch.nn.Linear(96, 40, bias=True).to(dtype)
+        dense = DenseLinear.from_linear(lin)
+        x = torch.randn(3, 16, 96).to(dtype)                  # 48 rows: past the few-row kernel
+        exact = (x.double() @ lin.weight.double().T + lin.bias.double())
+        for native in (False, True):
+            monkeypatch.setattr(dense_linear, "native_half_gemm", lambda _dtype, n=native: n)
+            with torch.no_grad():
+                y = dense(x)
+            assert y.dtype == dtype and y.shape == (3, 16, 40)
+            # one rounding of an fp32 sum: within one half-precision step of the exact product
+            step = exact.abs().clamp(min=1e-3) * (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+            assert ((y.double() - exact).abs() <= step).all()
+        monkeypatch.setattr(dense_linear, "native_half_gemm", lambda _dtype: False)
+        with torch.no_grad():
+            torch.testing.assert_close(dense(x), lin(x), rtol=0, atol=float(step.max()))
