@@ -12,7 +12,8 @@ the cache:
 The batch is flattened to N tokens (each sequence's next `num_tokens`): the linear layers run once
 on (N, hidden). Attention: every sequence that decodes one token joins one padded, masked
 scaled_dot_product_attention call (its keys gathered from its blocks); each prefill chunk runs its
-own causal call against its cached prefix plus itself.
+own causal call against its cached prefix plus itself. A step where one sequence decodes alone
+goes to serve/fused_decode.py (every block in one C call) where the model allows it.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int = 16) -> None:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int = 16,
+                 fused_decode: bool = True) -> None:
         cfg = model.config
         self.model = model
         self.block_size = block_size
@@ -43,6 +45,15 @@ class ModelRunner:
         shape = (num_blocks, block_size, self.n_kv, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self._fused: object = None if fused_decode else False   # None: not built yet; False: not used
+
+    def fused(self):  # noqa: ANN201
+        """The batch-1 fused decoder, built at first use; None where the model does not allow it."""
+        if self._fused is None:
+            from .fused_decode import FusedDecoder
+
+            self._fused = FusedDecoder.build(self) or False
+        return self._fused or None
 
     @property
     def bytes_per_block(self) -> int:
@@ -64,6 +75,9 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], num_tokens: list[int]) -> torch.Tensor:
         """Compute the scheduled tokens into the cache; returns (len(seqs), vocab) fp32 logits of
         each sequence's last scheduled token (callers use those of sequences now complete)."""
+        if len(seqs) == 1 and num_tokens[0] == 1 and self.fused() is not None:
+            seq, pos = seqs[0], seqs[0].num_computed
+            return self.fused().step(seq.token_ids[pos], pos, seq.block_table, self.block_size)
         ids, pos, slots, spans = [], [], [], []
         for seq, n in zip(seqs, num_tokens):
             start = seq.num_computed

@@ -1,0 +1,104 @@
+"""Batch-1 decode in one C call per token (kernels/cpu_kernels.c, mp_llama_decode).
+
+A decode step through the model's modules costs ~1500 small torch operations (norms, rotary,
+cache indexing, SDPA with its mask, residuals): on the default model ~40 ms of a ~58 ms token on
+2 cores, more than the weight products themselves. When one sequence decodes alone, ModelRunner
+hands the step to FusedDecoder instead: every block runs in C on the same weights (GGUF blocks in
+their affine codes, or fp32), writing the token's key and value into the same paged cache, so the
+two paths mix freely within a sequence. The embedding, the rotary cos / sin, the final norm and
+the output head stay the model's own modules.
+
+Used where the kernels build, the model is a Llama-family fp32 model on a CPU whose block linears
+are all GGUFLinear or fp32 nn.Linear without bias; otherwise `FusedDecoder.build` returns None
+and the runner keeps its torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .. import kernels
+
+_I, _P = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("g", _I), ("w", _P), ("scale", _P), ("offset", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _P), ("ffn_norm", _P)] + [(n, _Linear) for n in
+                ("q", "k", "v", "o", "gate", "up", "down")] + [("k_cache", _P), ("v_cache", _P)]
+
+
+def _linear(mod: torch.nn.Module, keep: list) -> _Linear | None:  # noqa: ANN001
+    from ..core import kquants
+    from ..nn.gguf_linear import GGUFLinear
+
+    if isinstance(mod, GGUFLinear):
+        q, scale, offset = mod.affine()
+        keep += [q, scale, offset]
+        return _Linear(1, mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q.data_ptr(),
+                       scale.data_ptr(), offset.data_ptr())
+    if isinstance(mod, torch.nn.Linear) and mod.bias is None and mod.weight.dtype == torch.float32:
+        w = mod.weight.detach()
+        if not w.is_contiguous():
+            w = w.contiguous()
+        keep.append(w)
+        return _Linear(0, mod.out_features, mod.in_features, 1, w.data_ptr(), None, None)
+    return None
+
+
+class FusedDecoder:
+    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, layers: ctypes.Array, keep: list,
+                 eps: float, d_ff: int, n_heads: int, n_kv: int, head_dim: int) -> None:
+        self.lib, self.model, self.layers, self.keep = lib, model, layers, keep
+        self.eps, self.d_ff, self.n_heads, self.n_kv, self.head_dim = eps, d_ff, n_heads, n_kv, head_dim
+        self.d = model.config.hidden_size
+
+    @classmethod
+    def build(cls, runner) -> "FusedDecoder | None":  # noqa: ANN001
+        """The fused path for `runner`'s model and caches, or None where it does not apply."""
+        model = runner.model
+        if runner.device.type != "cpu" or runner.dtype != torch.float32 or runner.block_size <= 0:
+            return None
+        lib = kernels.lib()
+        if lib is None or getattr(model.config, "model_type", "") not in ("llama", "mistral", "qwen2"):
+            return None
+        keep: list = []
+        layers = (_Layer * len(runner.layers))()
+        eps = d_ff = None
+        for i, layer in enumerate(runner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(getattr(n, "weight", None) is None or n.weight.dtype != torch.float32 for n in norms):
+                return None
+            if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+                return None
+            lins = [_linear(m, keep) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                               mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            if any(x is None for x in lins):
+                return None
+            w = [n.weight.detach().contiguous() for n in norms]
+            keep += w
+            layers[i] = _Layer(w[0].data_ptr(), w[1].data_ptr(), *lins, runner.k_cache[i].data_ptr(),
+                               runner.v_cache[i].data_ptr())
+            eps = getattr(layer.input_layernorm, "variance_epsilon", None)
+            d_ff = mlp.gate_proj.out_features
+        if eps is None:
+            return None
+        return cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim)
+
+    @torch.inference_mode()
+    def step(self, token: int, pos: int, block_table: list[int], block_size: int) -> torch.Tensor:
+        """(1, vocab) fp32 logits after `token` at position `pos`; its key and value go to the cache."""
+        m = self.model.model
+        x = m.embed_tokens(torch.tensor([[token]]))[0].float().contiguous()       # (1, d)
+        cos, sin = m.rotary_emb(x[None], torch.tensor([[pos]]))
+        cos, sin = cos.reshape(-1).float().contiguous(), sin.reshape(-1).float().contiguous()
+        table = torch.tensor(block_table, dtype=torch.int64)
+        self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), self.d, self.d_ff,
+                                 self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
+                                 table.data_ptr(), block_size, pos)
+        return self.model.lm_head(m.norm(x)).float()
