@@ -276,25 +276,40 @@ void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, cons
     for (int64_t o = 0; o < n; o++) {
         const uint8_t *qo = q + o * k;
         float acc[MP_MAX_ROWS] = {0};
+#ifdef MP_AVX2
+        /* scale * (x . q) summed as vectors across the row's groups: one horizontal sum per row */
+        __m256 vacc[MP_MAX_ROWS];
+        for (int64_t r = 0; r < m; r++) vacc[r] = _mm256_setzero_ps();
+        if (g % 16 == 0) {
+            for (int64_t t = 0; t < ng; t++) {
+                const uint8_t *qg = qo + t * g;
+                const float so = scale[o * ng + t], oo = offset[o * ng + t];
+                const __m256 vs = _mm256_set1_ps(so);
+                for (int64_t r = 0; r < m; r++) {
+                    const float *xg = x + r * k + t * g;
+                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                    for (int64_t j = 0; j < g; j += 16) {
+                        __m128i b = _mm_loadu_si128((const __m128i *)(qg + j));
+                        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+                        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + j), a0);
+                        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + j + 8), a1);
+                    }
+                    vacc[r] = _mm256_fmadd_ps(vs, _mm256_add_ps(a0, a1), vacc[r]);
+                    acc[r] += oo * xsum[r * ng + t];
+                }
+            }
+            for (int64_t r = 0; r < m; r++) y[r * n + o] = acc[r] + hsum8(vacc[r]);
+            continue;
+        }
+#endif
         for (int64_t t = 0; t < ng; t++) {
             const uint8_t *qg = qo + t * g;
             const float so = scale[o * ng + t], oo = offset[o * ng + t];
             for (int64_t r = 0; r < m; r++) {
                 const float *xg = x + r * k + t * g;
                 float dot = 0.0f;
-                int64_t j = 0;
-#ifdef MP_AVX2
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                for (; j + 16 <= g; j += 16) {
-                    __m128i b = _mm_loadu_si128((const __m128i *)(qg + j));
-                    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-                    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
-                    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + j), a0);
-                    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + j + 8), a1);
-                }
-                dot = hsum8(_mm256_add_ps(a0, a1));
-#endif
-                for (; j < g; j++) dot += (float)qg[j] * xg[j];
+                for (int64_t j = 0; j < g; j++) dot += (float)qg[j] * xg[j];
                 acc[r] += so * dot + oo * xsum[r * ng + t];
             }
         }

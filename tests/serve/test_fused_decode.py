@@ -1,0 +1,64 @@
+"""The batch-1 fused decode (serve/fused_decode.py, kernels' mp_llama_decode) against the runner's
+torch path on the same paged cache: same logits within float reordering, same greedy tokens, and
+the two paths mixed within one sequence; models it cannot take keep the torch path."""
+import pytest
+import torch
+
+from modelpress import kernels
+from modelpress.serve.fused_decode import FusedDecoder
+from modelpress.serve.runner import ModelRunner
+from tests.conftest import tiny_llama
+from tests.serve.test_engine import _quantized
+
+pytestmark = pytest.mark.skipif(kernels.lib() is None, reason="the CPU kernels did not build here (no C compiler)")
+
+
+class _Seq:
+    def __init__(self, ids, table):
+        self.token_ids, self.num_computed, self.block_table = list(ids), 0, table
+
+
+def _decode(model, fused, steps, mix=False):
+    """Prefill 11 tokens, then `steps` greedy tokens one at a time; blocks out of order (slots
+    not contiguous). mix: every third step takes the torch path. Returns (tokens, logits)."""
+    runner = ModelRunner(model, 12, 4, fused_decode=fused)
+    seq = _Seq(torch.randint(1, 261, (11,), generator=torch.Generator().manual_seed(3)).tolist(),
+               [7, 2, 9, 0, 11, 5, 3, 8, 1, 10, 4, 6])
+    logits = runner.run([seq], [11])
+    seq.num_computed, out = 11, []
+    for i in range(steps):
+        seq.token_ids.append(int(logits[-1].argmax()))
+        if mix and i % 3 == 0:
+            runner._fused = False
+        logits = runner.run([seq], [1])
+        if mix:
+            runner._fused = None
+        seq.num_computed += 1
+        out.append(logits[-1])
+    return seq.token_ids, torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "gguf-Q4_K_M", "gguf-Q8_0"])
+def test_fused_decode_equals_the_torch_path(kind):
+    model = tiny_llama() if kind == "fp32" else _quantized(kind)
+    assert FusedDecoder.build(ModelRunner(model, 4, 4)) is not None
+    ref_tokens, ref = _decode(model, False, 30)
+    tokens, got = _decode(model, True, 30)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+    mixed_tokens, mixed = _decode(model, True, 30, mix=True)   # the paths share the cache
+    assert mixed_tokens == ref_tokens
+    torch.testing.assert_close(mixed, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["bf16", "rtn-w4", "nf4"])
+def test_models_it_cannot_take_keep_the_torch_path(kind):
+    runner = ModelRunner(_quantized(kind), 4, 4)
+    assert FusedDecoder.build(runner) is None and runner.fused() is None
+
+
+def test_a_biased_linear_keeps_the_torch_path():
+    model = tiny_llama()
+    q = model.model.layers[1].self_attn.q_proj
+    q.bias = torch.nn.Parameter(torch.zeros(q.out_features))
+    assert FusedDecoder.build(ModelRunner(model, 4, 4)) is None
