@@ -101,7 +101,9 @@ def _state_dict(tensors: list[GGUFTensor], config, keep_blocks: bool = False  # 
 def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a Llama GGUF file, weights dequantized to fp32; with keep_blocks,
     the linear layers of a block type stay in their blocks (nn/gguf_linear.GGUFLinear) and only
-    embeddings, norms and F16/F32 tensors become fp32."""
+    embeddings, norms and F16/F32 tensors become fp32; a head tied to a block-type embedding also
+    keeps those blocks as `model.modelpress_head` (a GGUFLinear outside the module tree with the
+    same values as the fp32 tied weight, for the decode kernels)."""
     from ..model.walker import replace
     from ..nn.gguf_linear import GGUFLinear
     from .gguf_tokenizer import tokenizer_from_gguf
@@ -117,5 +119,15 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
             replace(model, module, GGUFLinear.from_blocks(sd[module + ".qdata"], kind, cols))
 
     model = build_causal_lm(config, sd, prepare)
+    if keep_blocks and tied:  # the tied head's own blocks, for decode kernels (serve/fused_decode.py)
+        from gguf import GGMLQuantizationType
+
+        from ..core.kquants import BLOCK
+
+        emb = next(t for t in tensors if t.name == "token_embd.weight")
+        kind = GGMLQuantizationType(emb.ggml_type).name
+        if kind in BLOCK:
+            head = GGUFLinear.from_blocks(torch.from_numpy(np.array(emb.data, copy=True)), kind, emb.shape[-1])
+            object.__setattr__(model, "modelpress_head", head)  # not a submodule: not in the state dict
     tokenizer = tokenizer_from_gguf(meta, path)
     return model, tokenizer

@@ -101,4 +101,5 @@ class FusedDecoder:
         self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), self.d, self.d_ff,
                                  self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
                                  table.data_ptr(), block_size, pos)
-        return self.model.lm_head(m.norm(x)).float()
+        head = getattr(self.model, "modelpress_head", None) or self.model.lm_head
+        return head(m.norm(x)).float()

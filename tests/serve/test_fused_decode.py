@@ -42,6 +42,11 @@ def _decode(model, fused, steps, mix=False):
 def test_fused_decode_equals_the_torch_path(kind):
     model = tiny_llama() if kind == "fp32" else _quantized(kind)
     assert FusedDecoder.build(ModelRunner(model, 4, 4)) is not None
+    if kind != "fp32":  # the tied head's GGUF blocks ride along, outside the state dict
+        from modelpress.nn.gguf_linear import GGUFLinear
+
+        assert isinstance(model.modelpress_head, GGUFLinear)
+        assert not any("modelpress_head" in k for k in model.state_dict())
     ref_tokens, ref = _decode(model, False, 30)
     tokens, got = _decode(model, True, 30)
     assert tokens == ref_tokens
