@@ -254,6 +254,31 @@ void mp_f32_gemv(const float *x, int64_t m, int64_t k, const float *w, int64_t n
     }
 }
 
+#ifdef MP_AVX2
+/* One output of an affine layer for one input row (g % 16 == 0): scale * (x . q) summed as vectors
+ * across the groups in two register chains, one horizontal sum at the end; offset * sum(x) apart. */
+static inline float mp_affine_dot1(const uint8_t *qo, const float *so, const float *oo, const float *x,
+                                   const float *xsum, int64_t ng, int64_t g) {
+    __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
+    float off = 0.0f;
+    for (int64_t t = 0; t < ng; t++) {
+        const uint8_t *qg = qo + t * g;
+        const float *xg = x + t * g;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < g; j += 16) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(qg + j));
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_loadu_ps(xg + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
+                                 _mm256_loadu_ps(xg + j + 8), a1);
+        }
+        if (t & 1) v1 = _mm256_fmadd_ps(_mm256_set1_ps(so[t]), _mm256_add_ps(a0, a1), v1);
+        else v0 = _mm256_fmadd_ps(_mm256_set1_ps(so[t]), _mm256_add_ps(a0, a1), v0);
+        off += oo[t] * xsum[t];
+    }
+    return off + hsum8(_mm256_add_ps(v0, v1));
+}
+#endif
+
 /* ---------------------------------------------------------------------------------------------
  * Affine codes (every GGUF block type, decoded once by core/kquants.affine), fp32 activations.
  *   x      fp32 (m, k), m <= MP_MAX_ROWS
@@ -280,6 +305,10 @@ void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, cons
         /* scale * (x . q) summed as vectors across the row's groups: one horizontal sum per row */
         __m256 vacc[MP_MAX_ROWS];
         for (int64_t r = 0; r < m; r++) vacc[r] = _mm256_setzero_ps();
+        if (g % 16 == 0 && m == 1) {  /* decode */
+            y[o] = mp_affine_dot1(qo, scale + o * ng, offset + o * ng, x, xsum, ng, g);
+            continue;
+        }
         if (g % 16 == 0) {
             for (int64_t t = 0; t < ng; t++) {
                 const uint8_t *qg = qo + t * g;
@@ -560,11 +589,63 @@ typedef struct {
     float *k_cache, *v_cache;
 } mp_layer;
 
-static void mp_linear_apply(const mp_linear *l, const float *x, float *y) {
-    if (l->kind == 0)
-        mp_f32_gemv(x, 1, l->k, (const float *)l->w, l->n, y);
-    else
-        mp_affine_gemv(x, 1, l->k, (const uint8_t *)l->w, l->scale, l->offset, l->n, l->g, y);
+/* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums). */
+static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum) {
+    if (l->kind == 0) {
+        const float *w = (const float *)l->w + o * l->k;
+        int64_t j = 0;
+        float acc = 0.0f;
+#ifdef MP_AVX2
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; j + 16 <= l->k; j += 16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+        }
+        acc = hsum8(_mm256_add_ps(a0, a1));
+#endif
+        for (; j < l->k; j++) acc += w[j] * x[j];
+        return acc;
+    }
+    const int64_t g = l->g, ng = l->k / g;
+    const uint8_t *qo = (const uint8_t *)l->w + o * l->k;
+    const float *so = l->scale + o * ng, *oo = l->offset + o * ng;
+#ifdef MP_AVX2
+    if (g % 16 == 0) return mp_affine_dot1(qo, so, oo, x, xsum, ng, g);
+#endif
+    float acc = 0.0f;
+    for (int64_t t = 0; t < ng; t++) {
+        float dot = 0.0f;
+        for (int64_t j = 0; j < g; j++) dot += (float)qo[t * g + j] * x[t * g + j];
+        acc += so[t] * dot + oo[t] * xsum[t];
+    }
+    return acc;
+}
+
+/* y_c = x @ W_c^T for up to 3 layers reading the same x (q k v; gate up), in one parallel loop
+ * over all their rows: fewer thread wake-ups than a loop per layer. */
+static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x) {
+    float *xs[3] = {NULL, NULL, NULL};
+    int64_t start[4] = {0, 0, 0, 0};
+    for (int c = 0; c < cnt; c++) {
+        const mp_linear *l = ls[c];
+        if (l->kind == 1) {
+            const int64_t ng = l->k / l->g;
+            xs[c] = malloc(sizeof(float) * (size_t)ng);
+            for (int64_t t = 0; t < ng; t++) {
+                float sum = 0.0f;
+                for (int64_t j = 0; j < l->g; j++) sum += x[t * l->g + j];
+                xs[c][t] = sum;
+            }
+        }
+        start[c + 1] = start[c] + l->n;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < start[cnt]; r++) {
+        int c = 0;
+        while (r >= start[c + 1]) c++;
+        ys[c][r - start[c]] = mp_linear_row(ls[c], r - start[c], x, xs[c]);
+    }
+    for (int c = 0; c < cnt; c++) free(xs[c]);
 }
 
 static void mp_rms_norm(const float *x, const float *w, int64_t d, float eps, float *y) {
@@ -601,9 +682,11 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
         const mp_layer *ly = layers + li;
         float *kc = ly->k_cache, *vc = ly->v_cache;
         mp_rms_norm(x, ly->attn_norm, d, eps, h);
-        mp_linear_apply(&ly->q, h, q);
-        mp_linear_apply(&ly->k, h, kc + slot[pos] * kvd);   /* straight into the cache */
-        mp_linear_apply(&ly->v, h, vc + slot[pos] * kvd);
+        {   /* k and v straight into the cache */
+            const mp_linear *ls[3] = {&ly->q, &ly->k, &ly->v};
+            float *ys[3] = {q, kc + slot[pos] * kvd, vc + slot[pos] * kvd};
+            mp_linears_apply(ls, ys, 3, h);
+        }
         mp_rope(q, n_heads, hd, cos, sin);
         mp_rope(kc + slot[pos] * kvd, n_kv, hd, cos, sin);
 #pragma omp parallel for schedule(static)
@@ -626,13 +709,24 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
                 for (int64_t i = 0; i < hd; i++) oh[i] += w * vp[i];
             }
         }
-        mp_linear_apply(&ly->o, att, t);
+        {
+            const mp_linear *ls[1] = {&ly->o};
+            float *ys[1] = {t};
+            mp_linears_apply(ls, ys, 1, att);
+        }
         for (int64_t i = 0; i < d; i++) x[i] += t[i];
         mp_rms_norm(x, ly->ffn_norm, d, eps, h);
-        mp_linear_apply(&ly->gate, h, g);
-        mp_linear_apply(&ly->up, h, u);
+        {
+            const mp_linear *ls[2] = {&ly->gate, &ly->up};
+            float *ys[2] = {g, u};
+            mp_linears_apply(ls, ys, 2, h);
+        }
         for (int64_t i = 0; i < d_ff; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        mp_linear_apply(&ly->down, g, t);
+        {
+            const mp_linear *ls[1] = {&ly->down};
+            float *ys[1] = {t};
+            mp_linears_apply(ls, ys, 1, g);
+        }
         for (int64_t i = 0; i < d; i++) x[i] += t[i];
     }
     free(h); free(q); free(att); free(t); free(g); free(u); free(sc); free(slot);
