@@ -4,8 +4,9 @@
         [--llama-server /path/to/llama-server]     # llama.cpp's own server (../shared/PEERS.md)
 
 1. decode: batch-1 decode tokens/s on the default model's Q4_K_M and Q8_0 GGUF files (written by
-   modelpress, the same files for both): modelpress' Engine on the blocks, llama.cpp
-   (llama-cpp-python, 2 threads) on the file. --decode-tokens greedy tokens after a short prompt.
+   modelpress, the same files for both): modelpress' Engine on the blocks (its fused batch-1
+   path), llama.cpp (llama-cpp-python, 2 threads) on the file. --decode-tokens greedy tokens after
+   a short prompt; the tools alternate --repeats times and each reports its median.
 2. throughput: --clients concurrent requests (prompts of ~128 tokens from eval.txt, 128 new
    tokens each, greedy, no stop at eos) through `modelpress serve`'s HTTP API, through
    llama-server with as many slots (if given), and transformers' batched generate (fp32).
@@ -21,6 +22,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -211,6 +213,7 @@ def load_test(gguf: Path, clients: int, new: int, kv_blocks: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="decode runs per tool and file (median reported)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--load-clients", type=int, default=64)
@@ -230,10 +233,15 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         write_result(a.out, "serving", rows)
 
-    if "decode" in parts:
+    if "decode" in parts:  # the tools alternate, --repeats times: the median of each, all runs kept
         for mix, path in files.items():
-            emit({"part": "decode", "mix": mix, "tool": "modelpress", "tokens_per_s": decode_ours(path, a.decode_tokens)})
-            emit({"part": "decode", "mix": mix, "tool": "llama.cpp", "tokens_per_s": decode_llamacpp(path, a.decode_tokens)})
+            runs: dict[str, list[float]] = {"modelpress": [], "llama.cpp": []}
+            for _ in range(a.repeats):
+                runs["modelpress"].append(decode_ours(path, a.decode_tokens))
+                runs["llama.cpp"].append(decode_llamacpp(path, a.decode_tokens))
+            for tool, tps in runs.items():
+                emit({"part": "decode", "mix": mix, "tool": tool, "tokens_per_s": statistics.median(tps),
+                      "runs": tps})
     if "throughput" in parts:
         prompts = eval_prompts(a.clients)
         gguf = files[a.serve_mix]
