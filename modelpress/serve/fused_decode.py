@@ -34,6 +34,7 @@ class _Layer(ctypes.Structure):
 
 def _linear(mod: torch.nn.Module, keep: list) -> _Linear | None:  # noqa: ANN001
     from ..core import kquants
+    from ..nn.dense_linear import DenseLinear
     from ..nn.gguf_linear import GGUFLinear
 
     if isinstance(mod, GGUFLinear):
@@ -41,7 +42,7 @@ def _linear(mod: torch.nn.Module, keep: list) -> _Linear | None:  # noqa: ANN001
         keep += [q, scale, offset]
         return _Linear(1, mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q.data_ptr(),
                        scale.data_ptr(), offset.data_ptr())
-    if isinstance(mod, torch.nn.Linear) and mod.bias is None and mod.weight.dtype == torch.float32:
+    if type(mod) in (torch.nn.Linear, DenseLinear) and mod.bias is None and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()
         if not w.is_contiguous():
             w = w.contiguous()
