@@ -44,7 +44,8 @@ class AWQConfig(BaseConfig):
     bounds. search_samples: calibration windows the scale search replays (the activation
     statistics use all of them; 8 windows of 512 = 4096 tokens keeps the 20-point search near a
     minute per 100M parameters on 2 cores, where replaying all 128 would take ~16x that).
-    batch_size: windows per forward. scales_only: fold the scales in and leave the weights in
+    batch_size: windows per forward (at most search_samples, so that the search replays exactly
+    search_samples windows; above it, a whole number of batches). scales_only: fold the scales in and leave the weights in
     float, for another format to round (AWQ -> GGUF); then nothing is clipped or quantized."""
 
     method = "awq"
@@ -64,8 +65,8 @@ class AWQConfig(BaseConfig):
             raise ValueError(f"bits must be one of (2, 3, 4, 8), got {self.bits}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise ValueError(f"group size must be a positive number of input columns, or none; got {self.group_size}")
-        if self.n_grid < 2 or self.search_samples <= 0 or self.batch_size <= 0:
-            raise ValueError("n_grid must be >= 2, search samples and batch size positive")
+        if self.n_grid < (3 if self.duo_scaling else 2) or self.search_samples <= 0 or self.batch_size <= 0:
+            raise ValueError("n_grid must be >= 3 (>= 2 without duo scaling), search samples and batch size positive")
 
 
 def _get(block: torch.nn.Module, name: str) -> torch.nn.Module | None:
@@ -122,7 +123,8 @@ def _fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tens
 @register(AWQConfig)
 def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
     targets = block_targets(model, config, calib)
-    search_batches = -(-config.search_samples // config.batch_size)
+    batch = min(config.batch_size, config.search_samples)
+    search_batches = -(-config.search_samples // batch)
 
     def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
         mods = targets[id(block)]
@@ -155,5 +157,5 @@ def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Te
                 q.bias = lin.bias.detach().float().clone()
             replace(block, name, q)
 
-    model.modelpress_calibration = run_sequential(model, calib, compress, config.batch_size, desc="awq")
+    model.modelpress_calibration = run_sequential(model, calib, compress, batch, desc="awq")
     return model

@@ -19,8 +19,10 @@ def test_configs_validate():
     for bad in (dict(bits=5), dict(group_size=0), dict(damp=1.5)):
         with pytest.raises(ValueError):
             GPTQConfig(**bad)
-    with pytest.raises(ValueError):
-        AWQConfig(n_grid=1)
+    for bad in (dict(n_grid=1), dict(n_grid=2), dict(search_samples=0)):  # duo scaling needs 3 points
+        with pytest.raises(ValueError):
+            AWQConfig(**bad)
+    AWQConfig(n_grid=2, duo_scaling=False)
     with pytest.raises(modelpress.ModelpressError, match="calibration"):
         modelpress.quantize(tiny_llama(), GPTQConfig(), None)
 
@@ -80,3 +82,22 @@ def test_awq_scales_only_keeps_the_function_and_helps_a_later_rounding():
     err_plain = (_calib_error(modelpress.quantize(copy.deepcopy(model), rtn), calib) - ref).pow(2).mean()
     err_scaled = (_calib_error(modelpress.quantize(scaled, rtn), calib) - ref).pow(2).mean()
     assert err_scaled < 0.8 * err_plain, (err_scaled, err_plain)  # observed 0.68
+
+
+@pytest.mark.parametrize("search,batch", [(2, 8), (4, 4), (3, 2)])
+def test_awq_search_replays_search_samples_windows(monkeypatch, search, batch):
+    from modelpress.methods import awq
+
+    seen = []
+    real = awq._replay
+
+    def counting(parent, calls):
+        seen.append(sum((a[0] if a else k["hidden_states"]).shape[0] for a, k in calls))
+        return real(parent, calls)
+
+    monkeypatch.setattr(awq, "_replay", counting)
+    calib = list(torch.randint(0, 261, (6, 32), generator=torch.Generator().manual_seed(0)))
+    modelpress.quantize(tiny_llama(), AWQConfig(bits=4, group_size=32, n_grid=3, search_samples=search,
+                                                batch_size=batch), calib)
+    want = search if search <= batch else -(-search // batch) * batch   # whole batches above the batch size
+    assert seen and set(seen) == {want}
