@@ -256,9 +256,10 @@ void mp_f32_gemv(const float *x, int64_t m, int64_t k, const float *w, int64_t n
 
 #ifdef MP_AVX2
 /* One output of an affine layer for one input row (g % 16 == 0): scale * (x . q) summed as vectors
- * across the groups in two register chains, one horizontal sum at the end; offset * sum(x) apart. */
-static inline float mp_affine_dot1(const uint8_t *qo, const float *so, const float *oo, const float *x,
-                                   const float *xsum, int64_t ng, int64_t g) {
+ * across the groups in two register chains, one horizontal sum at the end; offset * sum(x) apart.
+ * oo NULL: a symmetric type, offset = zero * scale (exact: zero is -8, -16 or -128). */
+static inline float mp_affine_dot1(const uint8_t *qo, const float *so, const float *oo, float zero,
+                                   const float *x, const float *xsum, int64_t ng, int64_t g) {
     __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
     float off = 0.0f;
     for (int64_t t = 0; t < ng; t++) {
@@ -273,7 +274,7 @@ static inline float mp_affine_dot1(const uint8_t *qo, const float *so, const flo
         }
         if (t & 1) v1 = _mm256_fmadd_ps(_mm256_set1_ps(so[t]), _mm256_add_ps(a0, a1), v1);
         else v0 = _mm256_fmadd_ps(_mm256_set1_ps(so[t]), _mm256_add_ps(a0, a1), v0);
-        off += oo[t] * xsum[t];
+        off += (oo ? oo[t] : zero * so[t]) * xsum[t];
     }
     return off + hsum8(_mm256_add_ps(v0, v1));
 }
@@ -306,7 +307,7 @@ void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, cons
         __m256 vacc[MP_MAX_ROWS];
         for (int64_t r = 0; r < m; r++) vacc[r] = _mm256_setzero_ps();
         if (g % 16 == 0 && m == 1) {  /* decode */
-            y[o] = mp_affine_dot1(qo, scale + o * ng, offset + o * ng, x, xsum, ng, g);
+            y[o] = mp_affine_dot1(qo, scale + o * ng, offset + o * ng, 0.0f, x, xsum, ng, g);
             continue;
         }
         if (g % 16 == 0) {
@@ -580,7 +581,8 @@ void mp_quantize_legacy(const float *x, int64_t nblocks, int64_t kind, uint8_t *
 typedef struct {
     int64_t kind, n, k, g;
     const void *w;
-    const float *scale, *offset;
+    const float *scale, *offset;   /* offset NULL: symmetric codes, offset = zero * scale */
+    float zero;
 } mp_linear;
 
 typedef struct {
@@ -608,15 +610,15 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
     }
     const int64_t g = l->g, ng = l->k / g;
     const uint8_t *qo = (const uint8_t *)l->w + o * l->k;
-    const float *so = l->scale + o * ng, *oo = l->offset + o * ng;
+    const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
 #ifdef MP_AVX2
-    if (g % 16 == 0) return mp_affine_dot1(qo, so, oo, x, xsum, ng, g);
+    if (g % 16 == 0) return mp_affine_dot1(qo, so, oo, l->zero, x, xsum, ng, g);
 #endif
     float acc = 0.0f;
     for (int64_t t = 0; t < ng; t++) {
         float dot = 0.0f;
         for (int64_t j = 0; j < g; j++) dot += (float)qo[t * g + j] * x[t * g + j];
-        acc += so[t] * dot + oo[t] * xsum[t];
+        acc += so[t] * dot + (oo ? oo[t] : l->zero * so[t]) * xsum[t];
     }
     return acc;
 }

@@ -24,7 +24,12 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("g", _I), ("w", _P), ("scale", _P), ("offset", _P)]
+    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("g", _I), ("w", _P), ("scale", _P), ("offset", _P),
+                ("zero", ctypes.c_float)]
+
+
+# symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
+_ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
 
 
 class _Layer(ctypes.Structure):
@@ -40,14 +45,15 @@ def _linear(mod: torch.nn.Module, keep: list) -> _Linear | None:  # noqa: ANN001
     if isinstance(mod, GGUFLinear):
         q, scale, offset = mod.affine()
         keep += [q, scale, offset]
+        zero = _ZERO.get(mod.kind)
         return _Linear(1, mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q.data_ptr(),
-                       scale.data_ptr(), offset.data_ptr())
+                       scale.data_ptr(), None if zero is not None else offset.data_ptr(), zero or 0.0)
     if type(mod) in (torch.nn.Linear, DenseLinear) and mod.bias is None and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()
         if not w.is_contiguous():
             w = w.contiguous()
         keep.append(w)
-        return _Linear(0, mod.out_features, mod.in_features, 1, w.data_ptr(), None, None)
+        return _Linear(0, mod.out_features, mod.in_features, 1, w.data_ptr(), None, None, 0.0)
     return None
 
 

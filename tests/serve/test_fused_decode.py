@@ -67,3 +67,14 @@ def test_a_biased_linear_keeps_the_torch_path():
     q = model.model.layers[1].self_attn.q_proj
     q.bias = torch.nn.Parameter(torch.zeros(q.out_features))
     assert FusedDecoder.build(ModelRunner(model, 4, 4)) is None
+
+
+def test_symmetric_types_offsets_are_zero_times_scale():
+    """The fused decode reads no offsets for these types: they must be exactly ZERO * scale."""
+    from modelpress.core import kquants
+    from modelpress.serve.fused_decode import _ZERO
+
+    w = torch.randn(8, 256) * 3
+    for kind, zero in _ZERO.items():
+        _, scale, offset = kquants.affine(kquants.quantize(w, kind), kind, 256)
+        assert torch.equal(offset, zero * scale), kind
