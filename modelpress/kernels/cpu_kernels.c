@@ -567,7 +567,8 @@ void mp_quantize_legacy(const float *x, int64_t nblocks, int64_t kind, uint8_t *
  * output head to the hidden state this returns in x.
  *
  *   linear: kind 0 fp32 weight (n, k); kind 1 affine codes (mp_affine_gemv's layout: uint8
- *           (n, k), scale / offset fp32 (n, k / g))
+ *           (n, k), scale / offset fp32 (n, k / g)); kinds 3 / 4 Q8_0 / Q5_0 blocks as stored,
+ *           int8 activations (mp_block_gemv)
  *   layer:  the two RMSNorm weights, q k v o gate up down, the layer's paged caches
  *           (num_blocks * block_size slots, n_kv, head_dim), fp32
  *   x       fp32 (d): the token's embedding in, the last block's output out
@@ -591,8 +592,114 @@ typedef struct {
     float *k_cache, *v_cache;
 } mp_layer;
 
+/* Decode on GGUF Q8_0 / Q5_0 blocks with int8 activations, as llama.cpp's CPU path multiplies them:
+ * x is rounded per block of 32 to int8 with an fp16 scale (ggml's quantize_row_q8_0: d = amax / 127,
+ * q = round(x / d), halves away from zero), and each block's dot is an exact integer sum times
+ * d_w * d_x. The blocks are read as stored: 34 (Q8_0) or 22 (Q5_0) bytes per 32 weights, against
+ * 36 for a code byte and an fp32 scale, so decode, bound by memory bandwidth here, reads less.
+ *   Q8_0: d fp16 | q int8[32]                       w = d * q
+ *   Q5_0: d fp16 | qh u32 | qs[16]                  w = d * ((nibble | bit << 4) - 16); code j: low nibble
+ *         of qs[j] and bit j of qh, code j + 16: high nibble of qs[j] and bit j + 16 of qh */
+static inline float mp_half(uint16_t h) {
+#ifdef MP_AVX2
+    return _cvtsh_ss(h);
+#else
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+#endif
+}
+
+static void mp_quantize_x8(const float *x, int64_t k, int8_t *q, float *d) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        for (int j = 0; j < 32; j++) q[b * 32 + j] = (int8_t)roundf(xb[j] * id);
+        d[b] = round_fp16(db);
+    }
+}
+
+static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd, int64_t nb) {
+    float acc = 0.0f;
+#ifdef MP_AVX2
+    __m256 v = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+    const __m256i pick = _mm256_set_epi8(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                         1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i w;
+        float dw;
+        if (kind == 3) {
+            const uint8_t *blk = row + b * 34;
+            dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
+            w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        } else {
+            const uint8_t *blk = row + b * 22;
+            uint32_t qh;
+            memcpy(&qh, blk + 2, 4);
+            dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
+            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6));
+            const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low4);
+            /* byte j of `set` is 0xFF where bit j of qh is set */
+            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), pick), bit), bit);
+            w = _mm256_or_si256(nib, _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0)));  /* code - 16 */
+        }
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+        /* |w| * (y with w's sign): unsigned x signed pairs, |w| <= 128 so no i16 saturation */
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)), ones);
+        v = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), _mm256_cvtepi32_ps(p), v);
+    }
+    acc = hsum8(v);
+#else
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t sum = 0;
+        float dw;
+        const int8_t *y = xq + b * 32;
+        if (kind == 3) {
+            const uint8_t *blk = row + b * 34;
+            dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
+            for (int j = 0; j < 32; j++) sum += (int32_t)(int8_t)blk[2 + j] * y[j];
+        } else {
+            const uint8_t *blk = row + b * 22;
+            uint32_t qh;
+            memcpy(&qh, blk + 2, 4);
+            dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
+            for (int j = 0; j < 16; j++) {
+                const int lo = (blk[6 + j] & 0x0F) | (int)((qh >> j) & 1) << 4;
+                const int hi = (blk[6 + j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+                sum += (lo - 16) * y[j] + (hi - 16) * y[j + 16];
+            }
+        }
+        acc += dw * xd[b] * (float)sum;
+    }
+#endif
+    return acc;
+}
+
+/* y (m, n) for m rows of x through Q8_0 (kind 3) or Q5_0 (kind 4) blocks (n rows of k / 32 blocks),
+ * activations rounded to int8 as above: what the tests compare with a float64 reference. */
+void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t kind, int64_t n, float *y) {
+    const int64_t nb = k / 32, rowb = nb * (kind == 3 ? 34 : 22);
+    int8_t *xq = malloc((size_t)(m * k));
+    float *xd = malloc(sizeof(float) * (size_t)(m * nb));
+    for (int64_t r = 0; r < m; r++) mp_quantize_x8(x + r * k, k, xq + r * k, xd + r * nb);
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_block_dot1(kind, w + o * rowb, xq + r * k, xd + r * nb, nb);
+    free(xq);
+    free(xd);
+}
+
 /* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums). */
-static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum) {
+static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum,
+                                  const int8_t *xq, const float *xd) {
+    if (l->kind >= 3) {
+        const int64_t nb = l->k / 32;
+        return mp_block_dot1(l->kind, (const uint8_t *)l->w + o * nb * (l->kind == 3 ? 34 : 22), xq, xd, nb);
+    }
     if (l->kind == 0) {
         const float *w = (const float *)l->w + o * l->k;
         int64_t j = 0;
@@ -626,10 +733,16 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
 /* y_c = x @ W_c^T for up to 3 layers reading the same x (q k v; gate up), in one parallel loop
  * over all their rows: fewer thread wake-ups than a loop per layer. */
 static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x) {
-    float *xs[3] = {NULL, NULL, NULL};
+    float *xs[3] = {NULL, NULL, NULL}, *xd = NULL;
+    int8_t *xq = NULL;
     int64_t start[4] = {0, 0, 0, 0};
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
+        if (l->kind >= 3 && xq == NULL) {  /* the layers of one call read the same x: round it once */
+            xq = malloc((size_t)l->k);
+            xd = malloc(sizeof(float) * (size_t)(l->k / 32));
+            mp_quantize_x8(x, l->k, xq, xd);
+        }
         if (l->kind == 1) {
             const int64_t ng = l->k / l->g;
             xs[c] = malloc(sizeof(float) * (size_t)ng);
@@ -645,9 +758,11 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
     for (int64_t r = 0; r < start[cnt]; r++) {
         int c = 0;
         while (r >= start[c + 1]) c++;
-        ys[c][r - start[c]] = mp_linear_row(ls[c], r - start[c], x, xs[c]);
+        ys[c][r - start[c]] = mp_linear_row(ls[c], r - start[c], x, xs[c], xq, xd);
     }
     for (int c = 0; c < cnt; c++) free(xs[c]);
+    free(xq);
+    free(xd);
 }
 
 static void mp_rms_norm(const float *x, const float *w, int64_t d, float eps, float *y) {

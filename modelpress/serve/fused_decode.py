@@ -30,6 +30,8 @@ class _Linear(ctypes.Structure):
 
 # symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
 _ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
+# types the decode multiplies on their stored blocks with int8 activations (kernels' mp_block_gemv)
+_BLOCK_KERNELS = {"Q8_0": 3, "Q5_0": 4}
 
 
 class _Layer(ctypes.Structure):
@@ -37,11 +39,15 @@ class _Layer(ctypes.Structure):
                 ("q", "k", "v", "o", "gate", "up", "down")] + [("k_cache", _P), ("v_cache", _P)]
 
 
-def _linear(mod: torch.nn.Module, keep: list) -> _Linear | None:  # noqa: ANN001
+def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> _Linear | None:  # noqa: ANN001
     from ..core import kquants
     from ..nn.dense_linear import DenseLinear
     from ..nn.gguf_linear import GGUFLinear
 
+    if isinstance(mod, GGUFLinear) and int8 and mod.kind in _BLOCK_KERNELS:
+        q = mod.qdata.contiguous()
+        keep.append(q)
+        return _Linear(_BLOCK_KERNELS[mod.kind], mod.out_features, mod.in_features, 32, q.data_ptr(), None, None, 0.0)
     if isinstance(mod, GGUFLinear):
         q, scale, offset = mod.affine()
         keep += [q, scale, offset]
@@ -59,14 +65,17 @@ def _linear(mod: torch.nn.Module, keep: list) -> _Linear | None:  # noqa: ANN001
 
 class FusedDecoder:
     def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, layers: ctypes.Array, keep: list,
-                 eps: float, d_ff: int, n_heads: int, n_kv: int, head_dim: int) -> None:
-        self.lib, self.model, self.layers, self.keep = lib, model, layers, keep
+                 eps: float, d_ff: int, n_heads: int, n_kv: int, head_dim: int, int8: bool) -> None:
+        self.lib, self.model, self.layers, self.keep, self.int8 = lib, model, layers, keep, int8
         self.eps, self.d_ff, self.n_heads, self.n_kv, self.head_dim = eps, d_ff, n_heads, n_kv, head_dim
         self.d = model.config.hidden_size
 
     @classmethod
-    def build(cls, runner) -> "FusedDecoder | None":  # noqa: ANN001
-        """The fused path for `runner`'s model and caches, or None where it does not apply."""
+    def build(cls, runner, int8_activations: bool = True) -> "FusedDecoder | None":  # noqa: ANN001
+        """The fused path for `runner`'s model and caches, or None where it does not apply.
+        int8_activations: Q8_0 / Q5_0 layers (and such a tied head) multiply on their stored blocks
+        with activations rounded to int8 per 32, as llama.cpp does; False: every GGUF layer in its
+        affine codes with fp32 activations (the torch path's numbers up to the order of sums)."""
         model = runner.model
         if runner.device.type != "cpu" or runner.dtype != torch.float32 or runner.block_size <= 0:
             return None
@@ -83,7 +92,7 @@ class FusedDecoder:
                 return None
             if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
                 return None
-            lins = [_linear(m, keep) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+            lins = [_linear(m, keep, int8_activations) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                                mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
             if any(x is None for x in lins):
                 return None
@@ -95,7 +104,8 @@ class FusedDecoder:
             d_ff = mlp.gate_proj.out_features
         if eps is None:
             return None
-        return cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim)
+        return cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim,
+                   int8_activations)
 
     @torch.inference_mode()
     def step(self, token: int, pos: int, block_table: list[int], block_size: int) -> torch.Tensor:
@@ -108,5 +118,11 @@ class FusedDecoder:
         self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), self.d, self.d_ff,
                                  self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
                                  table.data_ptr(), block_size, pos)
-        head = getattr(self.model, "modelpress_head", None) or self.model.lm_head
-        return head(m.norm(x)).float()
+        head = getattr(self.model, "modelpress_head", None)
+        h = m.norm(x)
+        if head is not None and self.int8 and head.kind in _BLOCK_KERNELS:
+            y = torch.empty(1, head.out_features)
+            self.lib.mp_block_gemv(h.contiguous().data_ptr(), 1, head.in_features, head.qdata.data_ptr(),
+                                   _BLOCK_KERNELS[head.kind], head.out_features, y.data_ptr())
+            return y
+        return (head or self.model.lm_head)(h).float()

@@ -100,3 +100,36 @@ def test_quantize_legacy_equals_the_torch_reference(lib, kind, monkeypatch):
     lib.mp_quantize_legacy(w.contiguous().data_ptr(), w.numel() // 32, {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2}[kind],
                            got.data_ptr())
     assert torch.equal(got, want)
+
+
+def _int8_activations(x):
+    """ggml's quantize_row_q8_0 reference in torch: per 32, d = amax / 127, q = round(x / d) with
+    halves away from zero, d kept in fp16; returns the values d * q the kernels multiply."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    v = xb * inv
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return (q * d.half().float()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind,code", [("Q8_0", 3), ("Q5_0", 4)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
+    from modelpress.core import kquants
+
+    gen = torch.Generator().manual_seed(m)
+    n, k = 70, 576
+    w = torch.randn(n, k, generator=gen)
+    w[0, :32] = 0                                         # an all-zero block
+    data = kquants.quantize(w, kind)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[:, 32:64] = 0                                       # an all-zero activation block: d = 0
+    y = torch.empty(m, n)
+    lib.mp_block_gemv(x.data_ptr(), m, k, data.data_ptr(), code, n, y.data_ptr())
+    ref = _int8_activations(x).double() @ kquants.dequantize(data, kind, k).double().t()
+    # exact integer block sums; only the fp32 sum over 18 blocks differs in order
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-6 * ref.abs().max().item())
+    # and the rounding of x is the approximation: within 1 % of the float product here
+    full = x.double() @ kquants.dequantize(data, kind, k).double().t()
+    assert (y.double() - full).abs().max() < 0.01 * full.abs().max()

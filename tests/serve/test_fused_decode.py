@@ -1,6 +1,8 @@
 """The batch-1 fused decode (serve/fused_decode.py, kernels' mp_llama_decode) against the runner's
-torch path on the same paged cache: same logits within float reordering, same greedy tokens, and
-the two paths mixed within one sequence; models it cannot take keep the torch path."""
+torch path on the same paged cache: with fp32 activations the same logits within float reordering,
+the same greedy tokens, also with the two paths mixed within one sequence; with int8 activations on
+Q8_0 / Q5_0 blocks (the default, llama.cpp's numerics) close logits on the same tokens; models it
+cannot take keep the torch path."""
 import pytest
 import torch
 
@@ -18,21 +20,20 @@ class _Seq:
         self.token_ids, self.num_computed, self.block_table = list(ids), 0, table
 
 
-def _decode(model, fused, steps, mix=False):
-    """Prefill 11 tokens, then `steps` greedy tokens one at a time; blocks out of order (slots
-    not contiguous). mix: every third step takes the torch path. Returns (tokens, logits)."""
+def _decode(model, fused, steps, mix=False, int8=False, forced=None):
+    """Prefill 11 tokens, then `steps` greedy tokens one at a time (or the tokens `forced`); blocks
+    out of order (slots not contiguous). mix: every third step takes the torch path. Returns
+    (tokens, logits)."""
     runner = ModelRunner(model, 12, 4, fused_decode=fused)
+    fast = FusedDecoder.build(runner, int8_activations=int8) if fused else False
     seq = _Seq(torch.randint(1, 261, (11,), generator=torch.Generator().manual_seed(3)).tolist(),
                [7, 2, 9, 0, 11, 5, 3, 8, 1, 10, 4, 6])
     logits = runner.run([seq], [11])
     seq.num_computed, out = 11, []
     for i in range(steps):
-        seq.token_ids.append(int(logits[-1].argmax()))
-        if mix and i % 3 == 0:
-            runner._fused = False
+        seq.token_ids.append(int(logits[-1].argmax()) if forced is None else forced[11 + i])
+        runner._fused = False if mix and i % 3 == 0 else fast
         logits = runner.run([seq], [1])
-        if mix:
-            runner._fused = None
         seq.num_computed += 1
         out.append(logits[-1])
     return seq.token_ids, torch.stack(out)
@@ -54,6 +55,17 @@ def test_fused_decode_equals_the_torch_path(kind):
     mixed_tokens, mixed = _decode(model, True, 30, mix=True)   # the paths share the cache
     assert mixed_tokens == ref_tokens
     torch.testing.assert_close(mixed, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
+def test_int8_activations_stay_close_to_the_torch_path(kind):
+    """Q8_0 / Q5_0 layers on their blocks with int8 activations, fed the torch path's tokens."""
+    model = _quantized(kind)
+    tokens, ref = _decode(model, False, 30)
+    _, got = _decode(model, True, 30, int8=True, forced=tokens)
+    assert not torch.equal(got, ref)                           # the rounding of x shows
+    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert top1 >= 0.9 and (got - ref).abs().max() < 0.05 * ref.abs().max(), top1
 
 
 @pytest.mark.parametrize("kind", ["bf16", "rtn-w4", "nf4"])
