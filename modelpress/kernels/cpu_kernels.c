@@ -567,8 +567,8 @@ void mp_quantize_legacy(const float *x, int64_t nblocks, int64_t kind, uint8_t *
  * output head to the hidden state this returns in x.
  *
  *   linear: kind 0 fp32 weight (n, k); kind 1 affine codes (mp_affine_gemv's layout: uint8
- *           (n, k), scale / offset fp32 (n, k / g)); kinds 3 / 4 Q8_0 / Q5_0 blocks as stored,
- *           int8 activations (mp_block_gemv)
+ *           (n, k), scale / offset fp32 (n, k / g)); kinds 3 - 6 Q8_0 / Q5_0 / Q4_K / Q6_K blocks as
+ *           stored, int8 activations (mp_block_gemv)
  *   layer:  the two RMSNorm weights, q k v o gate up down, the layer's paged caches
  *           (num_blocks * block_size slots, n_kv, head_dim), fp32
  *   x       fp32 (d): the token's embedding in, the last block's output out
@@ -592,11 +592,13 @@ typedef struct {
     float *k_cache, *v_cache;
 } mp_layer;
 
-/* Decode on GGUF Q8_0 / Q5_0 blocks with int8 activations, as llama.cpp's CPU path multiplies them:
+/* Decode on GGUF Q8_0 / Q5_0 / Q4_K / Q6_K blocks with int8 activations, as llama.cpp's CPU path
+ * multiplies them (it rounds x per 256 for the K types; here per 32 for every type):
  * x is rounded per block of 32 to int8 with an fp16 scale (ggml's quantize_row_q8_0: d = amax / 127,
  * q = round(x / d), halves away from zero), and each block's dot is an exact integer sum times
- * d_w * d_x. The blocks are read as stored: 34 (Q8_0) or 22 (Q5_0) bytes per 32 weights, against
- * 36 for a code byte and an fp32 scale, so decode, bound by memory bandwidth here, reads less.
+ * d_w * d_x. The blocks are read as stored: 34 (Q8_0), 22 (Q5_0), 18 (Q4_K), 26.25 (Q6_K) bytes per
+ * 32 weights, against 36-48 for a code byte and fp32 scales, so decode, bound by memory bandwidth
+ * here, reads less.
  *   Q8_0: d fp16 | q int8[32]                       w = d * q
  *   Q5_0: d fp16 | qh u32 | qs[16]                  w = d * ((nibble | bit << 4) - 16); code j: low nibble
  *         of qs[j] and bit j of qh, code j + 16: high nibble of qs[j] and bit j + 16 of qh */
@@ -610,15 +612,106 @@ static inline float mp_half(uint16_t h) {
 #endif
 }
 
-static void mp_quantize_x8(const float *x, int64_t k, int8_t *q, float *d) {
+static void mp_quantize_x8(const float *x, int64_t k, int8_t *q, float *d, int32_t *sum16) {
     for (int64_t b = 0; b < k / 32; b++) {
         const float *xb = x + b * 32;
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
         const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-        for (int j = 0; j < 32; j++) q[b * 32 + j] = (int8_t)roundf(xb[j] * id);
+        int32_t s0 = 0, s1 = 0;
+        for (int j = 0; j < 32; j++) {
+            q[b * 32 + j] = (int8_t)roundf(xb[j] * id);
+            if (j < 16) s0 += q[b * 32 + j]; else s1 += q[b * 32 + j];
+        }
         d[b] = round_fp16(db);
+        sum16[2 * b] = s0;
+        sum16[2 * b + 1] = s1;
     }
+}
+
+/* bytes per block and weights per block of the block kinds: 3 Q8_0, 4 Q5_0, 5 Q4_K, 6 Q6_K */
+static inline int64_t mp_block_bytes(int64_t kind) { return kind == 3 ? 34 : kind == 4 ? 22 : kind == 5 ? 144 : 210; }
+static inline int64_t mp_block_len(int64_t kind) { return kind <= 4 ? 32 : 256; }
+
+/* Q4_K: d, dmin fp16 | scales[12]: eight 6-bit (scale, min) pairs | qs[128]: 32 bytes per 64 weights,
+ * low nibbles sub-block 2j, high nibbles 2j + 1;  w = d * sc * q - dmin * m.
+ * Q6_K: ql[128] | qh[64] | sc int8[16] | d fp16; per 128 weights h: quarter c (32 weights) takes
+ * the low (c = 0, 1) or high (c = 2, 3) nibbles of ql[64h + 32 (c & 1) + l] and bits 2c, 2c + 1 of
+ * qh[32h + l]; w = d * sc[(128h + 32c + l) / 16] * (q - 32). */
+static inline void mp_k4_scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+static inline float mp_kblock_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
+                                   const int32_t *xs16, int64_t nb) {
+    float acc = 0.0f;
+#ifdef MP_AVX2
+    __m256 v = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+#endif
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *y = xq + b * 256;
+        const float *dx = xd + b * 8;
+        const int32_t *s16 = xs16 + b * 16;
+        if (kind == 5) {
+            const uint8_t *blk = row + b * 144;
+            const float d = mp_half((uint16_t)(blk[0] | blk[1] << 8)), dmin = mp_half((uint16_t)(blk[2] | blk[3] << 8));
+            const uint8_t *qs = blk + 16;
+            for (int j = 0; j < 8; j++) {
+                int sc, m;
+                mp_k4_scale_min(blk + 4, j, &sc, &m);
+                acc -= dmin * (float)m * dx[j] * (float)(s16[2 * j] + s16[2 * j + 1]);
+#ifdef MP_AVX2
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
+                const __m256i q = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4) : _mm256_and_si256(bytes, low4);
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + 32 * j))), ones);
+                v = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc * dx[j]), _mm256_cvtepi32_ps(p), v);
+#else
+                int32_t sum = 0;
+                for (int l = 0; l < 32; l++)
+                    sum += (int32_t)((j & 1) ? qs[32 * (j / 2) + l] >> 4 : qs[32 * (j / 2) + l] & 0xF) * y[32 * j + l];
+                acc += d * (float)sc * dx[j] * (float)sum;
+#endif
+            }
+        } else {
+            const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            const float d = mp_half((uint16_t)(blk[208] | blk[209] << 8));
+            for (int h = 0; h < 2; h++)
+                for (int c = 0; c < 4; c++) {
+                    const int j = 4 * h + c;                       /* activation block of 32 */
+                    const int s0 = sc[2 * j], s1 = sc[2 * j + 1];  /* scales of its two 16s */
+                    acc -= 32.0f * d * dx[j] * (float)(s0 * s16[2 * j] + s1 * s16[2 * j + 1]);
+#ifdef MP_AVX2
+                    const __m256i l4 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (c & 1)));
+                    const __m256i lo = (c >= 2) ? _mm256_and_si256(_mm256_srli_epi16(l4, 4), low4) : _mm256_and_si256(l4, low4);
+                    const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)), 2 * c), three);
+                    const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));
+                    const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + 32 * j)));
+                    const __m256i scv = _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0));
+                    v = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[j]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, scv)), v);
+#else
+                    int32_t sum = 0;
+                    for (int l = 0; l < 32; l++) {
+                        const int lo = (c >= 2) ? ql[64 * h + 32 * (c & 1) + l] >> 4 : ql[64 * h + 32 * (c & 1) + l] & 0xF;
+                        const int q = lo | ((qh[32 * h + l] >> (2 * c)) & 3) << 4;
+                        sum += q * y[32 * j + l] * (l < 16 ? s0 : s1);
+                    }
+                    acc += d * dx[j] * (float)sum;
+#endif
+                }
+        }
+    }
+#ifdef MP_AVX2
+    acc += hsum8(v);
+#endif
+    return acc;
 }
 
 static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd, int64_t nb) {
@@ -679,27 +772,35 @@ static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t
     return acc;
 }
 
-/* y (m, n) for m rows of x through Q8_0 (kind 3) or Q5_0 (kind 4) blocks (n rows of k / 32 blocks),
- * activations rounded to int8 as above: what the tests compare with a float64 reference. */
+/* y (m, n) for m rows of x through blocks of kind 3 Q8_0, 4 Q5_0, 5 Q4_K or 6 Q6_K (n rows of whole
+ * blocks), activations rounded to int8 as above: what the tests compare with a float64 reference. */
+static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
+                                      const int32_t *xs16, int64_t k) {
+    const int64_t nb = k / mp_block_len(kind);
+    return kind <= 4 ? mp_block_dot1(kind, row, xq, xd, nb) : mp_kblock_dot1(kind, row, xq, xd, xs16, nb);
+}
+
 void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t kind, int64_t n, float *y) {
-    const int64_t nb = k / 32, rowb = nb * (kind == 3 ? 34 : 22);
+    const int64_t nx = k / 32, rowb = k / mp_block_len(kind) * mp_block_bytes(kind);
     int8_t *xq = malloc((size_t)(m * k));
-    float *xd = malloc(sizeof(float) * (size_t)(m * nb));
-    for (int64_t r = 0; r < m; r++) mp_quantize_x8(x + r * k, k, xq + r * k, xd + r * nb);
+    float *xd = malloc(sizeof(float) * (size_t)(m * nx));
+    int32_t *xs = malloc(sizeof(int32_t) * (size_t)(m * 2 * nx));
+    for (int64_t r = 0; r < m; r++) mp_quantize_x8(x + r * k, k, xq + r * k, xd + r * nx, xs + r * 2 * nx);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < n; o++)
-        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_block_dot1(kind, w + o * rowb, xq + r * k, xd + r * nb, nb);
+        for (int64_t r = 0; r < m; r++)
+            y[r * n + o] = mp_any_block_dot1(kind, w + o * rowb, xq + r * k, xd + r * nx, xs + r * 2 * nx, k);
     free(xq);
     free(xd);
+    free(xs);
 }
 
 /* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums). */
 static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum,
-                                  const int8_t *xq, const float *xd) {
-    if (l->kind >= 3) {
-        const int64_t nb = l->k / 32;
-        return mp_block_dot1(l->kind, (const uint8_t *)l->w + o * nb * (l->kind == 3 ? 34 : 22), xq, xd, nb);
-    }
+                                  const int8_t *xq, const float *xd, const int32_t *xs16) {
+    if (l->kind >= 3)
+        return mp_any_block_dot1(l->kind, (const uint8_t *)l->w + o * (l->k / mp_block_len(l->kind)) * mp_block_bytes(l->kind),
+                                 xq, xd, xs16, l->k);
     if (l->kind == 0) {
         const float *w = (const float *)l->w + o * l->k;
         int64_t j = 0;
@@ -735,13 +836,15 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
 static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x) {
     float *xs[3] = {NULL, NULL, NULL}, *xd = NULL;
     int8_t *xq = NULL;
+    int32_t *xs16 = NULL;
     int64_t start[4] = {0, 0, 0, 0};
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
         if (l->kind >= 3 && xq == NULL) {  /* the layers of one call read the same x: round it once */
             xq = malloc((size_t)l->k);
             xd = malloc(sizeof(float) * (size_t)(l->k / 32));
-            mp_quantize_x8(x, l->k, xq, xd);
+            xs16 = malloc(sizeof(int32_t) * (size_t)(l->k / 16));
+            mp_quantize_x8(x, l->k, xq, xd, xs16);
         }
         if (l->kind == 1) {
             const int64_t ng = l->k / l->g;
@@ -758,11 +861,12 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
     for (int64_t r = 0; r < start[cnt]; r++) {
         int c = 0;
         while (r >= start[c + 1]) c++;
-        ys[c][r - start[c]] = mp_linear_row(ls[c], r - start[c], x, xs[c], xq, xd);
+        ys[c][r - start[c]] = mp_linear_row(ls[c], r - start[c], x, xs[c], xq, xd, xs16);
     }
     for (int c = 0; c < cnt; c++) free(xs[c]);
     free(xq);
     free(xd);
+    free(xs16);
 }
 
 static void mp_rms_norm(const float *x, const float *w, int64_t d, float eps, float *y) {

@@ -31,7 +31,7 @@ class _Linear(ctypes.Structure):
 # symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
 _ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
 # types the decode multiplies on their stored blocks with int8 activations (kernels' mp_block_gemv)
-_BLOCK_KERNELS = {"Q8_0": 3, "Q5_0": 4}
+_BLOCK_KERNELS = {"Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6}
 
 
 class _Layer(ctypes.Structure):
@@ -73,7 +73,7 @@ class FusedDecoder:
     @classmethod
     def build(cls, runner, int8_activations: bool = True) -> "FusedDecoder | None":  # noqa: ANN001
         """The fused path for `runner`'s model and caches, or None where it does not apply.
-        int8_activations: Q8_0 / Q5_0 layers (and such a tied head) multiply on their stored blocks
+        int8_activations: Q8_0 / Q5_0 / Q4_K / Q6_K layers (and such a tied head) multiply on their stored blocks
         with activations rounded to int8 per 32, as llama.cpp does; False: every GGUF layer in its
         affine codes with fp32 activations (the torch path's numbers up to the order of sums)."""
         model = runner.model

@@ -113,13 +113,13 @@ def _int8_activations(x):
     return (q * d.half().float()).reshape(x.shape)
 
 
-@pytest.mark.parametrize("kind,code", [("Q8_0", 3), ("Q5_0", 4)])
+@pytest.mark.parametrize("kind,code", [("Q8_0", 3), ("Q5_0", 4), ("Q4_K", 5), ("Q6_K", 6)])
 @pytest.mark.parametrize("m", [1, 3])
 def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
     from modelpress.core import kquants
 
     gen = torch.Generator().manual_seed(m)
-    n, k = 70, 576
+    n, k = 70, 768
     w = torch.randn(n, k, generator=gen)
     w[0, :32] = 0                                         # an all-zero block
     data = kquants.quantize(w, kind)
@@ -128,7 +128,7 @@ def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
     y = torch.empty(m, n)
     lib.mp_block_gemv(x.data_ptr(), m, k, data.data_ptr(), code, n, y.data_ptr())
     ref = _int8_activations(x).double() @ kquants.dequantize(data, kind, k).double().t()
-    # exact integer block sums; only the fp32 sum over 18 blocks differs in order
+    # exact integer block sums; only the fp32 sum over the blocks differs in order
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-6 * ref.abs().max().item())
     # and the rounding of x is the approximation: within 1 % of the float product here
     full = x.double() @ kquants.dequantize(data, kind, k).double().t()
