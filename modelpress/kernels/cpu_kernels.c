@@ -795,27 +795,29 @@ void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
     free(xs);
 }
 
+/* a . b over n floats */
+static inline float mp_dotf(const float *a, const float *b, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.0f;
+#ifdef MP_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), a1);
+    }
+    acc = hsum8(_mm256_add_ps(a0, a1));
+#endif
+    for (; j < n; j++) acc += a[j] * b[j];
+    return acc;
+}
+
 /* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums). */
 static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum,
                                   const int8_t *xq, const float *xd, const int32_t *xs16) {
     if (l->kind >= 3)
         return mp_any_block_dot1(l->kind, (const uint8_t *)l->w + o * (l->k / mp_block_len(l->kind)) * mp_block_bytes(l->kind),
                                  xq, xd, xs16, l->k);
-    if (l->kind == 0) {
-        const float *w = (const float *)l->w + o * l->k;
-        int64_t j = 0;
-        float acc = 0.0f;
-#ifdef MP_AVX2
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; j + 16 <= l->k; j += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), a1);
-        }
-        acc = hsum8(_mm256_add_ps(a0, a1));
-#endif
-        for (; j < l->k; j++) acc += w[j] * x[j];
-        return acc;
-    }
+    if (l->kind == 0) return mp_dotf((const float *)l->w + o * l->k, x, l->k);
     const int64_t g = l->g, ng = l->k / g;
     const uint8_t *qo = (const uint8_t *)l->w + o * l->k;
     const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
@@ -916,10 +918,7 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
             const float *qh = q + hh * hd;
             float *s = sc + hh * L, mx = -INFINITY, sum = 0.0f;
             for (int64_t p = 0; p < L; p++) {
-                const float *kp = kc + slot[p] * kvd + j * hd;
-                float dot = 0.0f;
-                for (int64_t i = 0; i < hd; i++) dot += qh[i] * kp[i];
-                s[p] = dot * scale;
+                s[p] = mp_dotf(qh, kc + slot[p] * kvd + j * hd, hd) * scale;
                 if (s[p] > mx) mx = s[p];
             }
             for (int64_t p = 0; p < L; p++) { s[p] = expf(s[p] - mx); sum += s[p]; }
@@ -927,7 +926,13 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
             for (int64_t i = 0; i < hd; i++) oh[i] = 0.0f;
             for (int64_t p = 0; p < L; p++) {
                 const float *vp = vc + slot[p] * kvd + j * hd, w = s[p] / sum;
-                for (int64_t i = 0; i < hd; i++) oh[i] += w * vp[i];
+                int64_t i = 0;
+#ifdef MP_AVX2
+                const __m256 vw = _mm256_set1_ps(w);
+                for (; i + 8 <= hd; i += 8)
+                    _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(vp + i), _mm256_loadu_ps(oh + i)));
+#endif
+                for (; i < hd; i++) oh[i] += w * vp[i];
             }
         }
         {
