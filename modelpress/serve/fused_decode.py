@@ -107,22 +107,32 @@ class FusedDecoder:
         return cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim,
                    int8_activations)
 
+    def _rotary(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of position `pos` from a table the model's rotary module filled (each entry is
+        inv_freq * position alone, so a table holds the values a per-position call gives)."""
+        table = getattr(self, "_rope", None)
+        if table is None or pos >= table[0].shape[0]:
+            n = max(256, 2 * (pos + 1))
+            x = torch.zeros(1, 1, self.d)
+            cos, sin = self.model.model.rotary_emb(x, torch.arange(n)[None])
+            self._rope = table = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        return table[0][pos], table[1][pos]
+
     @torch.inference_mode()
     def step(self, token: int, pos: int, block_table: list[int], block_size: int) -> torch.Tensor:
         """(1, vocab) fp32 logits after `token` at position `pos`; its key and value go to the cache."""
         m = self.model.model
-        x = m.embed_tokens(torch.tensor([[token]]))[0].float().contiguous()       # (1, d)
-        cos, sin = m.rotary_emb(x[None], torch.tensor([[pos]]))
-        cos, sin = cos.reshape(-1).float().contiguous(), sin.reshape(-1).float().contiguous()
+        x = m.embed_tokens.weight[token].float().clone()[None]                     # (1, d)
+        cos, sin = self._rotary(pos)
         table = torch.tensor(block_table, dtype=torch.int64)
         self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), self.d, self.d_ff,
                                  self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
                                  table.data_ptr(), block_size, pos)
         head = getattr(self.model, "modelpress_head", None)
-        h = m.norm(x)
+        h = m.norm(x).contiguous()
         if head is not None and self.int8 and head.kind in _BLOCK_KERNELS:
             y = torch.empty(1, head.out_features)
-            self.lib.mp_block_gemv(h.contiguous().data_ptr(), 1, head.in_features, head.qdata.data_ptr(),
+            self.lib.mp_block_gemv(h.data_ptr(), 1, head.in_features, head.qdata.data_ptr(),
                                    _BLOCK_KERNELS[head.kind], head.out_features, y.data_ptr())
             return y
         return (head or self.model.lm_head)(h).float()
