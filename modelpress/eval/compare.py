@@ -38,7 +38,7 @@ from ..errors import ModelpressError
 
 DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
                    "q4_k_m", "q5_k_m", "q8_0")
-ROW_FORMAT = 4  # bump when a row's meaning changes: old cached rows no longer match
+ROW_FORMAT = 5  # bump when a row's meaning changes: old cached rows no longer match
 
 
 @dataclasses.dataclass(frozen=True)

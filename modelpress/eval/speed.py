@@ -1,7 +1,12 @@
-"""Decode speed: new tokens per second after a short prompt, one sequence, KV cache on."""
+"""Decode speed: new tokens per second after a short prompt, one sequence, KV cache on.
+
+A Llama-family model on a CPU decodes through the serving engine's runner (serve/runner.py: its
+paged cache and, where the weights allow, the fused batch-1 decode), the path `modelpress serve`
+runs; anything else through transformers' forward with its cache (generate.generate_ids)."""
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -18,12 +23,42 @@ def decode_tokens_per_s(model: torch.nn.Module, tokenizer, new_tokens: int = 64,
     return decode_ids_per_s(model, ids, new_tokens, warmup, progress)
 
 
+def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int,
+                      block_size: int = 16) -> Iterator[int]:
+    """Greedy new token ids after the (1, T) prompt `ids`, through serve.runner.ModelRunner with a
+    cache just large enough (the engine's numbers: fused decode with int8 activations on GGUF blocks)."""
+    from types import SimpleNamespace
+
+    from ..serve.runner import ModelRunner
+
+    blocks = -(-(ids.shape[1] + max_new_tokens + 1) // block_size)
+    runner = ModelRunner(model, blocks, block_size)
+    seq = SimpleNamespace(token_ids=ids[0].tolist(), num_computed=0, block_table=list(range(blocks)))
+    logits = runner.run([seq], [len(seq.token_ids)])
+    seq.num_computed = len(seq.token_ids)
+    for _ in range(max_new_tokens):
+        tok = int(logits[-1].argmax())
+        yield tok
+        seq.token_ids.append(tok)
+        logits = runner.run([seq], [1])
+        seq.num_computed += 1
+
+
+def _runner_decodes(model: torch.nn.Module) -> bool:
+    from ..model.walker import device_of
+
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2") and device_of(model).type == "cpu"
+            and hasattr(getattr(model, "model", None), "layers"))
+
+
 def decode_ids_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4,
                      progress: bool = False) -> float:
     """Greedy decode of `new_tokens` tokens after the (1, T) prompt `ids`; the prefill and the
     `warmup` first steps are not timed. Each step reads its token id back, so the timing also
     holds on an asynchronous device."""
-    it = generate_ids(model, ids, new_tokens + warmup)
+    steps = runner_greedy_ids if _runner_decodes(model) else generate_ids
+    it = steps(model, ids, new_tokens + warmup)
     for _ in range(warmup):
         next(it)
     start = time.perf_counter()
