@@ -72,9 +72,9 @@ def _config_recipes() -> dict[str, Any]:
         table[f"gptq-w{bits}"] = GPTQConfig(bits=bits, group_size=64, act_order=True, static_groups=True)
         table[f"gptq-w{bits}-mse"] = GPTQConfig(bits=bits, group_size=64, act_order=True, static_groups=True,
                                                 mse=True)
-    for bits in (3, 4):  # the scale search replays 4 windows (quantize's default: 8): half the time of
-        # the slowest default row; activation statistics and clip search still use every window
-        table[f"awq-w{bits}"] = AWQConfig(bits=bits, group_size=64, search_samples=4, batch_size=4)
+    for bits in (3, 4):  # the scale search replays 2 windows (quantize's default: 8): the slowest
+        # default row in a quarter of the time; activation statistics and clip search use every window
+        table[f"awq-w{bits}"] = AWQConfig(bits=bits, group_size=64, search_samples=2, batch_size=2)
     return table
 
 

@@ -1,8 +1,8 @@
 """Decode speed: new tokens per second after a short prompt, one sequence, KV cache on.
 
-A Llama-family model on a CPU decodes through the serving engine's runner (serve/runner.py: its
-paged cache and, where the weights allow, the fused batch-1 decode), the path `modelpress serve`
-runs; anything else through transformers' forward with its cache (generate.generate_ids)."""
+A model the serving engine's fused batch-1 decode takes (serve/fused_decode.py: Llama-family, CPU,
+fp32 or GGUF-block layers) decodes through the engine's runner, the path `modelpress serve` runs;
+anything else through transformers' forward with its cache (generate.generate_ids)."""
 from __future__ import annotations
 
 import time
@@ -45,11 +45,17 @@ def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens:
 
 
 def _runner_decodes(model: torch.nn.Module) -> bool:
+    """Whether the runner's fused batch-1 decode takes this model (its torch path is no faster than
+    transformers' own forward at batch 1, so other models keep that)."""
     from ..model.walker import device_of
+    from ..serve.fused_decode import FusedDecoder
+    from ..serve.runner import ModelRunner
 
     cfg = getattr(model, "config", None)
-    return (getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2") and device_of(model).type == "cpu"
-            and hasattr(getattr(model, "model", None), "layers"))
+    if not (getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2") and device_of(model).type == "cpu"
+            and hasattr(getattr(model, "model", None), "layers")):
+        return False
+    return FusedDecoder.build(ModelRunner(model, 1, 16)) is not None
 
 
 def decode_ids_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4,
