@@ -230,28 +230,28 @@ void mp_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *cb, cons
  * on this class of machine and a plain streaming loop ~16 GB/s (the tied 49152 x 576 output head
  * of the default model: 17 ms with F.linear). Any k; the vector loop takes 8 columns at a time.
  */
+/* a . b over n floats */
+static inline float mp_dotf(const float *a, const float *b, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.0f;
+#ifdef MP_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), a1);
+    }
+    for (; j + 8 <= n; j += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+    acc = hsum8(_mm256_add_ps(a0, a1));
+#endif
+    for (; j < n; j++) acc += a[j] * b[j];
+    return acc;
+}
+
 void mp_f32_gemv(const float *x, int64_t m, int64_t k, const float *w, int64_t n, float *y) {
 #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < n; o++) {
-        const float *wo = w + o * k;
-        for (int64_t r = 0; r < m; r++) {
-            const float *xr = x + r * k;
-            int64_t j = 0;
-            float acc = 0.0f;
-#ifdef MP_AVX2
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            for (; j + 16 <= k; j += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + j), _mm256_loadu_ps(xr + j), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + j + 8), _mm256_loadu_ps(xr + j + 8), a1);
-            }
-            for (; j + 8 <= k; j += 8)
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + j), _mm256_loadu_ps(xr + j), a0);
-            acc = hsum8(_mm256_add_ps(a0, a1));
-#endif
-            for (; j < k; j++) acc += wo[j] * xr[j];
-            y[r * n + o] = acc;
-        }
-    }
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_dotf(w + o * k, x + r * k, k);
 }
 
 #ifdef MP_AVX2
@@ -793,22 +793,6 @@ void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
     free(xq);
     free(xd);
     free(xs);
-}
-
-/* a . b over n floats */
-static inline float mp_dotf(const float *a, const float *b, int64_t n) {
-    int64_t j = 0;
-    float acc = 0.0f;
-#ifdef MP_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; j + 16 <= n; j += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), a1);
-    }
-    acc = hsum8(_mm256_add_ps(a0, a1));
-#endif
-    for (; j < n; j++) acc += a[j] * b[j];
-    return acc;
 }
 
 /* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums). */
