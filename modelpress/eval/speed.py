@@ -23,17 +23,37 @@ def decode_tokens_per_s(model: torch.nn.Module, tokenizer, new_tokens: int = 64,
     return decode_ids_per_s(model, ids, new_tokens, warmup, progress)
 
 
-def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int,
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-(tokens + 1) // block_size)
+
+
+def fused_runner(model: torch.nn.Module, tokens: int, block_size: int = 16):  # noqa: ANN201
+    """A serve.runner.ModelRunner with a cache for `tokens` positions whose fused batch-1 decode
+    takes `model`, or None (its torch path is no faster than transformers' own forward at batch 1,
+    so other models keep that)."""
+    from ..model.walker import device_of
+    from ..serve.runner import ModelRunner
+
+    cfg = getattr(model, "config", None)
+    if not (getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2") and device_of(model).type == "cpu"
+            and hasattr(getattr(model, "model", None), "layers")):
+        return None
+    runner = ModelRunner(model, _blocks(tokens, block_size), block_size)
+    return runner if runner.fused() is not None else None
+
+
+def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, runner=None,  # noqa: ANN001
                       block_size: int = 16) -> Iterator[int]:
-    """Greedy new token ids after the (1, T) prompt `ids`, through serve.runner.ModelRunner with a
-    cache just large enough (the engine's numbers: fused decode with int8 activations on GGUF blocks)."""
+    """Greedy new token ids after the (1, T) prompt `ids`, through `runner` (default: a
+    serve.runner.ModelRunner with a cache just large enough): the engine's numbers, fused decode
+    with int8 activations on GGUF blocks."""
     from types import SimpleNamespace
 
     from ..serve.runner import ModelRunner
 
-    blocks = -(-(ids.shape[1] + max_new_tokens + 1) // block_size)
-    runner = ModelRunner(model, blocks, block_size)
-    seq = SimpleNamespace(token_ids=ids[0].tolist(), num_computed=0, block_table=list(range(blocks)))
+    if runner is None:
+        runner = ModelRunner(model, _blocks(ids.shape[1] + max_new_tokens, block_size), block_size)
+    seq = SimpleNamespace(token_ids=ids[0].tolist(), num_computed=0, block_table=list(range(runner.num_blocks)))
     logits = runner.run([seq], [len(seq.token_ids)])
     seq.num_computed = len(seq.token_ids)
     for _ in range(max_new_tokens):
@@ -44,27 +64,14 @@ def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens:
         seq.num_computed += 1
 
 
-def _runner_decodes(model: torch.nn.Module) -> bool:
-    """Whether the runner's fused batch-1 decode takes this model (its torch path is no faster than
-    transformers' own forward at batch 1, so other models keep that)."""
-    from ..model.walker import device_of
-    from ..serve.fused_decode import FusedDecoder
-    from ..serve.runner import ModelRunner
-
-    cfg = getattr(model, "config", None)
-    if not (getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2") and device_of(model).type == "cpu"
-            and hasattr(getattr(model, "model", None), "layers")):
-        return False
-    return FusedDecoder.build(ModelRunner(model, 1, 16)) is not None
-
-
 def decode_ids_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4,
                      progress: bool = False) -> float:
     """Greedy decode of `new_tokens` tokens after the (1, T) prompt `ids`; the prefill and the
     `warmup` first steps are not timed. Each step reads its token id back, so the timing also
     holds on an asynchronous device."""
-    steps = runner_greedy_ids if _runner_decodes(model) else generate_ids
-    it = steps(model, ids, new_tokens + warmup)
+    runner = fused_runner(model, ids.shape[1] + new_tokens + warmup)
+    it = (runner_greedy_ids(model, ids, new_tokens + warmup, runner) if runner is not None
+          else generate_ids(model, ids, new_tokens + warmup))
     for _ in range(warmup):
         next(it)
     start = time.perf_counter()

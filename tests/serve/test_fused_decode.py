@@ -93,11 +93,11 @@ def test_symmetric_types_offsets_are_zero_times_scale():
 
 
 def test_decode_speed_runs_the_engine_path_with_the_same_tokens():
-    from modelpress.eval.speed import _runner_decodes, decode_ids_per_s, runner_greedy_ids
+    from modelpress.eval.speed import decode_ids_per_s, fused_runner, runner_greedy_ids
     from modelpress.generate import generate_ids
 
     model = tiny_llama()
     ids = torch.randint(1, 261, (1, 9), generator=torch.Generator().manual_seed(5))
-    assert _runner_decodes(model)
+    assert fused_runner(model, 30) is not None
     assert list(runner_greedy_ids(model, ids, 20)) == list(generate_ids(model, ids, 20))
     assert decode_ids_per_s(model, ids, 8) > 0
