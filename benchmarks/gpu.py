@@ -40,14 +40,53 @@ def decode_tps(model) -> float:
     return decode_ids_per_s(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]))
 
 
+def engine_throughput(model, clients: int = 32, prompt: int = 128, new: int = 128) -> dict:
+    """The engine (paged cache, continuous batching) against transformers' batched generate on the
+    same fp32 model: 32 prompts of 128 tokens, 128 new tokens each (equal lengths: no padding)."""
+    import time
+
+    from modelpress.serve.engine import Engine
+    from modelpress.serve.sampler import SamplingParams
+    from tests.conftest import byte_tokenizer
+
+    prompts = torch.randint(1, 49152, (clients, prompt), generator=torch.Generator().manual_seed(3))
+    eng = Engine(model, byte_tokenizer(), max_num_seqs=clients, kv_blocks=clients * (prompt + new) // 16 + clients)
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    eng.generate(prompts[:2].tolist(), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = eng.generate(prompts.tolist(), params)
+    torch.cuda.synchronize()
+    ours = time.perf_counter() - start
+    ids = prompts.cuda()
+    start = time.perf_counter()
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False)
+    torch.cuda.synchronize()
+    theirs = time.perf_counter() - start
+    same = sum(o.outputs[0].token_ids == r[prompt:].tolist() for o, r in zip(outs, ref))
+    return {"method": "engine fp32", "clients": clients, "prompt_tokens": prompt, "new_tokens": new,
+            "engine_tokens_per_s": clients * new / ours, "transformers_generate_tokens_per_s": clients * new / theirs,
+            "greedy_identical_to_transformers": same}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--only", choices=("all", "engine"), default="all",
+                   help="engine: only the engine's throughput beside transformers' generate")
     p.add_argument("--out", default="benchmarks/results/gpu.json")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device")
     base = smollm2_shaped()
+    if a.only == "engine":
+        rows = [engine_throughput(base.to("cuda"))]
+        print(json.dumps(rows[0]), flush=True)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"benchmark": "gpu-engine", "device": torch.cuda.get_device_name(),
+                                           "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+        return
     wins = torch.randint(0, 49152, (a.windows, 512), generator=torch.Generator().manual_seed(1))
     rows = []
     fp32 = base.to("cuda")

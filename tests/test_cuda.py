@@ -64,3 +64,30 @@ def test_calibrated_methods_on_cuda_like_cpu(tiny, config):
     # float order differs on the GPU (Cholesky, sums), so a few rounding decisions flip: same ppl
     # within 1 %
     assert abs(gpu / cpu - 1) < 0.01, (cpu, gpu)
+
+
+@pytest.mark.parametrize("batch,kv_blocks", [(1, 64), (32, 64), (32, 24)])
+def test_engine_on_cuda_equals_transformers_greedy(batch, kv_blocks):
+    """The engine's paged-cache attention on the GPU: batched decode over sequences of different
+    lengths, chunked prefill and preemptions (kv_blocks=24), token for token with transformers'
+    generate on the same device."""
+    from modelpress.serve.engine import Engine
+    from modelpress.serve.sampler import SamplingParams
+    from tests.conftest import byte_tokenizer, tiny_llama
+    from tests.serve.test_engine import prompts
+
+    model = tiny_llama().to("cuda")
+    ps = prompts(batch, seed=batch)
+    eng = Engine(model, byte_tokenizer(), max_num_seqs=min(batch, 8), kv_blocks=kv_blocks, block_size=4,
+                 max_tokens_per_step=64)
+    assert eng.runner.k_cache[0].is_cuda
+    outs = eng.generate(ps, SamplingParams(max_tokens=12, temperature=0))
+    for p, o in zip(ps, outs):
+        ids = torch.tensor([p], device="cuda")
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))[0, len(p):]
+        ref = ref.tolist()
+        ref = ref[: ref.index(0) + 1] if 0 in ref else ref
+        assert o.outputs[0].token_ids == ref
+    assert eng.block_manager.num_used == 0
+    if kv_blocks <= 24:
+        assert eng.scheduler.preemptions > 0

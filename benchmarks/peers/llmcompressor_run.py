@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -21,7 +22,7 @@ def perplexity(model, ids: torch.Tensor, batch: int = 8) -> float:
     nll, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, ids.shape[0], batch):
-            x = ids[i:i + batch]
+            x = ids[i:i + batch].to(model.device)
             logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
             nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                      reduction="sum").item()
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--batch-size", type=int, default=1,
                    help="calibration windows per forward (all are 512 tokens: no padding, the same sums)")
+    p.add_argument("--device", default="cpu", help="cuda: llm-compressor onloads each layer to the GPU")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -61,13 +63,22 @@ def main() -> None:
         from llmcompressor.modifiers.awq import AWQModifier
         from llmcompressor.pipelines.cache import IntermediatesCache
 
-        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # it pins memory even on a CPU
+        if a.device == "cpu":
+            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # it pins memory even on a CPU
         recipe = AWQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     start = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
             num_calibration_samples=calib.shape[0], batch_size=a.batch_size)
     seconds = time.perf_counter() - start
-    ppl = perplexity(model, torch.load(a.eval_ids))
+    try:  # before saving: saving compresses the model in place
+        if a.device != "cpu":
+            from llmcompressor.utils.dev import dispatch_for_generation
+
+            model = dispatch_for_generation(model)
+        ppl = perplexity(model, torch.load(a.eval_ids))
+    except Exception as e:  # the checkpoint is still worth keeping: modelpress evaluates it again
+        print(f"evaluation failed: {e!r}", file=sys.stderr)
+        ppl = None
     model.save_pretrained(a.out, save_compressed=True)
     from transformers import AutoTokenizer
 
@@ -75,7 +86,7 @@ def main() -> None:
     import llmcompressor
 
     print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__}", "method": a.method, "bits": a.bits,
-                      "group_size": a.group_size, "symmetric": a.symmetric, "batch_size": a.batch_size, "quantize_seconds": seconds,
+                      "group_size": a.group_size, "symmetric": a.symmetric, "batch_size": a.batch_size, "device": a.device, "quantize_seconds": seconds,
                       "ppl": ppl, "calib_windows": calib.shape[0], "eval_windows": int(torch.load(a.eval_ids).shape[0]),
                       "out": a.out}), flush=True)
 
