@@ -7,7 +7,8 @@ llama.cpp's own: benchmarks/gguf_export.py) and llama.cpp (llama-cpp-python's
 `llama_model_quantize`) makes its own Q4_K_M from the F32 file. On each file, with 2 threads:
 llama.cpp's decode tokens/s (llama-cpp-python's `Llama.eval`, one token a step, greedy, after a
 prompt) and modelpress' (the file loaded with its quantized layers kept in blocks,
-`load(..., keep_blocks=True)`; the F32 file runs as fp32); both generate 64 greedy tokens from the
+`load(..., keep_blocks=True)`; the F32 file runs as fp32; decode through the serving engine's
+fused decode, as `modelpress generate` runs it); both generate 64 greedy tokens from the
 same prompt, and the row counts how many of them agree. A last row checks that llama.cpp generates
 the same greedy tokens from modelpress' Q4_K_M as from its own. Quantize seconds for Q4_K_M are
 measured in the same run (modelpress' export against llama.cpp's quantizer). Nothing here asserts
@@ -31,9 +32,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import modelpress  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 from benchmarks.gguf_export import compare, llama_quantize  # noqa: E402
-from modelpress.eval.speed import decode_ids_per_s  # noqa: E402
+from modelpress.eval.speed import decode_ids_per_s, fused_runner  # noqa: E402
 from modelpress.formats.gguf_writer import write_gguf  # noqa: E402
-from modelpress.generate import encode_prompt, generate_ids  # noqa: E402
+from modelpress.generate import encode_prompt, generate_ids, runner_ids  # noqa: E402
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -94,7 +95,8 @@ def main() -> None:
         path = files[mix]
         theirs, theirs_tps = llama_greedy(path, prompt[0].tolist(), a.tokens)
         m, _ = modelpress.load(path, keep_blocks=True)
-        ours = list(generate_ids(m, prompt, a.tokens))
+        runner = fused_runner(m, prompt.shape[1] + a.tokens)  # as `modelpress generate` runs it
+        ours = list(runner_ids(runner, prompt, a.tokens) if runner is not None else generate_ids(m, prompt, a.tokens))
         ours_tps = decode_ids_per_s(m, prompt, a.tokens)
         rows.append({"row": f"decode {mix}", "file_bytes": path.stat().st_size, "llama_cpp_tokens_per_s": theirs_tps,
                      "modelpress_tokens_per_s": ours_tps, "ratio": ours_tps / theirs_tps,

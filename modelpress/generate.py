@@ -1,5 +1,6 @@
 """Token-by-token generation with a KV cache: the streaming loop behind `modelpress generate`
-and the decode-speed measurement."""
+and the decode-speed measurement. `generate_ids` runs the model's own forward (transformers' cache;
+the reference the engine's tests compare with); `runner_ids` the serving engine's runner."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -58,10 +59,35 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens
         out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, logits_to_keep=1, **kv)
 
 
+def runner_ids(runner, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int] | None = None,  # noqa: ANN001
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+    """generate_ids through a serve.runner.ModelRunner (its cache must hold the prompt and the new
+    tokens): the engine's numbers and its fused decode."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    seq = SimpleNamespace(token_ids=input_ids[0].tolist(), num_computed=0, block_table=list(range(runner.num_blocks)))
+    logits = runner.run([seq], [len(seq.token_ids)])
+    seq.num_computed = len(seq.token_ids)
+    for _ in range(max_new_tokens):
+        tok = _pick(logits[-1], temperature, top_p, gen)
+        yield tok
+        if eos_ids and tok in eos_ids:
+            return
+        seq.token_ids.append(tok)
+        logits = runner.run([seq], [1])
+        seq.num_computed += 1
+
+
 def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128,  # noqa: ANN001
                 chat: bool = True, temperature: float = 0.0, top_p: float = 1.0,
                 seed: int | None = None) -> Iterator[str]:
-    """Yield the completion as text pieces, decoding incrementally (whole characters only)."""
+    """Yield the completion as text pieces, decoding incrementally (whole characters only). Runs
+    on the serving engine's fused decode where it takes the model (a Llama-family model on a CPU:
+    fp32 or GGUF blocks, which then multiply with int8 activations as llama.cpp does), else
+    through the model's forward."""
+    from .eval.speed import fused_runner
+
     ids = encode_prompt(tokenizer, prompt, chat)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     if chat:
@@ -69,7 +95,10 @@ def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: 
                 and i != tokenizer.unk_token_id}
     new: list[int] = []
     shown = ""
-    for tok in generate_ids(model, ids, max_new_tokens, eos, temperature, top_p, seed):
+    runner = fused_runner(model, ids.shape[1] + max_new_tokens)
+    toks = (runner_ids(runner, ids, max_new_tokens, eos, temperature, top_p, seed) if runner is not None
+            else generate_ids(model, ids, max_new_tokens, eos, temperature, top_p, seed))
+    for tok in toks:
         if tok in eos:
             break
         new.append(tok)

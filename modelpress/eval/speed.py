@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..generate import generate_ids
+from ..generate import generate_ids, runner_ids
 
 SPEED_PROMPT = "The history of data compression begins with"
 
@@ -47,21 +47,11 @@ def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens:
     """Greedy new token ids after the (1, T) prompt `ids`, through `runner` (default: a
     serve.runner.ModelRunner with a cache just large enough): the engine's numbers, fused decode
     with int8 activations on GGUF blocks."""
-    from types import SimpleNamespace
-
     from ..serve.runner import ModelRunner
 
     if runner is None:
         runner = ModelRunner(model, _blocks(ids.shape[1] + max_new_tokens, block_size), block_size)
-    seq = SimpleNamespace(token_ids=ids[0].tolist(), num_computed=0, block_table=list(range(runner.num_blocks)))
-    logits = runner.run([seq], [len(seq.token_ids)])
-    seq.num_computed = len(seq.token_ids)
-    for _ in range(max_new_tokens):
-        tok = int(logits[-1].argmax())
-        yield tok
-        seq.token_ids.append(tok)
-        logits = runner.run([seq], [1])
-        seq.num_computed += 1
+    return runner_ids(runner, ids, max_new_tokens)
 
 
 def decode_ids_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4,

@@ -37,11 +37,13 @@ _SIGNATURES = {
     "mp_int8_linear": [_P, _I, _I, _P, _P, _P, _I, ctypes.c_float, _P],
     "mp_f32_gemv": [_P, _I, _I, _P, _I, _P],
     "mp_affine_gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _P],
+    "mp_affine_dequant": [_P, _P, _P, _I, _I, _I, _P],
+    "mp_paged_attention": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P],
     "mp_make_qx_quants": [_P, _P, _I, _I, _I, _P, _P],
     "mp_quantize_legacy": [_P, _I, _I, _P],
     "mp_make_qkx2_quants": [_P, _P, _I, _I, _I, ctypes.c_float, ctypes.c_float, _I, _I, _P, _P, _P],
     "mp_block_gemv": [_P, _I, _I, _P, _I, _I, _P],
-    "mp_llama_decode": [_P, _I, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _I, _I],
+    "mp_llama_decode": [_P, _I, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _I],
 }
 
 

@@ -280,6 +280,23 @@ static inline float mp_affine_dot1(const uint8_t *qo, const float *so, const flo
 }
 #endif
 
+/* The fp32 weight (n, k) of affine codes: out = scale * q + offset per group of g columns, a
+ * multiply then an add (no fused multiply-add: -ffp-contract=off), the rounding of
+ * kquants.dequantize, so the result is bit-identical; for many-row products (prefill, batched
+ * decode), which then call the BLAS. */
+void mp_affine_dequant(const uint8_t *q, const float *scale, const float *offset, int64_t n, int64_t k,
+                       int64_t g, float *out) {
+    const int64_t ng = k / g;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t t = 0; t < ng; t++) {
+            const float s = scale[o * ng + t], f = offset[o * ng + t];
+            const uint8_t *qo = q + o * k + t * g;
+            float *w = out + o * k + t * g;
+            for (int64_t j = 0; j < g; j++) w[j] = (float)qo[j] * s + f;
+        }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Affine codes (every GGUF block type, decoded once by core/kquants.affine), fp32 activations.
  *   x      fp32 (m, k), m <= MP_MAX_ROWS
@@ -560,21 +577,25 @@ void mp_quantize_legacy(const float *x, int64_t nblocks, int64_t kind, uint8_t *
 }
 
 /* ---------------------------------------------------------------------------------------------
- * One decode step of a Llama-family model for one sequence, every block in one call (batch-1
- * decode spends ~40 ms of a ~58 ms token in ~1500 small torch operations otherwise; here each
- * layer is a few OpenMP loops). The caller embeds the token, gives the rotary cos / sin of its
- * position (the model's own rotary module computes them), and applies the final norm and the
- * output head to the hidden state this returns in x.
+ * One decode step of a Llama-family model for B sequences (one new token each), every block in
+ * one call (batch-1 decode spent ~40 ms of a ~58 ms token in ~1500 small torch operations; here
+ * each layer is a few OpenMP loops). The caller embeds the tokens, gives the rotary cos / sin of
+ * their positions (the model's own rotary module computes them), and applies the final norm and
+ * the output head to the hidden states this returns in x.
  *
  *   linear: kind 0 fp32 weight (n, k); kind 1 affine codes (mp_affine_gemv's layout: uint8
  *           (n, k), scale / offset fp32 (n, k / g)); kinds 3 - 6 Q8_0 / Q5_0 / Q4_K / Q6_K blocks as
  *           stored, int8 activations (mp_block_gemv)
  *   layer:  the two RMSNorm weights, q k v o gate up down, the layer's paged caches
  *           (num_blocks * block_size slots, n_kv, head_dim), fp32
- *   x       fp32 (d): the token's embedding in, the last block's output out
- *   table   int64 block table of the sequence; pos the token's position (keys 0 .. pos are read,
- *           the token's own key and value are written to slot table[pos / bs] * bs + pos % bs)
+ *   x       fp32 (B, d): the tokens' embeddings in, the last block's outputs out
+ *   cos, sin fp32 (B, head_dim): each token's rotary values
+ *   slots   int64 (B, lmax): sequence b's positions 0 .. lens[b] - 1 live in slots[b, p]; its new
+ *           token is the last (its key and value are written to slots[b, lens[b] - 1])
  *
+ * Each sequence's arithmetic is the same whatever B is (every product and sum of row b is computed
+ * as for B = 1), so a sequence's tokens do not depend on the others in its batch; the weights of an
+ * output row are read once for all B rows.
  * Numerics as transformers' Llama in fp32 (RMSNorm: x * 1 / sqrt(mean(x^2) + eps) * weight; rotary
  * as rotate_half; softmax(q k / sqrt(head_dim)); grouped heads: head h reads kv head
  * h / (n_heads / n_kv); SiLU(gate) * up), the sums in another order.
@@ -714,36 +735,67 @@ static inline float mp_kblock_dot1(int64_t kind, const uint8_t *row, const int8_
     return acc;
 }
 
+#ifdef MP_AVX2
+/* Block b of a Q8_0 (kind 3) or Q5_0 (kind 4) row as 32 signed codes (Q5_0: code - 16); its scale in *dw. */
+static inline __m256i mp_wblock(int64_t kind, const uint8_t *row, int64_t b, float *dw) {
+    if (kind == 3) {
+        const uint8_t *blk = row + b * 34;
+        *dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
+        return _mm256_loadu_si256((const __m256i *)(blk + 2));
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i pick = _mm256_set_epi8(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                         1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
+    const uint8_t *blk = row + b * 22;
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+    *dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6));
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low4);
+    /* byte j of `set` is 0xFF where bit j of qh is set */
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), pick), bit), bit);
+    return _mm256_or_si256(nib, _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0)));  /* code - 16 */
+}
+
+/* The exact integer dot of a block's codes w (|w| in aw) with 32 int8 activations, as 8 fp32 lanes:
+ * |w| * (y with w's sign), unsigned x signed pairs, |w| <= 128 so no i16 saturation. */
+static inline __m256 mp_wdot(__m256i aw, __m256i w, const int8_t *y) {
+    const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y), w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+/* Four activation rows (xq, xd with row strides k and k / 32) against one weight row: each row's
+ * sum is computed exactly as mp_block_dot1 computes it (the same products in the same order into
+ * its own accumulator), the weight block decoded once for the four; four independent chains of
+ * multiply-adds instead of one. */
+static inline void mp_block_dot4(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd, int64_t nb,
+                                 int64_t k, float *out) {
+    __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps(), v2 = _mm256_setzero_ps(), v3 = _mm256_setzero_ps();
+    const int64_t nx = k / 32;
+    for (int64_t b = 0; b < nb; b++) {
+        float dw;
+        const __m256i w = mp_wblock(kind, row, b, &dw), aw = _mm256_sign_epi8(w, w);
+        v0 = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), mp_wdot(aw, w, xq + b * 32), v0);
+        v1 = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[nx + b]), mp_wdot(aw, w, xq + k + b * 32), v1);
+        v2 = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[2 * nx + b]), mp_wdot(aw, w, xq + 2 * k + b * 32), v2);
+        v3 = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[3 * nx + b]), mp_wdot(aw, w, xq + 3 * k + b * 32), v3);
+    }
+    out[0] = hsum8(v0);
+    out[1] = hsum8(v1);
+    out[2] = hsum8(v2);
+    out[3] = hsum8(v3);
+}
+#endif
+
 static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd, int64_t nb) {
     float acc = 0.0f;
 #ifdef MP_AVX2
     __m256 v = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
-    const __m256i pick = _mm256_set_epi8(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
-                                         1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
     for (int64_t b = 0; b < nb; b++) {
-        __m256i w;
         float dw;
-        if (kind == 3) {
-            const uint8_t *blk = row + b * 34;
-            dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
-            w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        } else {
-            const uint8_t *blk = row + b * 22;
-            uint32_t qh;
-            memcpy(&qh, blk + 2, 4);
-            dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
-            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6));
-            const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low4);
-            /* byte j of `set` is 0xFF where bit j of qh is set */
-            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), pick), bit), bit);
-            w = _mm256_or_si256(nib, _mm256_andnot_si256(set, _mm256_set1_epi8((char)0xF0)));  /* code - 16 */
-        }
-        const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-        /* |w| * (y with w's sign): unsigned x signed pairs, |w| <= 128 so no i16 saturation */
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w)), ones);
-        v = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), _mm256_cvtepi32_ps(p), v);
+        const __m256i w = mp_wblock(kind, row, b, &dw);
+        v = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), mp_wdot(_mm256_sign_epi8(w, w), w, xq + b * 32), v);
     }
     acc = hsum8(v);
 #else
@@ -780,6 +832,19 @@ static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const in
     return kind <= 4 ? mp_block_dot1(kind, row, xq, xd, nb) : mp_kblock_dot1(kind, row, xq, xd, xs16, nb);
 }
 
+/* One weight row against B activation rows (strides k, k / 32, k / 16) into res[0 .. B): four rows
+ * at a time where a four-row kernel exists, each row's sum the same as mp_any_block_dot1's. */
+static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, const int8_t *xq, const float *xd,
+                                 const int32_t *xs16, int64_t B, float *res) {
+    const int64_t nx = k / 32;
+    int64_t b = 0;
+#ifdef MP_AVX2
+    if (kind <= 4)
+        for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, xq + b * k, xd + b * nx, k / 32, k, res + b);
+#endif
+    for (; b < B; b++) res[b] = mp_any_block_dot1(kind, row, xq + b * k, xd + b * nx, xs16 + b * 2 * nx, k);
+}
+
 void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t kind, int64_t n, float *y) {
     const int64_t nx = k / 32, rowb = k / mp_block_len(kind) * mp_block_bytes(kind);
     int8_t *xq = malloc((size_t)(m * k));
@@ -787,9 +852,11 @@ void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
     int32_t *xs = malloc(sizeof(int32_t) * (size_t)(m * 2 * nx));
     for (int64_t r = 0; r < m; r++) mp_quantize_x8(x + r * k, k, xq + r * k, xd + r * nx, xs + r * 2 * nx);
 #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < n; o++)
-        for (int64_t r = 0; r < m; r++)
-            y[r * n + o] = mp_any_block_dot1(kind, w + o * rowb, xq + r * k, xd + r * nx, xs + r * 2 * nx, k);
+    for (int64_t o = 0; o < n; o++) {
+        float res[m];
+        mp_block_rows(kind, w + o * rowb, k, xq, xd, xs, m, res);
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = res[r];
+    }
     free(xq);
     free(xd);
     free(xs);
@@ -817,29 +884,32 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
     return acc;
 }
 
-/* y_c = x @ W_c^T for up to 3 layers reading the same x (q k v; gate up), in one parallel loop
- * over all their rows: fewer thread wake-ups than a loop per layer. */
-static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x) {
+/* y_c = x @ W_c^T for up to 3 layers reading the same x (q k v; gate up), B rows of x (B, k), in
+ * one parallel loop over all their output rows (fewer thread wake-ups than a loop per layer); row b
+ * of layer c goes to ys[c * B + b] (k and v straight into their cache slots). */
+static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x, int64_t B) {
     float *xs[3] = {NULL, NULL, NULL}, *xd = NULL;
     int8_t *xq = NULL;
     int32_t *xs16 = NULL;
     int64_t start[4] = {0, 0, 0, 0};
+    const int64_t k = ls[0]->k, nx = k / 32;
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
         if (l->kind >= 3 && xq == NULL) {  /* the layers of one call read the same x: round it once */
-            xq = malloc((size_t)l->k);
-            xd = malloc(sizeof(float) * (size_t)(l->k / 32));
-            xs16 = malloc(sizeof(int32_t) * (size_t)(l->k / 16));
-            mp_quantize_x8(x, l->k, xq, xd, xs16);
+            xq = malloc((size_t)(B * k));
+            xd = malloc(sizeof(float) * (size_t)(B * nx));
+            xs16 = malloc(sizeof(int32_t) * (size_t)(B * 2 * nx));
+            for (int64_t b = 0; b < B; b++) mp_quantize_x8(x + b * k, k, xq + b * k, xd + b * nx, xs16 + b * 2 * nx);
         }
         if (l->kind == 1) {
-            const int64_t ng = l->k / l->g;
-            xs[c] = malloc(sizeof(float) * (size_t)ng);
-            for (int64_t t = 0; t < ng; t++) {
-                float sum = 0.0f;
-                for (int64_t j = 0; j < l->g; j++) sum += x[t * l->g + j];
-                xs[c][t] = sum;
-            }
+            const int64_t ng = k / l->g;
+            xs[c] = malloc(sizeof(float) * (size_t)(B * ng));
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t t = 0; t < ng; t++) {
+                    float sum = 0.0f;
+                    for (int64_t j = 0; j < l->g; j++) sum += x[b * k + t * l->g + j];
+                    xs[c][b * ng + t] = sum;
+                }
         }
         start[c + 1] = start[c] + l->n;
     }
@@ -847,7 +917,19 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
     for (int64_t r = 0; r < start[cnt]; r++) {
         int c = 0;
         while (r >= start[c + 1]) c++;
-        ys[c][r - start[c]] = mp_linear_row(ls[c], r - start[c], x, xs[c], xq, xd, xs16);
+        const int64_t ng = ls[c]->kind == 1 ? k / ls[c]->g : 0;
+        if (ls[c]->kind >= 3) {
+            const int64_t o = r - start[c];
+            float res[B];
+            mp_block_rows(ls[c]->kind, (const uint8_t *)ls[c]->w + o * (k / mp_block_len(ls[c]->kind)) * mp_block_bytes(ls[c]->kind),
+                          k, xq, xd, xs16, B, res);
+            for (int64_t b = 0; b < B; b++) ys[c * B + b][o] = res[b];
+            continue;
+        }
+        for (int64_t b = 0; b < B; b++)
+            ys[c * B + b][r - start[c]] = mp_linear_row(ls[c], r - start[c], x + b * k, xs[c] ? xs[c] + b * ng : NULL,
+                                                        xq ? xq + b * k : NULL, xd ? xd + b * nx : NULL,
+                                                        xs16 ? xs16 + b * 2 * nx : NULL);
     }
     for (int c = 0; c < cnt; c++) free(xs[c]);
     free(xq);
@@ -874,70 +956,105 @@ static void mp_rope(float *v, int64_t heads, int64_t hd, const float *cos, const
     }
 }
 
-void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t d, int64_t d_ff,
-                     int64_t n_heads, int64_t n_kv, int64_t hd, float eps, const float *cos, const float *sin,
-                     const int64_t *table, int64_t bs, int64_t pos) {
-    const int64_t L = pos + 1, group = n_heads / n_kv, kvd = n_kv * hd;
+/* One head's attention for one query over L cached positions: softmax(q . k_p * scale) . v_p, keys
+ * and values at k + slot[p] * stride (the paged cache, the head's offset added by the caller);
+ * s: L floats of scratch. */
+static void mp_attend(const float *qh, const float *k, const float *v, int64_t stride, const int64_t *slot,
+                      int64_t L, int64_t hd, float scale, float *s, float *oh) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t p = 0; p < L; p++) {
+        s[p] = mp_dotf(qh, k + slot[p] * stride, hd) * scale;
+        if (s[p] > mx) mx = s[p];
+    }
+    for (int64_t p = 0; p < L; p++) { s[p] = expf(s[p] - mx); sum += s[p]; }
+    for (int64_t i = 0; i < hd; i++) oh[i] = 0.0f;
+    for (int64_t p = 0; p < L; p++) {
+        const float *vp = v + slot[p] * stride, w = s[p] / sum;
+        int64_t i = 0;
+#ifdef MP_AVX2
+        const __m256 vw = _mm256_set1_ps(w);
+        for (; i + 8 <= hd; i += 8)
+            _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(vp + i), _mm256_loadu_ps(oh + i)));
+#endif
+        for (; i < hd; i++) oh[i] += w * vp[i];
+    }
+}
+
+/* Decode attention for B sequences at once, each one query token over its own cached positions,
+ * read in place from the paged cache (no gathered copy):
+ *   q      fp32 (B, n_heads, hd);  k_cache, v_cache fp32 (slots, n_kv, hd)
+ *   slots  int64 (B, lmax): sequence b's positions 0 .. lens[b] - 1 live in slots[b, p]
+ *   out    fp32 (B, n_heads, hd); query heads share kv heads in groups of n_heads / n_kv */
+void mp_paged_attention(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const float *k_cache,
+                        const float *v_cache, const int64_t *slots, const int64_t *lens, int64_t lmax, float *out) {
+    const int64_t group = n_heads / n_kv, kvd = n_kv * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *h = malloc(sizeof(float) * (size_t)d), *q = malloc(sizeof(float) * (size_t)(n_heads * hd));
-    float *att = malloc(sizeof(float) * (size_t)(n_heads * hd)), *t = malloc(sizeof(float) * (size_t)d);
-    float *g = malloc(sizeof(float) * (size_t)d_ff), *u = malloc(sizeof(float) * (size_t)d_ff);
-    float *sc = malloc(sizeof(float) * (size_t)(n_heads * L));
-    int64_t *slot = malloc(sizeof(int64_t) * (size_t)L);
-    for (int64_t p = 0; p < L; p++) slot[p] = table[p / bs] * bs + p % bs;
+    float *sc = malloc(sizeof(float) * (size_t)(B * n_heads * lmax));
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t bh = 0; bh < B * n_heads; bh++) {
+        const int64_t b = bh / n_heads, hh = bh % n_heads;
+        mp_attend(q + bh * hd, k_cache + (hh / group) * hd, v_cache + (hh / group) * hd, kvd, slots + b * lmax,
+                  lens[b], hd, scale, sc + bh * lmax, out + bh * hd);
+    }
+    free(sc);
+}
+
+void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t d, int64_t d_ff,
+                     int64_t n_heads, int64_t n_kv, int64_t hd, float eps, const float *cos, const float *sin,
+                     const int64_t *slots, const int64_t *lens, int64_t lmax) {
+    const int64_t group = n_heads / n_kv, kvd = n_kv * hd, qd = n_heads * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *h = malloc(sizeof(float) * (size_t)(B * d)), *q = malloc(sizeof(float) * (size_t)(B * qd));
+    float *att = malloc(sizeof(float) * (size_t)(B * qd)), *t = malloc(sizeof(float) * (size_t)(B * d));
+    float *g = malloc(sizeof(float) * (size_t)(B * d_ff)), *u = malloc(sizeof(float) * (size_t)(B * d_ff));
+    float *sc = malloc(sizeof(float) * (size_t)(B * n_heads * lmax));
+    float **ys = malloc(sizeof(float *) * (size_t)(3 * B));
     for (int64_t li = 0; li < n_layers; li++) {
         const mp_layer *ly = layers + li;
         float *kc = ly->k_cache, *vc = ly->v_cache;
-        mp_rms_norm(x, ly->attn_norm, d, eps, h);
+        for (int64_t b = 0; b < B; b++) mp_rms_norm(x + b * d, ly->attn_norm, d, eps, h + b * d);
         {   /* k and v straight into the cache */
             const mp_linear *ls[3] = {&ly->q, &ly->k, &ly->v};
-            float *ys[3] = {q, kc + slot[pos] * kvd, vc + slot[pos] * kvd};
-            mp_linears_apply(ls, ys, 3, h);
+            for (int64_t b = 0; b < B; b++) {
+                const int64_t slot = slots[b * lmax + lens[b] - 1];
+                ys[b] = q + b * qd;
+                ys[B + b] = kc + slot * kvd;
+                ys[2 * B + b] = vc + slot * kvd;
+            }
+            mp_linears_apply(ls, ys, 3, h, B);
         }
-        mp_rope(q, n_heads, hd, cos, sin);
-        mp_rope(kc + slot[pos] * kvd, n_kv, hd, cos, sin);
-#pragma omp parallel for schedule(static)
-        for (int64_t hh = 0; hh < n_heads; hh++) {
-            const int64_t j = hh / group;
-            const float *qh = q + hh * hd;
-            float *s = sc + hh * L, mx = -INFINITY, sum = 0.0f;
-            for (int64_t p = 0; p < L; p++) {
-                s[p] = mp_dotf(qh, kc + slot[p] * kvd + j * hd, hd) * scale;
-                if (s[p] > mx) mx = s[p];
-            }
-            for (int64_t p = 0; p < L; p++) { s[p] = expf(s[p] - mx); sum += s[p]; }
-            float *oh = att + hh * hd;
-            for (int64_t i = 0; i < hd; i++) oh[i] = 0.0f;
-            for (int64_t p = 0; p < L; p++) {
-                const float *vp = vc + slot[p] * kvd + j * hd, w = s[p] / sum;
-                int64_t i = 0;
-#ifdef MP_AVX2
-                const __m256 vw = _mm256_set1_ps(w);
-                for (; i + 8 <= hd; i += 8)
-                    _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(vp + i), _mm256_loadu_ps(oh + i)));
-#endif
-                for (; i < hd; i++) oh[i] += w * vp[i];
-            }
+        for (int64_t b = 0; b < B; b++) {
+            mp_rope(q + b * qd, n_heads, hd, cos + b * hd, sin + b * hd);
+            mp_rope(ys[B + b], n_kv, hd, cos + b * hd, sin + b * hd);
+        }
+#pragma omp parallel for schedule(dynamic)
+        for (int64_t bh = 0; bh < B * n_heads; bh++) {
+            const int64_t b = bh / n_heads, hh = bh % n_heads;
+            mp_attend(q + bh * hd, kc + (hh / group) * hd, vc + (hh / group) * hd, kvd, slots + b * lmax, lens[b], hd,
+                      scale, sc + bh * lmax, att + bh * hd);
         }
         {
             const mp_linear *ls[1] = {&ly->o};
-            float *ys[1] = {t};
-            mp_linears_apply(ls, ys, 1, att);
+            for (int64_t b = 0; b < B; b++) ys[b] = t + b * d;
+            mp_linears_apply(ls, ys, 1, att, B);
         }
-        for (int64_t i = 0; i < d; i++) x[i] += t[i];
-        mp_rms_norm(x, ly->ffn_norm, d, eps, h);
+        for (int64_t i = 0; i < B * d; i++) x[i] += t[i];
+        for (int64_t b = 0; b < B; b++) mp_rms_norm(x + b * d, ly->ffn_norm, d, eps, h + b * d);
         {
             const mp_linear *ls[2] = {&ly->gate, &ly->up};
-            float *ys[2] = {g, u};
-            mp_linears_apply(ls, ys, 2, h);
+            for (int64_t b = 0; b < B; b++) {
+                ys[b] = g + b * d_ff;
+                ys[B + b] = u + b * d_ff;
+            }
+            mp_linears_apply(ls, ys, 2, h, B);
         }
-        for (int64_t i = 0; i < d_ff; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        for (int64_t i = 0; i < B * d_ff; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
         {
             const mp_linear *ls[1] = {&ly->down};
-            float *ys[1] = {t};
-            mp_linears_apply(ls, ys, 1, g);
+            for (int64_t b = 0; b < B; b++) ys[b] = t + b * d;
+            mp_linears_apply(ls, ys, 1, g, B);
         }
-        for (int64_t i = 0; i < d; i++) x[i] += t[i];
+        for (int64_t i = 0; i < B * d; i++) x[i] += t[i];
     }
-    free(h); free(q); free(att); free(t); free(g); free(u); free(sc); free(slot);
+    free(h); free(q); free(att); free(t); free(g); free(u); free(sc); free(ys);
 }

@@ -1,10 +1,12 @@
-"""Batch-1 decode in one C call per token (kernels/cpu_kernels.c, mp_llama_decode).
+"""Decode steps in one C call (kernels/cpu_kernels.c, mp_llama_decode), for one sequence or many.
 
 A decode step through the model's modules costs ~1500 small torch operations (norms, rotary,
 cache indexing, SDPA with its mask, residuals): on the default model ~40 ms of a ~58 ms token on
-2 cores, more than the weight products themselves. When one sequence decodes alone, ModelRunner
-hands the step to FusedDecoder instead: every block runs in C on the same weights, writing the
-token's key and value into the same paged cache, so the two paths mix freely within a sequence.
+2 cores, more than the weight products themselves. ModelRunner hands the sequences that compute
+one token in a step (all of them, or those beside a prefill chunk) to FusedDecoder instead: every
+block runs in C on the same weights for all of them, writing the tokens' keys and values into the
+same paged cache, so the two paths mix freely within a sequence. Each sequence's arithmetic is the
+same at any batch size and whatever else the step holds.
 Q8_0, Q5_0, Q4_K and Q6_K layers multiply on their stored GGUF blocks with activations rounded to
 int8 per 32 (llama.cpp's own numerics for these types, and fewer bytes read per token); other GGUF
 types on their affine codes (nn/gguf_linear.py) and fp32 layers on their weights, with fp32
@@ -114,32 +116,41 @@ class FusedDecoder:
         return cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim,
                    int8_activations)
 
-    def _rotary(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of position `pos` from a table the model's rotary module filled (each entry is
-        inv_freq * position alone, so a table holds the values a per-position call gives)."""
+    def _rotary(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, head_dim) of `positions` from a table the model's rotary module filled (each
+        entry is inv_freq * position alone, so a table holds the values a per-position call gives)."""
         table = getattr(self, "_rope", None)
-        if table is None or pos >= table[0].shape[0]:
-            n = max(256, 2 * (pos + 1))
+        top = max(positions)
+        if table is None or top >= table[0].shape[0]:
+            n = max(256, 2 * (top + 1))
             x = torch.zeros(1, 1, self.d)
             cos, sin = self.model.model.rotary_emb(x, torch.arange(n)[None])
             self._rope = table = (cos[0].float().contiguous(), sin[0].float().contiguous())
-        return table[0][pos], table[1][pos]
+        idx = torch.tensor(positions)
+        return table[0][idx].contiguous(), table[1][idx].contiguous()
 
     @torch.inference_mode()
-    def step(self, token: int, pos: int, block_table: list[int], block_size: int) -> torch.Tensor:
-        """(1, vocab) fp32 logits after `token` at position `pos`; its key and value go to the cache."""
+    def step(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
+             block_size: int) -> torch.Tensor:
+        """(B, vocab) fp32 logits after each sequence's token at its position; their keys and
+        values go to the cache."""
         m = self.model.model
-        x = m.embed_tokens.weight[token].float().clone()[None]                     # (1, d)
-        cos, sin = self._rotary(pos)
-        table = torch.tensor(block_table, dtype=torch.int64)
-        self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), self.d, self.d_ff,
+        B = len(tokens)
+        x = m.embed_tokens.weight[torch.tensor(tokens)].float().contiguous()          # (B, d)
+        cos, sin = self._rotary(positions)
+        lens = torch.tensor([p + 1 for p in positions], dtype=torch.int64)
+        slots = torch.zeros(B, int(lens.max()), dtype=torch.int64)
+        for b, (table, n) in enumerate(zip(block_tables, lens.tolist())):
+            pos = torch.arange(n)
+            slots[b, :n] = torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size
+        self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), B, self.d, self.d_ff,
                                  self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
-                                 table.data_ptr(), block_size, pos)
+                                 slots.data_ptr(), lens.data_ptr(), slots.shape[1])
         head = getattr(self.model, "modelpress_head", None)
         h = m.norm(x).contiguous()
         if head is not None and self.int8 and head.kind in _BLOCK_KERNELS:
-            y = torch.empty(1, head.out_features)
-            self.lib.mp_block_gemv(h.data_ptr(), 1, head.in_features, head.qdata.data_ptr(),
+            y = torch.empty(B, head.out_features)
+            self.lib.mp_block_gemv(h.data_ptr(), B, head.in_features, head.qdata.data_ptr(),
                                    _BLOCK_KERNELS[head.kind], head.out_features, y.data_ptr())
             return y
         return (head or self.model.lm_head)(h).float()

@@ -12,8 +12,9 @@ the cache:
 The batch is flattened to N tokens (each sequence's next `num_tokens`): the linear layers run once
 on (N, hidden). Attention: every sequence that decodes one token joins one padded, masked
 scaled_dot_product_attention call (its keys gathered from its blocks); each prefill chunk runs its
-own causal call against its cached prefix plus itself. A step where one sequence decodes alone
-goes to serve/fused_decode.py (every block in one C call) where the model allows it.
+own causal call against its cached prefix plus itself. Where the model allows it, the sequences
+that compute one token go to serve/fused_decode.py instead (every block in one C call for all of
+them) and only prefill chunks take the torch path.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int = 16,
-                 fused_decode: bool = True) -> None:
+                 fused_decode: bool = True, int8_activations: bool = True) -> None:
         cfg = model.config
         self.model = model
         self.block_size = block_size
@@ -46,13 +47,18 @@ class ModelRunner:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self._fused: object = None if fused_decode else False   # None: not built yet; False: not used
+        self.int8_activations = int8_activations  # for the fused decode on GGUF blocks (fused_decode.py)
+        from .. import kernels
+
+        # decode attention in place over the paged cache (kernels' mp_paged_attention) on a CPU
+        self._attn = kernels.lib() if self.device.type == "cpu" and self.dtype == torch.float32 else None
 
     def fused(self):  # noqa: ANN201
-        """The batch-1 fused decoder, built at first use; None where the model does not allow it."""
+        """The fused decoder, built at first use; None where the model does not allow it."""
         if self._fused is None:
             from .fused_decode import FusedDecoder
 
-            self._fused = FusedDecoder.build(self) or False
+            self._fused = FusedDecoder.build(self, self.int8_activations) or False
         return self._fused or None
 
     @property
@@ -74,10 +80,27 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], num_tokens: list[int]) -> torch.Tensor:
         """Compute the scheduled tokens into the cache; returns (len(seqs), vocab) fp32 logits of
-        each sequence's last scheduled token (callers use those of sequences now complete)."""
-        if len(seqs) == 1 and num_tokens[0] == 1 and self.fused() is not None:
-            seq, pos = seqs[0], seqs[0].num_computed
-            return self.fused().step(seq.token_ids[pos], pos, seq.block_table, self.block_size)
+        each sequence's last scheduled token (callers use those of sequences now complete).
+        With the fused decoder, the sequences with one token go through it in one C call (also in
+        a step that prefills others: a sequence's decode never depends on what else is scheduled)
+        and the rest through the torch path."""
+        fused = self.fused()
+        one = [i for i, n in enumerate(num_tokens) if n == 1] if fused is not None else []
+        if not one:
+            return self._run(seqs, num_tokens)
+        pos = [seqs[i].num_computed for i in one]
+        logits = fused.step([seqs[i].token_ids[p] for i, p in zip(one, pos)], pos,
+                            [seqs[i].block_table for i in one], self.block_size)
+        if len(one) == len(seqs):
+            return logits
+        rest = [i for i, n in enumerate(num_tokens) if n != 1]
+        out = torch.empty(len(seqs), logits.shape[1])
+        out[one] = logits
+        out[rest] = self._run([seqs[i] for i in rest], [num_tokens[i] for i in rest])
+        return out
+
+    def _run(self, seqs: list[Sequence], num_tokens: list[int]) -> torch.Tensor:
+        """The torch path: every sequence's tokens through the model's modules at once."""
         ids, pos, slots, spans = [], [], [], []
         for seq, n in zip(seqs, num_tokens):
             start = seq.num_computed
@@ -100,6 +123,7 @@ class ModelRunner:
             for r, (i, L) in enumerate(zip(decode, lens)):
                 dec_index[r, :L] = key_slots[i]
                 dec_mask[r, ..., :L] = True
+            dec_lens = torch.tensor(lens, dtype=torch.long)
         offsets = torch.tensor([0] + [n for _, n in spans]).cumsum(0).tolist()
         m = self.model.model
         x = m.embed_tokens(input_ids[None])[0].to(self.dtype)
@@ -120,11 +144,19 @@ class ModelRunner:
             out = torch.empty_like(q)
             if decode:
                 rows = torch.tensor([offsets[i] for i in decode], device=dev)
-                qd = q[rows][:, :, None, :]                                   # (B, H, 1, D)
-                kd = kc[dec_index].transpose(1, 2)                            # (B, Hkv, L, D)
-                vd = vc[dec_index].transpose(1, 2)
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec_mask, enable_gqa=True)
-                out[rows] = od[:, :, 0, :]
+                if self._attn is not None and q.dtype == torch.float32:
+                    qd = q[rows].contiguous()                                 # (B, H, D)
+                    od = torch.empty_like(qd)
+                    self._attn.mp_paged_attention(qd.data_ptr(), len(decode), self.n_heads, self.n_kv, self.head_dim,
+                                                  kc.data_ptr(), vc.data_ptr(), dec_index.data_ptr(),
+                                                  dec_lens.data_ptr(), dec_index.shape[1], od.data_ptr())
+                    out[rows] = od
+                else:
+                    qd = q[rows][:, :, None, :]                               # (B, H, 1, D)
+                    kd = kc[dec_index].transpose(1, 2)                        # (B, Hkv, L, D)
+                    vd = vc[dec_index].transpose(1, 2)
+                    od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec_mask, enable_gqa=True)
+                    out[rows] = od[:, :, 0, :]
             for i, (start, n) in enumerate(spans):
                 if n == 1:
                     continue

@@ -133,3 +133,37 @@ def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
     # and the rounding of x is the approximation: within 1 % of the float product here
     full = x.double() @ kquants.dequantize(data, kind, k).double().t()
     assert (y.double() - full).abs().max() < 0.01 * full.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_1", "Q8_0", "Q3_K", "Q6_K"])
+def test_affine_dequant_is_bit_identical_to_kquants(lib, kind):
+    from modelpress.core import kquants
+
+    w = torch.randn(48, 512, generator=torch.Generator().manual_seed(1))
+    data = kquants.quantize(w, kind)
+    q, scale, offset = kquants.affine(data, kind, 512)
+    out = torch.empty(48, 512)
+    lib.mp_affine_dequant(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), 48, 512, kquants.GROUP[kind], out.data_ptr())
+    assert torch.equal(out, kquants.dequantize(data, kind, 512))
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(6, 2), (4, 4)])
+def test_paged_attention_equals_sdpa_over_gathered_keys(lib, n_heads, n_kv):
+    """Sequences of different lengths, their positions scattered over the cache's slots."""
+    gen = torch.Generator().manual_seed(n_heads)
+    hd, slots_total, lens = 16, 200, [1, 7, 33, 60]
+    kc = torch.randn(slots_total, n_kv, hd, generator=gen)
+    vc = torch.randn(slots_total, n_kv, hd, generator=gen)
+    q = torch.randn(len(lens), n_heads, hd, generator=gen)
+    lmax = max(lens)
+    slots = torch.zeros(len(lens), lmax, dtype=torch.long)
+    for b, L in enumerate(lens):
+        slots[b, :L] = torch.randperm(slots_total, generator=gen)[:L]
+    out, lengths = torch.empty_like(q), torch.tensor(lens)
+    lib.mp_paged_attention(q.data_ptr(), len(lens), n_heads, n_kv, hd, kc.data_ptr(), vc.data_ptr(), slots.data_ptr(),
+                           lengths.data_ptr(), lmax, out.data_ptr())
+    for b, L in enumerate(lens):
+        k = kc[slots[b, :L]].transpose(0, 1).double()          # (n_kv, L, hd)
+        v = vc[slots[b, :L]].transpose(0, 1).double()
+        ref = torch.nn.functional.scaled_dot_product_attention(q[b][:, None].double(), k, v, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[b].double(), ref, rtol=0, atol=1e-5)
