@@ -21,9 +21,9 @@ from .. import kernels
 MAX_KERNEL_ROWS = 8
 
 
-def kernel_allowed(x: torch.Tensor, rows: int) -> bool:
-    """Whether a few-row CPU kernel may replace the differentiable path for input `x`."""
-    return (rows <= MAX_KERNEL_ROWS and x.device.type == "cpu"
+def kernel_allowed(x: torch.Tensor, rows: int, limit: int = MAX_KERNEL_ROWS) -> bool:
+    """Whether a CPU kernel for up to `limit` rows may replace the differentiable path for input `x`."""
+    return (rows <= limit and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 

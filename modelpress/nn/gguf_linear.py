@@ -7,6 +7,11 @@ few-row products (decode) go through the hand-written kernel mp_affine_gemv
 (kernels/cpu_kernels.c) on those codes; many rows (prefill) expand one layer at a time to fp32
 and call F.linear. `qdata` (the GGUF bytes, rows in the transformers order) stays as loaded, for
 export and for `dequantize()`.
+
+`int8_rows` (0 by default; the serving engine sets it): products of up to that many rows with a
+Q8_0 / Q5_0 / Q4_K / Q6_K layer round the activations to int8 per 32 and multiply on the stored
+blocks (mp_block_gemv), as llama.cpp's CPU path does and as the engine's fused decode does, so
+that a prefill (or the recompute of a preempted sequence) computes what the decode computed.
 """
 from __future__ import annotations
 
@@ -18,7 +23,13 @@ from ..core import kquants
 from .dense_linear import kernel_allowed
 
 
+# GGUF types with a kernel on their stored blocks and int8 activations (kernels' block kind numbers)
+BLOCK_KERNELS = {"Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6}
+
+
 class GGUFLinear(torch.nn.Module):
+    int8_rows = 0
+
     def __init__(self, in_features: int, out_features: int, kind: str) -> None:
         super().__init__()
         if kind not in kquants.BLOCK:
@@ -65,6 +76,15 @@ class GGUFLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if self.kind in BLOCK_KERNELS and kernel_allowed(x, rows, self.int8_rows) and x.dtype == torch.float32:
+            lib = kernels.lib()
+            if lib is not None:
+                q = self.qdata if self.qdata.is_contiguous() else self.qdata.contiguous()
+                x2 = x.reshape(rows, self.in_features).contiguous()
+                y = torch.empty(rows, self.out_features)
+                lib.mp_block_gemv(x2.data_ptr(), rows, self.in_features, q.data_ptr(), BLOCK_KERNELS[self.kind],
+                                  self.out_features, y.data_ptr())
+                return y.reshape(*x.shape[:-1], self.out_features)
         if kernel_allowed(x, rows) and x.dtype == torch.float32:
             lib = kernels.lib()
             if lib is not None:

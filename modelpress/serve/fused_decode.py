@@ -27,6 +27,7 @@ import ctypes
 import torch
 
 from .. import kernels
+from ..nn.gguf_linear import BLOCK_KERNELS  # types multiplied on their stored blocks, int8 activations
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 
@@ -38,8 +39,6 @@ class _Linear(ctypes.Structure):
 
 # symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
 _ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
-# types the decode multiplies on their stored blocks with int8 activations (kernels' mp_block_gemv)
-_BLOCK_KERNELS = {"Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6}
 
 
 class _Layer(ctypes.Structure):
@@ -52,10 +51,10 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> _Linear | None:  # 
     from ..nn.dense_linear import DenseLinear
     from ..nn.gguf_linear import GGUFLinear
 
-    if isinstance(mod, GGUFLinear) and int8 and mod.kind in _BLOCK_KERNELS:
+    if isinstance(mod, GGUFLinear) and int8 and mod.kind in BLOCK_KERNELS:
         q = mod.qdata.contiguous()
         keep.append(q)
-        return _Linear(_BLOCK_KERNELS[mod.kind], mod.out_features, mod.in_features, 32, q.data_ptr(), None, None, 0.0)
+        return _Linear(BLOCK_KERNELS[mod.kind], mod.out_features, mod.in_features, 32, q.data_ptr(), None, None, 0.0)
     if isinstance(mod, GGUFLinear):
         q, scale, offset = mod.affine()
         keep += [q, scale, offset]
@@ -148,9 +147,9 @@ class FusedDecoder:
                                  slots.data_ptr(), lens.data_ptr(), slots.shape[1])
         head = getattr(self.model, "modelpress_head", None)
         h = m.norm(x).contiguous()
-        if head is not None and self.int8 and head.kind in _BLOCK_KERNELS:
+        if head is not None and self.int8 and head.kind in BLOCK_KERNELS:
             y = torch.empty(B, head.out_features)
             self.lib.mp_block_gemv(h.data_ptr(), B, head.in_features, head.qdata.data_ptr(),
-                                   _BLOCK_KERNELS[head.kind], head.out_features, y.data_ptr())
+                                   BLOCK_KERNELS[head.kind], head.out_features, y.data_ptr())
             return y
         return (head or self.model.lm_head)(h).float()

@@ -14,7 +14,11 @@ on (N, hidden). Attention: every sequence that decodes one token joins one padde
 scaled_dot_product_attention call (its keys gathered from its blocks); each prefill chunk runs its
 own causal call against its cached prefix plus itself. Where the model allows it, the sequences
 that compute one token go to serve/fused_decode.py instead (every block in one C call for all of
-them) and only prefill chunks take the torch path.
+them) and only prefill chunks take the torch path. With `int8_activations` (the default) GGUF Q8_0 /
+Q5_0 / Q4_K / Q6_K layers multiply on their blocks with int8 activations in both paths
+(nn/gguf_linear.py's `int8_rows`, set here on the model's layers; a tied head kept in blocks,
+`model.modelpress_head`, replaces its fp32 copy), so that a prefill, or the recompute of a preempted
+sequence, gives the cache what the decode gave it.
 """
 from __future__ import annotations
 
@@ -47,7 +51,14 @@ class ModelRunner:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self._fused: object = None if fused_decode else False   # None: not built yet; False: not used
-        self.int8_activations = int8_activations  # for the fused decode on GGUF blocks (fused_decode.py)
+        self.int8_activations = int8_activations
+        from ..nn.gguf_linear import GGUFLinear
+
+        head = getattr(model, "modelpress_head", None)  # a tied head kept in GGUF blocks (fused_decode.py)
+        self.head = head if isinstance(head, GGUFLinear) and int8_activations else model.lm_head
+        for mod in [*model.modules(), head]:  # the torch path computes as the fused one
+            if isinstance(mod, GGUFLinear):
+                mod.int8_rows = 1 << 62 if int8_activations and self.device.type == "cpu" else 0
         from .. import kernels
 
         # decode attention in place over the paged cache (kernels' mp_paged_attention) on a CPU
@@ -171,4 +182,4 @@ class ModelRunner:
             x = x + attn.o_proj(out.reshape(-1, self.n_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         last = torch.tensor([offsets[i + 1] - 1 for i in range(len(spans))], device=dev)
-        return self.model.lm_head(m.norm(x[last])).float()
+        return self.head(m.norm(x[last])).float()

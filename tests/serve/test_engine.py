@@ -136,3 +136,18 @@ def test_every_format_runs_through_its_own_layers(kind):
     outs = eng.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for p, o in zip(ps, outs):
         assert o.outputs[0].token_ids == list(generate_ids(model, torch.tensor([p]), 8)), kind
+
+
+@pytest.mark.parametrize("kind", ["gguf-Q8_0", "gguf-Q4_K_M"])
+def test_preempted_gguf_requests_equal_their_runs_alone(kind):
+    """int8 activations on GGUF blocks (the default): a sequence preempted and recomputed through
+    the torch path continues as if it had never been preempted."""
+    model = _quantized(kind)
+    ps = prompts(12, seed=5)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    eng = Engine(model, byte_tokenizer(), max_num_seqs=12, kv_blocks=40, block_size=4, max_tokens_per_step=48)
+    outs = eng.generate(ps, params)
+    assert eng.scheduler.preemptions > 0
+    alone = Engine(model, byte_tokenizer(), max_num_seqs=1, kv_blocks=80, block_size=4)
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == alone.generate([p], params)[0].outputs[0].token_ids

@@ -25,7 +25,7 @@ def _decode(model, fused, steps, mix=False, int8=False, forced=None):
     """Prefill 11 tokens, then `steps` greedy tokens one at a time (or the tokens `forced`); blocks
     out of order (slots not contiguous). mix: every third step takes the torch path. Returns
     (tokens, logits)."""
-    runner = ModelRunner(model, 12, 4, fused_decode=fused)
+    runner = ModelRunner(model, 12, 4, fused_decode=fused, int8_activations=int8)
     fast = FusedDecoder.build(runner, int8_activations=int8) if fused else False
     seq = _Seq(torch.randint(1, 261, (11,), generator=torch.Generator().manual_seed(3)).tolist(),
                [7, 2, 9, 0, 11, 5, 3, 8, 1, 10, 4, 6])
@@ -56,6 +56,16 @@ def test_fused_decode_equals_the_torch_path(kind):
     mixed_tokens, mixed = _decode(model, True, 30, mix=True)   # the paths share the cache
     assert mixed_tokens == ref_tokens
     torch.testing.assert_close(mixed, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
+def test_int8_activations_equal_in_the_fused_and_the_torch_path(kind):
+    """With int8 activations the torch path (prefill, recompute) multiplies as the fused decode."""
+    model = _quantized(kind)
+    ref_tokens, ref = _decode(model, False, 30, int8=True)
+    tokens, got = _decode(model, True, 30, int8=True)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
