@@ -91,6 +91,7 @@ class FusedDecoder:
         if lib is None or getattr(model.config, "model_type", "") not in ("llama", "mistral", "qwen2"):
             return None
         keep: list = []
+        all_blocks = True
         layers = (_Layer * len(runner.layers))()
         eps = d_ff = None
         for i, layer in enumerate(runner.layers):
@@ -104,6 +105,7 @@ class FusedDecoder:
                                                mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
             if any(x is None for x in lins):
                 return None
+            all_blocks = all_blocks and all(x.kind >= 3 for x in lins)
             w = [n.weight.detach().contiguous() for n in norms]
             keep += w
             layers[i] = _Layer(w[0].data_ptr(), w[1].data_ptr(), *lins, runner.k_cache[i].data_ptr(),
@@ -112,8 +114,10 @@ class FusedDecoder:
             d_ff = mlp.gate_proj.out_features
         if eps is None:
             return None
-        return cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim,
-                   int8_activations)
+        fused = cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim,
+                    int8_activations)
+        fused.all_blocks = all_blocks
+        return fused
 
     def _rotary(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, head_dim) of `positions` from a table the model's rotary module filled (each
@@ -129,27 +133,35 @@ class FusedDecoder:
         return table[0][idx].contiguous(), table[1][idx].contiguous()
 
     @torch.inference_mode()
-    def step(self, tokens: list[int], positions: list[int], block_tables: list[list[int]],
+    def step(self, chunks: list[list[int]], starts: list[int], block_tables: list[list[int]],
              block_size: int) -> torch.Tensor:
-        """(B, vocab) fp32 logits after each sequence's token at its position; their keys and
-        values go to the cache."""
+        """(len(chunks), vocab) fp32 logits after each sequence's last token. Sequence i computes
+        the tokens chunks[i] at positions starts[i] onwards (one token: a decode step; more: a
+        prefill chunk, each token a row that attends to the cache up to itself, so it computes
+        what decoding the chunk token by token would); their keys and values go to the cache."""
         m = self.model.model
-        B = len(tokens)
+        n = [len(c) for c in chunks]
+        B, lmax = sum(n), max(st + k for st, k in zip(starts, n))
+        tokens = [t for c in chunks for t in c]
+        positions = [st + j for st, k in zip(starts, n) for j in range(k)]
         x = m.embed_tokens.weight[torch.tensor(tokens)].float().contiguous()          # (B, d)
         cos, sin = self._rotary(positions)
-        lens = torch.tensor([p + 1 for p in positions], dtype=torch.int64)
-        slots = torch.zeros(B, int(lens.max()), dtype=torch.int64)
-        for b, (table, n) in enumerate(zip(block_tables, lens.tolist())):
-            pos = torch.arange(n)
-            slots[b, :n] = torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size
+        lens = torch.tensor(positions, dtype=torch.int64) + 1
+        slots = torch.zeros(B, lmax, dtype=torch.int64)
+        row = 0
+        for table, st, k in zip(block_tables, starts, n):
+            pos = torch.arange(st + k)
+            slots[row:row + k, :st + k] = torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size
+            row += k
         self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), B, self.d, self.d_ff,
                                  self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
-                                 slots.data_ptr(), lens.data_ptr(), slots.shape[1])
+                                 slots.data_ptr(), lens.data_ptr(), lmax)
+        last = torch.tensor(n).cumsum(0) - 1
         head = getattr(self.model, "modelpress_head", None)
-        h = m.norm(x).contiguous()
+        h = m.norm(x[last]).contiguous()
         if head is not None and self.int8 and head.kind in BLOCK_KERNELS:
-            y = torch.empty(B, head.out_features)
-            self.lib.mp_block_gemv(h.data_ptr(), B, head.in_features, head.qdata.data_ptr(),
+            y = torch.empty(len(chunks), head.out_features)
+            self.lib.mp_block_gemv(h.data_ptr(), len(chunks), head.in_features, head.qdata.data_ptr(),
                                    BLOCK_KERNELS[head.kind], head.out_features, y.data_ptr())
             return y
         return (head or self.model.lm_head)(h).float()

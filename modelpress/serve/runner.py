@@ -94,13 +94,17 @@ class ModelRunner:
         each sequence's last scheduled token (callers use those of sequences now complete).
         With the fused decoder, the sequences with one token go through it in one C call (also in
         a step that prefills others: a sequence's decode never depends on what else is scheduled)
-        and the rest through the torch path."""
+        and the rest through the torch path; where every layer multiplies on GGUF blocks
+        (`all_blocks`), the prefill chunks too, each token as its own row: then prefill, decode
+        and the recompute of a preempted sequence all compute the same numbers."""
         fused = self.fused()
-        one = [i for i, n in enumerate(num_tokens) if n == 1] if fused is not None else []
+        if fused is None:
+            return self._run(seqs, num_tokens)
+        one = [i for i, n in enumerate(num_tokens) if n == 1 or fused.all_blocks]
         if not one:
             return self._run(seqs, num_tokens)
-        pos = [seqs[i].num_computed for i in one]
-        logits = fused.step([seqs[i].token_ids[p] for i, p in zip(one, pos)], pos,
+        st = [seqs[i].num_computed for i in one]
+        logits = fused.step([seqs[i].token_ids[p:p + num_tokens[i]] for i, p in zip(one, st)], st,
                             [seqs[i].block_table for i in one], self.block_size)
         if len(one) == len(seqs):
             return logits
