@@ -14,11 +14,13 @@ on (N, hidden). Attention: every sequence that decodes one token joins one padde
 scaled_dot_product_attention call (its keys gathered from its blocks); each prefill chunk runs its
 own causal call against its cached prefix plus itself. Where the model allows it, the sequences
 that compute one token go to serve/fused_decode.py instead (every block in one C call for all of
-them) and only prefill chunks take the torch path. With `int8_activations` (the default) GGUF Q8_0 /
-Q5_0 / Q4_K / Q6_K layers multiply on their blocks with int8 activations in both paths
-(nn/gguf_linear.py's `int8_rows`, set here on the model's layers; a tied head kept in blocks,
-`model.modelpress_head`, replaces its fp32 copy), so that a prefill, or the recompute of a preempted
-sequence, gives the cache what the decode gave it.
+them) and only prefill chunks take the torch path; where every layer multiplies on GGUF blocks
+(`FusedDecoder.all_blocks`), the prefill chunks go there too, each token a row, so that a prefill,
+or the recompute of a preempted sequence, gives the cache bit for bit what decoding gave it (with
+int8 activations any other order of sums would show as a jump of one rounding step). With
+`int8_activations` (the default) GGUF Q8_0 / Q5_0 / Q4_K / Q6_K layers multiply on their blocks
+with int8 activations in the torch path too (nn/gguf_linear.py's `int8_rows`, set here on the
+model's layers), and a tied head kept in blocks (`model.modelpress_head`) replaces its fp32 copy.
 """
 from __future__ import annotations
 
