@@ -57,7 +57,8 @@ class ModelRunner:
         from ..nn.gguf_linear import GGUFLinear
 
         head = getattr(model, "modelpress_head", None)  # a tied head kept in GGUF blocks (fused_decode.py)
-        self.head = head if isinstance(head, GGUFLinear) and int8_activations else model.lm_head
+        self.head = (head if isinstance(head, GGUFLinear) and int8_activations and head.qdata.device == self.device
+                     else model.lm_head)
         for mod in [*model.modules(), head]:  # the torch path computes as the fused one
             if isinstance(mod, GGUFLinear):
                 mod.int8_rows = 1 << 62 if int8_activations and self.device.type == "cpu" else 0
