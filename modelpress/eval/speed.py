@@ -1,6 +1,6 @@
 """Decode speed: new tokens per second after a short prompt, one sequence, KV cache on.
 
-A model the serving engine's fused batch-1 decode takes (serve/fused_decode.py: Llama-family, CPU,
+A model the serving engine's fused decode takes (serve/fused_decode.py: Llama-family, CPU,
 fp32 or GGUF-block layers) decodes through the engine's runner, the path `modelpress serve` runs;
 anything else through transformers' forward with its cache (generate.generate_ids)."""
 from __future__ import annotations

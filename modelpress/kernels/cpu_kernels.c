@@ -862,12 +862,9 @@ void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
     free(xs);
 }
 
-/* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums). */
-static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum,
-                                  const int8_t *xq, const float *xd, const int32_t *xs16) {
-    if (l->kind >= 3)
-        return mp_any_block_dot1(l->kind, (const uint8_t *)l->w + o * (l->k / mp_block_len(l->kind)) * mp_block_bytes(l->kind),
-                                 xq, xd, xs16, l->k);
+/* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums);
+ * block kinds go through mp_block_rows. */
+static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum) {
     if (l->kind == 0) return mp_dotf((const float *)l->w + o * l->k, x, l->k);
     const int64_t g = l->g, ng = l->k / g;
     const uint8_t *qo = (const uint8_t *)l->w + o * l->k;
@@ -917,19 +914,17 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
     for (int64_t r = 0; r < start[cnt]; r++) {
         int c = 0;
         while (r >= start[c + 1]) c++;
-        const int64_t ng = ls[c]->kind == 1 ? k / ls[c]->g : 0;
-        if (ls[c]->kind >= 3) {
-            const int64_t o = r - start[c];
+        const mp_linear *l = ls[c];
+        const int64_t o = r - start[c], ng = l->kind == 1 ? k / l->g : 0;
+        if (l->kind >= 3) {
             float res[B];
-            mp_block_rows(ls[c]->kind, (const uint8_t *)ls[c]->w + o * (k / mp_block_len(ls[c]->kind)) * mp_block_bytes(ls[c]->kind),
+            mp_block_rows(l->kind, (const uint8_t *)l->w + o * (k / mp_block_len(l->kind)) * mp_block_bytes(l->kind),
                           k, xq, xd, xs16, B, res);
             for (int64_t b = 0; b < B; b++) ys[c * B + b][o] = res[b];
-            continue;
+        } else {
+            for (int64_t b = 0; b < B; b++)
+                ys[c * B + b][o] = mp_linear_row(l, o, x + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }
-        for (int64_t b = 0; b < B; b++)
-            ys[c * B + b][r - start[c]] = mp_linear_row(ls[c], r - start[c], x + b * k, xs[c] ? xs[c] + b * ng : NULL,
-                                                        xq ? xq + b * k : NULL, xd ? xd + b * nx : NULL,
-                                                        xs16 ? xs16 + b * 2 * nx : NULL);
     }
     for (int c = 0; c < cnt; c++) free(xs[c]);
     free(xq);

@@ -77,13 +77,8 @@ class GGUFLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.kind in BLOCK_KERNELS and kernel_allowed(x, rows, self.int8_rows) and x.dtype == torch.float32:
-            lib = kernels.lib()
-            if lib is not None:
-                q = self.qdata if self.qdata.is_contiguous() else self.qdata.contiguous()
-                x2 = x.reshape(rows, self.in_features).contiguous()
-                y = torch.empty(rows, self.out_features)
-                lib.mp_block_gemv(x2.data_ptr(), rows, self.in_features, q.data_ptr(), BLOCK_KERNELS[self.kind],
-                                  self.out_features, y.data_ptr())
+            y = self.int8_product(x.reshape(rows, self.in_features))
+            if y is not None:
                 return y.reshape(*x.shape[:-1], self.out_features)
         if kernel_allowed(x, rows) and x.dtype == torch.float32:
             lib = kernels.lib()
@@ -95,6 +90,19 @@ class GGUFLinear(torch.nn.Module):
                                    offset.data_ptr(), self.out_features, kquants.GROUP[self.kind], y.data_ptr())
                 return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantize().to(x.dtype))
+
+    def int8_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (rows, in) fp32 on a CPU times the stored blocks with x rounded to int8 per 32
+        (mp_block_gemv), or None where the type has no such kernel or the kernels did not build."""
+        lib = kernels.lib() if self.kind in BLOCK_KERNELS else None
+        if lib is None:
+            return None
+        q = self.qdata if self.qdata.is_contiguous() else self.qdata.contiguous()
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        lib.mp_block_gemv(x.data_ptr(), x.shape[0], self.in_features, q.data_ptr(), BLOCK_KERNELS[self.kind],
+                          self.out_features, y.data_ptr())
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         self._affine = None

@@ -1,4 +1,5 @@
-"""Decode steps in one C call (kernels/cpu_kernels.c, mp_llama_decode), for one sequence or many.
+"""Decode steps (and, for models all on GGUF blocks, prefill chunks) in one C call
+(kernels/cpu_kernels.c, mp_llama_decode), for one sequence or many.
 
 A decode step through the model's modules costs ~1500 small torch operations (norms, rotary,
 cache indexing, SDPA with its mask, residuals): on the default model ~40 ms of a ~58 ms token on
@@ -158,10 +159,6 @@ class FusedDecoder:
                                  slots.data_ptr(), lens.data_ptr(), lmax)
         last = torch.tensor(n).cumsum(0) - 1
         head = getattr(self.model, "modelpress_head", None)
-        h = m.norm(x[last]).contiguous()
-        if head is not None and self.int8 and head.kind in BLOCK_KERNELS:
-            y = torch.empty(len(chunks), head.out_features)
-            self.lib.mp_block_gemv(h.data_ptr(), len(chunks), head.in_features, head.qdata.data_ptr(),
-                                   BLOCK_KERNELS[head.kind], head.out_features, y.data_ptr())
-            return y
-        return (head or self.model.lm_head)(h).float()
+        h = m.norm(x[last])
+        y = head.int8_product(h) if head is not None and self.int8 else None
+        return y if y is not None else (head or self.model.lm_head)(h).float()

@@ -111,7 +111,8 @@ class ModelRunner:
                             [seqs[i].block_table for i in one], self.block_size)
         if len(one) == len(seqs):
             return logits
-        rest = [i for i, n in enumerate(num_tokens) if n != 1]
+        taken = set(one)
+        rest = [i for i in range(len(seqs)) if i not in taken]
         out = torch.empty(len(seqs), logits.shape[1])
         out[one] = logits
         out[rest] = self._run([seqs[i] for i in rest], [num_tokens[i] for i in rest])
