@@ -669,11 +669,16 @@ static inline void mp_k4_scale_min(const uint8_t *s, int j, int *sc, int *m) {
     }
 }
 
-static inline float mp_kblock_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
-                                   const int32_t *xs16, int64_t nb) {
-    float acc = 0.0f;
+/* R (1 to 4) activation rows (xq, xd, xs16 with row strides k, k / 32, k / 16) against one Q4_K or
+ * Q6_K weight row into out[0 .. R): the weight codes of each 32 are decoded once for the R rows, each
+ * row its own accumulators, so that a row's sum is the same whatever R is. */
+static inline __attribute__((always_inline)) void mp_kblock_dotn(int64_t kind, const uint8_t *row, const int8_t *xq,
+                                                                 const float *xd, const int32_t *xs16, int64_t nb,
+                                                                 int R, int64_t k, float *out) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int64_t nx = k / 32;
 #ifdef MP_AVX2
-    __m256 v = _mm256_setzero_ps();
+    __m256 v[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
 #endif
     for (int64_t b = 0; b < nb; b++) {
@@ -687,17 +692,23 @@ static inline float mp_kblock_dot1(int64_t kind, const uint8_t *row, const int8_
             for (int j = 0; j < 8; j++) {
                 int sc, m;
                 mp_k4_scale_min(blk + 4, j, &sc, &m);
-                acc -= dmin * (float)m * dx[j] * (float)(s16[2 * j] + s16[2 * j + 1]);
+                for (int r = 0; r < R; r++)
+                    acc[r] -= dmin * (float)m * dx[r * nx + j] * (float)(s16[r * 2 * nx + 2 * j] + s16[r * 2 * nx + 2 * j + 1]);
 #ifdef MP_AVX2
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
                 const __m256i q = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4) : _mm256_and_si256(bytes, low4);
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + 32 * j))), ones);
-                v = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc * dx[j]), _mm256_cvtepi32_ps(p), v);
+                for (int r = 0; r < R; r++) {
+                    const __m256i yv = _mm256_loadu_si256((const __m256i *)(y + r * k + 32 * j));
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), ones);
+                    v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc * dx[r * nx + j]), _mm256_cvtepi32_ps(p), v[r]);
+                }
 #else
-                int32_t sum = 0;
-                for (int l = 0; l < 32; l++)
-                    sum += (int32_t)((j & 1) ? qs[32 * (j / 2) + l] >> 4 : qs[32 * (j / 2) + l] & 0xF) * y[32 * j + l];
-                acc += d * (float)sc * dx[j] * (float)sum;
+                for (int r = 0; r < R; r++) {
+                    int32_t sum = 0;
+                    for (int l = 0; l < 32; l++)
+                        sum += (int32_t)((j & 1) ? qs[32 * (j / 2) + l] >> 4 : qs[32 * (j / 2) + l] & 0xF) * y[r * k + 32 * j + l];
+                    acc[r] += d * (float)sc * dx[r * nx + j] * (float)sum;
+                }
 #endif
             }
         } else {
@@ -708,31 +719,52 @@ static inline float mp_kblock_dot1(int64_t kind, const uint8_t *row, const int8_
                 for (int c = 0; c < 4; c++) {
                     const int j = 4 * h + c;                       /* activation block of 32 */
                     const int s0 = sc[2 * j], s1 = sc[2 * j + 1];  /* scales of its two 16s */
-                    acc -= 32.0f * d * dx[j] * (float)(s0 * s16[2 * j] + s1 * s16[2 * j + 1]);
+                    for (int r = 0; r < R; r++)
+                        acc[r] -= 32.0f * d * dx[r * nx + j]
+                                  * (float)(s0 * s16[r * 2 * nx + 2 * j] + s1 * s16[r * 2 * nx + 2 * j + 1]);
 #ifdef MP_AVX2
                     const __m256i l4 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (c & 1)));
                     const __m256i lo = (c >= 2) ? _mm256_and_si256(_mm256_srli_epi16(l4, 4), low4) : _mm256_and_si256(l4, low4);
                     const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)), 2 * c), three);
                     const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));
-                    const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + 32 * j)));
                     const __m256i scv = _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0));
-                    v = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[j]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, scv)), v);
-#else
-                    int32_t sum = 0;
-                    for (int l = 0; l < 32; l++) {
-                        const int lo = (c >= 2) ? ql[64 * h + 32 * (c & 1) + l] >> 4 : ql[64 * h + 32 * (c & 1) + l] & 0xF;
-                        const int q = lo | ((qh[32 * h + l] >> (2 * c)) & 3) << 4;
-                        sum += q * y[32 * j + l] * (l < 16 ? s0 : s1);
+                    for (int r = 0; r < R; r++) {
+                        const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + r * k + 32 * j)));
+                        v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[r * nx + j]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, scv)), v[r]);
                     }
-                    acc += d * dx[j] * (float)sum;
+#else
+                    for (int r = 0; r < R; r++) {
+                        int32_t sum = 0;
+                        for (int l = 0; l < 32; l++) {
+                            const int lo = (c >= 2) ? ql[64 * h + 32 * (c & 1) + l] >> 4 : ql[64 * h + 32 * (c & 1) + l] & 0xF;
+                            const int q = lo | ((qh[32 * h + l] >> (2 * c)) & 3) << 4;
+                            sum += q * y[r * k + 32 * j + l] * (l < 16 ? s0 : s1);
+                        }
+                        acc[r] += d * dx[r * nx + j] * (float)sum;
+                    }
 #endif
                 }
         }
     }
+    for (int r = 0; r < R; r++) {
 #ifdef MP_AVX2
-    acc += hsum8(v);
+        acc[r] += hsum8(v[r]);
 #endif
-    return acc;
+        out[r] = acc[r];
+    }
+}
+
+/* out of line: inlined into mp_block_rows beside the one-row path, it made that path ~10 % slower */
+static __attribute__((noinline)) void mp_kblock_dot4(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
+                                                     const int32_t *xs16, int64_t k, float *out) {
+    mp_kblock_dotn(kind, row, xq, xd, xs16, k / 256, 4, k, out);
+}
+
+static inline float mp_kblock_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
+                                   const int32_t *xs16, int64_t nb) {
+    float out;
+    mp_kblock_dotn(kind, row, xq, xd, xs16, nb, 1, nb * 256, &out);
+    return out;
 }
 
 #ifdef MP_AVX2
@@ -842,6 +874,8 @@ static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, co
     if (kind <= 4)
         for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, xq + b * k, xd + b * nx, k / 32, k, res + b);
 #endif
+    if (kind >= 5)
+        for (; b + 4 <= B; b += 4) mp_kblock_dot4(kind, row, xq + b * k, xd + b * nx, xs16 + b * 2 * nx, k, res + b);
     for (; b < B; b++) res[b] = mp_any_block_dot1(kind, row, xq + b * k, xd + b * nx, xs16 + b * 2 * nx, k);
 }
 

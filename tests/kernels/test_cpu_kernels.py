@@ -114,7 +114,7 @@ def _int8_activations(x):
 
 
 @pytest.mark.parametrize("kind,code", [("Q8_0", 3), ("Q5_0", 4), ("Q4_K", 5), ("Q6_K", 6)])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 6])
 def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
     from modelpress.core import kquants
 
@@ -133,6 +133,25 @@ def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
     # and the rounding of x is the approximation: within 1 % of the float product here
     full = x.double() @ kquants.dequantize(data, kind, k).double().t()
     assert (y.double() - full).abs().max() < 0.01 * full.abs().max()
+
+
+@pytest.mark.parametrize("kind,code", [("Q8_0", 3), ("Q5_0", 4), ("Q4_K", 5), ("Q6_K", 6)])
+def test_block_gemv_rows_together_equal_each_row_alone(lib, kind, code):
+    """Nine rows go through the four-row kernels (twice) and the one-row kernel (once): each row's
+    outputs are bit for bit what that row computes alone, so that a sequence's numbers in the engine
+    do not depend on what shares its batch."""
+    from modelpress.core import kquants
+
+    gen = torch.Generator().manual_seed(5)
+    n, k, m = 37, 512, 9
+    data = kquants.quantize(torch.randn(n, k, generator=gen), kind)
+    x = torch.randn(m, k, generator=gen) * 2
+    together = torch.empty(m, n)
+    lib.mp_block_gemv(x.data_ptr(), m, k, data.data_ptr(), code, n, together.data_ptr())
+    for r in range(m):
+        alone = torch.empty(1, n)
+        lib.mp_block_gemv(x[r:r + 1].contiguous().data_ptr(), 1, k, data.data_ptr(), code, n, alone.data_ptr())
+        assert torch.equal(together[r], alone[0]), r
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q5_1", "Q8_0", "Q3_K", "Q6_K"])
