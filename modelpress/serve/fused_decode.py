@@ -148,12 +148,11 @@ class FusedDecoder:
         x = m.embed_tokens.weight[torch.tensor(tokens)].float().contiguous()          # (B, d)
         cos, sin = self._rotary(positions)
         lens = torch.tensor(positions, dtype=torch.int64) + 1
-        slots = torch.zeros(B, lmax, dtype=torch.int64)
-        row = 0
-        for table, st, k in zip(block_tables, starts, n):
-            pos = torch.arange(st + k)
-            slots[row:row + k, :st + k] = torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size
-            row += k
+        # row r's slots: its sequence's positions 0 .. lmax - 1 (those past lens[r] are never read)
+        nb = -(-lmax // block_size)
+        tables = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in block_tables], dtype=torch.int64)
+        seq_slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(len(chunks), -1)[:, :lmax]
+        slots = (seq_slots if B == len(chunks) else seq_slots.repeat_interleave(torch.tensor(n), dim=0)).contiguous()
         self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), B, self.d, self.d_ff,
                                  self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
                                  slots.data_ptr(), lens.data_ptr(), lmax)
