@@ -985,28 +985,119 @@ static void mp_rope(float *v, int64_t heads, int64_t hd, const float *cos, const
     }
 }
 
+#ifdef MP_AVX2
+/* e^x for 8 lanes of x <= 0 (lanes below -87 give e^-87, ~1.6e-38): Cephes' expf (range reduction
+ * by n = round(x log2 e) in two parts of ln 2, degree-5 polynomial, 2^n from the exponent bits);
+ * within ~2 ulp of the correctly rounded value. Written here: no vectorized expf in libm to call. */
+static inline __m256 mp_exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+#endif
+
+void mp_exp_f32(const float *x, int64_t n, float *y) {  /* for the tests: the softmax's exponential */
+    for (int64_t i = 0; i < n; i++) {
+#ifdef MP_AVX2
+        float t[8] = {0};
+        t[0] = x[i];
+        _mm256_storeu_ps(t, mp_exp8(_mm256_loadu_ps(t)));
+        y[i] = t[0];
+#else
+        y[i] = expf(x[i]);
+#endif
+    }
+}
+
 /* One head's attention for one query over L cached positions: softmax(q . k_p * scale) . v_p, keys
  * and values at k + slot[p] * stride (the paged cache, the head's offset added by the caller);
- * s: L floats of scratch. */
+ * s: L floats of scratch. With AVX2: the exponentials eight at a time (mp_exp8), and for each 64
+ * output lanes the weighted values summed in eight registers over all positions, divided by the
+ * softmax sum once at the end. */
 static void mp_attend(const float *qh, const float *k, const float *v, int64_t stride, const int64_t *slot,
                       int64_t L, int64_t hd, float scale, float *s, float *oh) {
     float mx = -INFINITY, sum = 0.0f;
-    for (int64_t p = 0; p < L; p++) {
+    int64_t p0 = 0;
+#ifdef MP_AVX2
+    if (hd % 8 == 0) {  /* eight positions at a time: eight dot products, reduced together */
+        __m256 vmx = _mm256_set1_ps(-INFINITY);
+        for (; p0 + 8 <= L; p0 += 8) {
+            __m256 a[8];
+            for (int j = 0; j < 8; j++) {
+                const float *kp = k + slot[p0 + j] * stride;
+                a[j] = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kp));
+                for (int64_t i = 8; i < hd; i += 8) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kp + i), a[j]);
+            }
+            const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+            const __m256 d = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+            const __m256 sc = _mm256_mul_ps(d, _mm256_set1_ps(scale));
+            _mm256_storeu_ps(s + p0, sc);
+            vmx = _mm256_max_ps(vmx, sc);
+        }
+        float m8[8];
+        _mm256_storeu_ps(m8, vmx);
+        for (int j = 0; j < 8; j++) mx = fmaxf(mx, m8[j]);
+    }
+#endif
+    for (int64_t p = p0; p < L; p++) {
         s[p] = mp_dotf(qh, k + slot[p] * stride, hd) * scale;
         if (s[p] > mx) mx = s[p];
     }
+#ifdef MP_AVX2
+    {
+        const __m256 vm = _mm256_set1_ps(mx);
+        __m256 vs = _mm256_setzero_ps();
+        int64_t p = 0;
+        for (; p + 8 <= L; p += 8) {
+            const __m256 e = mp_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), vm));
+            _mm256_storeu_ps(s + p, e);
+            vs = _mm256_add_ps(vs, e);
+        }
+        sum = hsum8(vs);
+        if (p < L) {  /* the last L % 8: through the same vector exp */
+            float t[8] = {0};
+            for (int64_t i = p; i < L; i++) t[i - p] = s[i] - mx;
+            _mm256_storeu_ps(t, mp_exp8(_mm256_loadu_ps(t)));
+            for (int64_t i = p; i < L; i++) { s[i] = t[i - p]; sum += s[i]; }
+        }
+    }
+    const float inv = 1.0f / sum;
+    if (hd % 64 == 0) {
+        for (int64_t c = 0; c < hd; c += 64) {
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int64_t p = 0; p < L; p++) {
+                const float *vp = v + slot[p] * stride + c;
+                const __m256 w = _mm256_set1_ps(s[p]);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * i), a[i]);
+            }
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(oh + c + 8 * i, _mm256_mul_ps(a[i], _mm256_set1_ps(inv)));
+        }
+        return;
+    }
+#else
     for (int64_t p = 0; p < L; p++) { s[p] = expf(s[p] - mx); sum += s[p]; }
+    const float inv = 1.0f / sum;
+#endif
     for (int64_t i = 0; i < hd; i++) oh[i] = 0.0f;
     for (int64_t p = 0; p < L; p++) {
-        const float *vp = v + slot[p] * stride, w = s[p] / sum;
-        int64_t i = 0;
-#ifdef MP_AVX2
-        const __m256 vw = _mm256_set1_ps(w);
-        for (; i + 8 <= hd; i += 8)
-            _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(vp + i), _mm256_loadu_ps(oh + i)));
-#endif
-        for (; i < hd; i++) oh[i] += w * vp[i];
+        const float *vp = v + slot[p] * stride, w = s[p];
+        for (int64_t i = 0; i < hd; i++) oh[i] += w * vp[i];
     }
+    for (int64_t i = 0; i < hd; i++) oh[i] *= inv;
 }
 
 /* Decode attention for B sequences at once, each one query token over its own cached positions,

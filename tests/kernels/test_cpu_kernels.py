@@ -167,10 +167,12 @@ def test_affine_dequant_is_bit_identical_to_kquants(lib, kind):
 
 
 @pytest.mark.parametrize("n_heads,n_kv", [(6, 2), (4, 4)])
-def test_paged_attention_equals_sdpa_over_gathered_keys(lib, n_heads, n_kv):
-    """Sequences of different lengths, their positions scattered over the cache's slots."""
+@pytest.mark.parametrize("hd", [16, 64, 128])
+def test_paged_attention_equals_sdpa_over_gathered_keys(lib, n_heads, n_kv, hd):
+    """Sequences of different lengths (full groups of eight positions and a rest), their positions
+    scattered over the cache's slots; head sizes through the generic loop (16) and the 64-lane one."""
     gen = torch.Generator().manual_seed(n_heads)
-    hd, slots_total, lens = 16, 200, [1, 7, 33, 60]
+    slots_total, lens = 200, [1, 7, 33, 64]
     kc = torch.randn(slots_total, n_kv, hd, generator=gen)
     vc = torch.randn(slots_total, n_kv, hd, generator=gen)
     q = torch.randn(len(lens), n_heads, hd, generator=gen)
@@ -186,3 +188,12 @@ def test_paged_attention_equals_sdpa_over_gathered_keys(lib, n_heads, n_kv):
         v = vc[slots[b, :L]].transpose(0, 1).double()
         ref = torch.nn.functional.scaled_dot_product_attention(q[b][:, None].double(), k, v, enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[b].double(), ref, rtol=0, atol=1e-5)
+
+
+def test_softmax_exponential_is_within_two_ulp(lib):
+    x = torch.cat([torch.linspace(-87, 0, 100003), torch.tensor([0.0, -1e-8, -0.5, -1.0, -20.0, -86.99])])
+    y = torch.empty_like(x)
+    lib.mp_exp_f32(x.data_ptr(), x.numel(), y.data_ptr())
+    ref = torch.exp(x.double())
+    assert ((y.double() - ref).abs() / ref).max() < 2.5 * 2.0 ** -23
+    assert y[100003] == 1.0
