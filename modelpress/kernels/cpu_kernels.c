@@ -614,9 +614,11 @@ typedef struct {
 } mp_layer;
 
 /* Decode on GGUF Q8_0 / Q5_0 / Q4_K / Q6_K blocks with int8 activations, as llama.cpp's CPU path
- * multiplies them (it rounds x per 256 for the K types; here per 32 for every type):
- * x is rounded per block of 32 to int8 with an fp16 scale (ggml's quantize_row_q8_0: d = amax / 127,
- * q = round(x / d), halves away from zero), and each block's dot is an exact integer sum times
+ * multiplies them. For Q8_0 / Q5_0, x is rounded per block of 32 to int8 with an fp16 scale (ggml's
+ * quantize_row_q8_0: d = amax / 127, q = round(x / d), halves away from zero); for Q4_K / Q6_K per
+ * 256 with an fp32 scale and the sums of each 16 (ggml's quantize_row_q8_K: d = -max / 127 with max
+ * the value of largest magnitude, q = nearest_int(x / d), halves to even), and each block's dot is an
+ * exact integer sum times d_w * d_x. The blocks are read as stored: 34 (Q8_0), 22 (Q5_0), 18 (Q4_K), 26.25 (Q6_K) bytes per
  * d_w * d_x. The blocks are read as stored: 34 (Q8_0), 22 (Q5_0), 18 (Q4_K), 26.25 (Q6_K) bytes per
  * 32 weights, against 36-48 for a code byte and fp32 scales, so decode, bound by memory bandwidth
  * here, reads less.
@@ -645,8 +647,48 @@ static void mp_quantize_x8(const float *x, int64_t k, int8_t *q, float *d, int32
             if (j < 16) s0 += q[b * 32 + j]; else s1 += q[b * 32 + j];
         }
         d[b] = round_fp16(db);
-        sum16[2 * b] = s0;
-        sum16[2 * b + 1] = s1;
+        if (sum16) {
+            sum16[2 * b] = s0;
+            sum16[2 * b + 1] = s1;
+        }
+    }
+}
+
+/* ggml's quantize_row_q8_K_ref: per 256, the value of largest magnitude mx (the first such), iscale =
+ * -127 / mx, q = min(127, nearest_int(iscale * x)), d = 1 / iscale (fp32); sum16: each 16's sum of q. */
+static void mp_quantize_x8k(const float *x, int64_t k, int8_t *q, float *d, int32_t *sum16) {
+    for (int64_t b = 0; b < k / 256; b++) {
+        const float *xb = x + b * 256;
+        int8_t *qb = q + b * 256;
+        float amax = 0.0f, mx = 0.0f;
+        for (int j = 0; j < 256; j++)
+            if (fabsf(xb[j]) > amax) { amax = fabsf(xb[j]); mx = xb[j]; }
+        if (amax == 0.0f) {
+            d[b] = 0.0f;
+            memset(qb, 0, 256);
+            for (int g = 0; g < 16; g++) sum16[b * 16 + g] = 0;
+            continue;
+        }
+        const float iscale = -127.0f / mx;
+        for (int j = 0; j < 256; j++) {
+            const int v = (int)rintf(iscale * xb[j]);
+            qb[j] = (int8_t)(v > 127 ? 127 : v);
+        }
+        for (int g = 0; g < 16; g++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 16; j++) sum += qb[g * 16 + j];
+            sum16[b * 16 + g] = sum;
+        }
+        d[b] = 1.0f / iscale;
+    }
+}
+
+/* x (B rows of k) rounded for the block kind's dot: per 32 (kind 3, 4) into xq, xd (row strides k,
+ * k / 32), or per 256 (kind 5, 6) into xq, xd, xs16 (row strides k, k / 256, k / 16). */
+static void mp_quantize_rows(int64_t kind, const float *x, int64_t B, int64_t k, int8_t *xq, float *xd, int32_t *xs16) {
+    for (int64_t b = 0; b < B; b++) {
+        if (kind <= 4) mp_quantize_x8(x + b * k, k, xq + b * k, xd + b * (k / 32), NULL);
+        else mp_quantize_x8k(x + b * k, k, xq + b * k, xd + b * (k / 256), xs16 + b * (k / 16));
     }
 }
 
@@ -669,59 +711,72 @@ static inline void mp_k4_scale_min(const uint8_t *s, int j, int *sc, int *m) {
     }
 }
 
-/* R (1 to 4) activation rows (xq, xd, xs16 with row strides k, k / 32, k / 16) against one Q4_K or
- * Q6_K weight row into out[0 .. R): the weight codes of each 32 are decoded once for the R rows, each
- * row its own accumulators, so that a row's sum is the same whatever R is. */
+/* R (1 to 4) activation rows rounded per 256 (xq, xd, xs16 with row strides k, k / 256, k / 16)
+ * against one Q4_K or Q6_K weight row into out[0 .. R): as ggml's vec_dot_q4_K_q8_K / q6_K_q8_K,
+ * each 256's dot an exact integer sum (scales applied as integers, the mins or the -32 from the
+ * sums of 16), times d_w * d_x once; the weight codes decoded once for the R rows, each row its own
+ * accumulators, so that a row's sum is the same whatever R is. */
 static inline __attribute__((always_inline)) void mp_kblock_dotn(int64_t kind, const uint8_t *row, const int8_t *xq,
                                                                  const float *xd, const int32_t *xs16, int64_t nb,
                                                                  int R, int64_t k, float *out) {
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const int64_t nx = k / 32;
+    const int64_t nd = k / 256, ns = k / 16;
 #ifdef MP_AVX2
     __m256 v[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
 #endif
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *y = xq + b * 256;
-        const float *dx = xd + b * 8;
+        const float *dy = xd + b;
         const int32_t *s16 = xs16 + b * 16;
+#ifdef MP_AVX2
+        __m256i is[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+#else
+        int32_t is[4] = {0, 0, 0, 0};
+#endif
+        float d;
         if (kind == 5) {
-            const uint8_t *blk = row + b * 144;
-            const float d = mp_half((uint16_t)(blk[0] | blk[1] << 8)), dmin = mp_half((uint16_t)(blk[2] | blk[3] << 8));
-            const uint8_t *qs = blk + 16;
+            const uint8_t *blk = row + b * 144, *qs = blk + 16;
+            d = mp_half((uint16_t)(blk[0] | blk[1] << 8));
+            const float dmin = mp_half((uint16_t)(blk[2] | blk[3] << 8));
+            int sc[8], m[8];
+            for (int j = 0; j < 8; j++) mp_k4_scale_min(blk + 4, j, &sc[j], &m[j]);
+            for (int r = 0; r < R; r++) {
+                int32_t mins = 0;
+                for (int j = 0; j < 8; j++) mins += m[j] * (s16[r * ns + 2 * j] + s16[r * ns + 2 * j + 1]);
+                acc[r] -= dmin * dy[r * nd] * (float)mins;
+            }
             for (int j = 0; j < 8; j++) {
-                int sc, m;
-                mp_k4_scale_min(blk + 4, j, &sc, &m);
-                for (int r = 0; r < R; r++)
-                    acc[r] -= dmin * (float)m * dx[r * nx + j] * (float)(s16[r * 2 * nx + 2 * j] + s16[r * 2 * nx + 2 * j + 1]);
 #ifdef MP_AVX2
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
                 const __m256i q = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4) : _mm256_and_si256(bytes, low4);
+                const __m256i scv = _mm256_set1_epi16((short)sc[j]);
                 for (int r = 0; r < R; r++) {
                     const __m256i yv = _mm256_loadu_si256((const __m256i *)(y + r * k + 32 * j));
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), ones);
-                    v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc * dx[r * nx + j]), _mm256_cvtepi32_ps(p), v[r]);
+                    is[r] = _mm256_add_epi32(is[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, yv), scv));
                 }
 #else
                 for (int r = 0; r < R; r++) {
                     int32_t sum = 0;
                     for (int l = 0; l < 32; l++)
                         sum += (int32_t)((j & 1) ? qs[32 * (j / 2) + l] >> 4 : qs[32 * (j / 2) + l] & 0xF) * y[r * k + 32 * j + l];
-                    acc[r] += d * (float)sc * dx[r * nx + j] * (float)sum;
+                    is[r] += sc[j] * sum;
                 }
 #endif
             }
         } else {
             const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
             const int8_t *sc = (const int8_t *)(blk + 192);
-            const float d = mp_half((uint16_t)(blk[208] | blk[209] << 8));
+            d = mp_half((uint16_t)(blk[208] | blk[209] << 8));
+            for (int r = 0; r < R; r++) {  /* the -32 of every code: 32 * sum over the 16s of sc * sum of y */
+                int32_t mins = 0;
+                for (int g = 0; g < 16; g++) mins += sc[g] * s16[r * ns + g];
+                acc[r] -= d * dy[r * nd] * (float)(32 * mins);
+            }
             for (int h = 0; h < 2; h++)
                 for (int c = 0; c < 4; c++) {
                     const int j = 4 * h + c;                       /* activation block of 32 */
                     const int s0 = sc[2 * j], s1 = sc[2 * j + 1];  /* scales of its two 16s */
-                    for (int r = 0; r < R; r++)
-                        acc[r] -= 32.0f * d * dx[r * nx + j]
-                                  * (float)(s0 * s16[r * 2 * nx + 2 * j] + s1 * s16[r * 2 * nx + 2 * j + 1]);
 #ifdef MP_AVX2
                     const __m256i l4 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32 * (c & 1)));
                     const __m256i lo = (c >= 2) ? _mm256_and_si256(_mm256_srli_epi16(l4, 4), low4) : _mm256_and_si256(l4, low4);
@@ -730,7 +785,7 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn(int64_t kind, c
                     const __m256i scv = _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0));
                     for (int r = 0; r < R; r++) {
                         const __m256i p16 = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + r * k + 32 * j)));
-                        v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[r * nx + j]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, scv)), v[r]);
+                        is[r] = _mm256_add_epi32(is[r], _mm256_madd_epi16(p16, scv));
                     }
 #else
                     for (int r = 0; r < R; r++) {
@@ -740,10 +795,17 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn(int64_t kind, c
                             const int q = lo | ((qh[32 * h + l] >> (2 * c)) & 3) << 4;
                             sum += q * y[r * k + 32 * j + l] * (l < 16 ? s0 : s1);
                         }
-                        acc[r] += d * dx[r * nx + j] * (float)sum;
+                        is[r] += sum;
                     }
 #endif
                 }
+        }
+        for (int r = 0; r < R; r++) {
+#ifdef MP_AVX2
+            v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dy[r * nd]), _mm256_cvtepi32_ps(is[r]), v[r]);
+#else
+            acc[r] += d * dy[r * nd] * (float)is[r];
+#endif
         }
     }
     for (int r = 0; r < R; r++) {
@@ -864,27 +926,27 @@ static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const in
     return kind <= 4 ? mp_block_dot1(kind, row, xq, xd, nb) : mp_kblock_dot1(kind, row, xq, xd, xs16, nb);
 }
 
-/* One weight row against B activation rows (strides k, k / 32, k / 16) into res[0 .. B): four rows
- * at a time where a four-row kernel exists, each row's sum the same as mp_any_block_dot1's. */
+/* One weight row against B activation rows, rounded for its kind (mp_quantize_rows' layout), into
+ * res[0 .. B): four rows at a time, each row's sum the same as mp_any_block_dot1's. */
 static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, const int8_t *xq, const float *xd,
                                  const int32_t *xs16, int64_t B, float *res) {
-    const int64_t nx = k / 32;
+    const int64_t nd = kind <= 4 ? k / 32 : k / 256, ns = k / 16;
     int64_t b = 0;
 #ifdef MP_AVX2
     if (kind <= 4)
-        for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, xq + b * k, xd + b * nx, k / 32, k, res + b);
+        for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, xq + b * k, xd + b * nd, k / 32, k, res + b);
 #endif
     if (kind >= 5)
-        for (; b + 4 <= B; b += 4) mp_kblock_dot4(kind, row, xq + b * k, xd + b * nx, xs16 + b * 2 * nx, k, res + b);
-    for (; b < B; b++) res[b] = mp_any_block_dot1(kind, row, xq + b * k, xd + b * nx, xs16 + b * 2 * nx, k);
+        for (; b + 4 <= B; b += 4) mp_kblock_dot4(kind, row, xq + b * k, xd + b * nd, xs16 + b * ns, k, res + b);
+    for (; b < B; b++) res[b] = mp_any_block_dot1(kind, row, xq + b * k, xd + b * nd, xs16 ? xs16 + b * ns : NULL, k);
 }
 
 void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t kind, int64_t n, float *y) {
-    const int64_t nx = k / 32, rowb = k / mp_block_len(kind) * mp_block_bytes(kind);
+    const int64_t rowb = k / mp_block_len(kind) * mp_block_bytes(kind);
     int8_t *xq = malloc((size_t)(m * k));
-    float *xd = malloc(sizeof(float) * (size_t)(m * nx));
-    int32_t *xs = malloc(sizeof(int32_t) * (size_t)(m * 2 * nx));
-    for (int64_t r = 0; r < m; r++) mp_quantize_x8(x + r * k, k, xq + r * k, xd + r * nx, xs + r * 2 * nx);
+    float *xd = malloc(sizeof(float) * (size_t)(m * (k / 32)));
+    int32_t *xs = malloc(sizeof(int32_t) * (size_t)(m * (k / 16)));
+    mp_quantize_rows(kind, x, m, k, xq, xd, xs);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < n; o++) {
         float res[m];
@@ -919,18 +981,19 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
  * one parallel loop over all their output rows (fewer thread wake-ups than a loop per layer); row b
  * of layer c goes to ys[c * B + b] (k and v straight into their cache slots). */
 static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x, int64_t B) {
-    float *xs[3] = {NULL, NULL, NULL}, *xd = NULL;
-    int8_t *xq = NULL;
+    float *xs[3] = {NULL, NULL, NULL}, *xd[2] = {NULL, NULL};
+    int8_t *xq[2] = {NULL, NULL};      /* x rounded per 32 ([0], Q8_0 / Q5_0) and per 256 ([1], Q4_K / Q6_K) */
     int32_t *xs16 = NULL;
     int64_t start[4] = {0, 0, 0, 0};
-    const int64_t k = ls[0]->k, nx = k / 32;
+    const int64_t k = ls[0]->k;
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
-        if (l->kind >= 3 && xq == NULL) {  /* the layers of one call read the same x: round it once */
-            xq = malloc((size_t)(B * k));
-            xd = malloc(sizeof(float) * (size_t)(B * nx));
-            xs16 = malloc(sizeof(int32_t) * (size_t)(B * 2 * nx));
-            for (int64_t b = 0; b < B; b++) mp_quantize_x8(x + b * k, k, xq + b * k, xd + b * nx, xs16 + b * 2 * nx);
+        const int r = l->kind >= 5;
+        if (l->kind >= 3 && xq[r] == NULL) {  /* the layers of one call read the same x: round it once */
+            xq[r] = malloc((size_t)(B * k));
+            xd[r] = malloc(sizeof(float) * (size_t)(B * (k / 32)));
+            if (r) xs16 = malloc(sizeof(int32_t) * (size_t)(B * (k / 16)));
+            mp_quantize_rows(l->kind, x, B, k, xq[r], xd[r], xs16);
         }
         if (l->kind == 1) {
             const int64_t ng = k / l->g;
@@ -952,8 +1015,9 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         const int64_t o = r - start[c], ng = l->kind == 1 ? k / l->g : 0;
         if (l->kind >= 3) {
             float res[B];
+            const int q = l->kind >= 5;
             mp_block_rows(l->kind, (const uint8_t *)l->w + o * (k / mp_block_len(l->kind)) * mp_block_bytes(l->kind),
-                          k, xq, xd, xs16, B, res);
+                          k, xq[q], xd[q], xs16, B, res);
             for (int64_t b = 0; b < B; b++) ys[c * B + b][o] = res[b];
         } else {
             for (int64_t b = 0; b < B; b++)
@@ -961,8 +1025,10 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         }
     }
     for (int c = 0; c < cnt; c++) free(xs[c]);
-    free(xq);
-    free(xd);
+    for (int r = 0; r < 2; r++) {
+        free(xq[r]);
+        free(xd[r]);
+    }
     free(xs16);
 }
 

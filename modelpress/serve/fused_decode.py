@@ -9,8 +9,8 @@ block runs in C on the same weights for all of them, writing the tokens' keys an
 same paged cache, so the two paths mix freely within a sequence. Each sequence's arithmetic is the
 same at any batch size and whatever else the step holds.
 Q8_0, Q5_0, Q4_K and Q6_K layers multiply on their stored GGUF blocks with activations rounded to
-int8 per 32 (llama.cpp's own numerics for these types, and fewer bytes read per token); other GGUF
-types on their affine codes (nn/gguf_linear.py) and fp32 layers on their weights, with fp32
+int8 per 32 (per 256 for Q4_K / Q6_K; llama.cpp's own numerics for these types, and fewer bytes
+read per token); other GGUF types on their affine codes (nn/gguf_linear.py) and fp32 layers on their weights, with fp32
 activations; `build(..., int8_activations=False)` keeps fp32 activations everywhere. The
 embedding row, the rotary cos / sin (from the model's rotary module, tabulated once) and the final
 norm stay the model's own; so does the output head, except that a head tied to a GGUF embedding
@@ -82,9 +82,9 @@ class FusedDecoder:
     def build(cls, runner, int8_activations: bool = True) -> "FusedDecoder | None":  # noqa: ANN001
         """The fused path for `runner`'s model and caches, or None where it does not apply.
         int8_activations: Q8_0 / Q5_0 / Q4_K / Q6_K layers (and such a tied head) multiply on their
-        stored blocks with activations rounded to int8 per 32, as llama.cpp does; False: every GGUF
-        layer on its affine codes with fp32 activations (the torch path's numbers up to the order
-        of sums)."""
+        stored blocks with activations rounded to int8 (per 32, per 256 for the K types), as llama.cpp
+        does; False: every GGUF layer on its affine codes with fp32 activations (the torch path's
+        numbers up to the order of sums)."""
         model = runner.model
         if runner.device.type != "cpu" or runner.dtype != torch.float32 or runner.block_size <= 0:
             return None

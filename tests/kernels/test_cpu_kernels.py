@@ -113,6 +113,18 @@ def _int8_activations(x):
     return (q * d.half().float()).reshape(x.shape)
 
 
+def _int8_activations_k(x):
+    """ggml's quantize_row_q8_K_ref in torch (the K types' activations): per 256, mx the value of
+    largest magnitude (the first), iscale = -127 / mx, q = min(127, round(iscale * x)) with halves to
+    even, d = 1 / iscale in fp32; returns d * q."""
+    xb = x.reshape(x.shape[0], -1, 256)
+    mx = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))   # argmax: the first of equal magnitudes
+    iscale = torch.where(mx != 0, -127 / mx, torch.zeros_like(mx))
+    q = torch.round(iscale * xb).clamp(max=127)
+    d = torch.where(mx != 0, 1 / iscale, torch.zeros_like(mx))
+    return (q * d).reshape(x.shape)
+
+
 @pytest.mark.parametrize("kind,code", [("Q8_0", 3), ("Q5_0", 4), ("Q4_K", 5), ("Q6_K", 6)])
 @pytest.mark.parametrize("m", [1, 3, 6])
 def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
@@ -127,7 +139,8 @@ def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
     x[:, 32:64] = 0                                       # an all-zero activation block: d = 0
     y = torch.empty(m, n)
     lib.mp_block_gemv(x.data_ptr(), m, k, data.data_ptr(), code, n, y.data_ptr())
-    ref = _int8_activations(x).double() @ kquants.dequantize(data, kind, k).double().t()
+    xr = _int8_activations(x) if code <= 4 else _int8_activations_k(x)
+    ref = xr.double() @ kquants.dequantize(data, kind, k).double().t()
     # exact integer block sums; only the fp32 sum over the blocks differs in order
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-6 * ref.abs().max().item())
     # and the rounding of x is the approximation: within 1 % of the float product here
