@@ -9,7 +9,8 @@ llama.cpp's decode tokens/s (llama-cpp-python's `Llama.eval`, one token a step, 
 prompt) and modelpress' (the file loaded with its quantized layers kept in blocks,
 `load(..., keep_blocks=True)`; the F32 file runs as fp32; decode through the serving engine's
 fused decode, as `modelpress generate` runs it); both generate 64 greedy tokens from the
-same prompt, and the row counts how many of them agree. A last row checks that llama.cpp generates
+same prompt, and the row counts how many of them agree. The speeds alternate between the two,
+--repeats times (the machine's speed drifts: the ratio is that of the medians). A last row checks that llama.cpp generates
 the same greedy tokens from modelpress' Q4_K_M as from its own. Quantize seconds for Q4_K_M are
 measured in the same run (modelpress' export against llama.cpp's quantizer). Nothing here asserts
 a timing.
@@ -71,6 +72,7 @@ def agree(a: list[int], b: list[int]) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/gguf_decode.json")
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -93,13 +95,18 @@ def main() -> None:
     del model
     for mix in ("F32", "Q8_0", "Q4_K_M"):
         path = files[mix]
-        theirs, theirs_tps = llama_greedy(path, prompt[0].tolist(), a.tokens)
         m, _ = modelpress.load(path, keep_blocks=True)
         runner = fused_runner(m, prompt.shape[1] + a.tokens)  # as `modelpress generate` runs it
         ours = list(runner_ids(runner, prompt, a.tokens) if runner is not None else generate_ids(m, prompt, a.tokens))
-        ours_tps = decode_ids_per_s(m, prompt, a.tokens)
+        theirs_all, ours_all = [], []
+        for _ in range(a.repeats):
+            theirs, tps = llama_greedy(path, prompt[0].tolist(), a.tokens)
+            theirs_all.append(tps)
+            ours_all.append(decode_ids_per_s(m, prompt, a.tokens))
+        theirs_tps, ours_tps = float(np.median(theirs_all)), float(np.median(ours_all))
         rows.append({"row": f"decode {mix}", "file_bytes": path.stat().st_size, "llama_cpp_tokens_per_s": theirs_tps,
                      "modelpress_tokens_per_s": ours_tps, "ratio": ours_tps / theirs_tps,
+                     "llama_cpp_runs": theirs_all, "modelpress_runs": ours_all,
                      "greedy_tokens_agreeing": agree(ours, theirs), "greedy_tokens": a.tokens})
         print(rows[-1], flush=True)
         del m
