@@ -75,8 +75,8 @@ def filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def sample(logits: torch.Tensor, p: SamplingParams, seen: list[int], generator: torch.Generator | None) -> int:
     """One token id from a (vocab,) fp32 logit vector."""
     logits = penalize(logits, seen, p.repetition_penalty)
-    if p.greedy:
-        return int(logits.argmax())
+    if p.greedy:  # numpy's argmax on a CPU: ~6 us against torch's ~60 us here; both take the first maximum
+        return int(logits.numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax())
     probs = torch.softmax(filtered(logits, p), -1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
