@@ -926,6 +926,15 @@ static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const in
     return kind <= 4 ? mp_block_dot1(kind, row, xq, xd, nb) : mp_kblock_dot1(kind, row, xq, xd, xs16, nb);
 }
 
+/* Ask for the weight row two ahead with the non-temporal hint: the weights stream through once per
+ * token and should not evict from the caches what the rest of the step (Python included) uses. On
+ * batch-1 decode of the Q4_K_M file, 8 alternating pairs of runs here: the step outside the kernels
+ * 0.2-0.4 ms faster in every pair (3.3-3.8 against 3.7-4.2 ms), the kernels' own time within the
+ * noise (median 67 against 66 tok/s). */
+static inline void mp_prefetch_nta(const uint8_t *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 0);
+}
+
 /* One weight row against B activation rows, rounded for its kind (mp_quantize_rows' layout), into
  * res[0 .. B): four rows at a time, each row's sum the same as mp_any_block_dot1's. */
 static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, const int8_t *xq, const float *xd,
@@ -950,6 +959,7 @@ void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < n; o++) {
         float res[m];
+        if (o + 2 < n) mp_prefetch_nta(w + (o + 2) * rowb, rowb);
         mp_block_rows(kind, w + o * rowb, k, xq, xd, xs, m, res);
         for (int64_t r = 0; r < m; r++) y[r * n + o] = res[r];
     }
@@ -1016,10 +1026,12 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         if (l->kind >= 3) {
             float res[B];
             const int q = l->kind >= 5;
-            mp_block_rows(l->kind, (const uint8_t *)l->w + o * (k / mp_block_len(l->kind)) * mp_block_bytes(l->kind),
-                          k, xq[q], xd[q], xs16, B, res);
+            const int64_t rowb = (k / mp_block_len(l->kind)) * mp_block_bytes(l->kind);
+            if (o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * rowb, rowb);
+            mp_block_rows(l->kind, (const uint8_t *)l->w + o * rowb, k, xq[q], xd[q], xs16, B, res);
             for (int64_t b = 0; b < B; b++) ys[c * B + b][o] = res[b];
         } else {
+            if (l->kind == 0 && o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * k * 4, k * 4);
             for (int64_t b = 0; b < B; b++)
                 ys[c * B + b][o] = mp_linear_row(l, o, x + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }
