@@ -12,8 +12,9 @@ fused decode, as `modelpress generate` runs it); both generate 64 greedy tokens 
 same prompt, and the row counts how many of them agree. The speeds alternate between the two,
 --repeats times (the machine's speed drifts: the ratio is that of the medians). A last row checks that llama.cpp generates
 the same greedy tokens from modelpress' Q4_K_M as from its own. Quantize seconds for Q4_K_M are
-measured in the same run (modelpress' export against llama.cpp's quantizer). Nothing here asserts
-a timing.
+measured in the same run (modelpress' export against llama.cpp's quantizer), without and with an
+importance matrix (modelpress', from 8 windows of ../shared/data/calib.txt, handed to both).
+Nothing here asserts a timing.
 """
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ import modelpress  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 from benchmarks.gguf_export import compare, llama_quantize  # noqa: E402
 from modelpress.eval.speed import decode_ids_per_s, fused_runner  # noqa: E402
+from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.formats.gguf_writer import write_gguf  # noqa: E402
+from modelpress.model.imatrix import compute_imatrix  # noqa: E402
 from modelpress.generate import encode_prompt, generate_ids, runner_ids  # noqa: E402
 
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPT = "Explain in a few sentences why the sky is blue."
 
 
@@ -92,6 +96,17 @@ def main() -> None:
             rows.append({"row": "quantize Q4_K_M", "modelpress_seconds": ours_s,
                          "llama_cpp_seconds": llama_quantize(files["F32"], files["llama.cpp Q4_K_M"], "Q4_K_M")})
             print(rows[-1], flush=True)
+            calib = windows(tokenize(tok, read_text(SHARED / "calib.txt")), 512, 8)
+            im = compute_imatrix(model, list(calib), dataset="calib.txt").importance()
+            start = time.perf_counter()
+            write_gguf(work / "im.gguf", model, mix, source, imatrix=im, progress=False)
+            ours_s = time.perf_counter() - start
+            rows.append({"row": "quantize Q4_K_M with an imatrix", "modelpress_seconds": ours_s,
+                         "llama_cpp_seconds": llama_quantize(files["F32"], work / "im-llama.gguf", "Q4_K_M", imatrix=im),
+                         **{k: v for k, v in compare(work / "im.gguf", work / "im-llama.gguf").items() if k != "differing"}})
+            print(rows[-1], flush=True)
+            for f in ("im.gguf", "im-llama.gguf"):
+                (work / f).unlink()
     del model
     for mix in ("F32", "Q8_0", "Q4_K_M"):
         path = files[mix]
