@@ -618,10 +618,9 @@ typedef struct {
  * quantize_row_q8_0: d = amax / 127, q = round(x / d), halves away from zero); for Q4_K / Q6_K per
  * 256 with an fp32 scale and the sums of each 16 (ggml's quantize_row_q8_K: d = -max / 127 with max
  * the value of largest magnitude, q = nearest_int(x / d), halves to even), and each block's dot is an
- * exact integer sum times d_w * d_x. The blocks are read as stored: 34 (Q8_0), 22 (Q5_0), 18 (Q4_K), 26.25 (Q6_K) bytes per
- * d_w * d_x. The blocks are read as stored: 34 (Q8_0), 22 (Q5_0), 18 (Q4_K), 26.25 (Q6_K) bytes per
- * 32 weights, against 36-48 for a code byte and fp32 scales, so decode, bound by memory bandwidth
- * here, reads less.
+ * exact integer sum times d_w * d_x. The blocks are read as stored: 34 (Q8_0), 22 (Q5_0), 18 (Q4_K),
+ * 26.25 (Q6_K) bytes per 32 weights, against 36-48 for a code byte and fp32 scales, so decode,
+ * bound by memory bandwidth here, reads less.
  *   Q8_0: d fp16 | q int8[32]                       w = d * q
  *   Q5_0: d fp16 | qh u32 | qs[16]                  w = d * ((nibble | bit << 4) - 16); code j: low nibble
  *         of qs[j] and bit j of qh, code j + 16: high nibble of qs[j] and bit j + 16 of qh */
@@ -1083,7 +1082,6 @@ static inline __m256 mp_exp8(__m256 x) {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-
 #endif
 
 void mp_exp_f32(const float *x, int64_t n, float *y) {  /* for the tests: the softmax's exponential */
