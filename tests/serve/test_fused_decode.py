@@ -67,20 +67,21 @@ def test_a_fused_prefill_computes_what_decoding_token_by_token_computes(kind):
     """Where every layer is on GGUF blocks the runner prefills through the fused path too (each
     chunk token a row): bit for bit the logits and cache of feeding the prompt one token at a time.
     (int8 rounding turns any difference in the order of sums into a jump of one step, so only the
-    same code for both keeps a preempted, recomputed sequence on its course.)"""
+    same code for both keeps a preempted, recomputed sequence on its course.) The second chunk, 70
+    rows, goes through the kernels' row tiles (32, 32 and 6 rows)."""
     model = _quantized(kind)
-    ids = torch.randint(1, 261, (11,), generator=torch.Generator().manual_seed(3)).tolist()
-    chunked = ModelRunner(model, 12, 4)
+    ids = torch.randint(1, 261, (75,), generator=torch.Generator().manual_seed(3)).tolist()
+    chunked = ModelRunner(model, 20, 4)
     assert chunked.fused().all_blocks
-    a = _Seq(ids, list(range(12)))
-    got = torch.cat([chunked.run([a], [5]), chunked.run([_Seq(ids, list(range(12)))._at(5)], [6])])
-    one = ModelRunner(model, 12, 4)
-    b = _Seq(ids, list(range(12)))
+    a = _Seq(ids, list(range(20)))
+    got = torch.cat([chunked.run([a], [5]), chunked.run([_Seq(ids, list(range(20)))._at(5)], [70])])
+    one = ModelRunner(model, 20, 4)
+    b = _Seq(ids, list(range(20)))
     ref = []
-    for j in range(11):
+    for j in range(75):
         b.num_computed = j
         ref.append(one.run([b], [1]))
-    assert torch.equal(got, torch.cat([ref[4], ref[10]]))
+    assert torch.equal(got, torch.cat([ref[4], ref[74]]))
     assert torch.equal(chunked.k_cache[1], one.k_cache[1]) and torch.equal(chunked.v_cache[0], one.v_cache[0])
 
 
