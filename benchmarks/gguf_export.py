@@ -11,8 +11,8 @@ every 512-token window of ../shared/data/eval.txt (loaded back by modelpress).
 With --imatrix (the default), each mix is done again with an importance matrix: modelpress'
 (computed on ../shared/data/calib.txt, 512-token windows), handed to both quantizers; llama.cpp's
 own imatrix (collected from llama.cpp's forward passes over the same windows, as llama-imatrix
-does, computed only for --best-of) gives the row "llama.cpp imatrix" of --best-of (Q4_K_M); then modelpress' calibrated
-exports of that mix: AWQ -> mix and GPTQ -> mix, each with an imatrix computed after the method.
+does; computed only for --best-of) gives the row "llama.cpp imatrix" of --best-of (Q4_K_M); then
+modelpress' calibrated exports of that mix: AWQ -> mix and GPTQ -> mix, each with an imatrix computed after the method.
 Nothing here asserts a timing.
 """
 from __future__ import annotations

@@ -11,7 +11,8 @@ export and for `dequantize()`.
 `int8_rows` (0 by default; the serving engine sets it): products of up to that many rows with a
 Q8_0 / Q5_0 / Q4_K / Q6_K layer round the activations to int8 (per 32; per 256 for Q4_K / Q6_K)
 and multiply on the stored blocks (mp_block_gemv), as llama.cpp's CPU path does and as the engine's
-fused decode does, so that a prefill (or the recompute of a preempted sequence) computes what the decode computed.
+fused decode does, so that a prefill (or the recompute of a preempted sequence) computes what the
+decode computed.
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ class GGUFLinear(torch.nn.Module):
 
     def int8_product(self, x: torch.Tensor) -> torch.Tensor | None:
         """x (rows, in) fp32 on a CPU times the stored blocks with x rounded to int8 (per 32; per 256 for
-        the K types; mp_block_gemv), or None where the type has no such kernel or the kernels did not build."""
+        the K types; mp_block_gemv), or None where the type has no such kernel or the kernels did not
+        build."""
         lib = kernels.lib() if self.kind in BLOCK_KERNELS else None
         if lib is None:
             return None

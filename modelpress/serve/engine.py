@@ -8,7 +8,8 @@ changed. `generate()` runs prompts to completion; `stream()` yields text as it c
 
 int8_activations (default True): on a CPU, GGUF Q8_0 / Q5_0 / Q4_K / Q6_K layers decode on their
 blocks with activations rounded to int8 (per 32; per 256 for Q4_K / Q6_K), as llama.cpp does
-(serve/fused_decode.py); False keeps fp32 activations (the model's own forward's numbers, up to the order of sums).
+(serve/fused_decode.py); False keeps fp32 activations (the model's own forward's numbers, up to the
+order of sums).
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ same paged cache, so the two paths mix freely within a sequence. Each sequence's
 same at any batch size and whatever else the step holds.
 Q8_0, Q5_0, Q4_K and Q6_K layers multiply on their stored GGUF blocks with activations rounded to
 int8 per 32 (per 256 for Q4_K / Q6_K; llama.cpp's own numerics for these types, and fewer bytes
-read per token); other GGUF types on their affine codes (nn/gguf_linear.py) and fp32 layers on their weights, with fp32
-activations; `build(..., int8_activations=False)` keeps fp32 activations everywhere. The
+read per token); other GGUF types on their affine codes (nn/gguf_linear.py) and fp32 layers on
+their weights, with fp32 activations; `build(..., int8_activations=False)` keeps fp32 activations everywhere. The
 embedding row, the rotary cos / sin (from the model's rotary module, tabulated once) and the final
 norm stay the model's own; so does the output head, except that a head tied to a GGUF embedding
 multiplies on that embedding's blocks (`model.modelpress_head`, the same values; Q8_0 on the
