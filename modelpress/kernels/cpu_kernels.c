@@ -634,22 +634,16 @@ static inline float mp_half(uint16_t h) {
 #endif
 }
 
-static void mp_quantize_x8(const float *x, int64_t k, int8_t *q, float *d, int32_t *sum16) {
+/* ggml's quantize_row_q8_0 (the Q8_0 / Q5_0 activations): per 32, q = round(x * 127 / amax) with
+ * halves away from zero, d = amax / 127 kept in fp16. */
+static void mp_quantize_x8(const float *x, int64_t k, int8_t *q, float *d) {
     for (int64_t b = 0; b < k / 32; b++) {
         const float *xb = x + b * 32;
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
         const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-        int32_t s0 = 0, s1 = 0;
-        for (int j = 0; j < 32; j++) {
-            q[b * 32 + j] = (int8_t)roundf(xb[j] * id);
-            if (j < 16) s0 += q[b * 32 + j]; else s1 += q[b * 32 + j];
-        }
+        for (int j = 0; j < 32; j++) q[b * 32 + j] = (int8_t)roundf(xb[j] * id);
         d[b] = round_fp16(db);
-        if (sum16) {
-            sum16[2 * b] = s0;
-            sum16[2 * b + 1] = s1;
-        }
     }
 }
 
@@ -686,7 +680,7 @@ static void mp_quantize_x8k(const float *x, int64_t k, int8_t *q, float *d, int3
  * k / 32), or per 256 (kind 5, 6) into xq, xd, xs16 (row strides k, k / 256, k / 16). */
 static void mp_quantize_rows(int64_t kind, const float *x, int64_t B, int64_t k, int8_t *xq, float *xd, int32_t *xs16) {
     for (int64_t b = 0; b < B; b++) {
-        if (kind <= 4) mp_quantize_x8(x + b * k, k, xq + b * k, xd + b * (k / 32), NULL);
+        if (kind <= 4) mp_quantize_x8(x + b * k, k, xq + b * k, xd + b * (k / 32));
         else mp_quantize_x8k(x + b * k, k, xq + b * k, xd + b * (k / 256), xs16 + b * (k / 16));
     }
 }
