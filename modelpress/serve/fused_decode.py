@@ -13,9 +13,10 @@ int8 per 32 (per 256 for Q4_K / Q6_K; llama.cpp's own numerics for these types, 
 read per token); other GGUF types on their affine codes (nn/gguf_linear.py) and fp32 layers on
 their weights, with fp32 activations; `build(..., int8_activations=False)` keeps fp32 activations everywhere. The
 embedding row, the rotary cos / sin (from the model's rotary module, tabulated once) and the final
-norm stay the model's own; so does the output head, except that a head tied to a GGUF embedding
-multiplies on that embedding's blocks (`model.modelpress_head`, the same values; Q8_0 on the
-default model: ~3 ms a token instead of 6.4 ms for the fp32 copy).
+norm stay the model's own; so does the output head (the runner's `head`), except that with int8
+activations a head tied to a GGUF embedding multiplies on that embedding's blocks
+(`model.modelpress_head`, the same values; Q8_0 on the default model: ~3 ms a token instead of
+6.4 ms for the fp32 copy).
 
 Used where the kernels build, the model is a Llama-family fp32 model on a CPU whose block linears
 are all GGUFLinear or fp32 nn.Linear without bias; otherwise `FusedDecoder.build` returns None
@@ -73,8 +74,8 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> _Linear | None:  # 
 
 class FusedDecoder:
     def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, layers: ctypes.Array, keep: list,
-                 eps: float, d_ff: int, n_heads: int, n_kv: int, head_dim: int, int8: bool) -> None:
-        self.lib, self.model, self.layers, self.keep, self.int8 = lib, model, layers, keep, int8
+                 eps: float, d_ff: int, n_heads: int, n_kv: int, head_dim: int, head: torch.nn.Module) -> None:
+        self.lib, self.model, self.layers, self.keep, self.head = lib, model, layers, keep, head
         self.eps, self.d_ff, self.n_heads, self.n_kv, self.head_dim = eps, d_ff, n_heads, n_kv, head_dim
         self.d = model.config.hidden_size
 
@@ -116,7 +117,7 @@ class FusedDecoder:
         if eps is None:
             return None
         fused = cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim,
-                    int8_activations)
+                    runner.head)  # the runner's choice of output head, as its torch path uses
         fused.all_blocks = all_blocks
         return fused
 
@@ -157,7 +158,4 @@ class FusedDecoder:
                                  self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
                                  slots.data_ptr(), lens.data_ptr(), lmax)
         last = torch.tensor(n).cumsum(0) - 1
-        head = getattr(self.model, "modelpress_head", None)
-        h = m.norm(x[last])
-        y = head.int8_product(h) if head is not None and self.int8 else None
-        return y if y is not None else (head or self.model.lm_head)(h).float()
+        return self.head(m.norm(x[last])).float()
