@@ -1175,25 +1175,35 @@ static void mp_attend(const float *qh, const float *k, const float *v, int64_t s
  *   q      fp32 (B, n_heads, hd);  k_cache, v_cache fp32 (slots, n_kv, hd)
  *   slots  int64 (B, lmax): sequence b's positions 0 .. lens[b] - 1 live in slots[b, p]
  *   out    fp32 (B, n_heads, hd); query heads share kv heads in groups of n_heads / n_kv */
-void mp_paged_attention(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const float *k_cache,
-                        const float *v_cache, const int64_t *slots, const int64_t *lens, int64_t lmax, float *out) {
+static void mp_attend_rows(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const float *k_cache,
+                           const float *v_cache, const int64_t *slots, const int64_t *lens, int64_t lmax, float *sc,
+                           float *out) {
     const int64_t group = n_heads / n_kv, kvd = n_kv * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *sc = malloc(sizeof(float) * (size_t)(B * n_heads * lmax));
+    /* one task per (sequence, kv head): the query heads that share the kv head run one after
+     * another on one thread, so its keys and values come from memory once and from the core's own
+     * cache for the rest of the group (one task per query head read them up to `group` times:
+     * 30 layers of 32 sequences x 140 positions, 9 heads on 3 kv heads, 47-58 -> 30-36 ms here) */
 #pragma omp parallel for schedule(dynamic)
-    for (int64_t bh = 0; bh < B * n_heads; bh++) {
-        const int64_t b = bh / n_heads, hh = bh % n_heads;
-        mp_attend(q + bh * hd, k_cache + (hh / group) * hd, v_cache + (hh / group) * hd, kvd, slots + b * lmax,
-                  lens[b], hd, scale, sc + bh * lmax, out + bh * hd);
+    for (int64_t bg = 0; bg < B * n_kv; bg++) {
+        const int64_t b = bg / n_kv, g = bg % n_kv;
+        for (int64_t bh = b * n_heads + g * group; bh < b * n_heads + (g + 1) * group; bh++)
+            mp_attend(q + bh * hd, k_cache + g * hd, v_cache + g * hd, kvd, slots + b * lmax, lens[b], hd, scale,
+                      sc + bh * lmax, out + bh * hd);
     }
+}
+
+void mp_paged_attention(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const float *k_cache,
+                        const float *v_cache, const int64_t *slots, const int64_t *lens, int64_t lmax, float *out) {
+    float *sc = malloc(sizeof(float) * (size_t)(B * n_heads * lmax));
+    mp_attend_rows(q, B, n_heads, n_kv, hd, k_cache, v_cache, slots, lens, lmax, sc, out);
     free(sc);
 }
 
 void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t d, int64_t d_ff,
                      int64_t n_heads, int64_t n_kv, int64_t hd, float eps, const float *cos, const float *sin,
                      const int64_t *slots, const int64_t *lens, int64_t lmax) {
-    const int64_t group = n_heads / n_kv, kvd = n_kv * hd, qd = n_heads * hd;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t kvd = n_kv * hd, qd = n_heads * hd;
     float *h = malloc(sizeof(float) * (size_t)(B * d)), *q = malloc(sizeof(float) * (size_t)(B * qd));
     float *att = malloc(sizeof(float) * (size_t)(B * qd)), *t = malloc(sizeof(float) * (size_t)(B * d));
     float *g = malloc(sizeof(float) * (size_t)(B * d_ff)), *u = malloc(sizeof(float) * (size_t)(B * d_ff));
@@ -1217,12 +1227,7 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
             mp_rope(q + b * qd, n_heads, hd, cos + b * hd, sin + b * hd);
             mp_rope(ys[B + b], n_kv, hd, cos + b * hd, sin + b * hd);
         }
-#pragma omp parallel for schedule(dynamic)
-        for (int64_t bh = 0; bh < B * n_heads; bh++) {
-            const int64_t b = bh / n_heads, hh = bh % n_heads;
-            mp_attend(q + bh * hd, kc + (hh / group) * hd, vc + (hh / group) * hd, kvd, slots + b * lmax, lens[b], hd,
-                      scale, sc + bh * lmax, att + bh * hd);
-        }
+        mp_attend_rows(q, B, n_heads, n_kv, hd, kc, vc, slots, lens, lmax, sc, att);
         {
             const mp_linear *ls[1] = {&ly->o};
             for (int64_t b = 0; b < B; b++) ys[b] = t + b * d;
