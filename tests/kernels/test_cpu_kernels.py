@@ -109,7 +109,7 @@ def _int8_activations(x):
     d = xb.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
     v = xb * inv
-    q = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    q = (torch.sign(v) * torch.floor(v.double().abs() + 0.5)).float()  # in float64: 0.49999997 + 0.5 is exact
     return (q * d.half().float()).reshape(x.shape)
 
 
@@ -146,6 +146,25 @@ def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
     # and the rounding of x is the approximation: within 1 % of the float product here
     full = x.double() @ kquants.dequantize(data, kind, k).double().t()
     assert (y.double() - full).abs().max() < 0.01 * full.abs().max()
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_int8_activations_round_halves_away_from_zero(lib, m):
+    """The per-32 rounding (Q8_0 / Q5_0 layers) on exact halves, as ggml's roundf: amax 127 gives
+    d = 1, so x itself is rounded; a one-hot Q8_0 weight row j reads back activation j."""
+    from modelpress.core import kquants
+
+    halves = [127.0, 2.5, -2.5, 0.5, -0.5, 1.5, -1.5, 126.5, -126.5, 0.49999997, -0.49999997, 3.4999998, -0.0]
+    x = torch.zeros(m, 64)
+    x[:, :len(halves)] = torch.tensor(halves)
+    x[:, 32:64] = torch.linspace(-0.5, 0.5, 32) * 254      # a second block: d = 1 again, halves again
+    data = kquants.quantize(torch.eye(64), "Q8_0")
+    y = torch.empty(m, 64)
+    lib.mp_block_gemv(x.data_ptr(), m, 64, data.data_ptr(), 3, 64, y.data_ptr())
+    wd = kquants.dequantize(data, "Q8_0", 64).diagonal()    # the one-hot weights as stored (fp16 d x 127)
+    want = torch.where(x >= 0, torch.floor(x.double().abs() + 0.5), -torch.floor(x.double().abs() + 0.5))
+    torch.testing.assert_close(y.double(), want * wd.double(), rtol=1e-7, atol=0)
+    assert want[0, :13].tolist() == [127, 3, -3, 1, -1, 2, -2, 127, -127, 0, 0, 3, 0]
 
 
 @pytest.mark.parametrize("kind,code", [("Q8_0", 3), ("Q5_0", 4), ("Q4_K", 5), ("Q6_K", 6)])
