@@ -1125,6 +1125,13 @@ void mp_exp_f32(const float *x, int64_t n, float *y) {  /* for the tests: the so
     }
 }
 
+/* Ask for the n floats at p (the key or value row of a position some steps ahead: the paged
+ * cache's rows lie where their blocks are, out of the hardware prefetcher's sight); 30 layers of
+ * 32 sequences x 200 positions: 50 -> 42 ms here. */
+static inline void mp_prefetch_rows(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
+
 /* One head's attention for one query over L cached positions: softmax(q . k_p * scale) . v_p, keys
  * and values at k + slot[p] * stride (the paged cache, the head's offset added by the caller);
  * s: L floats of scratch. With AVX2: the exponentials eight at a time (mp_exp8), and for each 64
@@ -1139,6 +1146,8 @@ static void mp_attend(const float *qh, const float *k, const float *v, int64_t s
         __m256 vmx = _mm256_set1_ps(-INFINITY);
         for (; p0 + 8 <= L; p0 += 8) {
             __m256 a[8];
+            if (p0 + 24 <= L)
+                for (int j = 16; j < 24; j++) mp_prefetch_rows(k + slot[p0 + j] * stride, hd);
             for (int j = 0; j < 8; j++) {
                 const float *kp = k + slot[p0 + j] * stride;
                 a[j] = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kp));
@@ -1184,6 +1193,7 @@ static void mp_attend(const float *qh, const float *k, const float *v, int64_t s
             __m256 a[8];
             for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
             for (int64_t p = 0; p < L; p++) {
+                if (p + 8 < L) mp_prefetch_rows(v + slot[p + 8] * stride + c, 64);
                 const float *vp = v + slot[p] * stride + c;
                 const __m256 w = _mm256_set1_ps(s[p]);
                 for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * i), a[i]);
