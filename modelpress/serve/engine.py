@@ -53,6 +53,7 @@ class _Request:
     generators: list[torch.Generator | None]
     arrival: float
     texts: list[str]
+    stream: bool = True
     spawned: bool = False
 
 
@@ -78,7 +79,11 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, stream: bool = True) -> str:
+        """Queue a request; returns its id. stream=False: `step()` reports it only once finished, and
+        its text is decoded then (and each step only where stop strings must be looked for): 32
+        requests x 128 tokens through HTTP spent ~10 % of their time decoding texts and handing
+        over outputs nobody read."""
         params = params or SamplingParams()
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
         self.check_request(ids, params)
@@ -89,7 +94,7 @@ class Engine:
         self.scheduler.add(seq)
         gens = [None if params.seed is None else torch.Generator().manual_seed(params.seed + i)
                 for i in range(params.n)]
-        self.requests[rid] = _Request(rid, ids, params, [seq], gens, time.time(), [""] * params.n)
+        self.requests[rid] = _Request(rid, ids, params, [seq], gens, time.time(), [""] * params.n, stream)
         return rid
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
@@ -138,7 +143,7 @@ class Engine:
                 continue
             self._advance(req, seq, logits[row])
             touched[req.request_id] = req
-        outs = [self._output(r) for r in touched.values()]
+        outs = [self._output(r) for r in touched.values() if r.stream or self._finished(r)]
         for o in outs:
             if o.finished:
                 self.requests.pop(o.request_id, None)
@@ -171,6 +176,8 @@ class Engine:
             reason = "stop"
         elif seq.num_generated >= p.max_tokens:
             reason = "length"
+        if not (req.stream or p.stop or reason is not None):
+            return  # nobody reads this text before the request finishes
         text = self._text(seq)
         if p.stop:
             cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
@@ -195,15 +202,18 @@ class Engine:
             ids = s.output_ids
             outs.append(CompletionOutput(s.index, req.texts[s.index], ids, s.finish_reason,
                                          s.logprobs if req.params.logprobs is not None else None))
-        finished = len(outs) == req.params.n and all(s.status is Status.FINISHED for s in req.seqs)
-        return RequestOutput(req.request_id, req.prompt_ids, outs, finished)
+        return RequestOutput(req.request_id, req.prompt_ids, outs, self._finished(req))
+
+    @staticmethod
+    def _finished(req: _Request) -> bool:
+        return len(req.seqs) == req.params.n and all(s.status is Status.FINISHED for s in req.seqs)
 
     # -- conveniences ----------------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in the prompts' order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        rids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        rids = [self.add_request(p, sp, stream=False) for p, sp in zip(prompts, plist)]
         done: dict[str, RequestOutput] = {}
         while len(done) < len(rids):
             for o in self.step():

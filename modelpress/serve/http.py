@@ -37,13 +37,13 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="modelpress-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
+    def submit(self, ids: list[int], params: SamplingParams, stream: bool = True) -> tuple[str, asyncio.Queue]:
         self.engine.check_request(ids, params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         q: asyncio.Queue = asyncio.Queue()
         with self.lock:
             self.streams[rid] = (asyncio.get_running_loop(), q)
-        self.commands.put(("add", rid, ids, params))
+        self.commands.put(("add", rid, ids, params, stream))
         return rid, q
 
     def abort(self, rid: str) -> None:
@@ -53,12 +53,12 @@ class EngineLoop:
 
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, ids, params = cmd
+            _, rid, ids, params, stream = cmd
             with self.lock:
                 live = rid in self.streams
             if live:
                 try:
-                    self.engine.add_request(ids, params, rid)
+                    self.engine.add_request(ids, params, rid, stream=stream)
                 except ValueError as err:  # raced past check(): report it on the stream
                     self._deliver(rid, err)
         else:
@@ -235,10 +235,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
             return list(prompt)
         raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
 
-    async def run(ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def run(ids: list[int], params: SamplingParams, stream: bool) -> AsyncIterator[RequestOutput]:
         el = engine_loop()
         try:
-            rid, q = el.submit(ids, params)
+            rid, q = el.submit(ids, params, stream)
         except ValueError as e:
             raise BadRequest(str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
         done = False
@@ -275,7 +275,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
     async def respond(ids: list[int], params: SamplingParams, chat: bool, stream: bool) -> Any:
         created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion" if chat else "text_completion"
-        gen = run(ids, params)
+        gen = run(ids, params, stream)
         if not stream:
             final = None
             async for out in gen:

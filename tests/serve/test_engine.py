@@ -90,6 +90,22 @@ def test_stop_strings_and_abort(model):
     assert eng.block_manager.num_used == 0 and not eng.has_work
 
 
+def test_unstreamed_request_reports_once_finished_with_the_same_text(model):
+    """stream=False (generate, non-streaming HTTP): no output before the end, the same final
+    completions as a streamed request, n > 1 included."""
+    eng = Engine(model, byte_tokenizer(), kv_blocks=64, block_size=4)
+    p = SamplingParams(max_tokens=15, temperature=0.7, seed=1, n=3, ignore_eos=True)
+    shown = [o for o in eng.stream("the ", p)]
+    assert len(shown) > 1 and not shown[0].finished
+    rid = eng.add_request("the ", p, stream=False)
+    reported = []
+    while eng.has_work:
+        reported += eng.step()
+    assert [o.request_id for o in reported] == [rid] and reported[0].finished
+    assert [(c.text, c.token_ids) for c in reported[0].outputs] == [(c.text, c.token_ids) for c in shown[-1].outputs]
+    assert len({c.text for c in reported[0].outputs}) > 1 and all(len(c.text) for c in reported[0].outputs)
+
+
 def test_bad_requests(model):
     eng = Engine(model, byte_tokenizer(), kv_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="maximum context length"):
