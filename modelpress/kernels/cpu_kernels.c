@@ -1305,3 +1305,21 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
     }
     free(h); free(q); free(att); free(t); free(g); free(u); free(sc); free(ys);
 }
+
+/* The logits after a step: the model's final norm of rows rows[0 .. n_out) of x (B, d), then the
+ * head (GGUF blocks with int8 activations, as its layers multiply), into logits (n_out, head->n).
+ * In C rather than torch's: the norm's handful of operations, each slow on caches the step's weights
+ * have just streamed through, cost more there than the norm itself. */
+void mp_llama_logits(const mp_linear *head, const float *norm, float eps, const float *x, int64_t d,
+                     const int64_t *rows, int64_t n_out, float *logits) {
+    float *h = malloc(sizeof(float) * (size_t)(n_out * d));
+    float **ys = malloc(sizeof(float *) * (size_t)n_out);
+    for (int64_t i = 0; i < n_out; i++) {
+        mp_rms_norm(x + rows[i] * d, norm, d, eps, h + i * d);
+        ys[i] = logits + i * head->n;
+    }
+    const mp_linear *ls[1] = {head};
+    mp_linears_apply(ls, ys, 1, h, n_out);
+    free(h);
+    free(ys);
+}
