@@ -4,6 +4,8 @@ the same greedy tokens, also with the two paths mixed within one sequence; with 
 Q8_0 / Q5_0 blocks (the default, llama.cpp's numerics) close logits on the same tokens; models it
 cannot take keep the torch path. Several sequences decoding in one fused call compute exactly
 what each computes alone."""
+import ctypes
+
 import pytest
 import torch
 
@@ -135,6 +137,28 @@ def test_batched_fused_decode_equals_each_sequence_alone(kind):
 def test_models_it_cannot_take_keep_the_torch_path(kind):
     runner = ModelRunner(_quantized(kind), 4, 4)
     assert FusedDecoder.build(runner) is None and runner.fused() is None
+
+
+@pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
+def test_fused_head_is_the_models_norm_then_the_block_head(kind):
+    """With int8 activations the final norm and the GGUF head run in C (mp_llama_logits): the
+    selected rows' logits are the model's norm then the head module's own product, up to the order
+    of the norm's sums."""
+    model = _quantized(kind)
+    runner = ModelRunner(model, 4, 4)
+    fused = runner.fused()
+    assert fused.fused_head is not None
+    x = torch.randn(6, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([5, 0, 3])
+    head, w, eps = fused.fused_head
+    got = torch.empty(3, head.n)
+    fused.lib.mp_llama_logits(ctypes.byref(head), w.data_ptr(), eps, x.data_ptr(), x.shape[1], rows.data_ptr(), 3,
+                              got.data_ptr())
+    with torch.inference_mode():
+        ref = runner.head(model.model.norm(x[rows])).float()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert FusedDecoder.build(ModelRunner(model, 4, 4, int8_activations=False)).fused_head is None
 
 
 def test_a_biased_linear_keeps_the_torch_path():
