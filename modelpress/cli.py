@@ -338,8 +338,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve.http import serve
 
     model, tok, load_s = _load(a.model, keep_blocks=True)  # a GGUF runs on its blocks
-    engine = Engine(model, tok, max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks, block_size=a.block_size,
-                    max_tokens_per_step=a.max_step_tokens)
+    try:
+        engine = Engine(model, tok, max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks, block_size=a.block_size,
+                        max_tokens_per_step=a.max_step_tokens, kv_dtype=a.kv_dtype)
+    except ValueError as e:  # a --kv-dtype this model cannot take
+        raise ModelpressError(f"modelpress serve: {e}") from None
     name = a.served_model_name or Path(model.modelpress_source).stem
     _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {a.kv_blocks} blocks of {a.block_size} "
          f"tokens, {engine.runner.bytes_per_block * a.kv_blocks / 1e6:.0f} MB) on http://{a.host}:{a.port}/v1")
@@ -520,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=_positive, default=32, help="sequences running at once (default: 32)")
     s.add_argument("--kv-blocks", type=_positive, default=1024, help="KV-cache blocks (default: 1024)")
     s.add_argument("--block-size", type=_positive, default=16, help="tokens per KV-cache block (default: 16)")
+    s.add_argument("--kv-dtype", choices=["auto", "float32", "float16"], default="auto",
+                   help="KV-cache type (default: auto, fp16 for a model all on GGUF blocks as llama.cpp, "
+                        "else the model's own)")
     s.add_argument("--max-step-tokens", type=_positive, default=512,
                    help="tokens computed per engine step, prefill chunks included (default: 512)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the model file's name)")

@@ -619,7 +619,7 @@ typedef struct {
 typedef struct {
     const float *attn_norm, *ffn_norm;
     mp_linear q, k, v, o, gate, up, down;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;       /* fp32, or fp16 (mp_llama_decode's kv_f16) */
 } mp_layer;
 
 /* Decode on GGUF Q8_0 / Q5_0 / Q4_K / Q6_K blocks with int8 activations, as llama.cpp's CPU path
@@ -1078,6 +1078,19 @@ static void mp_rms_norm(const float *x, const float *w, int64_t d, float eps, fl
     for (int64_t i = 0; i < d; i++) y[i] = w[i] * (x[i] * r);
 }
 
+/* n floats to fp16, nearest even (as torch's .half() and ggml's cache writes) */
+static void mp_to_half(const float *x, int64_t n, uint16_t *y) {
+    int64_t i = 0;
+#ifdef MP_AVX2
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) {
+        const _Float16 h = (_Float16)x[i];
+        memcpy(y + i, &h, 2);
+    }
+}
+
 static void mp_rope(float *v, int64_t heads, int64_t hd, const float *cos, const float *sin) {
     const int64_t h2 = hd / 2;
     for (int64_t h = 0; h < heads; h++) {
@@ -1125,33 +1138,48 @@ void mp_exp_f32(const float *x, int64_t n, float *y) {  /* for the tests: the so
     }
 }
 
-/* Ask for the n floats at p (the key or value row of a position some steps ahead: the paged
- * cache's rows lie where their blocks are, out of the hardware prefetcher's sight); 30 layers of
- * 32 sequences x 200 positions: 50 -> 42 ms here. */
-static inline void mp_prefetch_rows(const float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+/* Ask for the bytes at p (the key or value row of a position some steps ahead: the paged cache's
+ * rows lie where their blocks are, out of the hardware prefetcher's sight); 30 layers of 32
+ * sequences x 200 positions: 50 -> 42 ms here. */
+static inline void mp_prefetch_bytes(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 3);
 }
 
+/* Element i of a cache row: fp32, or fp16 (the cache half the bytes: `f16`) widened. */
+static inline float mp_kv1(const void *base, int64_t i, int f16) {
+    return f16 ? mp_half(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+#ifdef MP_AVX2
+static inline __m256 mp_kv8(const void *base, int64_t i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)))
+               : _mm256_loadu_ps((const float *)base + i);
+}
+#endif
+
 /* One head's attention for one query over L cached positions: softmax(q . k_p * scale) . v_p, keys
- * and values at k + slot[p] * stride (the paged cache, the head's offset added by the caller);
- * s: L floats of scratch. With AVX2: the exponentials eight at a time (mp_exp8), and for each 64
- * output lanes the weighted values summed in eight registers over all positions, divided by the
- * softmax sum once at the end. */
-static void mp_attend(const float *qh, const float *k, const float *v, int64_t stride, const int64_t *slot,
-                      int64_t L, int64_t hd, float scale, float *s, float *oh) {
+ * and values at element k + slot[p] * stride (the paged cache, the head's offset added by the
+ * caller; fp32, or fp16 where f16); s: L floats of scratch. With AVX2: the exponentials eight at a
+ * time (mp_exp8), and for each 64 output lanes the weighted values summed in eight registers over
+ * all positions, divided by the softmax sum once at the end. Inlined with f16 a constant: a copy for
+ * each cache type. */
+static inline __attribute__((always_inline)) void mp_attend(const float *qh, const void *k, const void *v, int64_t stride,
+                                                            const int64_t *slot, int64_t L, int64_t hd, float scale,
+                                                            float *s, float *oh, int f16) {
     float mx = -INFINITY, sum = 0.0f;
     int64_t p0 = 0;
 #ifdef MP_AVX2
+    const int64_t es = f16 ? 2 : 4;  /* bytes an element */
     if (hd % 8 == 0) {  /* eight positions at a time: eight dot products, reduced together */
         __m256 vmx = _mm256_set1_ps(-INFINITY);
         for (; p0 + 8 <= L; p0 += 8) {
             __m256 a[8];
             if (p0 + 24 <= L)
-                for (int j = 16; j < 24; j++) mp_prefetch_rows(k + slot[p0 + j] * stride, hd);
+                for (int j = 16; j < 24; j++) mp_prefetch_bytes((const char *)k + slot[p0 + j] * stride * es, hd * es);
             for (int j = 0; j < 8; j++) {
-                const float *kp = k + slot[p0 + j] * stride;
-                a[j] = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kp));
-                for (int64_t i = 8; i < hd; i += 8) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kp + i), a[j]);
+                const int64_t kp = slot[p0 + j] * stride;
+                a[j] = _mm256_mul_ps(_mm256_loadu_ps(qh), mp_kv8(k, kp, f16));
+                for (int64_t i = 8; i < hd; i += 8) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), mp_kv8(k, kp + i, f16), a[j]);
             }
             const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
             const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
@@ -1166,7 +1194,13 @@ static void mp_attend(const float *qh, const float *k, const float *v, int64_t s
     }
 #endif
     for (int64_t p = p0; p < L; p++) {
-        s[p] = mp_dotf(qh, k + slot[p] * stride, hd) * scale;
+        if (!f16) {
+            s[p] = mp_dotf(qh, (const float *)k + slot[p] * stride, hd) * scale;
+        } else {
+            float dot = 0.0f;
+            for (int64_t i = 0; i < hd; i++) dot += qh[i] * mp_kv1(k, slot[p] * stride + i, 1);
+            s[p] = dot * scale;
+        }
         if (s[p] > mx) mx = s[p];
     }
 #ifdef MP_AVX2
@@ -1193,10 +1227,10 @@ static void mp_attend(const float *qh, const float *k, const float *v, int64_t s
             __m256 a[8];
             for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
             for (int64_t p = 0; p < L; p++) {
-                if (p + 8 < L) mp_prefetch_rows(v + slot[p + 8] * stride + c, 64);
-                const float *vp = v + slot[p] * stride + c;
+                if (p + 8 < L) mp_prefetch_bytes((const char *)v + (slot[p + 8] * stride + c) * es, 64 * es);
+                const int64_t vp = slot[p] * stride + c;
                 const __m256 w = _mm256_set1_ps(s[p]);
-                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * i), a[i]);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, mp_kv8(v, vp + 8 * i, f16), a[i]);
             }
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(oh + c + 8 * i, _mm256_mul_ps(a[i], _mm256_set1_ps(inv)));
         }
@@ -1208,8 +1242,8 @@ static void mp_attend(const float *qh, const float *k, const float *v, int64_t s
 #endif
     for (int64_t i = 0; i < hd; i++) oh[i] = 0.0f;
     for (int64_t p = 0; p < L; p++) {
-        const float *vp = v + slot[p] * stride, w = s[p];
-        for (int64_t i = 0; i < hd; i++) oh[i] += w * vp[i];
+        const float w = s[p];
+        for (int64_t i = 0; i < hd; i++) oh[i] += w * mp_kv1(v, slot[p] * stride + i, f16);
     }
     for (int64_t i = 0; i < hd; i++) oh[i] *= inv;
 }
@@ -1219,9 +1253,9 @@ static void mp_attend(const float *qh, const float *k, const float *v, int64_t s
  *   q      fp32 (B, n_heads, hd);  k_cache, v_cache fp32 (slots, n_kv, hd)
  *   slots  int64 (B, lmax): sequence b's positions 0 .. lens[b] - 1 live in slots[b, p]
  *   out    fp32 (B, n_heads, hd); query heads share kv heads in groups of n_heads / n_kv */
-static void mp_attend_rows(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const float *k_cache,
-                           const float *v_cache, const int64_t *slots, const int64_t *lens, int64_t lmax, float *sc,
-                           float *out) {
+static void mp_attend_rows(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const void *k_cache,
+                           const void *v_cache, int f16, const int64_t *slots, const int64_t *lens, int64_t lmax,
+                           float *sc, float *out) {
     const int64_t group = n_heads / n_kv, kvd = n_kv * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     /* one task per (sequence, kv head): the query heads that share the kv head run one after
@@ -1231,23 +1265,30 @@ static void mp_attend_rows(const float *q, int64_t B, int64_t n_heads, int64_t n
 #pragma omp parallel for schedule(dynamic)
     for (int64_t bg = 0; bg < B * n_kv; bg++) {
         const int64_t b = bg / n_kv, g = bg % n_kv;
-        for (int64_t bh = b * n_heads + g * group; bh < b * n_heads + (g + 1) * group; bh++)
-            mp_attend(q + bh * hd, k_cache + g * hd, v_cache + g * hd, kvd, slots + b * lmax, lens[b], hd, scale,
-                      sc + bh * lmax, out + bh * hd);
+        const int64_t off = g * hd * (f16 ? 2 : 4);
+        const char *kg = (const char *)k_cache + off, *vg = (const char *)v_cache + off;
+        for (int64_t bh = b * n_heads + g * group; bh < b * n_heads + (g + 1) * group; bh++) {
+            if (f16)
+                mp_attend(q + bh * hd, kg, vg, kvd, slots + b * lmax, lens[b], hd, scale, sc + bh * lmax, out + bh * hd, 1);
+            else
+                mp_attend(q + bh * hd, kg, vg, kvd, slots + b * lmax, lens[b], hd, scale, sc + bh * lmax, out + bh * hd, 0);
+        }
     }
 }
 
 void mp_paged_attention(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const float *k_cache,
                         const float *v_cache, const int64_t *slots, const int64_t *lens, int64_t lmax, float *out) {
     float *sc = malloc(sizeof(float) * (size_t)(B * n_heads * lmax));
-    mp_attend_rows(q, B, n_heads, n_kv, hd, k_cache, v_cache, slots, lens, lmax, sc, out);
+    mp_attend_rows(q, B, n_heads, n_kv, hd, k_cache, v_cache, 0, slots, lens, lmax, sc, out);
     free(sc);
 }
 
 void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t d, int64_t d_ff,
                      int64_t n_heads, int64_t n_kv, int64_t hd, float eps, const float *cos, const float *sin,
-                     const int64_t *slots, const int64_t *lens, int64_t lmax) {
+                     const int64_t *slots, const int64_t *lens, int64_t lmax, int64_t kv_f16) {
     const int64_t kvd = n_kv * hd, qd = n_heads * hd;
+    /* an fp16 cache: k and v computed into kv (B rows of k then B of v), rotated, then rounded into it */
+    float *kv = kv_f16 ? malloc(sizeof(float) * (size_t)(2 * B * kvd)) : NULL;
     float *h = malloc(sizeof(float) * (size_t)(B * d)), *q = malloc(sizeof(float) * (size_t)(B * qd));
     float *att = malloc(sizeof(float) * (size_t)(B * qd)), *t = malloc(sizeof(float) * (size_t)(B * d));
     float *g = malloc(sizeof(float) * (size_t)(B * d_ff)), *u = malloc(sizeof(float) * (size_t)(B * d_ff));
@@ -1255,16 +1296,16 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
     float **ys = malloc(sizeof(float *) * (size_t)(3 * B));
     for (int64_t li = 0; li < n_layers; li++) {
         const mp_layer *ly = layers + li;
-        float *kc = ly->k_cache, *vc = ly->v_cache;
+        void *kc = ly->k_cache, *vc = ly->v_cache;
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
         for (int64_t b = 0; b < B; b++) mp_rms_norm(x + b * d, ly->attn_norm, d, eps, h + b * d);
-        {   /* k and v straight into the cache */
+        {   /* k and v straight into an fp32 cache */
             const mp_linear *ls[3] = {&ly->q, &ly->k, &ly->v};
             for (int64_t b = 0; b < B; b++) {
                 const int64_t slot = slots[b * lmax + lens[b] - 1];
                 ys[b] = q + b * qd;
-                ys[B + b] = kc + slot * kvd;
-                ys[2 * B + b] = vc + slot * kvd;
+                ys[B + b] = kv_f16 ? kv + b * kvd : (float *)kc + slot * kvd;
+                ys[2 * B + b] = kv_f16 ? kv + (B + b) * kvd : (float *)vc + slot * kvd;
             }
             mp_linears_apply(ls, ys, 3, h, B);
         }
@@ -1272,8 +1313,13 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
         for (int64_t b = 0; b < B; b++) {
             mp_rope(q + b * qd, n_heads, hd, cos + b * hd, sin + b * hd);
             mp_rope(ys[B + b], n_kv, hd, cos + b * hd, sin + b * hd);
+            if (kv_f16) {
+                const int64_t slot = slots[b * lmax + lens[b] - 1];
+                mp_to_half(ys[B + b], kvd, (uint16_t *)kc + slot * kvd);
+                mp_to_half(ys[2 * B + b], kvd, (uint16_t *)vc + slot * kvd);
+            }
         }
-        mp_attend_rows(q, B, n_heads, n_kv, hd, kc, vc, slots, lens, lmax, sc, att);
+        mp_attend_rows(q, B, n_heads, n_kv, hd, kc, vc, (int)kv_f16, slots, lens, lmax, sc, att);
         {
             const mp_linear *ls[1] = {&ly->o};
             for (int64_t b = 0; b < B; b++) ys[b] = t + b * d;
@@ -1303,7 +1349,7 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
         for (int64_t i = 0; i < B * d; i++) x[i] += t[i];
     }
-    free(h); free(q); free(att); free(t); free(g); free(u); free(sc); free(ys);
+    free(h); free(q); free(att); free(t); free(g); free(u); free(sc); free(ys); free(kv);
 }
 
 /* The logits after a step: the model's final norm of rows rows[0 .. n_out) of x (B, d), then the

@@ -9,7 +9,8 @@ changed. `generate()` runs prompts to completion; `stream()` yields text as it c
 int8_activations (default True): on a CPU, GGUF Q8_0 / Q5_0 / Q4_K / Q6_K layers decode on their
 blocks with activations rounded to int8 (per 32; per 256 for Q4_K / Q6_K), as llama.cpp does
 (serve/fused_decode.py); False keeps fp32 activations (the model's own forward's numbers, up to the
-order of sums).
+order of sums). kv_dtype (default "auto"): the KV cache's type, fp16 where every layer decodes on GGUF
+blocks with int8 activations (as llama.cpp's cache), else the model's own (serve/runner.py).
 """
 from __future__ import annotations
 
@@ -60,12 +61,12 @@ class _Request:
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_num_seqs: int = 32, kv_blocks: int = 1024,
                  block_size: int = 16, max_tokens_per_step: int = 512, prefix_caching: bool = True,
-                 int8_activations: bool = True) -> None:
+                 int8_activations: bool = True, kv_dtype: str = "auto") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.block_manager = BlockManager(kv_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens_per_step)
-        self.runner = ModelRunner(model, kv_blocks, block_size, int8_activations=int8_activations)
+        self.runner = ModelRunner(model, kv_blocks, block_size, int8_activations=int8_activations, kv_dtype=kv_dtype)
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = getattr(model.config, "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []

@@ -123,8 +123,7 @@ class FusedDecoder:
             all_blocks = all_blocks and all(x.kind >= 3 for x in lins)
             w = [n.weight.detach().contiguous() for n in norms]
             keep += w
-            layers[i] = _Layer(w[0].data_ptr(), w[1].data_ptr(), *lins, runner.k_cache[i].data_ptr(),
-                               runner.v_cache[i].data_ptr())
+            layers[i] = _Layer(w[0].data_ptr(), w[1].data_ptr(), *lins, None, None)  # caches: bind()
             eps = getattr(layer.input_layernorm, "variance_epsilon", None)
             d_ff = mlp.gate_proj.out_features
         if eps is None:
@@ -132,7 +131,17 @@ class FusedDecoder:
         fused = cls(lib, model, layers, keep, float(eps), d_ff, runner.n_heads, runner.n_kv, runner.head_dim,
                     runner.head)  # the runner's choice of output head, as its torch path uses
         fused.all_blocks = all_blocks
+        if getattr(runner, "k_cache", None) is not None:
+            fused.bind(runner.k_cache, runner.v_cache)
         return fused
+
+    def bind(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> None:
+        """Decode into these caches (one per layer, fp32 or fp16: `kv_f16`)."""
+        self.kv_f16 = k_cache[0].dtype == torch.float16
+        for ly, kc, vc in zip(self.layers, k_cache, v_cache):
+            if kc.dtype not in (torch.float32, torch.float16) or vc.dtype != kc.dtype:
+                raise ValueError(f"the fused decode takes fp32 or fp16 caches, not {kc.dtype}")
+            ly.k_cache, ly.v_cache = kc.data_ptr(), vc.data_ptr()
 
     def _rotary(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, head_dim) of `positions` from a table the model's rotary module filled (each
@@ -169,7 +178,7 @@ class FusedDecoder:
         slots = (seq_slots if B == len(chunks) else seq_slots.repeat_interleave(torch.tensor(n), dim=0)).contiguous()
         self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), B, self.d, self.d_ff,
                                  self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
-                                 slots.data_ptr(), lens.data_ptr(), lmax)
+                                 slots.data_ptr(), lens.data_ptr(), lmax, int(self.kv_f16))
         last = torch.tensor(n).cumsum(0) - 1
         if self.fused_head is not None:
             head, w, eps = self.fused_head

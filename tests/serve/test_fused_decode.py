@@ -74,7 +74,7 @@ def test_a_fused_prefill_computes_what_decoding_token_by_token_computes(kind):
     model = _quantized(kind)
     ids = torch.randint(1, 261, (75,), generator=torch.Generator().manual_seed(3)).tolist()
     chunked = ModelRunner(model, 20, 4)
-    assert chunked.fused().all_blocks
+    assert chunked.fused().all_blocks and chunked.kv_dtype == torch.float16   # fp16 keys and values too
     a = _Seq(ids, list(range(20)))
     got = torch.cat([chunked.run([a], [5]), chunked.run([_Seq(ids, list(range(20)))._at(5)], [70])])
     one = ModelRunner(model, 20, 4)
@@ -159,6 +159,40 @@ def test_fused_head_is_the_models_norm_then_the_block_head(kind):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     assert (got.argmax(-1) == ref.argmax(-1)).all()
     assert FusedDecoder.build(ModelRunner(model, 4, 4, int8_activations=False)).fused_head is None
+
+
+@pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
+def test_fp16_cache_holds_the_fp32_caches_keys_rounded(kind):
+    """A model all on GGUF blocks gets an fp16 cache by default (llama.cpp's cache type): the first
+    layer's keys and values are the fp32 cache's rounded to fp16 (nearest even), and the logits stay
+    within the rounding of the cached values of the fp32 cache's."""
+    model = _quantized(kind)
+    ids = torch.randint(1, 261, (23,), generator=torch.Generator().manual_seed(7)).tolist()
+    table = [5, 1, 7, 3, 0, 6, 2, 4]
+    out = {}
+    for dt in ("auto", "float32"):
+        runner = ModelRunner(model, 8, 4, kv_dtype=dt)
+        seq = _Seq(ids, table)
+        logits = [runner.run([seq], [20])]
+        for j in range(20, 23):
+            logits.append(runner.run([seq._at(j)], [1]))
+        out[dt] = runner, torch.cat(logits)
+    (h, lh), (f, lf) = out["auto"], out["float32"]
+    assert h.kv_dtype == torch.float16 and f.kv_dtype == torch.float32
+    assert h.bytes_per_block * 2 == f.bytes_per_block
+    assert torch.equal(h.k_cache[0], f.k_cache[0].half()) and torch.equal(h.v_cache[0], f.v_cache[0].half())
+    torch.testing.assert_close(lh, lf, rtol=0, atol=0.02 * lf.abs().max().item())
+    assert (lh.argmax(-1) == lf.argmax(-1)).float().mean() >= 0.75
+
+
+def test_kv_dtype_the_model_cannot_take_is_a_clear_error():
+    with pytest.raises(ValueError, match="every layer on GGUF blocks"):
+        ModelRunner(tiny_llama(), 4, 4, kv_dtype="float16")
+    with pytest.raises(ValueError, match="needs the fused CPU decode"):
+        ModelRunner(tiny_llama(), 4, 4, fused_decode=False, kv_dtype="float16")
+    with pytest.raises(ValueError, match="kv_dtype must be"):
+        ModelRunner(tiny_llama(), 4, 4, kv_dtype="int8")
+    assert ModelRunner(tiny_llama(), 4, 4).kv_dtype == torch.float32
 
 
 def test_a_biased_linear_keeps_the_torch_path():
