@@ -342,7 +342,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         engine = Engine(model, tok, max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks, block_size=a.block_size,
                         max_tokens_per_step=a.max_step_tokens, kv_dtype=a.kv_dtype)
     except ValueError as e:  # a --kv-dtype this model cannot take
-        raise ModelpressError(f"modelpress serve: {e}") from None
+        raise ModelpressError(f"--kv-dtype {a.kv_dtype}: {e}") from None
     name = a.served_model_name or Path(model.modelpress_source).stem
     _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {a.kv_blocks} blocks of {a.block_size} "
          f"tokens, {engine.runner.bytes_per_block * a.kv_blocks / 1e6:.0f} MB) on http://{a.host}:{a.port}/v1")

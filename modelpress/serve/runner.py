@@ -87,14 +87,14 @@ class ModelRunner:
         if name == "float16":
             if not fused:
                 raise ValueError("an fp16 KV cache needs the fused CPU decode (a Llama-family fp32 model on a CPU "
-                                 "whose layers it can take); use kv_dtype='auto'")
+                                 "whose layers it can take); leave the KV type to auto")
             if not fused.all_blocks:
                 raise ValueError("an fp16 KV cache needs every layer on GGUF blocks (the prefill runs fused too); "
-                                 "use kv_dtype='auto'")
+                                 "leave the KV type to auto")
             return torch.float16
         if name == "float32":
             if self.dtype != torch.float32:
-                raise ValueError(f"the model computes in {self.dtype}: its cache takes kv_dtype='auto'")
+                raise ValueError(f"the model computes in {self.dtype}: leave the KV type to auto")
             return torch.float32
         raise ValueError(f"kv_dtype must be 'auto', 'float32' or 'float16', not {name!r}")
 
