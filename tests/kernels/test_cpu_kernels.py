@@ -103,14 +103,13 @@ def test_quantize_legacy_equals_the_torch_reference(lib, kind, monkeypatch):
 
 
 def _int8_activations(x):
-    """ggml's quantize_row_q8_0 reference in torch: per 32, d = amax / 127, q = round(x / d) with
-    halves away from zero, d kept in fp16; returns the values d * q the kernels multiply."""
+    """ggml's quantize_row_q8_0 as its x86 build runs it, in torch: per 32, q = round(x * (127 /
+    amax)) with halves to even, d = amax / 127 kept in fp16; returns the values d * q the kernels
+    multiply."""
     xb = x.reshape(x.shape[0], -1, 32)
-    d = xb.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
-    v = xb * inv
-    q = (torch.sign(v) * torch.floor(v.double().abs() + 0.5)).float()  # in float64: 0.49999997 + 0.5 is exact
-    return (q * d.half().float()).reshape(x.shape)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.round(xb * torch.where(amax != 0, 127 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127).half().float()).reshape(x.shape)
 
 
 def _int8_activations_k(x):
@@ -149,9 +148,10 @@ def test_block_gemv_is_int8_activations_times_the_blocks(lib, kind, code, m):
 
 
 @pytest.mark.parametrize("m", [1, 20])
-def test_int8_activations_round_halves_away_from_zero(lib, m):
-    """The per-32 rounding (Q8_0 / Q5_0 layers) on exact halves, as ggml's roundf: amax 127 gives
-    d = 1, so x itself is rounded; a one-hot Q8_0 weight row j reads back activation j."""
+def test_int8_activations_round_halves_to_even(lib, m):
+    """The per-32 rounding (Q8_0 / Q5_0 layers) on exact halves, as ggml's x86 quantize_row_q8_0
+    (_mm256_round_ps, nearest even): amax 127 gives a scale of 1, so x itself is rounded; a one-hot
+    Q8_0 weight row j reads back activation j."""
     from modelpress.core import kquants
 
     halves = [127.0, 2.5, -2.5, 0.5, -0.5, 1.5, -1.5, 126.5, -126.5, 0.49999997, -0.49999997, 3.4999998, -0.0]
@@ -162,9 +162,9 @@ def test_int8_activations_round_halves_away_from_zero(lib, m):
     y = torch.empty(m, 64)
     lib.mp_block_gemv(x.data_ptr(), m, 64, data.data_ptr(), 3, 64, y.data_ptr())
     wd = kquants.dequantize(data, "Q8_0", 64).diagonal()    # the one-hot weights as stored (fp16 d x 127)
-    want = torch.where(x >= 0, torch.floor(x.double().abs() + 0.5), -torch.floor(x.double().abs() + 0.5))
+    want = torch.round(x.double())
     torch.testing.assert_close(y.double(), want * wd.double(), rtol=1e-7, atol=0)
-    assert want[0, :13].tolist() == [127, 3, -3, 1, -1, 2, -2, 127, -127, 0, 0, 3, 0]
+    assert want[0, :13].tolist() == [127, 2, -2, 0, 0, 2, -2, 126, -126, 0, 0, 3, 0]
 
 
 @pytest.mark.parametrize("kind,code", [("Q8_0", 3), ("Q5_0", 4), ("Q4_K", 5), ("Q6_K", 6)])
