@@ -30,7 +30,7 @@ import ctypes
 import torch
 
 from .. import kernels
-from ..nn.gguf_linear import BLOCK_KERNELS  # types multiplied on their stored blocks, int8 activations
+from ..nn.gguf_linear import BLOCK_KERNELS, GGUFLinear  # BLOCK_KERNELS: types multiplied on their blocks
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 
@@ -52,7 +52,6 @@ class _Layer(ctypes.Structure):
 def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> _Linear | None:  # noqa: ANN001
     from ..core import kquants
     from ..nn.dense_linear import DenseLinear
-    from ..nn.gguf_linear import GGUFLinear
 
     if isinstance(mod, GGUFLinear) and int8 and mod.kind in BLOCK_KERNELS:
         q = mod.qdata.contiguous()
@@ -79,14 +78,13 @@ class FusedDecoder:
         self.lib, self.model, self.layers, self.keep, self.head = lib, model, layers, keep, head
         self.eps, self.d_ff, self.n_heads, self.n_kv, self.head_dim = eps, d_ff, n_heads, n_kv, head_dim
         self.d = model.config.hidden_size
-        # a head on GGUF blocks (int8 activations) runs with the final norm in C (mp_llama_logits):
-        # batch-1 decode of the Q4_K_M file ~0.4 ms a token faster than torch's norm and the module call
-        from ..nn.gguf_linear import GGUFLinear
-
+        # a head on GGUF blocks (the runner's choice with int8 activations) runs with the final norm in
+        # C (mp_llama_logits): batch-1 decode of the Q4_K_M file ~0.4 ms a token faster than torch's
+        # norm and the module call
         norm = model.model.norm
         w = getattr(norm, "weight", None)
         self.fused_head = None
-        if (isinstance(head, GGUFLinear) and head.int8_rows and head.kind in BLOCK_KERNELS and w is not None
+        if (isinstance(head, GGUFLinear) and head.kind in BLOCK_KERNELS and w is not None
                 and w.dtype == torch.float32 and hasattr(norm, "variance_epsilon")):
             w = w.detach().contiguous()
             keep.append(w)
