@@ -28,7 +28,9 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -ffp-contract=off: no multiply-add fusing behind the code's back, so the GGUF searches round like
 # ggml's own (ISO C) build; the SIMD loops use explicit FMA intrinsics and keep their speed
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
-_libs: dict[bool, ctypes.CDLL | None] = {}  # by `simd`; absent: not tried yet
+_libs: dict[bool | str, ctypes.CDLL | None] = {}  # by `simd`; absent: not tried yet
+# the builds lib(simd) can give: the best this CPU runs, its AVX2 loops only, the plain C loops only
+_VARIANTS = {True: [], "avx2": ["-DMP_NO_AVX512"], False: ["-DMP_NO_SIMD"]}
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -80,9 +82,10 @@ def _build(cc: str, flags: list[str]) -> Path:
     return target
 
 
-def lib(simd: bool = True) -> ctypes.CDLL | None:
+def lib(simd: bool | str = True) -> ctypes.CDLL | None:
     """The compiled kernels, or None (with one warning saying why) where they are unavailable.
-    simd=False builds the plain C loops only (the tests check them too)."""
+    simd=False builds the plain C loops only, simd="avx2" leaves out the AVX-512 block dots (the
+    tests check every build the CPU runs; `mp_simd()` says which loops a build has: 0, 1 or 2)."""
     if simd in _libs:
         return _libs[simd]
     _libs[simd] = None
@@ -94,7 +97,7 @@ def lib(simd: bool = True) -> ctypes.CDLL | None:
                       "their slower reference path", stacklevel=2)
         return None
     try:
-        so = ctypes.CDLL(str(_build(cc, FLAGS if simd else [*FLAGS, "-DMP_NO_SIMD"])))
+        so = ctypes.CDLL(str(_build(cc, [*FLAGS, *_VARIANTS[simd]])))
     except OSError as e:
         warnings.warn(f"modelpress: the CPU kernels did not build ({e}); compressed layers run their "
                       "slower reference path", stacklevel=2)

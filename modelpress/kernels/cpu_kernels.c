@@ -18,6 +18,12 @@
 #include <immintrin.h>
 #define MP_AVX2 1
 #endif
+/* AVX-512 with VNNI (Intel since Ice Lake, AMD since Zen 4): the int8 block dots 64 bytes at a time,
+ * vpdpbusd / vpdpwssd fusing the multiply and the sums; the same integers as the AVX2 loops */
+#if defined(MP_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__AVX512VNNI__) && !defined(MP_NO_AVX512)
+#define MP_VNNI512 1
+#endif
 
 #define MP_MAX_ROWS 8
 /* the per-row work (rounding activations, norms, rotary, SiLU) runs in parallel from this many rows */
@@ -25,8 +31,10 @@
 
 int mp_max_rows(void) { return MP_MAX_ROWS; }
 
-int mp_simd(void) { /* 1: the AVX2 loops, 0: the plain C ones */
-#ifdef MP_AVX2
+int mp_simd(void) { /* 2: AVX2 and the AVX-512 VNNI block dots, 1: the AVX2 loops, 0: the plain C ones */
+#if defined(MP_VNNI512)
+    return 2;
+#elif defined(MP_AVX2)
     return 1;
 #else
     return 0;
@@ -907,6 +915,133 @@ static inline void mp_block_dot4(int64_t kind, const uint8_t *row, const int8_t 
 }
 #endif
 
+#ifdef MP_VNNI512
+static inline float hsum16(__m512 v) {
+    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+/* R (1 to 4) activation rows (xq, xd with row strides k, k / 32) against one Q8_0 / Q5_0 weight row,
+ * two blocks per step: |w| x (y with w's sign) by vpdpbusd (the integers mp_wdot makes), each
+ * block's 8 lanes times its own dw * dx; an odd last block with the upper half zero. Each row its
+ * own accumulator and the same operations whatever R is, as mp_block_dot4 / dot1. */
+static inline __attribute__((always_inline)) void mp_block_dotn512(int64_t kind, const uint8_t *row, const int8_t *xq,
+                                                                   const float *xd, int64_t nb, int R, int64_t k,
+                                                                   float *out) {
+    __m512 v[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const int64_t nx = k / 32;
+    for (int64_t b = 0; b < nb; b += 2) {
+        const int two = b + 1 < nb;
+        float d0, d1 = 0.0f;
+        const __m256i w0 = mp_wblock(kind, row, b, &d0);
+        const __m256i w1 = two ? mp_wblock(kind, row, b + 1, &d1) : _mm256_setzero_si256();
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), aw = _mm512_abs_epi8(w);
+        const __mmask64 neg = _mm512_movepi8_mask(w), in = two ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu;
+        const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
+        for (int r = 0; r < R; r++) {
+            const __m512i y = _mm512_maskz_loadu_epi8(in, xq + r * k + b * 32);
+            const __m512i sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sy);
+            const float *dx = xd + r * nx + b;
+            const __m512 xs = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(
+                two ? _mm_castpd_ps(_mm_load_sd((const double *)dx)) : _mm_load_ss(dx)));
+            v[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, xs), _mm512_cvtepi32_ps(dot), v[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum16(v[r]);
+}
+
+static __attribute__((noinline)) void mp_block_dot4_512(int64_t kind, const uint8_t *row, const int8_t *xq,
+                                                        const float *xd, int64_t k, float *out) {
+    mp_block_dotn512(kind, row, xq, xd, k / 32, 4, k, out);
+}
+
+/* mp_kblock_dotn with 64 bytes a step: two 32-weight sub-blocks, the 16-bit products of maddubs
+ * times their scales summed into the block's integers by vpdpwssd (= madd then add). The integer
+ * sums are mp_kblock_dotn's; the lanes they are spread over, and so the final fp32 sum, differ. */
+static inline __attribute__((always_inline)) void mp_kblock_dotn512(int64_t kind, const uint8_t *row, const int8_t *xq,
+                                                                    const float *xd, const int32_t *xs16, int64_t nb,
+                                                                    int R, int64_t k, float *out) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int64_t nd = k / 256, ns = k / 16;
+    __m512 v[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i low4 = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3);
+    /* 16-bit lane i takes scale i / 16 (Q4_K: two sub-blocks of 32) or i / 8 (Q6_K: four 16s) */
+    const __m512i by16 = _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                                            15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 4);
+    const __m512i by8 = _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+                                                           15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *y = xq + b * 256;
+        const float *dy = xd + b;
+        const int32_t *s16 = xs16 + b * 16;
+        __m512i is[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        float d;
+        if (kind == 5) {
+            const uint8_t *blk = row + b * 144, *qs = blk + 16;
+            d = mp_half((uint16_t)(blk[0] | blk[1] << 8));
+            const float dmin = mp_half((uint16_t)(blk[2] | blk[3] << 8));
+            int sc[8], m[8];
+            int16_t sc16[8];
+            for (int j = 0; j < 8; j++) {
+                mp_k4_scale_min(blk + 4, j, &sc[j], &m[j]);
+                sc16[j] = (int16_t)sc[j];
+            }
+            for (int r = 0; r < R; r++) {
+                int32_t mins = 0;
+                for (int j = 0; j < 8; j++) mins += m[j] * (s16[r * ns + 2 * j] + s16[r * ns + 2 * j + 1]);
+                acc[r] -= dmin * dy[r * nd] * (float)mins;
+            }
+            const __m512i scw = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sc16));
+            for (int p = 0; p < 4; p++) {  /* sub-blocks 2p (low nibbles) and 2p + 1 (high) of 32 bytes */
+                const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * p)));
+                const __m512i q = _mm512_and_si512(_mm512_mask_srli_epi16(bytes, 0xFFFF0000u, bytes, 4), low4);
+                const __m512i scv = _mm512_permutexvar_epi16(_mm512_add_epi16(by16, _mm512_set1_epi16((short)(2 * p))), scw);
+                for (int r = 0; r < R; r++) {
+                    const __m512i yv = _mm512_loadu_si512(y + r * k + 64 * p);
+                    is[r] = _mm512_dpwssd_epi32(is[r], _mm512_maddubs_epi16(q, yv), scv);
+                }
+            }
+        } else {
+            const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            d = mp_half((uint16_t)(blk[208] | blk[209] << 8));
+            for (int r = 0; r < R; r++) {
+                int32_t mins = 0;
+                for (int g = 0; g < 16; g++) mins += sc[g] * s16[r * ns + g];
+                acc[r] -= d * dy[r * nd] * (float)(32 * mins);
+            }
+            const __m512i scw = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
+            for (int h = 0; h < 2; h++) {
+                const __m512i l4 = _mm512_loadu_si512(ql + 64 * h);
+                const __m512i qhb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qh + 32 * h)));
+                for (int c = 0; c < 4; c += 2) {  /* quarters c (first 32 bytes of l4) and c + 1 (second) */
+                    const __m512i lo = c ? _mm512_and_si512(_mm512_srli_epi16(l4, 4), low4) : _mm512_and_si512(l4, low4);
+                    const __m512i sh = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16((short)(2 * c)),
+                                                               _mm512_set1_epi16((short)(2 * c + 2)));
+                    const __m512i hb = _mm512_and_si512(_mm512_srlv_epi16(qhb, sh), three);
+                    const __m512i q = _mm512_or_si512(lo, _mm512_slli_epi16(hb, 4));
+                    const int j = 4 * h + c;
+                    const __m512i scv = _mm512_permutexvar_epi16(_mm512_add_epi16(by8, _mm512_set1_epi16((short)(2 * j))), scw);
+                    for (int r = 0; r < R; r++) {
+                        const __m512i yv = _mm512_loadu_si512(y + r * k + 32 * j);
+                        is[r] = _mm512_dpwssd_epi32(is[r], _mm512_maddubs_epi16(q, yv), scv);
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < R; r++)
+            v[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * dy[r * nd]), _mm512_cvtepi32_ps(is[r]), v[r]);
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r] + hsum16(v[r]);
+}
+
+static __attribute__((noinline)) void mp_kblock_dot4_512(int64_t kind, const uint8_t *row, const int8_t *xq,
+                                                         const float *xd, const int32_t *xs16, int64_t k, float *out) {
+    mp_kblock_dotn512(kind, row, xq, xd, xs16, k / 256, 4, k, out);
+}
+#endif
+
 static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd, int64_t nb) {
     float acc = 0.0f;
 #ifdef MP_AVX2
@@ -925,7 +1060,11 @@ static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t
         if (kind == 3) {
             const uint8_t *blk = row + b * 34;
             dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
-            for (int j = 0; j < 32; j++) sum += (int32_t)(int8_t)blk[2 + j] * y[j];
+            /* each product narrowed to int16 (exact: |w y| <= 16384): GCC 12 compiles the plain
+             * int8 x int8 sum with -march=native on AVX-VNNI CPUs (Zen 5) into vpdpbusd, which
+             * reads the weights as unsigned (wrong sums; seen here, fixed in later GCCs) */
+            const int8_t *w = (const int8_t *)(blk + 2);
+            for (int j = 0; j < 32; j++) sum += (int16_t)(w[j] * y[j]);
         } else {
             const uint8_t *blk = row + b * 22;
             uint32_t qh;
@@ -948,7 +1087,14 @@ static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t
 static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
                                       const int32_t *xs16, int64_t k) {
     const int64_t nb = k / mp_block_len(kind);
+#ifdef MP_VNNI512
+    float out;
+    if (kind <= 4) mp_block_dotn512(kind, row, xq, xd, nb, 1, k, &out);
+    else mp_kblock_dotn512(kind, row, xq, xd, xs16, nb, 1, k, &out);
+    return out;
+#else
     return kind <= 4 ? mp_block_dot1(kind, row, xq, xd, nb) : mp_kblock_dot1(kind, row, xq, xd, xs16, nb);
+#endif
 }
 
 /* Ask for the weight row two ahead with the non-temporal hint: the weights stream through once per
@@ -966,7 +1112,12 @@ static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, co
                                  const int32_t *xs16, int64_t B, float *res) {
     const int64_t nd = kind <= 4 ? k / 32 : k / 256, ns = k / 16;
     int64_t b = 0;
-#ifdef MP_AVX2
+#if defined(MP_VNNI512)
+    if (kind <= 4)
+        for (; b + 4 <= B; b += 4) mp_block_dot4_512(kind, row, xq + b * k, xd + b * nd, k, res + b);
+    else
+        for (; b + 4 <= B; b += 4) mp_kblock_dot4_512(kind, row, xq + b * k, xd + b * nd, xs16 + b * ns, k, res + b);
+#elif defined(MP_AVX2)
     if (kind <= 4)
         for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, xq + b * k, xd + b * nd, k / 32, k, res + b);
 #endif
