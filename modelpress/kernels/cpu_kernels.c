@@ -715,14 +715,67 @@ static void mp_quantize_x8k(const float *x, int64_t k, int8_t *q, float *d, int3
     }
 }
 
-/* x (B rows of k) rounded for the block kind's dot: per 32 (kind 3, 4) into xq, xd (row strides k,
- * k / 32), or per 256 (kind 5, 6) into xq, xd, xs16 (row strides k, k / 256, k / 16). */
-static void mp_quantize_rows(int64_t kind, const float *x, int64_t B, int64_t k, int8_t *xq, float *xd, int32_t *xs16) {
+/* x (B rows of k) rounded for a block kind's dot (mp_acts_make), read by mp_block_rows */
+typedef struct {
+    int8_t *q;     /* the codes, row stride k */
+    float *d;      /* scales per 32 (kind 3, 4; row stride k / 32) or per 256 (kind 5, 6; k / 256) */
+    int32_t *s16;  /* kind 5, 6: each 16's sum of codes, row stride k / 16 */
+    uint8_t *p;    /* the AVX-512 build's kind 3, 4: codes and scales packed (below) instead */
+} mp_acts;
+
+#ifdef MP_VNNI512
+/* The AVX-512 Q8_0 / Q5_0 dots read two blocks a step: 64 codes + 128 as unsigned bytes (vpdpbusd
+ * multiplies unsigned by signed bytes; 128 x the weights' sum is taken off again), then the two
+ * scales as 16 floats (8 lanes each). Rows go in groups of MP_PACK, and the group's rows lie side
+ * by side step by step: step t of row r of group g at p + (g * steps + t) * MP_STEP + r * 128, so a
+ * dot over up to MP_PACK rows reads from one pointer at fixed offsets. An odd last block's step has
+ * codes 0 and scales 0 in its upper half. */
+#define MP_PACK 16
+#define MP_STEP (MP_PACK * 128)
+static inline int64_t mp_steps(int64_t k) { return (k / 32 + 1) / 2; }
+static inline const uint8_t *mp_packed_row(const mp_acts *a, int64_t k, int64_t b) {
+    return a->p + (b / MP_PACK * mp_steps(k)) * MP_STEP + b % MP_PACK * 128;
+}
+#endif
+
+static void mp_acts_make(int64_t kind, const float *x, int64_t B, int64_t k, mp_acts *a) {
+    memset(a, 0, sizeof *a);
+#ifdef MP_VNNI512
+    if (kind <= 4) {
+        const int64_t nb = k / 32, steps = mp_steps(k);
+        a->p = malloc((size_t)((B + MP_PACK - 1) / MP_PACK * steps * MP_STEP));
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
+        for (int64_t b = 0; b < B; b++) {
+            int8_t q[2 * steps * 32];
+            float d[2 * steps];
+            mp_quantize_x8(x + b * k, k, q, d);
+            memset(q + k, 0, (size_t)(2 * steps * 32 - k));
+            if (nb % 2) d[nb] = 0.0f;
+            uint8_t *row = (uint8_t *)mp_packed_row(a, k, b);
+            for (int64_t t = 0; t < steps; t++) {
+                _mm512_storeu_si512(row + t * MP_STEP, _mm512_xor_si512(_mm512_loadu_si512(q + 64 * t), _mm512_set1_epi8((char)0x80)));
+                _mm512_storeu_ps(row + t * MP_STEP + 64, _mm512_insertf32x8(_mm512_set1_ps(d[2 * t]), _mm256_set1_ps(d[2 * t + 1]), 1));
+            }
+        }
+        return;
+    }
+#endif
+    const int64_t nd = kind <= 4 ? k / 32 : k / 256;
+    a->q = malloc((size_t)(B * k));
+    a->d = malloc(sizeof(float) * (size_t)(B * nd));
+    if (kind >= 5) a->s16 = malloc(sizeof(int32_t) * (size_t)(B * (k / 16)));
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
     for (int64_t b = 0; b < B; b++) {
-        if (kind <= 4) mp_quantize_x8(x + b * k, k, xq + b * k, xd + b * (k / 32));
-        else mp_quantize_x8k(x + b * k, k, xq + b * k, xd + b * (k / 256), xs16 + b * (k / 16));
+        if (kind <= 4) mp_quantize_x8(x + b * k, k, a->q + b * k, a->d + b * nd);
+        else mp_quantize_x8k(x + b * k, k, a->q + b * k, a->d + b * nd, a->s16 + b * (k / 16));
     }
+}
+
+static void mp_acts_free(mp_acts *a) {
+    free(a->q);
+    free(a->d);
+    free(a->s16);
+    free(a->p);
 }
 
 /* bytes per block and weights per block of the block kinds: 3 Q8_0, 4 Q5_0, 5 Q4_K, 6 Q6_K */
@@ -849,11 +902,13 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn(int64_t kind, c
     }
 }
 
+#ifndef MP_VNNI512
 /* out of line: inlined into mp_block_rows beside the one-row path, it made that path ~10 % slower */
 static __attribute__((noinline)) void mp_kblock_dot4(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
                                                      const int32_t *xs16, int64_t k, float *out) {
     mp_kblock_dotn(kind, row, xq, xd, xs16, k / 256, 4, k, out);
 }
+#endif
 
 static inline float mp_kblock_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
                                    const int32_t *xs16, int64_t nb) {
@@ -920,41 +975,38 @@ static inline float hsum16(__m512 v) {
     return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
 
-/* R (1 to 4) activation rows (xq, xd with row strides k, k / 32) against one Q8_0 / Q5_0 weight row,
- * two blocks per step: |w| x (y with w's sign) by vpdpbusd (the integers mp_wdot makes), each
- * block's 8 lanes times its own dw * dx; an odd last block with the upper half zero. Each row its
- * own accumulator and the same operations whatever R is, as mp_block_dot4 / dot1. */
-static inline __attribute__((always_inline)) void mp_block_dotn512(int64_t kind, const uint8_t *row, const int8_t *xq,
-                                                                   const float *xd, int64_t nb, int R, int64_t k,
-                                                                   float *out) {
-    __m512 v[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const int64_t nx = k / 32;
-    for (int64_t b = 0; b < nb; b += 2) {
-        const int two = b + 1 < nb;
+/* R (1 to MP_PACK) packed activation rows from xp (mp_packed_row) against one Q8_0 / Q5_0 weight row,
+ * two blocks a step: vpdpbusd of (y + 128) and w, started from -128 x the sums of w, is the exact
+ * integer dot mp_wdot makes; each block's 8 lanes then times its own dw * dx. An odd last block has
+ * zero weights in the upper half. Each row its own accumulator and the same operations whatever R is. */
+static inline __attribute__((always_inline)) void mp_block_dotn512(int64_t kind, const uint8_t *row, const uint8_t *xp,
+                                                                   int64_t nb, int R, float *out) {
+    __m512 v[MP_PACK];
+    for (int r = 0; r < R; r++) v[r] = _mm512_setzero_ps();
+    const __m512i off = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < nb; b += 2, xp += MP_STEP) {
         float d0, d1 = 0.0f;
         const __m256i w0 = mp_wblock(kind, row, b, &d0);
-        const __m256i w1 = two ? mp_wblock(kind, row, b + 1, &d1) : _mm256_setzero_si256();
-        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1), aw = _mm512_abs_epi8(w);
-        const __mmask64 neg = _mm512_movepi8_mask(w), in = two ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu;
+        const __m256i w1 = b + 1 < nb ? mp_wblock(kind, row, b + 1, &d1) : _mm256_setzero_si256();
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+        const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, w));
         const __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(d0), _mm256_set1_ps(d1), 1);
         for (int r = 0; r < R; r++) {
-            const __m512i y = _mm512_maskz_loadu_epi8(in, xq + r * k + b * 32);
-            const __m512i sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
-            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sy);
-            const float *dx = xd + r * nx + b;
-            const __m512 xs = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(
-                two ? _mm_castpd_ps(_mm_load_sd((const double *)dx)) : _mm_load_ss(dx)));
-            v[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, xs), _mm512_cvtepi32_ps(dot), v[r]);
+            const __m512i dot = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(xp + r * 128), w);
+            v[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_loadu_ps(xp + r * 128 + 64)), _mm512_cvtepi32_ps(dot), v[r]);
         }
     }
     for (int r = 0; r < R; r++) out[r] = hsum16(v[r]);
 }
 
-static __attribute__((noinline)) void mp_block_dot4_512(int64_t kind, const uint8_t *row, const int8_t *xq,
-                                                        const float *xd, int64_t k, float *out) {
-    mp_block_dotn512(kind, row, xq, xd, k / 32, 4, k, out);
-}
+#define MP_BLOCK_DOTN512(R)                                                                                     \
+    static __attribute__((noinline)) void mp_block_dot##R##_512(int64_t kind, const uint8_t *row, const uint8_t *xp, \
+                                                                int64_t nb, float *out) {                        \
+        mp_block_dotn512(kind, row, xp, nb, R, out);                                                             \
+    }
+MP_BLOCK_DOTN512(4)
+MP_BLOCK_DOTN512(8)
+MP_BLOCK_DOTN512(16)
 
 /* mp_kblock_dotn with 64 bytes a step: two 32-weight sub-blocks, the 16-bit products of maddubs
  * times their scales summed into the block's integers by vpdpwssd (= madd then add). The integer
@@ -1084,16 +1136,17 @@ static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t
 
 /* y (m, n) for m rows of x through blocks of kind 3 Q8_0, 4 Q5_0, 5 Q4_K or 6 Q6_K (n rows of whole
  * blocks), activations rounded to int8 as above: what the tests compare with a float64 reference. */
-static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const int8_t *xq, const float *xd,
-                                      const int32_t *xs16, int64_t k) {
+static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const mp_acts *a, int64_t k, int64_t b) {
     const int64_t nb = k / mp_block_len(kind);
+    const int8_t *xq = a->q + b * k;
 #ifdef MP_VNNI512
     float out;
-    if (kind <= 4) mp_block_dotn512(kind, row, xq, xd, nb, 1, k, &out);
-    else mp_kblock_dotn512(kind, row, xq, xd, xs16, nb, 1, k, &out);
+    if (kind <= 4) mp_block_dotn512(kind, row, mp_packed_row(a, k, b), nb, 1, &out);
+    else mp_kblock_dotn512(kind, row, xq, a->d + b * nb, a->s16 + b * (k / 16), nb, 1, k, &out);
     return out;
 #else
-    return kind <= 4 ? mp_block_dot1(kind, row, xq, xd, nb) : mp_kblock_dot1(kind, row, xq, xd, xs16, nb);
+    return kind <= 4 ? mp_block_dot1(kind, row, xq, a->d + b * nb, nb)
+                     : mp_kblock_dot1(kind, row, xq, a->d + b * nb, a->s16 + b * (k / 16), nb);
 #endif
 }
 
@@ -1106,42 +1159,62 @@ static inline void mp_prefetch_nta(const uint8_t *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 0);
 }
 
-/* One weight row against B activation rows, rounded for its kind (mp_quantize_rows' layout), into
- * res[0 .. B): four rows at a time, each row's sum the same as mp_any_block_dot1's. */
-static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, const int8_t *xq, const float *xd,
-                                 const int32_t *xs16, int64_t B, float *res) {
+/* One weight row against activation rows b0 .. b0 + B, rounded for its kind (mp_acts_make), into
+ * res[0 .. B): four (AVX-512, Q8_0 / Q5_0: up to sixteen) rows at a time, each row's sum the same as
+ * mp_any_block_dot1's. */
+static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, const mp_acts *a, int64_t b0, int64_t B,
+                                 float *res) {
     const int64_t nd = kind <= 4 ? k / 32 : k / 256, ns = k / 16;
-    int64_t b = 0;
+    int64_t b = b0;
+    B += b0;
+    res -= b0;
 #if defined(MP_VNNI512)
+    if (kind <= 4) {
+        for (; b + 16 <= B; b += 16) mp_block_dot16_512(kind, row, mp_packed_row(a, k, b), k / 32, res + b);
+        for (; b + 8 <= B; b += 8) mp_block_dot8_512(kind, row, mp_packed_row(a, k, b), k / 32, res + b);
+        for (; b + 4 <= B; b += 4) mp_block_dot4_512(kind, row, mp_packed_row(a, k, b), k / 32, res + b);
+    } else
+        for (; b + 4 <= B; b += 4) mp_kblock_dot4_512(kind, row, a->q + b * k, a->d + b * nd, a->s16 + b * ns, k, res + b);
+#else
+#ifdef MP_AVX2
     if (kind <= 4)
-        for (; b + 4 <= B; b += 4) mp_block_dot4_512(kind, row, xq + b * k, xd + b * nd, k, res + b);
-    else
-        for (; b + 4 <= B; b += 4) mp_kblock_dot4_512(kind, row, xq + b * k, xd + b * nd, xs16 + b * ns, k, res + b);
-#elif defined(MP_AVX2)
-    if (kind <= 4)
-        for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, xq + b * k, xd + b * nd, k / 32, k, res + b);
+        for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, a->q + b * k, a->d + b * nd, k / 32, k, res + b);
 #endif
     if (kind >= 5)
-        for (; b + 4 <= B; b += 4) mp_kblock_dot4(kind, row, xq + b * k, xd + b * nd, xs16 + b * ns, k, res + b);
-    for (; b < B; b++) res[b] = mp_any_block_dot1(kind, row, xq + b * k, xd + b * nd, xs16 ? xs16 + b * ns : NULL, k);
+        for (; b + 4 <= B; b += 4) mp_kblock_dot4(kind, row, a->q + b * k, a->d + b * nd, a->s16 + b * ns, k, res + b);
+#endif
+    for (; b < B; b++) res[b] = mp_any_block_dot1(kind, row, a, k, b);
+}
+
+/* Weight rows [o0, o1) of a block layer (w: its first row) against B activation rows, into ys[b][o]:
+ * the rows in groups of MP_GROUP, each group against the whole range before the next, so that the
+ * group's codes stay in L1 and the range's weights in L2. (One weight row against all rows at a
+ * time read the codes of a 256-row prefill chunk from L2 for every weight row: 44 GMAC/s on one
+ * thread here against 116 at 32 rows.) */
+#define MP_GROUP 16
+#define MP_RANGE 32
+static void mp_block_range(int64_t kind, const uint8_t *w, int64_t k, int64_t o0, int64_t o1, const mp_acts *a,
+                           int64_t B, float *const *ys) {
+    const int64_t rowb = k / mp_block_len(kind) * mp_block_bytes(kind);
+    float res[MP_GROUP];
+    for (int64_t b0 = 0; b0 < B; b0 += MP_GROUP) {
+        const int64_t g = B - b0 < MP_GROUP ? B - b0 : MP_GROUP;
+        for (int64_t o = o0; o < o1; o++) {
+            if (B <= MP_GROUP && o + 2 < o1) mp_prefetch_nta(w + (o + 2) * rowb, rowb);
+            mp_block_rows(kind, w + o * rowb, k, a, b0, g, res);
+            for (int64_t i = 0; i < g; i++) ys[b0 + i][o] = res[i];
+        }
+    }
 }
 
 void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t kind, int64_t n, float *y) {
-    const int64_t rowb = k / mp_block_len(kind) * mp_block_bytes(kind);
-    int8_t *xq = malloc((size_t)(m * k));
-    float *xd = malloc(sizeof(float) * (size_t)(m * (k / 32)));
-    int32_t *xs = malloc(sizeof(int32_t) * (size_t)(m * (k / 16)));
-    mp_quantize_rows(kind, x, m, k, xq, xd, xs);
+    mp_acts a;
+    float *ys[m];
+    for (int64_t r = 0; r < m; r++) ys[r] = y + r * n;
+    mp_acts_make(kind, x, m, k, &a);
 #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < n; o++) {
-        float res[m];
-        if (o + 2 < n) mp_prefetch_nta(w + (o + 2) * rowb, rowb);
-        mp_block_rows(kind, w + o * rowb, k, xq, xd, xs, m, res);
-        for (int64_t r = 0; r < m; r++) y[r * n + o] = res[r];
-    }
-    free(xq);
-    free(xd);
-    free(xs);
+    for (int64_t o = 0; o < n; o += MP_RANGE) mp_block_range(kind, w, k, o, o + MP_RANGE < n ? o + MP_RANGE : n, &a, m, ys);
+    mp_acts_free(&a);
 }
 
 /* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums);
@@ -1167,19 +1240,17 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
  * one parallel loop over all their output rows (fewer thread wake-ups than a loop per layer); row b
  * of layer c goes to ys[c * B + b] (k and v straight into their cache slots). */
 static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x, int64_t B) {
-    float *xs[3] = {NULL, NULL, NULL}, *xd[2] = {NULL, NULL};
-    int8_t *xq[2] = {NULL, NULL};      /* x rounded per 32 ([0], Q8_0 / Q5_0) and per 256 ([1], Q4_K / Q6_K) */
-    int32_t *xs16 = NULL;
+    float *xs[3] = {NULL, NULL, NULL};
+    mp_acts acts[2];               /* x rounded per 32 ([0], Q8_0 / Q5_0) and per 256 ([1], Q4_K / Q6_K) */
+    int made[2] = {0, 0};
     int64_t start[4] = {0, 0, 0, 0};
     const int64_t k = ls[0]->k;
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
         const int r = l->kind >= 5;
-        if (l->kind >= 3 && xq[r] == NULL) {  /* the layers of one call read the same x: round it once */
-            xq[r] = malloc((size_t)(B * k));
-            xd[r] = malloc(sizeof(float) * (size_t)(B * (k / 32)));
-            if (r) xs16 = malloc(sizeof(int32_t) * (size_t)(B * (k / 16)));
-            mp_quantize_rows(l->kind, x, B, k, xq[r], xd[r], xs16);
+        if (l->kind >= 3 && !made[r]) {  /* the layers of one call read the same x: round it once */
+            mp_acts_make(l->kind, x, B, k, &acts[r]);
+            made[r] = 1;
         }
         if (l->kind == 1) {
             const int64_t ng = k / l->g;
@@ -1191,33 +1262,28 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
                     xs[c][b * ng + t] = sum;
                 }
         }
-        start[c + 1] = start[c] + l->n;
+        start[c + 1] = start[c] + (l->n + MP_RANGE - 1) / MP_RANGE;  /* in ranges of MP_RANGE output rows */
     }
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < start[cnt]; r++) {
         int c = 0;
         while (r >= start[c + 1]) c++;
         const mp_linear *l = ls[c];
-        const int64_t o = r - start[c], ng = l->kind == 1 ? k / l->g : 0;
+        const int64_t o0 = (r - start[c]) * MP_RANGE, o1 = o0 + MP_RANGE < l->n ? o0 + MP_RANGE : l->n;
+        const int64_t ng = l->kind == 1 ? k / l->g : 0;
         if (l->kind >= 3) {
-            float res[B];
-            const int q = l->kind >= 5;
-            const int64_t rowb = (k / mp_block_len(l->kind)) * mp_block_bytes(l->kind);
-            if (o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * rowb, rowb);
-            mp_block_rows(l->kind, (const uint8_t *)l->w + o * rowb, k, xq[q], xd[q], xs16, B, res);
-            for (int64_t b = 0; b < B; b++) ys[c * B + b][o] = res[b];
-        } else {
+            mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[l->kind >= 5], B, ys + c * B);
+            continue;
+        }
+        for (int64_t o = o0; o < o1; o++) {
             if (l->kind == 0 && o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * k * 4, k * 4);
             for (int64_t b = 0; b < B; b++)
                 ys[c * B + b][o] = mp_linear_row(l, o, x + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }
     }
     for (int c = 0; c < cnt; c++) free(xs[c]);
-    for (int r = 0; r < 2; r++) {
-        free(xq[r]);
-        free(xd[r]);
-    }
-    free(xs16);
+    for (int r = 0; r < 2; r++)
+        if (made[r]) mp_acts_free(&acts[r]);
 }
 
 static void mp_rms_norm(const float *x, const float *w, int64_t d, float eps, float *y) {
