@@ -107,8 +107,19 @@ def lib(simd: bool | str = True) -> ctypes.CDLL | None:
         getattr(so, name).restype = None
     so.mp_max_rows.restype = ctypes.c_int
     so.mp_simd.restype = ctypes.c_int
+    so.mp_release_threads.restype = None
     _libs[simd] = so
     return so
+
+
+def release_threads() -> None:
+    """Hand back the calling thread's OpenMP worker threads (torch's and the kernels' pool; see
+    mp_release_threads). Call it on a thread that is done with parallel work before another thread
+    takes that work over, as the HTTP server does before its engine thread starts: with two pools on
+    two CPUs libgomp puts its workers to sleep between parallel regions."""
+    k = lib()
+    if k is not None:
+        k.mp_release_threads()
 
 
 def ptr(t: torch.Tensor | None) -> int | None:

@@ -1,4 +1,7 @@
 """The hand-written kernels, SIMD and plain C builds, against torch references."""
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,6 +66,48 @@ def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     assert kernels._build(cc, kernels.FLAGS) == first and first.stat().st_mtime_ns == mtime
     assert kernels._build(cc, [*kernels.FLAGS, "-DMP_NO_SIMD"]) != first
     assert [p.name for p in first.parent.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+
+def _voluntary_switches() -> int:
+    total = 0
+    for status in Path("/proc/self/task").glob("*/status"):
+        try:
+            total += int(status.read_text().split("voluntary_ctxt_switches:")[1].split()[0])
+        except (OSError, IndexError):  # a thread that ended meanwhile
+            pass
+    return total
+
+
+def test_release_threads_lets_another_thread_run_parallel_work_without_sleeping():
+    """The HTTP server loads the model on its main thread and steps the engine on another. With the
+    main thread's OpenMP pool alive, libgomp manages more threads than CPUs and its workers sleep
+    between parallel regions: ~2 context switches per kernel call (80000 in a 32 x 128 batch).
+    After release_threads() on the main thread, the other thread's workers spin as usual."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("counts context switches from /proc (Linux)")
+    from modelpress.core import kquants
+
+    k = kernels.lib()
+    if k is None:
+        pytest.skip("no C compiler here")
+    data = kquants.quantize(torch.randn(512, 512), "Q8_0")
+    x, y = torch.randn(8, 512), torch.empty(8, 512)
+    calls = 400
+    counts = []
+
+    def run() -> None:
+        counts.append(_voluntary_switches())
+        for _ in range(calls):
+            k.mp_block_gemv(x.data_ptr(), 8, 512, data.data_ptr(), 3, 512, y.data_ptr())
+        counts.append(_voluntary_switches())
+
+    run()  # this (the main) thread's pool exists now, as after loading a model
+    kernels.release_threads()
+    counts.clear()
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert counts[1] - counts[0] < calls // 4
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q6_K"])
