@@ -46,6 +46,7 @@ _SIGNATURES = {
     "mp_quantize_legacy": [_P, _I, _I, _P],
     "mp_make_qkx2_quants": [_P, _P, _I, _I, _I, ctypes.c_float, ctypes.c_float, _I, _I, _P, _P, _P],
     "mp_block_gemv": [_P, _I, _I, _P, _I, _I, _P],
+    "mp_pack_q8_0x16": [_P, _I, _I, _P],
     "mp_llama_decode": [_P, _I, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _I, _I],
     "mp_llama_logits": [_P, _P, ctypes.c_float, _P, _I, _P, _I, _P],
 }

@@ -749,8 +749,39 @@ static inline const uint8_t *mp_packed_row(const mp_acts *a, int64_t k, int64_t 
 }
 #endif
 
+/* Kind 7 (Q8_0 rows packed 16 at a time, mp_pack_q8_0x16) takes the activations per 32 as kind 3,
+ * packed for the broadcasts its dot makes: rows in groups of MP_GROUP, and per group and block of
+ * 32, at p + (g * nb + b) * MP_X16_BLOCK: 8 x 64 bytes, the j-th holding codes 4j .. 4j + 3 of the
+ * group's rows side by side (row r at 4r), then their fp32 scales, then -128 x each row's sum of
+ * codes (int32). A dot over up to MP_GROUP rows reads them from one pointer at fixed offsets. */
+#define MP_GROUP 16
+#define MP_X16_BLOCK (MP_GROUP * 40)
+
 static void mp_acts_make(int64_t kind, const float *x, int64_t B, int64_t k, mp_acts *a) {
     memset(a, 0, sizeof *a);
+    if (kind == 7) {
+        const int64_t nb = k / 32;
+        a->p = calloc((size_t)((B + MP_GROUP - 1) / MP_GROUP * nb), MP_X16_BLOCK);
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
+        for (int64_t i = 0; i < B; i++) {
+            int8_t q[k];
+            float d[nb];
+            mp_quantize_x8(x + i * k, k, q, d);
+            const int64_t r = i % MP_GROUP;
+            for (int64_t b = 0; b < nb; b++) {
+                uint8_t *blk = a->p + (i / MP_GROUP * nb + b) * MP_X16_BLOCK;
+                int32_t sum = 0;
+                for (int j = 0; j < 8; j++) {
+                    memcpy(blk + 64 * j + 4 * r, q + 32 * b + 4 * j, 4);
+                    for (int t = 0; t < 4; t++) sum += q[32 * b + 4 * j + t];
+                }
+                const int32_t comp = -128 * sum;
+                memcpy(blk + 512 + 4 * r, &d[b], 4);
+                memcpy(blk + 576 + 4 * r, &comp, 4);
+            }
+        }
+        return;
+    }
 #ifdef MP_VNNI512
     if (kind <= 4) {
         const int64_t nb = k / 32, steps = mp_steps(k);
@@ -791,7 +822,86 @@ static void mp_acts_free(mp_acts *a) {
 
 /* bytes per block and weights per block of the block kinds: 3 Q8_0, 4 Q5_0, 5 Q4_K, 6 Q6_K */
 static inline int64_t mp_block_bytes(int64_t kind) { return kind == 3 ? 34 : kind == 4 ? 22 : kind == 5 ? 144 : 210; }
-static inline int64_t mp_block_len(int64_t kind) { return kind <= 4 ? 32 : 256; }
+static inline int64_t mp_block_len(int64_t kind) { return kind <= 4 || kind == 7 ? 32 : 256; }
+
+/* Kind 7: Q8_0 rows (n a multiple of 16) packed 16 at a time for a dot that broadcasts 4 activation
+ * bytes against 4 codes of each of 16 rows (vpdpbusd, the codes + 128 as its unsigned operand): per
+ * group g of 16 rows and block b, at out + (g * nb + b) * 544: 8 x 64 bytes, the j-th holding codes
+ * 4j .. 4j + 3 of the 16 rows side by side (row r at 4r), each + 128; then the 16 rows' fp16 scales.
+ * As many bytes as the blocks. A block's dot for 16 rows is 8 vpdpbusd started from -128 x the
+ * activations' sum (sum (w + 128) y - 128 sum y = sum w y, exactly), one conversion and one multiply-
+ * add for 16 rows; the blocks as stored take ~5 operations per row and two blocks. */
+#define MP_W16_BLOCK 544
+void mp_pack_q8_0x16(const uint8_t *w, int64_t n, int64_t k, uint8_t *out) {
+    const int64_t nb = k / 32, rowb = nb * 34;
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < n / 16; g++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *o = out + (g * nb + b) * MP_W16_BLOCK;
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *blk = w + (g * 16 + r) * rowb + b * 34;
+                for (int j = 0; j < 8; j++)
+                    for (int t = 0; t < 4; t++) o[64 * j + 4 * r + t] = blk[2 + 4 * j + t] ^ 0x80;
+                o[512 + 2 * r] = blk[0];
+                o[513 + 2 * r] = blk[1];
+            }
+        }
+}
+
+/* 16 packed weight rows (wg: their group) against R activation rows of a packed group (xp: the first
+ * of them) into ys[r][0 .. 16): per row and block the exact integer dot, times dw * dx, added in
+ * block order; each row the same operations whatever R is. */
+static inline __attribute__((always_inline)) void mp_x16_dotn(const uint8_t *wg, const uint8_t *xp, int64_t nb, int R,
+                                                              float *const *ys) {
+#ifdef MP_VNNI512
+    __m512 acc[MP_GROUP];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, wg += MP_W16_BLOCK, xp += MP_X16_BLOCK) {
+        __m512i w[8];
+        for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(wg + 64 * j);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wg + 512)));
+        for (int r = 0; r < R; r++) {
+            int32_t v;
+            memcpy(&v, xp + 576 + 4 * r, 4);
+            __m512i sum = _mm512_set1_epi32(v);
+            for (int j = 0; j < 8; j++) {
+                memcpy(&v, xp + 64 * j + 4 * r, 4);
+                sum = _mm512_dpbusd_epi32(sum, w[j], _mm512_set1_epi32(v));
+            }
+            float dx;
+            memcpy(&dx, xp + 512 + 4 * r, 4);
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(dx)), _mm512_cvtepi32_ps(sum), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(ys[r], acc[r]);
+#else
+    float acc[MP_GROUP][16];
+    memset(acc, 0, sizeof acc);
+    for (int64_t b = 0; b < nb; b++, wg += MP_W16_BLOCK, xp += MP_X16_BLOCK)
+        for (int r = 0; r < R; r++) {
+            int32_t comp;
+            float dx;
+            memcpy(&comp, xp + 576 + 4 * r, 4);
+            memcpy(&dx, xp + 512 + 4 * r, 4);
+            for (int l = 0; l < 16; l++) {
+                int32_t sum = comp;
+                for (int j = 0; j < 8; j++)
+                    for (int t = 0; t < 4; t++) sum += (int32_t)wg[64 * j + 4 * l + t] * (int8_t)xp[64 * j + 4 * r + t];
+                acc[r][l] += mp_half((uint16_t)(wg[512 + 2 * l] | wg[513 + 2 * l] << 8)) * dx * (float)sum;
+            }
+        }
+    for (int r = 0; r < R; r++) memcpy(ys[r], acc[r], sizeof acc[r]);
+#endif
+}
+
+#define MP_X16_DOTN(R)                                                                                               \
+    static __attribute__((noinline)) void mp_x16_dot##R(const uint8_t *wg, const uint8_t *xp, int64_t nb, float *const *ys) { \
+        mp_x16_dotn(wg, xp, nb, R, ys);                                                                             \
+    }
+MP_X16_DOTN(1)
+MP_X16_DOTN(4)
+MP_X16_DOTN(8)
+MP_X16_DOTN(16)
 
 /* Q4_K: d, dmin fp16 | scales[12]: eight 6-bit (scale, min) pairs | qs[128]: 32 bytes per 64 weights,
  * low nibbles sub-block 2j, high nibbles 2j + 1;  w = d * sc * q - dmin * m.
@@ -1202,10 +1312,27 @@ static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, co
  * group's codes stay in L1 and the range's weights in L2. (One weight row against all rows at a
  * time read the codes of a 256-row prefill chunk from L2 for every weight row: 44 GMAC/s on one
  * thread here against 116 at 32 rows.) */
-#define MP_GROUP 16
 #define MP_RANGE 32
 static void mp_block_range(int64_t kind, const uint8_t *w, int64_t k, int64_t o0, int64_t o1, const mp_acts *a,
                            int64_t B, float *const *ys) {
+    if (kind == 7) {  /* o0, o1: multiples of 16 */
+        const int64_t nb = k / 32;
+        for (int64_t b0 = 0; b0 < B; b0 += MP_GROUP) {
+            const int64_t g = B - b0 < MP_GROUP ? B - b0 : MP_GROUP;
+            const uint8_t *xp = a->p + b0 / MP_GROUP * nb * MP_X16_BLOCK;
+            for (int64_t o = o0; o < o1; o += 16) {
+                const uint8_t *wg = w + o / 16 * nb * MP_W16_BLOCK;
+                float *out[MP_GROUP];
+                for (int64_t i = 0; i < g; i++) out[i] = ys[b0 + i] + o;
+                int64_t r = 0;
+                for (; r + 16 <= g; r += 16) mp_x16_dot16(wg, xp + 4 * r, nb, out + r);
+                for (; r + 8 <= g; r += 8) mp_x16_dot8(wg, xp + 4 * r, nb, out + r);
+                for (; r + 4 <= g; r += 4) mp_x16_dot4(wg, xp + 4 * r, nb, out + r);
+                for (; r < g; r++) mp_x16_dot1(wg, xp + 4 * r, nb, out + r);
+            }
+        }
+        return;
+    }
     const int64_t rowb = k / mp_block_len(kind) * mp_block_bytes(kind);
     float res[MP_GROUP];
     for (int64_t b0 = 0; b0 < B; b0 += MP_GROUP) {
@@ -1252,13 +1379,13 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
  * of layer c goes to ys[c * B + b] (k and v straight into their cache slots). */
 static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x, int64_t B) {
     float *xs[3] = {NULL, NULL, NULL};
-    mp_acts acts[2];               /* x rounded per 32 ([0], Q8_0 / Q5_0) and per 256 ([1], Q4_K / Q6_K) */
-    int made[2] = {0, 0};
+    mp_acts acts[3];  /* x rounded per 32 ([0], Q8_0 / Q5_0; [2] packed for kind 7) and per 256 ([1], Q4_K / Q6_K) */
+    int made[3] = {0, 0, 0};
     int64_t start[4] = {0, 0, 0, 0};
     const int64_t k = ls[0]->k;
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
-        const int r = l->kind >= 5;
+        const int r = l->kind == 7 ? 2 : l->kind >= 5;
         if (l->kind >= 3 && !made[r]) {  /* the layers of one call read the same x: round it once */
             mp_acts_make(l->kind, x, B, k, &acts[r]);
             made[r] = 1;
@@ -1283,7 +1410,7 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         const int64_t o0 = (r - start[c]) * MP_RANGE, o1 = o0 + MP_RANGE < l->n ? o0 + MP_RANGE : l->n;
         const int64_t ng = l->kind == 1 ? k / l->g : 0;
         if (l->kind >= 3) {
-            mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[l->kind >= 5], B, ys + c * B);
+            mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[l->kind == 7 ? 2 : l->kind >= 5], B, ys + c * B);
             continue;
         }
         for (int64_t o = o0; o < o1; o++) {
@@ -1293,7 +1420,7 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         }
     }
     for (int c = 0; c < cnt; c++) free(xs[c]);
-    for (int r = 0; r < 2; r++)
+    for (int r = 0; r < 3; r++)
         if (made[r]) mp_acts_free(&acts[r]);
 }
 

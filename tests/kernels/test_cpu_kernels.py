@@ -236,6 +236,32 @@ def test_block_gemv_rows_together_equal_each_row_alone(lib, kind, code, k):
         assert torch.equal(together[r], alone[0]), r
 
 
+@pytest.mark.parametrize("n,k", [(64, 768), (48, 800), (160, 576)])
+def test_q8_0_packed_by_16_rows_is_the_same_product(lib, n, k):
+    """Kind 7: Q8_0 rows repacked 16 at a time (the fused decode's form of Q8_0 on AVX-512 VNNI, as
+    many bytes as the blocks) multiply as the blocks do: the int8 activations times the blocks
+    (exact integer block sums), and each of 37 rows (through the 16-, 4- and 1-row kernels) bit for
+    bit what it computes alone."""
+    from modelpress.core import kquants
+
+    gen = torch.Generator().manual_seed(n)
+    data = kquants.quantize(torch.randn(n, k, generator=gen), "Q8_0")
+    packed = torch.empty_like(data)
+    lib.mp_pack_q8_0x16(data.data_ptr(), n, k, packed.data_ptr())
+    assert not torch.equal(packed, data) and packed.sum() != data.sum()  # moved and re-signed
+    m = 37
+    x = torch.randn(m, k, generator=gen) * 3
+    x[:, 32:64] = 0                                       # an all-zero activation block: d = 0
+    y = torch.empty(m, n)
+    lib.mp_block_gemv(x.data_ptr(), m, k, packed.data_ptr(), 7, n, y.data_ptr())
+    ref = _int8_activations(x).double() @ kquants.dequantize(data, "Q8_0", k).double().t()
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-6 * ref.abs().max().item())
+    for r in (0, 20, 36):
+        alone = torch.empty(1, n)
+        lib.mp_block_gemv(x[r:r + 1].contiguous().data_ptr(), 1, k, packed.data_ptr(), 7, n, alone.data_ptr())
+        assert torch.equal(y[r], alone[0]), r
+
+
 @pytest.mark.parametrize("kind", ["Q4_0", "Q5_1", "Q8_0", "Q3_K", "Q6_K"])
 def test_affine_dequant_is_bit_identical_to_kquants(lib, kind):
     from modelpress.core import kquants
