@@ -726,6 +726,9 @@ static void mp_quantize_x8k(const float *x, int64_t k, int8_t *q, float *d, int3
     }
 }
 
+/* activation rows are packed (AVX-512 kinds 3, 4; kind 7) and multiplied in groups of this many */
+#define MP_GROUP 16
+
 /* x (B rows of k) rounded for a block kind's dot (mp_acts_make), read by mp_block_rows */
 typedef struct {
     int8_t *q;     /* the codes, row stride k */
@@ -737,15 +740,14 @@ typedef struct {
 #ifdef MP_VNNI512
 /* The AVX-512 Q8_0 / Q5_0 dots read two blocks a step: 64 codes + 128 as unsigned bytes (vpdpbusd
  * multiplies unsigned by signed bytes; 128 x the weights' sum is taken off again), then the two
- * scales as 16 floats (8 lanes each). Rows go in groups of MP_PACK, and the group's rows lie side
+ * scales as 16 floats (8 lanes each). Rows go in groups of MP_GROUP, and the group's rows lie side
  * by side step by step: step t of row r of group g at p + (g * steps + t) * MP_STEP + r * 128, so a
- * dot over up to MP_PACK rows reads from one pointer at fixed offsets. An odd last block's step has
+ * dot over up to MP_GROUP rows reads from one pointer at fixed offsets. An odd last block's step has
  * codes 0 and scales 0 in its upper half. */
-#define MP_PACK 16
-#define MP_STEP (MP_PACK * 128)
+#define MP_STEP (MP_GROUP * 128)
 static inline int64_t mp_steps(int64_t k) { return (k / 32 + 1) / 2; }
 static inline const uint8_t *mp_packed_row(const mp_acts *a, int64_t k, int64_t b) {
-    return a->p + (b / MP_PACK * mp_steps(k)) * MP_STEP + b % MP_PACK * 128;
+    return a->p + (b / MP_GROUP * mp_steps(k)) * MP_STEP + b % MP_GROUP * 128;
 }
 #endif
 
@@ -754,7 +756,6 @@ static inline const uint8_t *mp_packed_row(const mp_acts *a, int64_t k, int64_t 
  * 32, at p + (g * nb + b) * MP_X16_BLOCK: 8 x 64 bytes, the j-th holding codes 4j .. 4j + 3 of the
  * group's rows side by side (row r at 4r), then their fp32 scales, then -128 x each row's sum of
  * codes (int32). A dot over up to MP_GROUP rows reads them from one pointer at fixed offsets. */
-#define MP_GROUP 16
 #define MP_X16_BLOCK (MP_GROUP * 40)
 
 static void mp_acts_make(int64_t kind, const float *x, int64_t B, int64_t k, mp_acts *a) {
@@ -785,7 +786,7 @@ static void mp_acts_make(int64_t kind, const float *x, int64_t B, int64_t k, mp_
 #ifdef MP_VNNI512
     if (kind <= 4) {
         const int64_t nb = k / 32, steps = mp_steps(k);
-        a->p = malloc((size_t)((B + MP_PACK - 1) / MP_PACK * steps * MP_STEP));
+        a->p = malloc((size_t)((B + MP_GROUP - 1) / MP_GROUP * steps * MP_STEP));
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
         for (int64_t b = 0; b < B; b++) {
             int8_t q[2 * steps * 32];
@@ -1096,13 +1097,13 @@ static inline float hsum16(__m512 v) {
     return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
 
-/* R (1 to MP_PACK) packed activation rows from xp (mp_packed_row) against one Q8_0 / Q5_0 weight row,
+/* R (1 to MP_GROUP) packed activation rows from xp (mp_packed_row) against one Q8_0 / Q5_0 weight row,
  * two blocks a step: vpdpbusd of (y + 128) and w, started from -128 x the sums of w, is the exact
  * integer dot mp_wdot makes; each block's 8 lanes then times its own dw * dx. An odd last block has
  * zero weights in the upper half. Each row its own accumulator and the same operations whatever R is. */
 static inline __attribute__((always_inline)) void mp_block_dotn512(int64_t kind, const uint8_t *row, const uint8_t *xp,
                                                                    int64_t nb, int R, float *out) {
-    __m512 v[MP_PACK];
+    __m512 v[MP_GROUP];
     for (int r = 0; r < R; r++) v[r] = _mm512_setzero_ps();
     const __m512i off = _mm512_set1_epi8((char)0x80);
     for (int64_t b = 0; b < nb; b += 2, xp += MP_STEP) {

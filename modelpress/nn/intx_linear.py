@@ -101,7 +101,10 @@ class IntxLinear(torch.nn.Module):
             s = self.scale.float()[:, 0]
             # asymmetric: (q+128-zp)*s = q*s + (128-zp)*s  -> a per-output offset times sum(x)
             off = None if self.zero_point is None else (128.0 - self.zero_point.float()[:, 0]) * s
-            kernel = ("int8", s.to(torch.bfloat16), off)
+            # torch's AVX-512 int8pack kernel reads the weights with aligned loads: weights that a
+            # checkpoint's loader left at an odd offset crashed it (seen here with torch 2.13 on Zen 5)
+            w = self.qdata if self.qdata.data_ptr() % 64 == 0 else self.qdata.clone()
+            kernel = ("int8", w, s.to(torch.bfloat16), off)
         elif self.bits <= 4 and self.group_size in _INT4_KERNEL_GROUPS:
             gs = self.group_size
             k_pad = grids.n_groups(self.in_features, gs) * gs
@@ -128,8 +131,8 @@ class IntxLinear(torch.nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if kernel[0] == "int8":
-            _, s, off = kernel
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qdata, s).float()
+            _, w, s, off = kernel
+            y = torch.ops.aten._weight_int8pack_mm(x2, w, s).float()
             if off is not None:
                 y = y + x2.float().sum(-1, keepdim=True) * off
         else:

@@ -45,7 +45,18 @@ def test_bit_exact_with_bitsandbytes(quant_type, blocksize, shape):
     ref_packed, state = bnb.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
     assert torch.equal(packed, ref_packed.reshape(-1)) and torch.equal(absmax, state.absmax)
     deq = dequantize_4bit(packed, absmax, w.shape, blocksize, quant_type)
-    assert torch.equal(deq, bnb.dequantize_4bit(ref_packed, state).reshape(w.shape))
+    theirs = bnb.dequantize_4bit(ref_packed, state).reshape(w.shape)
+    if not torch.equal(deq, theirs):
+        # the format's definition: each code's value times its block's absmax (high nibble first)
+        idx = torch.stack([packed.long() >> 4, packed.long() & 15], 1).reshape(-1)[:w.numel()]
+        code = (NF4_CODE if quant_type == "nf4" else FP4_CODE)[idx]
+        definition = (code * absmax.repeat_interleave(blocksize)[:w.numel()]).reshape(w.shape)
+        assert torch.equal(deq, definition)
+        if not torch.equal(theirs, definition):
+            pytest.xfail(f"bitsandbytes' CPU dequantize_4bit disagrees with its own codes x absmax at blocksize "
+                         f"{blocksize} on this CPU (seen with 0.50.2 on AVX-512, blocksizes 128 and 256; cf. "
+                         "bitsandbytes#1828 for 2048 / 4096): a peer bug, not ours")
+        assert False, "differs from bitsandbytes' dequantize, which follows the definition"
 
 
 def test_bad_arguments():

@@ -49,15 +49,46 @@ def test_other_quant_methods_are_refused(tmp_path, tiny):
         modelpress.load(out)
 
 
+def _fp32_path(model: torch.nn.Module) -> torch.nn.Module:
+    """bitsandbytes' own fp32 forward, which modelpress' equals bit for bit. On CPUs with AVX-512
+    BF16, bitsandbytes (0.50.2) otherwise repacks 4-bit weights at the first forward for a bf16
+    matmul: other numbers (bf16 absmax), and rows that are not whole 64-value blocks (this tiny
+    model's 96) fail in its _convert_weight_packed_for_cpu."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _xfail_where_bnb_dequantizes_wrongly(config) -> None:  # noqa: ANN001
+    """bitsandbytes 0.50.2's CPU dequantize_4bit on AVX-512 CPUs (Zen 5 here) disagrees with its own
+    codes x absmax for rows that are not whole 64-value blocks (this tiny model's 96 and 160; see
+    also test_codebook4): its logits are then not the format's. A peer bug; what was loaded is still
+    checked above (the module types; the other way, every tensor bit for bit)."""
+    if isinstance(config, LLMInt8Config):
+        return
+    import bitsandbytes.functional as bnbf
+
+    from modelpress.core.codebook4 import dequantize_4bit
+
+    w = torch.randn(96, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    if not torch.equal(bnbf.dequantize_4bit(packed, state).reshape(w.shape),
+                       dequantize_4bit(packed.reshape(-1), state.absmax, w.shape, 64, "nf4")):
+        pytest.xfail("bitsandbytes' CPU dequantize_4bit on this CPU disagrees with its own codes x absmax "
+                     "for 96-wide rows at blocksize 64 (peer bug, bitsandbytes 0.50.2 with AVX-512)")
+
+
 @pytest.mark.parametrize("config,bnb_kwargs", CASES, ids=IDS)
 def test_transformers_loads_a_modelpress_checkpoint(tmp_path, tiny, config, bnb_kwargs):
     auto, _ = _peers()
     model, tok = tiny
     modelpress.quantize(model, config)
     out = modelpress.save(model, tok, tmp_path / "ck")
-    theirs = auto.from_pretrained(out, device_map="cpu", dtype=torch.float32)
+    theirs = _fp32_path(auto.from_pretrained(out, device_map="cpu", dtype=torch.float32))
     assert type(theirs.model.layers[0].mlp.down_proj).__module__.startswith("bitsandbytes")
     x = torch.randint(0, 261, (2, 24))
+    _xfail_where_bnb_dequantizes_wrongly(config)
     with torch.no_grad():
         assert torch.equal(model(x).logits, theirs(x).logits)  # prefill: the same arithmetic exactly
         # decode-sized input: our kernel sums in another order (observed <= 2e-6)
@@ -68,8 +99,8 @@ def test_transformers_loads_a_modelpress_checkpoint(tmp_path, tiny, config, bnb_
 def test_modelpress_loads_a_transformers_bitsandbytes_checkpoint(tmp_path, tiny_hf_dir, config, bnb_kwargs):
     auto, bnb_config = _peers()
     fp_dir, fp_model, tok = tiny_hf_dir
-    theirs = auto.from_pretrained(fp_dir, quantization_config=bnb_config(**bnb_kwargs), device_map="cpu",
-                                  dtype=torch.float32)
+    theirs = _fp32_path(auto.from_pretrained(fp_dir, quantization_config=bnb_config(**bnb_kwargs), device_map="cpu",
+                                             dtype=torch.float32))
     theirs.save_pretrained(tmp_path / "bnb")
     tok.save_pretrained(tmp_path / "bnb")
     loaded, _ = modelpress.load(tmp_path / "bnb")
@@ -80,5 +111,6 @@ def test_modelpress_loads_a_transformers_bitsandbytes_checkpoint(tmp_path, tiny_
     for key in mine:  # every tensor, quant_state JSON included, bit for bit
         assert torch.equal(mine[key], their_sd[key]), key
     x = torch.randint(0, 261, (2, 24))
+    _xfail_where_bnb_dequantizes_wrongly(config)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, theirs(x).logits)

@@ -25,6 +25,23 @@ def test_reference_forward_is_dequantize_then_matmul(bits, group_size, symmetric
     torch.testing.assert_close(q(x), x @ w_hat.T + lin.bias, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_kernel_gets_aligned_weights_from_an_unaligned_buffer():
+    """A checkpoint's loader can leave the codes at any offset of a buffer; torch's AVX-512 int8pack
+    kernel reads them with aligned loads and crashed on such weights (torch 2.13, Zen 5). The
+    kernel gets a 64-byte-aligned copy, and the same outputs."""
+    if not intx_linear._KERNELS_TESTED:
+        pytest.skip(f"torch {torch.__version__}: the CPU kernels are used only on torch >= 2.13")
+    q = IntxLinear.from_linear(_linear(96, 96), 8, None, True)
+    x = torch.randn(8, 96)
+    want = q(x)
+    buf = torch.empty(q.qdata.numel() + 1, dtype=torch.int8)
+    buf[1:] = q.qdata.reshape(-1)
+    q.qdata = buf[1:].view(q.qdata.shape)   # an odd address
+    q._kernel = None
+    assert q.qdata.data_ptr() % 64 != 0 and q._build_kernel()[1].data_ptr() % 64 == 0
+    assert torch.equal(q(x), want)
+
+
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 64), (4, 128), (3, 64), (2, 32)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_fast_kernel_agrees_with_reference(bits, group_size, symmetric):
