@@ -919,6 +919,29 @@ static inline void mp_k4_scale_min(const uint8_t *s, int j, int *sc, int *m) {
     }
 }
 
+/* A Q4_K block's header: returns d; dmin, and the eight (scale, min) pairs into sc, m */
+static inline float mp_q4k_head(const uint8_t *blk, float *dmin, int sc[8], int m[8]) {
+    for (int j = 0; j < 8; j++) mp_k4_scale_min(blk + 4, j, &sc[j], &m[j]);
+    *dmin = mp_half((uint16_t)(blk[2] | blk[3] << 8));
+    return mp_half((uint16_t)(blk[0] | blk[1] << 8));
+}
+
+/* What R rows' sums lose to a K block's offsets, from the activations' sums of 16 (row stride ns)
+ * and scales dy (row stride nd): Q4_K dmin x its mins m, Q6_K d x 32 x its scales sc (int8). */
+static inline void mp_k_offsets(int64_t kind, const int *m, const int8_t *sc, float d, float dmin, const int32_t *s16,
+                                const float *dy, int R, int64_t nd, int64_t ns, float *acc) {
+    for (int r = 0; r < R; r++) {
+        int32_t mins = 0;
+        if (kind == 5) {
+            for (int j = 0; j < 8; j++) mins += m[j] * (s16[r * ns + 2 * j] + s16[r * ns + 2 * j + 1]);
+            acc[r] -= dmin * dy[r * nd] * (float)mins;
+        } else {
+            for (int g = 0; g < 16; g++) mins += sc[g] * s16[r * ns + g];
+            acc[r] -= d * dy[r * nd] * (float)(32 * mins);
+        }
+    }
+}
+
 /* R (1 to 4) activation rows rounded per 256 (xq, xd, xs16 with row strides k, k / 256, k / 16)
  * against one Q4_K or Q6_K weight row into out[0 .. R): as ggml's vec_dot_q4_K_q8_K / q6_K_q8_K,
  * each 256's dot an exact integer sum (scales applied as integers, the mins or the -32 from the
@@ -945,15 +968,10 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn(int64_t kind, c
         float d;
         if (kind == 5) {
             const uint8_t *blk = row + b * 144, *qs = blk + 16;
-            d = mp_half((uint16_t)(blk[0] | blk[1] << 8));
-            const float dmin = mp_half((uint16_t)(blk[2] | blk[3] << 8));
+            float dmin;
             int sc[8], m[8];
-            for (int j = 0; j < 8; j++) mp_k4_scale_min(blk + 4, j, &sc[j], &m[j]);
-            for (int r = 0; r < R; r++) {
-                int32_t mins = 0;
-                for (int j = 0; j < 8; j++) mins += m[j] * (s16[r * ns + 2 * j] + s16[r * ns + 2 * j + 1]);
-                acc[r] -= dmin * dy[r * nd] * (float)mins;
-            }
+            d = mp_q4k_head(blk, &dmin, sc, m);
+            mp_k_offsets(kind, m, NULL, d, dmin, s16, dy, R, nd, ns, acc);
             for (int j = 0; j < 8; j++) {
 #ifdef MP_AVX2
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * (j / 2)));
@@ -976,11 +994,7 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn(int64_t kind, c
             const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
             const int8_t *sc = (const int8_t *)(blk + 192);
             d = mp_half((uint16_t)(blk[208] | blk[209] << 8));
-            for (int r = 0; r < R; r++) {  /* the -32 of every code: 32 * sum over the 16s of sc * sum of y */
-                int32_t mins = 0;
-                for (int g = 0; g < 16; g++) mins += sc[g] * s16[r * ns + g];
-                acc[r] -= d * dy[r * nd] * (float)(32 * mins);
-            }
+            mp_k_offsets(kind, NULL, sc, d, 0.0f, s16, dy, R, nd, ns, acc);
             for (int h = 0; h < 2; h++)
                 for (int c = 0; c < 4; c++) {
                     const int j = 4 * h + c;                       /* activation block of 32 */
@@ -1153,19 +1167,12 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn512(int64_t kind
         float d;
         if (kind == 5) {
             const uint8_t *blk = row + b * 144, *qs = blk + 16;
-            d = mp_half((uint16_t)(blk[0] | blk[1] << 8));
-            const float dmin = mp_half((uint16_t)(blk[2] | blk[3] << 8));
+            float dmin;
             int sc[8], m[8];
             int16_t sc16[8];
-            for (int j = 0; j < 8; j++) {
-                mp_k4_scale_min(blk + 4, j, &sc[j], &m[j]);
-                sc16[j] = (int16_t)sc[j];
-            }
-            for (int r = 0; r < R; r++) {
-                int32_t mins = 0;
-                for (int j = 0; j < 8; j++) mins += m[j] * (s16[r * ns + 2 * j] + s16[r * ns + 2 * j + 1]);
-                acc[r] -= dmin * dy[r * nd] * (float)mins;
-            }
+            d = mp_q4k_head(blk, &dmin, sc, m);
+            for (int j = 0; j < 8; j++) sc16[j] = (int16_t)sc[j];
+            mp_k_offsets(kind, m, NULL, d, dmin, s16, dy, R, nd, ns, acc);
             const __m512i scw = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)sc16));
             for (int p = 0; p < 4; p++) {  /* sub-blocks 2p (low nibbles) and 2p + 1 (high) of 32 bytes */
                 const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * p)));
@@ -1180,11 +1187,7 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn512(int64_t kind
             const uint8_t *blk = row + b * 210, *ql = blk, *qh = blk + 128;
             const int8_t *sc = (const int8_t *)(blk + 192);
             d = mp_half((uint16_t)(blk[208] | blk[209] << 8));
-            for (int r = 0; r < R; r++) {
-                int32_t mins = 0;
-                for (int g = 0; g < 16; g++) mins += sc[g] * s16[r * ns + g];
-                acc[r] -= d * dy[r * nd] * (float)(32 * mins);
-            }
+            mp_k_offsets(kind, NULL, sc, d, 0.0f, s16, dy, R, nd, ns, acc);
             const __m512i scw = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
             for (int h = 0; h < 2; h++) {
                 const __m512i l4 = _mm512_loadu_si512(ql + 64 * h);
