@@ -18,6 +18,19 @@ from tests.serve.test_engine import _quantized
 pytestmark = pytest.mark.skipif(kernels.lib() is None, reason="the CPU kernels did not build here (no C compiler)")
 
 
+@pytest.fixture(params=[True, "avx2", False], ids=["simd", "avx2", "plain"])
+def build(request, monkeypatch):
+    """Every kernel build this CPU runs, as the one the runner and the layers take: the AVX-512 build
+    packs Q8_0 for its own dot (kind 7), the others multiply the blocks as stored."""
+    lib = kernels.lib(simd=request.param)
+    if request.param and lib.mp_simd() == 0:
+        pytest.skip("this CPU lacks AVX2/FMA/F16C: only the plain C build runs")
+    if request.param == "avx2" and kernels.lib().mp_simd() < 2:
+        pytest.skip("this CPU lacks AVX-512 VNNI: its best build is the AVX2 one, tested as 'simd'")
+    monkeypatch.setattr(kernels, "lib", lambda simd=True: lib)
+    return lib
+
+
 class _Seq:
     def __init__(self, ids, table):
         self.token_ids, self.num_computed, self.block_table = list(ids), 0, table
@@ -99,7 +112,7 @@ def test_int8_activations_stay_close_to_the_torch_path(kind):
 
 
 @pytest.mark.parametrize("kind", ["fp32", "gguf-Q4_K_M", "gguf-Q8_0"])
-def test_batched_fused_decode_equals_each_sequence_alone(kind):
+def test_batched_fused_decode_equals_each_sequence_alone(kind, build):
     """Four sequences of different lengths, blocks scattered over the cache: decoded together
     (one fused call per step) and one at a time, the same tokens and, where the head multiplies
     on GGUF blocks too, bit for bit the same logits."""
@@ -162,7 +175,7 @@ def test_fused_head_is_the_models_norm_then_the_block_head(kind):
 
 
 @pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
-def test_fp16_cache_holds_the_fp32_caches_keys_rounded(kind):
+def test_fp16_cache_holds_the_fp32_caches_keys_rounded(kind, build):
     """A model all on GGUF blocks gets an fp16 cache by default (llama.cpp's cache type): the first
     layer's keys and values are the fp32 cache's rounded to fp16 (nearest even), and the logits stay
     within the rounding of the cached values of the fp32 cache's."""
@@ -222,3 +235,14 @@ def test_decode_speed_runs_the_engine_path_with_the_same_tokens():
     assert fused_runner(model, 30) is not None
     assert list(runner_greedy_ids(model, ids, 20)) == list(generate_ids(model, ids, 20))
     assert decode_ids_per_s(model, ids, 8) > 0
+
+
+def test_q8_0_layers_take_the_packed_form_in_the_avx512_build_only(build):
+    """Kind 7 (Q8_0 repacked 16 rows at a time) where the build has the AVX-512 VNNI dot for it; the
+    blocks as stored (kind 3) elsewhere. The tests above run both through the engine's paths."""
+    runner = ModelRunner(_quantized("gguf-Q8_0"), 4, 4)
+    layer = runner.fused().layers[0]
+    kinds = {getattr(layer, n).kind for n in ("q", "k", "v", "o", "gate", "up", "down")}
+    assert kinds == ({7} if build.mp_simd() == 2 else {3})
+    head = runner.fused().fused_head[0]
+    assert head.n == 261 and head.kind == 3  # rows not in whole groups of 16 keep the stored blocks
