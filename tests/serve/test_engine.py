@@ -106,6 +106,23 @@ def test_unstreamed_request_reports_once_finished_with_the_same_text(model):
     assert len({c.text for c in reported[0].outputs}) > 1 and all(len(c.text) for c in reported[0].outputs)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_streamed_texts_grow_to_the_whole_decode(model, seed):
+    """Streamed texts are decoded incrementally (a few tokens a step); on the byte-level tokenizer,
+    whose random outputs split and break UTF-8 characters, every step's text is a prefix of the
+    final one, which is the tokenizer's decode of the whole output."""
+    tok = byte_tokenizer()
+    eng = Engine(model, tok, kv_blocks=64, block_size=4)
+    p = SamplingParams(max_tokens=48, temperature=1.0, seed=seed, ignore_eos=True)
+    shown = [o.outputs[0] for o in eng.stream("the ", p)]
+    final = shown[-1]
+    assert final.text == tok.decode(final.token_ids, skip_special_tokens=True)
+    assert any(ord(ch) > 127 for ch in final.text)  # the bytes did make multi-byte characters
+    for c in shown[:-1]:
+        assert final.text.startswith(c.text)
+    assert len({c.text for c in shown}) > 10
+
+
 def test_bad_requests(model):
     eng = Engine(model, byte_tokenizer(), kv_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="maximum context length"):
