@@ -1292,23 +1292,22 @@ static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, co
     const int64_t nd = kind <= 4 ? k / 32 : k / 256, ns = k / 16;
     int64_t b = b0;
     B += b0;
-    res -= b0;
 #if defined(MP_VNNI512)
     if (kind <= 4) {
-        for (; b + 16 <= B; b += 16) mp_block_dot16_512(kind, row, mp_packed_row(a, k, b), k / 32, res + b);
-        for (; b + 8 <= B; b += 8) mp_block_dot8_512(kind, row, mp_packed_row(a, k, b), k / 32, res + b);
-        for (; b + 4 <= B; b += 4) mp_block_dot4_512(kind, row, mp_packed_row(a, k, b), k / 32, res + b);
+        for (; b + 16 <= B; b += 16) mp_block_dot16_512(kind, row, mp_packed_row(a, k, b), k / 32, res + (b - b0));
+        for (; b + 8 <= B; b += 8) mp_block_dot8_512(kind, row, mp_packed_row(a, k, b), k / 32, res + (b - b0));
+        for (; b + 4 <= B; b += 4) mp_block_dot4_512(kind, row, mp_packed_row(a, k, b), k / 32, res + (b - b0));
     } else
-        for (; b + 4 <= B; b += 4) mp_kblock_dot4_512(kind, row, a->q + b * k, a->d + b * nd, a->s16 + b * ns, k, res + b);
+        for (; b + 4 <= B; b += 4) mp_kblock_dot4_512(kind, row, a->q + b * k, a->d + b * nd, a->s16 + b * ns, k, res + (b - b0));
 #else
 #ifdef MP_AVX2
     if (kind <= 4)
-        for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, a->q + b * k, a->d + b * nd, k / 32, k, res + b);
+        for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, a->q + b * k, a->d + b * nd, k / 32, k, res + (b - b0));
 #endif
     if (kind >= 5)
-        for (; b + 4 <= B; b += 4) mp_kblock_dot4(kind, row, a->q + b * k, a->d + b * nd, a->s16 + b * ns, k, res + b);
+        for (; b + 4 <= B; b += 4) mp_kblock_dot4(kind, row, a->q + b * k, a->d + b * nd, a->s16 + b * ns, k, res + (b - b0));
 #endif
-    for (; b < B; b++) res[b] = mp_any_block_dot1(kind, row, a, k, b);
+    for (; b < B; b++) res[b - b0] = mp_any_block_dot1(kind, row, a, k, b);
 }
 
 /* Weight rows [o0, o1) of a block layer (w: its first row) against B activation rows, into ys[b][o]:
