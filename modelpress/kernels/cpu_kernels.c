@@ -1239,7 +1239,7 @@ static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t
             dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
             /* each product narrowed to int16 (exact: |w y| <= 16384): GCC 12 compiles the plain
              * int8 x int8 sum with -march=native on AVX-VNNI CPUs (Zen 5) into vpdpbusd, which
-             * reads the weights as unsigned (wrong sums; seen here, fixed in later GCCs) */
+             * reads the weights as unsigned (wrong sums; seen here with GCC 12.2) */
             const int8_t *w = (const int8_t *)(blk + 2);
             for (int j = 0; j < 32; j++) sum += (int16_t)(w[j] * y[j]);
         } else {
