@@ -814,6 +814,10 @@ static void mp_acts_make(int64_t kind, const float *x, int64_t B, int64_t k, mp_
     }
 }
 
+/* which of mp_linears_apply's roundings of x a block kind reads: per 32 (3, 4), per 256 (5, 6),
+ * per 32 packed for kind 7 */
+static inline int mp_acts_slot(int64_t kind) { return kind == 7 ? 2 : kind >= 5; }
+
 static void mp_acts_free(mp_acts *a) {
     free(a->q);
     free(a->d);
@@ -1263,15 +1267,14 @@ static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t
  * blocks), activations rounded to int8 as above: what the tests compare with a float64 reference. */
 static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const mp_acts *a, int64_t k, int64_t b) {
     const int64_t nb = k / mp_block_len(kind);
-    const int8_t *xq = a->q + b * k;
 #ifdef MP_VNNI512
     float out;
     if (kind <= 4) mp_block_dotn512(kind, row, mp_packed_row(a, k, b), nb, 1, &out);
-    else mp_kblock_dotn512(kind, row, xq, a->d + b * nb, a->s16 + b * (k / 16), nb, 1, k, &out);
+    else mp_kblock_dotn512(kind, row, a->q + b * k, a->d + b * nb, a->s16 + b * (k / 16), nb, 1, k, &out);
     return out;
 #else
-    return kind <= 4 ? mp_block_dot1(kind, row, xq, a->d + b * nb, nb)
-                     : mp_kblock_dot1(kind, row, xq, a->d + b * nb, a->s16 + b * (k / 16), nb);
+    return kind <= 4 ? mp_block_dot1(kind, row, a->q + b * k, a->d + b * nb, nb)
+                     : mp_kblock_dot1(kind, row, a->q + b * k, a->d + b * nb, a->s16 + b * (k / 16), nb);
 #endif
 }
 
@@ -1388,7 +1391,7 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
     const int64_t k = ls[0]->k;
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
-        const int r = l->kind == 7 ? 2 : l->kind >= 5;
+        const int r = mp_acts_slot(l->kind);
         if (l->kind >= 3 && !made[r]) {  /* the layers of one call read the same x: round it once */
             mp_acts_make(l->kind, x, B, k, &acts[r]);
             made[r] = 1;
@@ -1413,7 +1416,7 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         const int64_t o0 = (r - start[c]) * MP_RANGE, o1 = o0 + MP_RANGE < l->n ? o0 + MP_RANGE : l->n;
         const int64_t ng = l->kind == 1 ? k / l->g : 0;
         if (l->kind >= 3) {
-            mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[l->kind == 7 ? 2 : l->kind >= 5], B, ys + c * B);
+            mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[mp_acts_slot(l->kind)], B, ys + c * B);
             continue;
         }
         for (int64_t o = o0; o < o1; o++) {
