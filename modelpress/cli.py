@@ -39,6 +39,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def _load(source: str | None, device: str = "cpu", keep_blocks: bool = False) -> tuple[Any, Any, float]:
     """(model, tokenizer, load seconds), the model moved to `device`; keep_blocks: a GGUF's
     quantized layers run on their blocks."""
@@ -346,7 +356,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     name = a.served_model_name or Path(model.modelpress_source).stem
     _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {a.kv_blocks} blocks of {a.block_size} "
          f"tokens, {engine.runner.bytes_per_block * a.kv_blocks / 1e6:.0f} MB) on http://{a.host}:{a.port}/v1")
-    serve(engine, name, a.host, a.port, a.api_key)
+    serve(engine, name, a.host, a.port, a.api_key, max_body_bytes=int(a.max_body_mb * (1 << 20)),
+          template_seconds=a.template_timeout)
     return 0
 
 
@@ -529,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-step-tokens", type=_positive, default=512,
                    help="tokens computed per engine step, prefill chunks included (default: 512)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the model file's name)")
+    s.add_argument("--max-body-mb", type=_positive_float, default=4.0,
+                   help="largest request body accepted, in MiB; larger ones get 413 (default: 4)")
+    s.add_argument("--template-timeout", type=_positive_float, default=5.0,
+                   help="seconds a chat template may take to render a request's messages (default: 5)")
     s.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="stream a completion")

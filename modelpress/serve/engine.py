@@ -33,7 +33,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None          # "stop", "length", "abort" or None while running
+    finish_reason: str | None          # "stop", "length", "abort", "error" or None while running
     logprobs: list[dict[str, Any]] | None = None
 
 
@@ -43,6 +43,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    error: str | None = None           # why the request failed (it is finished then); None if it did not
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class _Request:
     texts: list[str]
     stream: bool = True
     spawned: bool = False
+    error: str | None = None
     detok: dict[int, list] = dataclasses.field(default_factory=dict)  # by completion: _text's [prefix, read, text]
 
 
@@ -74,6 +76,7 @@ class Engine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = set(eos)
+        self.vocab_size = int(model.config.vocab_size)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self.tokens_generated = 0
@@ -92,18 +95,27 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is in use")
+        # everything that can fail is built before the scheduler sees the sequence
         seq = Sequence(ids, params, rid, 0)
-        self.scheduler.add(seq)
         gens = [None if params.seed is None else torch.Generator().manual_seed(params.seed + i)
                 for i in range(params.n)]
-        self.requests[rid] = _Request(rid, ids, params, [seq], gens, time.time(), [""] * params.n, stream)
+        req = _Request(rid, ids, params, [seq], gens, time.time(), [""] * params.n, stream)
+        self.scheduler.add(seq)
+        self.requests[rid] = req
         return rid
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
-        """ValueError if the request could never run: an empty prompt, or one that with max_tokens
-        exceeds the model's context or the whole KV cache. Reads only settings (thread-safe)."""
+        """ValueError if the request could never run: an empty prompt, a token id outside the vocabulary,
+        or a prompt that with max_tokens exceeds the model's context or the whole KV cache. Reads only
+        settings (thread-safe)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
         if not ids:
             raise ValueError("the prompt is empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+            bad = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size))
+            raise ValueError(f"the prompt holds token id {bad!r}; token ids are integers from 0 to "
+                             f"{self.vocab_size - 1}")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
                              f"{len(ids)} and max_tokens asks {params.max_tokens} more")
@@ -127,29 +139,66 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduled batch computed and sampled. A failure that concerns some requests (their
+        forward pass, their sampling, their text) ends those requests alone, with `error` set on
+        their output and their KV blocks freed; the others go on as if they had not been there."""
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("the KV cache cannot hold the next waiting sequence; raise kv_blocks")
             return []
-        logits = self.runner.run(batch.seqs, batch.num_tokens)
-        self.steps += 1
         touched: dict[str, _Request] = {}
-        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+        rows = self._forward(batch.seqs, batch.num_tokens, touched)
+        self.steps += 1
+        for seq, n, logits in zip(batch.seqs, batch.num_tokens, rows):
+            req = self.requests.get(seq.request_id)
+            if logits is None or req is None or req.error is not None:
+                continue
             seq.num_computed += n
             self.block_manager.mark_computed(seq)
-            if seq.num_uncomputed:  # a prefill chunk: nothing to sample yet
+            if seq.num_uncomputed or seq.status is not Status.RUNNING:  # a prefill chunk: nothing to sample yet
                 continue
-            req = self.requests.get(seq.request_id)
-            if req is None or seq.status is not Status.RUNNING:
-                continue
-            self._advance(req, seq, logits[row])
+            try:
+                self._advance(req, seq, logits)
+            except Exception as err:  # noqa: BLE001 - this request's failure, not the engine's
+                self._fail(req, err)
             touched[req.request_id] = req
         outs = [self._output(r) for r in touched.values() if r.stream or self._finished(r)]
         for o in outs:
             if o.finished:
                 self.requests.pop(o.request_id, None)
         return outs
+
+    def _forward(self, seqs: list[Sequence], num_tokens: list[int], touched: dict[str, _Request]
+                 ) -> list[torch.Tensor | None]:
+        """Each sequence's logits row. If the batch fails, every sequence runs again alone (its
+        cache slots are written again with the same values) and those that fail alone are failed:
+        one request's bad input cannot end the others'."""
+        try:
+            logits = self.runner.run(seqs, num_tokens)
+            return list(logits)
+        except Exception:  # noqa: BLE001 - find whose it is below
+            pass
+        rows: list[torch.Tensor | None] = []
+        for seq, n in zip(seqs, num_tokens):
+            try:
+                rows.append(self.runner.run([seq], [n])[0])
+            except Exception as err:  # noqa: BLE001
+                rows.append(None)
+                req = self.requests.get(seq.request_id)
+                if req is not None and req.error is None:
+                    self._fail(req, err)
+                    touched[req.request_id] = req
+        return rows
+
+    def _fail(self, req: _Request, err: BaseException) -> None:
+        """End every sequence of the request with finish_reason "error" and free their blocks."""
+        req.error = f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)
+        req.spawned = True  # no more completions fork from it
+        for s in req.seqs:
+            if s.status is not Status.FINISHED:
+                self.scheduler.finish(s, "error")
+            s.finish_reason = "error"
 
     def _advance(self, req: _Request, seq: Sequence, logits: torch.Tensor) -> None:
         p = req.params
@@ -224,11 +273,11 @@ class Engine:
             ids = s.output_ids
             outs.append(CompletionOutput(s.index, req.texts[s.index], ids, s.finish_reason,
                                          s.logprobs if req.params.logprobs is not None else None))
-        return RequestOutput(req.request_id, req.prompt_ids, outs, self._finished(req))
+        return RequestOutput(req.request_id, req.prompt_ids, outs, self._finished(req), req.error)
 
     @staticmethod
     def _finished(req: _Request) -> bool:
-        return len(req.seqs) == req.params.n and all(s.status is Status.FINISHED for s in req.seqs)
+        return (req.error is not None or len(req.seqs) == req.params.n) and all(s.status is Status.FINISHED for s in req.seqs)
 
     # -- conveniences ----------------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None

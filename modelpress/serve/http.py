@@ -7,10 +7,17 @@ The engine runs on its own thread (EngineLoop): requests reach it through a queu
 back to each request's asyncio queue. A client that disconnects mid-stream has its request
 aborted, which frees its KV blocks. Bad requests get a 4xx with OpenAI's error body
 {"error": {"message", "type", "param", "code"}}.
+
+One request cannot harm another: it is validated whole before the engine sees it (serve/engine.py
+`check_request`), a failure inside an engine step ends only the requests it concerns (their streams
+get an error event, then [DONE]), the body is read up to `max_body_bytes` (413 past it), a prompt
+that cannot fit the context is refused by its length before it is tokenized, and tokenizing and
+chat templating run on worker threads (the template with a time limit), never on the event loop.
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time
 
 import asyncio
+import ctypes
 import json
 import queue
 import threading
@@ -89,10 +96,13 @@ class EngineLoop:
                     block = not self.engine.has_work
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)
+                self.error = None
                 now = time.time()
                 self.recent.append((now, self.engine.tokens_generated))
                 self.recent = [r for r in self.recent if r[0] > now - 10]
             except Exception as err:  # noqa: BLE001 - a failed step must not kill the server silently
+                # not one request's fault (those end alone inside the step): end what is in flight,
+                # report it on /health until a step succeeds again
                 self.error = err
                 with self.lock:
                     rids = list(self.streams)
@@ -105,6 +115,64 @@ class EngineLoop:
         if len(r) < 2 or r[-1][0] - r[0][0] <= 0:
             return 0.0
         return (r[-1][1] - r[0][1]) / (r[-1][0] - r[0][0])
+
+
+# -- work off the event loop ---------------------------------------------------------------------------
+class _TimeUp(BaseException):
+    """Raised inside a worker thread whose time limit has passed (a BaseException, so that the
+    work's own `except Exception` cannot swallow it)."""
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raise _TimeUp in `thread` at its next Python instruction (CPython's PyThreadState_SetAsyncExc;
+    Python code such as a Jinja template's loops stops there, a C call when it returns)."""
+    if thread.is_alive() and thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_TimeUp))
+
+
+async def off_loop(fn: Any, *args: Any, timeout: float | None = None) -> Any:
+    """fn(*args) on a worker thread of its own, so the event loop keeps answering (/health, other
+    streams). Past `timeout` seconds, or when the request is cancelled (the client went away), the
+    thread is interrupted and TimeoutError (or the cancellation) is raised here."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result: tuple[bool, Any]) -> None:
+        if not done.done():
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            result = (True, fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
+            result = (False, e)
+        try:
+            loop.call_soon_threadsafe(settle, result)
+        except RuntimeError:  # the loop has closed: nobody waits
+            pass
+
+    thread = threading.Thread(target=work, name="modelpress-request", daemon=True)
+    thread.start()
+    try:
+        ok, value = await asyncio.wait_for(asyncio.shield(done), timeout)
+    except asyncio.TimeoutError:
+        _interrupt(thread)
+        raise TimeoutError from None
+    except asyncio.CancelledError:
+        _interrupt(thread)
+        raise
+    if not ok:
+        raise value
+    return value
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of the vocabulary spells (its stored form: byte-level BPE
+    writes one character per byte, so no text of N characters is fewer than N / this tokens)."""
+    try:
+        return max(8, max(map(len, tokenizer.get_vocab()), default=8))
+    except (AttributeError, TypeError):
+        return 64
 
 
 # -- request parsing ---------------------------------------------------------------------------------
@@ -145,13 +213,16 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
     if not all(isinstance(s, str) for s in stop):
         raise BadRequest("'stop' must be a string or a list of strings", "stop")
     temperature = field(body, "temperature", 1.0)
+    if isinstance(field(body, "stop_token_ids"), list) and not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in body["stop_token_ids"]):
+        raise BadRequest("'stop_token_ids' must be a list of integers", "stop_token_ids")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(field(body, "top_p", 1.0)),
                               top_k=field(body, "top_k", 0), min_p=float(field(body, "min_p", 0.0)),
                               repetition_penalty=float(field(body, "repetition_penalty", 1.0)),
                               seed=field(body, "seed"), stop=stop, stop_token_ids=field(body, "stop_token_ids") or [],
                               ignore_eos=field(body, "ignore_eos", False), logprobs=logprobs, n=field(body, "n", 1))
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:  # OverflowError: an integer too large for a float
         raise BadRequest(str(e)) from None
 
 
@@ -161,7 +232,12 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 # -- the app -----------------------------------------------------------------------------------------
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> Any:
+MAX_BODY_BYTES = 4 << 20      # a request body past this gets 413 (serve --max-body-mb)
+TEMPLATE_SECONDS = 5.0        # a chat template that renders longer is stopped (serve --template-timeout)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               template_seconds: float = TEMPLATE_SECONDS) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -174,6 +250,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
         return loop_holder["loop"]
 
     app.state.engine_loop = engine_loop
+    # a text longer than this cannot fit the context whatever it tokenizes to: refused untokenized
+    max_prompt_chars = engine.max_model_len * longest_token_chars(engine.tokenizer)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, e: BadRequest) -> JSONResponse:
@@ -219,10 +297,24 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
                       f"modelpress_{name} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
+    async def read_body(request: Request) -> bytes:
+        too_big = BadRequest(f"the request body is larger than this server takes ({max_body_bytes} bytes; "
+                             "serve --max-body-mb raises it)", status=413)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def body_of(request: Request) -> dict[str, Any]:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(await read_body(request))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
             raise BadRequest("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
@@ -232,12 +324,32 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
                              "NotFoundError")
         return body
 
-    def prompt_ids(prompt: Any) -> list[int]:
+    def check_length(chars: int) -> None:
+        if chars > max_prompt_chars:
+            raise BadRequest(f"the prompt has {chars} characters, more than the {engine.max_model_len} tokens of "
+                             "this model's context can hold", "prompt")
+
+    async def tokenize(text: str) -> list[int]:
+        check_length(len(text))
+        return await off_loop(lambda: engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def prompt_ids(prompt: Any) -> list[int]:
         if isinstance(prompt, str):
-            return engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return await tokenize(prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
         raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
+
+    async def render_chat(messages: list[dict[str, Any]]) -> str:
+        check_length(sum(len(m.get("content") or "") for m in messages))
+        try:
+            return await off_loop(lambda: engine.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False), timeout=template_seconds)
+        except TimeoutError:
+            raise BadRequest(f"the chat template took more than {template_seconds:g} s to render these messages",
+                             "messages") from None
+        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
+            raise BadRequest(f"the chat template cannot render these messages: {e}", "messages") from None
 
     async def run(ids: list[int], params: SamplingParams, stream: bool) -> AsyncIterator[RequestOutput]:
         el = engine_loop()
@@ -252,6 +364,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
                 if isinstance(item, BaseException):
                     raise BadRequest(str(item), status=400 if isinstance(item, ValueError) else 500,
                                      kind="invalid_request_error" if isinstance(item, ValueError) else "server_error")
+                if item.error is not None:  # this request failed inside an engine step (the others go on)
+                    done = True
+                    raise BadRequest(f"the request failed: {item.error}", status=500, kind="server_error")
                 yield item
                 if item.finished:
                     done = True
@@ -324,7 +439,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
                         yield f"data: {json.dumps(chunk)}\n\n"
                     if out.finished:
                         break
-                    out = await gen.__anext__()
+                    try:
+                        out = await gen.__anext__()
+                    except BadRequest as e:  # failed mid-stream: an error event, then the end as usual
+                        yield f"data: {json.dumps(error_body(e.message, e.kind, e.param, e.status))}\n\n"
+                        break
                 yield "data: [DONE]\n\n"
             finally:
                 await gen.aclose()
@@ -337,7 +456,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        ids = prompt_ids(prompt)
+        ids = await prompt_ids(prompt)
         return await respond(ids, sampling_params(body, chat=False), False, field(body, "stream", False))
 
     @app.post("/v1/chat/completions")
@@ -352,18 +471,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> A
                 m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
             if not isinstance(m.get("content", ""), str):
                 raise BadRequest("a message's 'content' must be a string", "messages")
-        try:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
-            raise BadRequest(f"the chat template cannot render these messages: {e}", "messages") from None
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = await tokenize(await render_chat(messages))
         return await respond(ids, sampling_params(body, chat=True), True, field(body, "stream", False))
 
     return app
 
 
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+          template_seconds: float = TEMPLATE_SECONDS) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(engine, model_name, api_key), host=host, port=port, log_level="warning")
+    app = create_app(engine, model_name, api_key, max_body_bytes, template_seconds)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

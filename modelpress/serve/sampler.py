@@ -4,8 +4,13 @@ temperature, then top-k, top-p and min-p filters, then a draw (or argmax at temp
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
+
+SEED_MAX = 2**63 - 1   # torch.Generator.manual_seed takes a 64-bit integer; completion i draws with seed + i
+# below this temperature a draw is argmax (vLLM's _SAMPLING_EPS): logits / 1e-45 overflow to inf and nan
+GREEDY_BELOW = 1e-5
 
 
 @dataclasses.dataclass
@@ -26,21 +31,27 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        checks = ((self.max_tokens >= 1, "max_tokens must be at least 1"),
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.min_p, self.repetition_penalty))
+        checks = ((finite, "temperature, top_p, min_p and repetition_penalty must be finite numbers"),
+                  (self.max_tokens >= 1, "max_tokens must be at least 1"),
                   (self.temperature >= 0, "temperature must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                   (self.top_k >= -1, "top_k must be -1, 0 (off) or positive"),
                   (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
                   (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
-                  (1 <= self.n <= 64, "n must be between 1 and 64"))
+                  (1 <= self.n <= 64, "n must be between 1 and 64"),
+                  (self.seed is None or 0 <= self.seed <= SEED_MAX - self.n,
+                   f"seed must be between 0 and {SEED_MAX - self.n}"),
+                  (all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids),
+                   "stop_token_ids must be a list of integers"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def penalize(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -78,6 +89,8 @@ def sample(logits: torch.Tensor, p: SamplingParams, seen: list[int], generator: 
     if p.greedy:  # numpy's argmax on a CPU: ~6 us against torch's ~60 us here; both take the first maximum
         return int(logits.numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax())
     probs = torch.softmax(filtered(logits, p), -1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("the model's logits are not finite; nothing can be sampled")
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
