@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from .errors import ModelpressError
+from .errors import ModelpressError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -396,7 +396,7 @@ def cmd_info(a: argparse.Namespace) -> int:
                     **{k: v for k, v in q.items() if k not in ("method", "version", "targets", "ignore")},
                     quantized_modules=len(m["modules"]), tensors=_count_tensors(path / checkpoint.WEIGHTS))
     else:
-        config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+        config = _read_config(Path(path) / "config.json")
         info.update(format="transformers", quantization=(config.get("quantization_config") or {}).get("quant_method"),
                     tensors=sum(_count_tensors(f) for f in Path(path).glob("*.safetensors")))
     if a.json:
@@ -405,6 +405,19 @@ def cmd_info(a: argparse.Namespace) -> int:
         width = max(map(len, info))
         print("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
     return 0
+
+
+def _read_config(path: Any) -> dict[str, Any]:
+    """A transformers config.json as a dict ({} where there is none); a damaged one is a user error."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelpressError(f"{path} is not valid JSON ({one_line(e)}); the folder is damaged") from None
+    if not isinstance(config, dict) or not isinstance(config.get("quantization_config") or {}, dict):
+        raise ModelpressError(f"{path} is not a transformers config (an object with an object quantization_config)")
+    return config
 
 
 def _ggml_name(t: int) -> str:
@@ -571,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.fn(args)
     except ModelpressError as e:
-        _err(f"modelpress: error: {e}")
+        _err(f"modelpress: error: {one_line(e)}")
         return 2
     except KeyboardInterrupt:
         _err("modelpress: interrupted")

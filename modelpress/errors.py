@@ -7,3 +7,8 @@ one line and exits with code 2. Anything else that escapes is a bug and keeps it
 
 class ModelpressError(Exception):
     """A mistake the user can fix (bad path, corrupt file, impossible setting)."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's message on one line (transformers' and torch's run over several)."""
+    return " ".join(str(error).split())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ from ..errors import ModelpressError
 FORMAT_VERSION = 1
 MANIFEST = "modelpress.json"
 WEIGHTS = "model.safetensors"
+# the files a checkpoint folder may hold: a folder holding anything else is never replaced
+LAYOUT = frozenset({WEIGHTS, MANIFEST, "config.json", "generation_config.json", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model"})
 
 
 def quantized_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -46,14 +51,46 @@ def stored_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def check_target(out: str | Path) -> Path:
-    """Refuse a destination whose contents a save would destroy (anything but a checkpoint)."""
+def check_writable(out: str | Path) -> Path:
+    """Refuse, before any work, a destination that cannot be written: the nearest folder that exists
+    on the way to `out` must take a new file (tried for real: root ignores permission bits, a
+    read-only file system does not)."""
     out = Path(out)
+    here = out.parent
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise ModelpressError(f"cannot write {out}: {here} is not a folder; choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=here):
+            pass
+    except OSError as e:
+        raise ModelpressError(f"cannot write {out}: {here} is not writable ({e.strerror}); "
+                              "choose another --out") from None
+    return out
+
+
+def check_target(out: str | Path) -> Path:
+    """Refuse a destination whose contents a save would destroy: a folder is replaced only if it is
+    empty or a modelpress checkpoint, that is its modelpress.json parses as one and every entry in it is
+    a file of the checkpoint layout (LAYOUT, or one its manifest lists as written)."""
+    out = check_writable(out)
     if out.exists() and not out.is_dir():
         raise ModelpressError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ModelpressError(f"{out} is a folder that holds something other than a modelpress checkpoint; "
-                              "choose an empty or new --out (nothing there is overwritten)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    refuse = (f"{out} is a folder that holds something other than a modelpress checkpoint ({{}}); "
+              "choose an empty or new --out (nothing there is overwritten)")
+    if not (out / MANIFEST).is_file():
+        raise ModelpressError(refuse.format(f"no {MANIFEST}"))
+    try:
+        listed = read_manifest(out).get("files", [])
+    except ModelpressError:
+        raise ModelpressError(refuse.format(f"its {MANIFEST} is not a modelpress manifest")) from None
+    allowed = LAYOUT | {f for f in listed if isinstance(f, str) and "/" not in f and "\\" not in f}
+    for entry in out.iterdir():
+        if entry.name not in allowed or entry.is_symlink() or not entry.is_file():
+            raise ModelpressError(refuse.format(f"{entry.name} is not part of one"))
     return out
 
 
@@ -98,6 +135,7 @@ def write_folder(model: torch.nn.Module, tokenizer: Any, out: Path, tensors: dic
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if manifest is not None:
+            manifest = {**manifest, "files": sorted([p.name for p in tmp.iterdir()] + [MANIFEST])}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = None
         if out.exists():
@@ -144,7 +182,7 @@ def layers_from(state: dict[str, torch.Tensor], marker: str, build: Any) -> Any:
 def check_new(out: str | Path) -> Path:
     """Refuse any existing, non-empty destination (for layouts other tools read: no manifest
     tells that a folder is ours to replace)."""
-    out = Path(out)
+    out = check_writable(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelpressError(f"{out} exists and is not empty; choose a new --out (nothing there is overwritten)")
     return out
@@ -154,11 +192,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise ModelpressError(f"{path} is unreadable ({e}); the checkpoint is damaged, save it again") from None
-    if manifest.get("format") != "modelpress":
-        raise ModelpressError(f"{path} is not a modelpress manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if (not isinstance(manifest, dict) or manifest.get("format") != "modelpress" or type(version) is not int
+            or not isinstance(manifest.get("modules", {}), dict)
+            or not isinstance(manifest.get("quantization") or {}, dict)):
+        raise ModelpressError(f"{path} is not a modelpress manifest (it needs \"format\": \"modelpress\", an integer "
+                              "\"format_version\" and a \"modules\" object); save the checkpoint again")
+    if version > FORMAT_VERSION:
         raise ModelpressError(f"{folder} was written by a newer modelpress (format "
                               f"{manifest['format_version']}); upgrade modelpress")
     return manifest
@@ -176,6 +218,31 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "re-download or save it again") from None
 
 
+def _module_from(folder: Path, model: torch.nn.Module, fqn: Any, meta: Any) -> torch.nn.Module:
+    """The quantized module a manifest entry describes, its sizes checked against the linear layer
+    it replaces (the model's own skeleton, on the meta device) before anything is allocated."""
+    from ..nn import QUANT_LINEAR_CLASSES
+
+    bad = f"{folder}/{MANIFEST}: module {fqn!r}"
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    cls = QUANT_LINEAR_CLASSES.get(meta.pop("class", None))
+    if cls is None:
+        raise ModelpressError(f"{bad} has no class this modelpress knows; upgrade modelpress or save it again")
+    try:
+        target = model.get_submodule(fqn)
+    except (AttributeError, TypeError):
+        target = None
+    if not isinstance(target, torch.nn.Linear):
+        raise ModelpressError(f"{bad} is not a linear layer of this model; the checkpoint is damaged")
+    if (meta.get("in_features"), meta.get("out_features")) != (target.in_features, target.out_features):
+        raise ModelpressError(f"{bad} says {meta.get('in_features')!r} x {meta.get('out_features')!r} features where the "
+                              f"model has {target.in_features} x {target.out_features}; the checkpoint is damaged")
+    try:
+        return cls(**meta)
+    except (TypeError, ValueError, ArithmeticError) as e:  # an argument the class does not take, a value it refuses
+        raise ModelpressError(f"{bad} cannot be rebuilt ({e}); the checkpoint is damaged") from None
+
+
 def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a modelpress checkpoint folder."""
     from transformers import AutoConfig, AutoTokenizer
@@ -183,7 +250,6 @@ def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     from ..config import BaseConfig
     from ..model.build import build_causal_lm
     from ..model.walker import replace
-    from ..nn import QUANT_LINEAR_CLASSES
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -192,11 +258,7 @@ def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
 
     def swap_in(model: torch.nn.Module) -> None:
         for fqn, meta in manifest["modules"].items():
-            meta = dict(meta)
-            cls = QUANT_LINEAR_CLASSES.get(meta.pop("class"))
-            if cls is None:
-                raise ModelpressError(f"{folder}: module {fqn} uses a class this modelpress lacks; upgrade")
-            replace(model, fqn, cls(**meta))
+            replace(model, fqn, _module_from(folder, model, fqn, meta))
 
     model = build_causal_lm(config, state, prepare=swap_in)
     if manifest.get("quantization"):

@@ -1,11 +1,38 @@
 """Build a transformers causal LM from a config and a state dict without random initialisation."""
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
 
 from ..errors import ModelpressError
+
+# config fields that size memory: (name, largest sane value); each must be a positive integer
+_SIZES = (("vocab_size", 1 << 22), ("hidden_size", 1 << 17), ("intermediate_size", 1 << 20),
+          ("num_hidden_layers", 1024), ("num_attention_heads", 1024), ("num_key_value_heads", 1024),
+          ("max_position_embeddings", 1 << 24))
+
+
+def check_config(config, state_dict: dict[str, torch.Tensor]) -> None:  # noqa: ANN001
+    """Every config value that sizes memory checked before the model is built: a positive integer
+    within sane bounds, heads that divide, and as many layers as the weights hold."""
+    for name, top in _SIZES:
+        v = getattr(config, name, None)
+        if name == "num_key_value_heads" and v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
+            raise ModelpressError(f"config.json: {name} = {v!r} is not a whole number from 1 to {top}; "
+                                  "the config is corrupt or not of a model modelpress loads")
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if heads % kv or not isinstance(head_dim, int) or head_dim < 1 or head_dim % 2:
+        raise ModelpressError(f"config.json: {heads} attention heads, {kv} key/value heads and a head size of "
+                              f"{head_dim} do not fit together; the config is corrupt")
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if layers and layers != set(range(config.num_hidden_layers)):
+        raise ModelpressError(f"config.json says {config.num_hidden_layers} layers but the weights hold layers "
+                              f"{min(layers)} to {max(layers)} ({len(layers)}); the files do not match")
 
 
 def build_causal_lm(config, state_dict: dict[str, torch.Tensor],  # noqa: ANN001 (PretrainedConfig)
@@ -17,11 +44,17 @@ def build_causal_lm(config, state_dict: dict[str, torch.Tensor],  # noqa: ANN001
     """
     from transformers import AutoModelForCausalLM
 
+    check_config(config, state_dict)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if prepare is not None:
         prepare(model)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that differ from the config's
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise ModelpressError(f"the weights do not match their config ({first}); the files are corrupt "
+                              "or from different models") from None
     if unexpected:
         raise ModelpressError(f"the weights hold tensors this {config.model_type} model has no place for "
                               f"(e.g. {unexpected[0]}); the file does not match its config")

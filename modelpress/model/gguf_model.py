@@ -35,25 +35,46 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_config(meta: dict[str, Any], tied: bool):  # noqa: ANN201
+def _number(meta: dict[str, Any], key: str, default: Any, kind: type, lo: float, hi: float) -> Any:
+    """meta[key] (or the default) as `kind`, refused unless a number within [lo, hi]."""
+    v = meta.get(key, default)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+    if not ok or not lo <= v <= hi:
+        raise ModelpressError(f"GGUF metadata {key} = {v!r} is not a {kind.__name__} from {lo:g} to {hi:g}; "
+                              "the file is corrupt or not a model modelpress loads")
+    return kind(v)
+
+
+def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  # noqa: ANN201
+    """The LlamaConfig a GGUF's metadata describes, every size checked before anything is allocated:
+    within sane bounds, consistent with each other and (`layers`: the blk.N indices its tensors hold)
+    with the tensors the file has."""
     from transformers import LlamaConfig
 
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ModelpressError(f"GGUF architecture {arch!r} is not supported yet; only 'llama' models load")
     a = "llama."
-    heads = int(meta[a + "attention.head_count"])
-    hidden = int(meta[a + "embedding_length"])
-    vocab = meta.get(a + "vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    tokens = meta.get("tokenizer.ggml.tokens")
+    heads = _number(meta, a + "attention.head_count", None, int, 1, 1024)
+    hidden = _number(meta, a + "embedding_length", None, int, 1, 1 << 17)
+    kv = _number(meta, a + "attention.head_count_kv", heads, int, 1, heads)
+    head_dim = _number(meta, a + "rope.dimension_count", hidden // heads or 1, int, 1, 1 << 12)
+    vocab = _number(meta, a + "vocab_size", len(tokens) if isinstance(tokens, list) else None, int, 1, 1 << 22)
+    blocks = _number(meta, a + "block_count", None, int, 1, 1024)
+    if heads % kv or head_dim % 2:
+        raise ModelpressError(f"GGUF metadata: {heads} attention heads cannot share {kv} key/value heads, or a "
+                              f"head of {head_dim} is odd; the file is corrupt")
+    if layers is not None and layers != blocks:
+        raise ModelpressError(f"GGUF metadata says {blocks} blocks but the file's tensors hold {layers}; "
+                              "the file is corrupt")
     return LlamaConfig(
-        vocab_size=int(vocab), hidden_size=hidden,
-        intermediate_size=int(meta[a + "feed_forward_length"]),
-        num_hidden_layers=int(meta[a + "block_count"]), num_attention_heads=heads,
-        num_key_value_heads=int(meta.get(a + "attention.head_count_kv", heads)),
-        head_dim=int(meta.get(a + "rope.dimension_count", hidden // heads)),
-        rms_norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(meta.get(a + "rope.freq_base", 10000.0)),
-        max_position_embeddings=int(meta.get(a + "context_length", 2048)),
+        vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=_number(meta, a + "feed_forward_length", None, int, 1, 1 << 20),
+        num_hidden_layers=blocks, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+        rms_norm_eps=_number(meta, a + "attention.layer_norm_rms_epsilon", 1e-5, float, 1e-12, 1.0),
+        rope_theta=_number(meta, a + "rope.freq_base", 10000.0, float, 1.0, 1e12),
+        max_position_embeddings=_number(meta, a + "context_length", 2048, int, 1, 1 << 24),
         tie_word_embeddings=tied,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
@@ -106,12 +127,14 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
     same values as the fp32 tied weight, for the decode kernels)."""
     from ..model.walker import replace
     from ..nn.gguf_linear import GGUFLinear
-    from .gguf_tokenizer import tokenizer_from_gguf
+    from .gguf_tokenizer import check_vocab, tokenizer_from_gguf
 
     path = Path(path)
     meta, tensors = read_gguf(path)
     tied = not any(t.name == "output.weight" for t in tensors)
-    config = llama_config(meta, tied)
+    layers = {m.group(1) for t in tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    config = llama_config(meta, tied, len(layers))
+    check_vocab(meta, path)
     sd, kept = _state_dict(tensors, config, keep_blocks)
 
     def prepare(model: torch.nn.Module) -> None:

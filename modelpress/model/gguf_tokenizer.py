@@ -49,6 +49,31 @@ def _bpe_tokenizer(meta: dict[str, Any]):  # noqa: ANN202
     return tk
 
 
+def check_vocab(meta: dict[str, Any], path: Path) -> None:
+    """The tokenizer fields' types and lengths, checked before a tokenizer is built from them."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    problem = None
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        problem = "tokenizer.ggml.tokens is not a non-empty array of strings"
+    elif "tokenizer.ggml.token_type" in meta and (
+            not isinstance(types := meta["tokenizer.ggml.token_type"], list) or len(types) != len(tokens)
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in types)):
+        problem = f"tokenizer.ggml.token_type is not an array of {len(tokens)} integers, one per token"
+    elif "tokenizer.ggml.merges" in meta and (
+            not isinstance(merges := meta["tokenizer.ggml.merges"], list)
+            or not all(isinstance(m, str) and " " in m for m in merges)):
+        problem = "tokenizer.ggml.merges is not an array of strings 'a b'"
+    elif not isinstance(meta.get("tokenizer.chat_template", ""), str):
+        problem = "tokenizer.chat_template is not a string"
+    else:
+        for key in ("bos", "eos", "unknown", "padding"):
+            i = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if i is not None and (not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tokens)):
+                problem = f"tokenizer.ggml.{key}_token_id {i!r} is not a token of the vocabulary"
+    if problem:
+        raise ModelpressError(f"{path}: {problem}; the file is corrupt")
+
+
 def tokenizer_from_gguf(meta: dict[str, Any], path: Path):  # noqa: ANN201
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

