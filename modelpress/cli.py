@@ -197,10 +197,12 @@ def _allocation(plan: Any) -> str:
 def _gguf_out(path: str) -> Any:
     from pathlib import Path
 
+    from .formats.checkpoint import check_writable
+
     out = Path(path)
     if out.is_dir() or not out.parent.is_dir():
         raise ModelpressError(f"--out must be a file path in an existing folder; got {path}")
-    return out
+    return check_writable(out)
 
 
 def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
@@ -365,7 +367,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import stream_text
 
+    if a.raw and not a.prompt:
+        raise ModelpressError("the prompt is empty; give some text with -p (with --raw nothing else is sent)")
     model, tok, _ = _load(a.model, a.device, a.gguf_blocks)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and a.max_new_tokens > context:
+        _err(f"note: -n {a.max_new_tokens} is past the model's context; generating until it is full ({context} tokens)")
     for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, chat=not a.raw,
                              temperature=a.temperature, top_p=a.top_p, seed=a.seed):
         print(piece, end="", flush=True)

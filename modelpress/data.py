@@ -29,9 +29,12 @@ def read_text(path: str | Path) -> str:
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ModelpressError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+                text = None
+            if not isinstance(text, str):
+                raise ModelpressError(f"{path}:{n} is not a JSON object with a \"text\" field holding a string")
+            texts.append(text)
         raw = "\n\n".join(texts)
     if not raw.strip():
         raise ModelpressError(f"{path} holds no text")

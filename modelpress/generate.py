@@ -7,18 +7,28 @@ from typing import Iterator
 
 import torch
 
+from .errors import ModelpressError, one_line
 from .model.walker import device_of
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:  # noqa: ANN001
-    """(1, T) prompt ids; with `chat` and a chat template, the prompt as one user turn."""
+    """(1, T) prompt ids; with `chat` and a chat template, the prompt as one user turn. A template
+    that cannot render (Jinja's sandbox refuses it, say) or an empty prompt is a ModelpressError."""
+    from jinja2 import TemplateError
+
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=True, return_dict=False)
+        try:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                add_generation_prompt=True, tokenize=True, return_dict=False)
+        except (TemplateError, ValueError, TypeError) as e:
+            raise ModelpressError(f"the model's chat template cannot render the prompt ({one_line(e)}); "
+                                  "pass --raw to send the prompt as it is") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
     else:
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not len(ids):
+        raise ModelpressError("the prompt is empty; give some text with -p")
     return torch.tensor([list(ids)], dtype=torch.long)
 
 
@@ -61,12 +71,14 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens
 
 def runner_ids(runner, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int] | None = None,  # noqa: ANN001
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
-    """generate_ids through a serve.runner.ModelRunner (its cache must hold the prompt and the new
-    tokens): the engine's numbers and its fused decode."""
+    """generate_ids through a serve.runner.ModelRunner: the engine's numbers and its fused decode.
+    Its cache grows (doubling) as the tokens come, so a large max_new_tokens costs nothing up front."""
     from types import SimpleNamespace
 
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     seq = SimpleNamespace(token_ids=input_ids[0].tolist(), num_computed=0, block_table=list(range(runner.num_blocks)))
+    runner.grow(-(-len(seq.token_ids) // runner.block_size))
+    seq.block_table = list(range(runner.num_blocks))
     logits = runner.run([seq], [len(seq.token_ids)])
     seq.num_computed = len(seq.token_ids)
     for _ in range(max_new_tokens):
@@ -75,6 +87,9 @@ def runner_ids(runner, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: se
         if eos_ids and tok in eos_ids:
             return
         seq.token_ids.append(tok)
+        if len(seq.token_ids) > runner.num_blocks * runner.block_size:
+            runner.grow(2 * runner.num_blocks)
+            seq.block_table = list(range(runner.num_blocks))
         logits = runner.run([seq], [1])
         seq.num_computed += 1
 
@@ -85,17 +100,21 @@ def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: 
     """Yield the completion as text pieces, decoding incrementally (whole characters only). Runs
     on the serving engine's fused decode where it takes the model (a Llama-family model on a CPU:
     fp32 or GGUF blocks, which then multiply with int8 activations as llama.cpp does), else
-    through the model's forward."""
+    through the model's forward. Stops at the model's context (max_position_embeddings)."""
     from .eval.speed import fused_runner
 
     ids = encode_prompt(tokenizer, prompt, chat)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    if ids.shape[1] >= context:
+        raise ModelpressError(f"the prompt has {ids.shape[1]} tokens; the model's context holds {context}")
+    max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     if chat:
         eos |= {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),) if isinstance(i, int) and i >= 0
                 and i != tokenizer.unk_token_id}
     new: list[int] = []
     shown = ""
-    runner = fused_runner(model, ids.shape[1] + max_new_tokens)
+    runner = fused_runner(model, ids.shape[1] + min(max_new_tokens, 256))  # the cache grows past that
     toks = (runner_ids(runner, ids, max_new_tokens, eos, temperature, top_p, seed) if runner is not None
             else generate_ids(model, ids, max_new_tokens, eos, temperature, top_p, seed))
     for tok in toks:

@@ -62,9 +62,9 @@ def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  
     head_dim = _number(meta, a + "rope.dimension_count", hidden // heads or 1, int, 1, 1 << 12)
     vocab = _number(meta, a + "vocab_size", len(tokens) if isinstance(tokens, list) else None, int, 1, 1 << 22)
     blocks = _number(meta, a + "block_count", None, int, 1, 1024)
-    if heads % kv or head_dim % 2:
-        raise ModelpressError(f"GGUF metadata: {heads} attention heads cannot share {kv} key/value heads, or a "
-                              f"head of {head_dim} is odd; the file is corrupt")
+    if heads % kv or head_dim % 2 or hidden % heads:
+        raise ModelpressError(f"GGUF metadata: {heads} attention heads, {kv} key/value heads, a head of {head_dim} "
+                              f"and a width of {hidden} do not fit together; the file is corrupt")
     if layers is not None and layers != blocks:
         raise ModelpressError(f"GGUF metadata says {blocks} blocks but the file's tensors hold {layers}; "
                               "the file is corrupt")

@@ -52,9 +52,17 @@ def load(source: str | Path | None = None, keep_blocks: bool = False) -> tuple[t
         return _load(path, keep_blocks)
     except ModelpressError:
         raise
-    except _FILE_ERRORS as e:
+    except _FILE_ERRORS + _hub_errors() as e:
         raise ModelpressError(f"{path} cannot be loaded ({type(e).__name__}: {one_line(e)[:300]}); the file is "
                               "damaged or of a kind modelpress does not load") from None
+
+
+def _hub_errors() -> tuple[type[Exception], ...]:
+    """huggingface_hub's validation errors (transformers' configs check themselves on construction);
+    they derive from Exception alone."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (StrictDataclassError,)
 
 
 def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:

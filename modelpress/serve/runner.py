@@ -106,6 +106,18 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         return 2 * len(self.layers) * self.block_size * self.n_kv * self.head_dim * self.k_cache[0].element_size()
 
+    def grow(self, num_blocks: int) -> None:
+        """Room for `num_blocks` blocks, the ones there kept (generate's cache grows as tokens come)."""
+        extra = num_blocks - self.num_blocks
+        if extra <= 0:
+            return
+        shape = (extra, self.block_size, self.n_kv, self.head_dim)
+        self.k_cache = [torch.cat([c, c.new_zeros(shape)]) for c in self.k_cache]
+        self.v_cache = [torch.cat([c, c.new_zeros(shape)]) for c in self.v_cache]
+        self.num_blocks = num_blocks
+        if self._fused:
+            self._fused.bind(self.k_cache, self.v_cache)
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write for forks: block dst takes src's keys and values in every layer."""
         for src, dst in pairs:
