@@ -12,11 +12,23 @@ import torch
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
 
 
+def cpu_name() -> str:
+    """The processor's model name and the vector extensions the kernels use (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    simd = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx2") if f in flags]
+    return f"{name} ({', '.join(simd) or 'no AVX2'})"
+
+
 def write_result(path: str | Path, benchmark: str, rows: list[dict], **fields: object) -> Path:
     """{benchmark, model, **fields, torch, threads, machine, cpu, date, rows} as JSON, written
     under a temporary name and renamed, so a reader never sees half a file."""
     result = {"benchmark": benchmark, "model": MODEL, **fields, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": platform.processor(),
+              "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": cpu_name(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

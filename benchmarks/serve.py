@@ -11,8 +11,10 @@
    tokens each, greedy, no stop at eos) through `modelpress serve`'s HTTP API, through
    llama-server with as many slots (if given), and transformers' batched generate (fp32).
 3. load: --load-clients streaming clients against a KV cache too small for all of them, a quarter
-   disconnecting after their first tokens; every other output must equal the same request run
-   alone, and /metrics must show 0 KV blocks in use at the end.
+   disconnecting after their first tokens, and one malformed request a second mixed in (issue 19's
+   list, in turn) while /health is polled 4 times a second; every other output must equal the same
+   request run alone, /metrics must show 0 KV blocks in use at the end, and the server's resident
+   memory is read at the start and the end.
 Nothing here asserts a timing.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -188,17 +191,76 @@ def transformers_throughput(prompts: list[list[int]], new: int) -> dict:
     return {"requests": len(prompts), "new_tokens": toks, "seconds": wall, "tokens_per_s": toks / wall}
 
 
+# one of these a second during the load test: issue 19's malformed requests (each must get a 4xx)
+MALFORMED: list[tuple[str, object]] = [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "seed": 18446744073709551616}),
+    ("/v1/completions", {"prompt": [1000000000]}),
+    ("/v1/completions", {"prompt": [-1, -2]}),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}'),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10 ** 30}),
+    ("/v1/completions", {"prompt": "x" * (3 << 20)}),                  # long: refused before tokenizing
+    ("/v1/completions", b"x" * (5 << 20)),                              # past the 4 MiB body limit
+    ("/v1/completions", b"[" * 100000 + b"]" * 100000),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": ["x"]}),
+]
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _hostile(url: str, stop: asyncio.Event) -> dict:
+    """Until `stop`: a malformed request a second, /health every 0.25 s; the status codes seen."""
+    import httpx
+
+    bad, health = Counter(), Counter()
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def malformed() -> None:
+            i = 0
+            while not stop.is_set():
+                path, body = MALFORMED[i % len(MALFORMED)]
+                i += 1
+                kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+                bad[(await client.post(f"{url}{path}", **kw)).status_code] += 1
+                await asyncio.sleep(1.0)
+
+        async def poll() -> None:
+            while not stop.is_set():
+                health[(await client.get(f"{url}/health")).status_code] += 1
+                await asyncio.sleep(0.25)
+
+        await asyncio.gather(malformed(), poll())
+    return {"malformed_sent": sum(bad.values()), "malformed_status": dict(bad), "health_polls": sum(health.values()),
+            "health_status": dict(health)}
+
+
 def load_test(gguf: Path, clients: int, new: int, kv_blocks: int) -> dict:
     import httpx
 
     prompts = eval_prompts(clients, 96)
     leave = set(range(0, clients, 4))
-    with ours(str(gguf), free_port(), ["--kv-blocks", str(kv_blocks), "--max-num-seqs", "32"]) as url:
+
+    async def run(url: str) -> tuple[list[dict], dict]:
+        stop = asyncio.Event()
+        side = asyncio.create_task(_hostile(url, stop))
+        res = await _fire(url, "m", prompts, new, stream=True, leave_after=leave)
+        stop.set()
+        return res, await side
+
+    server = ours(str(gguf), free_port(), ["--kv-blocks", str(kv_blocks), "--max-num-seqs", "32"])
+    with server as url:
+        rss_start = rss_mb(server.proc.pid)
         start = time.perf_counter()
-        res = asyncio.run(_fire(url, "m", prompts, new, stream=True, leave_after=leave))
+        res, hostile = asyncio.run(run(url))
         wall = time.perf_counter() - start
         time.sleep(1.0)
         metrics = httpx.get(f"{url}/metrics").text
+        rss_end = rss_mb(server.proc.pid)
     used = float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("modelpress_kv_blocks_used ")))
     pre = float(next(ln.split()[1] for ln in metrics.splitlines() if ln.startswith("modelpress_preemptions_total ")))
     model, tok = modelpress.load(gguf, keep_blocks=True)
@@ -207,7 +269,8 @@ def load_test(gguf: Path, clients: int, new: int, kv_blocks: int) -> dict:
     done = [i for i in range(clients) if i not in leave]
     same = sum(res[i].get("text") == alone[i].outputs[0].text for i in done)
     return {"clients": clients, "disconnected": len(leave), "completed": len(done), "identical_to_alone": same,
-            "kv_blocks": kv_blocks, "kv_blocks_used_at_end": used, "preemptions": pre, "seconds": wall}
+            "kv_blocks": kv_blocks, "kv_blocks_used_at_end": used, "preemptions": pre, "seconds": wall, **hostile,
+            "server_rss_mb_start": rss_start, "server_rss_mb_end": rss_end}
 
 
 def main() -> None:

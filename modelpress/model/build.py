@@ -26,7 +26,8 @@ def check_config(config, state_dict: dict[str, torch.Tensor]) -> None:  # noqa: 
                                   "the config is corrupt or not of a model modelpress loads")
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if heads % kv or not isinstance(head_dim, int) or head_dim < 1 or head_dim % 2 or config.hidden_size % heads:
+    if (heads % kv or not isinstance(head_dim, int) or isinstance(head_dim, bool) or not 1 <= head_dim <= 4096
+            or head_dim % 2 or config.hidden_size % heads):
         raise ModelpressError(f"config.json: {heads} attention heads, {kv} key/value heads and a head size of "
                               f"{head_dim} do not fit together; the config is corrupt")
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"model\.layers\.(\d+)\.", k))}
