@@ -105,17 +105,13 @@ class Engine:
         return rid
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
-        """ValueError if the request could never run: an empty prompt, a token id outside the vocabulary,
-        or a prompt that with max_tokens exceeds the model's context or the whole KV cache. Reads only
-        settings (thread-safe)."""
+        """ValueError if the request could never run: an empty prompt, a prompt that with max_tokens
+        exceeds the model's context or the whole KV cache, or a token id outside the vocabulary.
+        Reads only settings (thread-safe)."""
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         if not ids:
             raise ValueError("the prompt is empty")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
-            bad = next(t for t in ids if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size))
-            raise ValueError(f"the prompt holds token id {bad!r}; token ids are integers from 0 to "
-                             f"{self.vocab_size - 1}")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
                              f"{len(ids)} and max_tokens asks {params.max_tokens} more")
@@ -123,6 +119,9 @@ class Engine:
         if -(-(len(ids) + params.max_tokens) // bs) > blocks:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more than the "
                              f"{blocks} KV blocks of {bs} tokens the cache has; raise kv_blocks or lower max_tokens")
+        if not all(type(t) is int and 0 <= t < self.vocab_size for t in ids):  # not bool, a subclass of int
+            bad = next(t for t in ids if not (type(t) is int and 0 <= t < self.vocab_size))
+            raise ValueError(f"the prompt holds token id {bad!r}; token ids are integers from 0 to {self.vocab_size - 1}")
 
     def abort(self, request_id: str) -> None:
         """Stop a request (a client went away): its sequences finish and free their blocks."""

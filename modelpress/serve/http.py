@@ -213,9 +213,6 @@ def sampling_params(body: dict[str, Any], chat: bool) -> SamplingParams:
     if not all(isinstance(s, str) for s in stop):
         raise BadRequest("'stop' must be a string or a list of strings", "stop")
     temperature = field(body, "temperature", 1.0)
-    if isinstance(field(body, "stop_token_ids"), list) and not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in body["stop_token_ids"]):
-        raise BadRequest("'stop_token_ids' must be a list of integers", "stop_token_ids")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(field(body, "top_p", 1.0)),
                               top_k=field(body, "top_k", 0), min_p=float(field(body, "min_p", 0.0)),
