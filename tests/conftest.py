@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Llama with a byte-level tokenizer, built in code in a second."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -91,3 +92,29 @@ def gptq_act_order(model, bits: int = 4, group_size: int = 32):
 
     calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     return modelpress.quantize(model, modelpress.GPTQConfig(bits=bits, group_size=group_size, act_order=True), calib)
+
+
+@contextlib.contextmanager
+def uvicorn_server(app):
+    """A real uvicorn server for `app` on a free loopback port, on a thread; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)

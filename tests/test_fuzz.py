@@ -107,29 +107,26 @@ def gguf_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gguf_tally():
-    t = Tally("gguf")
-    yield t
-    t.report()
+    yield from _tally("gguf")
 
 
-def _header_fields(path):
-    table, end = fields(path)
-    return table, end
+def _poke(raw, data, top, most):
+    """Set 1 to `most` bytes of `raw` (a bytearray) at positions up to `top` to drawn values."""
+    for pos, byte in data.draw(st.lists(st.tuples(st.integers(0, top), st.integers(0, 255)), min_size=1,
+                                        max_size=most)):
+        raw[pos] = byte
 
 
 @FUZZ
 @given(data=st.data())
 def test_gguf_byte_mutations(gguf_file, gguf_tally, tmp_path, data):
     raw = bytearray(gguf_file.read_bytes())
-    _, end = _header_fields(gguf_file)
+    _, end = fields(gguf_file)
     kind = data.draw(st.sampled_from(["header bytes", "any bytes", "truncate"]))
     if kind == "truncate":
         raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
     else:
-        top = end + 64 if kind == "header bytes" else len(raw) - 1
-        for pos, byte in data.draw(st.lists(st.tuples(st.integers(0, top), st.integers(0, 255)), min_size=1,
-                                            max_size=8)):
-            raw[pos] = byte
+        _poke(raw, data, end + 64 if kind == "header bytes" else len(raw) - 1, 8)
     path = tmp_path / "m.gguf"
     path.write_bytes(bytes(raw))
     gguf_tally.check(path)
@@ -138,7 +135,7 @@ def test_gguf_byte_mutations(gguf_file, gguf_tally, tmp_path, data):
 @FUZZ
 @given(data=st.data())
 def test_gguf_field_mutations(gguf_file, gguf_tally, tmp_path, data):
-    table, _ = _header_fields(gguf_file)
+    table, _ = fields(gguf_file)
     raw = gguf_file.read_bytes()
     for _ in range(data.draw(st.integers(1, 3))):
         name, off, fmt = data.draw(st.sampled_from(table))
@@ -162,14 +159,18 @@ def hf_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_tally():
-    t = Tally("transformers folder")
-    yield t
-    t.report()
+    yield from _tally("transformers folder")
 
 
 def _copy(src, dst):
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst
+
+
+def _tally(name):
+    t = Tally(name)
+    yield t
+    t.report()
 
 
 def _safetensors_header(raw):
@@ -185,10 +186,7 @@ def test_safetensors_mutations(hf_folder, hf_tally, tmp_path, data):
     header, body = _safetensors_header(bytes(raw))
     kind = data.draw(st.sampled_from(["bytes", "field", "truncate"]))
     if kind == "bytes":
-        top = 8 + struct.unpack_from("<Q", raw, 0)[0] + 64
-        for pos, byte in data.draw(st.lists(st.tuples(st.integers(0, top), st.integers(0, 255)), min_size=1,
-                                            max_size=6)):
-            raw[pos] = byte
+        _poke(raw, data, 8 + struct.unpack_from("<Q", raw, 0)[0] + 64, 6)
     elif kind == "truncate":
         raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
     else:
@@ -231,9 +229,7 @@ def test_config_json_mutations(hf_folder, hf_tally, tmp_path, data):
         text = json.dumps(config)
     else:
         raw = bytearray((d / "config.json").read_bytes())
-        for pos, byte in data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)),
-                                            min_size=1, max_size=4)):
-            raw[pos] = byte
+        _poke(raw, data, len(raw) - 1, 4)
         text = bytes(raw).decode("latin-1")
     (d / "config.json").write_text(text, encoding="latin-1" if not text.isascii() else "utf-8")
     hf_tally.check(d)
@@ -249,9 +245,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt_tally():
-    t = Tally("modelpress.json")
-    yield t
-    t.report()
+    yield from _tally("modelpress.json")
 
 
 MODULE_KEYS = ["class", "in_features", "out_features", "bits", "group_size", "symmetric", "bias", "permuted", "extra"]

@@ -10,10 +10,8 @@ import time
 
 import gguf
 import pytest
-from safetensors.torch import load_file, save_file
 
 import modelpress
-from modelpress.errors import ModelpressError
 from tests.conftest import byte_tokenizer, tiny_llama
 from tests.gguf_craft import field_offset, patched, rewrite
 from tests.test_cli import _one_line_error, _run
@@ -204,7 +202,10 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys, tiny_gguf):
     refused(capsys, "generate", str(d), "-p", "hi", says="chat template")
     (d / "tokenizer.json").unlink()
     (d / "tokenizer_config.json").unlink()
-    refused(capsys, "eval", str(d))
+    refused(capsys, "eval", str(d))  # transformers' message about the missing tokenizer runs over lines
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "model_type": "mine", "auto_map": {"AutoConfig": "m.C"}}))
+    refused(capsys, "eval", str(d))  # remote code: refused, in one line
 
 
 def test_generate_grows_its_cache(tmp_path, capsys, tiny_gguf):

@@ -1,8 +1,6 @@
 """The HTTP API with the official openai client and raw httpx, a tiny model behind a real
 uvicorn server on a free port."""
 import json
-import socket
-import threading
 import time
 
 import httpx
@@ -10,7 +8,7 @@ import pytest
 
 from modelpress.serve.engine import Engine
 from modelpress.serve.http import create_app
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, tiny_llama, uvicorn_server
 
 KEY = "test-key"
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
@@ -19,25 +17,12 @@ TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %
 
 @pytest.fixture(scope="module")
 def server():
-    import uvicorn
-
     tok = byte_tokenizer()
     tok.chat_template = TEMPLATE
     engine = Engine(tiny_llama(), tok, max_num_seqs=8, kv_blocks=40, block_size=4)
     app = create_app(engine, "tiny", api_key=KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine, tok
-    srv.should_exit = True
-    th.join(timeout=10)
+    with uvicorn_server(app) as url:
+        yield url, engine, tok
 
 
 def client(url):

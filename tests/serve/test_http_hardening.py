@@ -4,7 +4,6 @@ streams run; each gets a 4xx, the 8 streams all end with [DONE] and the output t
 tokenize, a chat template stopped at its time limit while /health answers, and a request that
 fails mid-stream (an error event on its stream alone)."""
 import json
-import socket
 import threading
 import time
 
@@ -15,7 +14,7 @@ from modelpress.serve import engine as engine_module
 from modelpress.serve.engine import Engine
 from modelpress.serve.http import create_app
 from modelpress.serve.sampler import SamplingParams
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, tiny_llama, uvicorn_server
 
 # a template whose loop runs ~10^10 times for a message saying "slow" (defect 6: 31 s on the event loop)
 TEMPLATE = ("{% for m in messages %}{% if m.content == 'slow' %}{% for i in range(100000) %}{% for j in range(100000) %}"
@@ -28,8 +27,6 @@ NEW = 40
 
 @pytest.fixture(scope="module")
 def server():
-    import uvicorn
-
     model, tok = tiny_llama(), byte_tokenizer()
     tok.chat_template = TEMPLATE
     ref_engine = Engine(model, tok, max_num_seqs=8, kv_blocks=200, block_size=4)
@@ -37,19 +34,8 @@ def server():
     refs = [o.outputs[0].text for o in ref_engine.generate(STREAMS, params)]
     engine = Engine(model, tok, max_num_seqs=8, kv_blocks=200, block_size=4)
     app = create_app(engine, "tiny", max_body_bytes=MAX_BODY, template_seconds=1.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine, refs
-    srv.should_exit = True
-    th.join(timeout=10)
+    with uvicorn_server(app) as url:
+        yield url, engine, refs
 
 
 def stream(url, prompt, results, i, **extra):
