@@ -94,6 +94,25 @@ def runner_ids(runner, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: se
         seq.num_computed += 1
 
 
+def cache_blocks(tokens: int, block_size: int) -> int:
+    """KV blocks for `tokens` positions and one more."""
+    return -(-(tokens + 1) // block_size)
+
+
+def fused_runner(model: torch.nn.Module, tokens: int, block_size: int = 16):  # noqa: ANN201
+    """A serve.runner.ModelRunner with a cache for `tokens` positions whose fused batch-1 decode
+    takes `model`, or None (its torch path is no faster than transformers' own forward at batch 1,
+    so other models keep that)."""
+    from .serve.runner import ModelRunner
+
+    cfg = getattr(model, "config", None)
+    if not (getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2") and device_of(model).type == "cpu"
+            and hasattr(getattr(model, "model", None), "layers")):
+        return None
+    runner = ModelRunner(model, cache_blocks(tokens, block_size), block_size)
+    return runner if runner.fused() is not None else None
+
+
 def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128,  # noqa: ANN001
                 chat: bool = True, temperature: float = 0.0, top_p: float = 1.0,
                 seed: int | None = None) -> Iterator[str]:
@@ -101,8 +120,6 @@ def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: 
     on the serving engine's fused decode where it takes the model (a Llama-family model on a CPU:
     fp32 or GGUF blocks, which then multiply with int8 activations as llama.cpp does), else
     through the model's forward. Stops at the model's context (max_position_embeddings)."""
-    from .eval.speed import fused_runner
-
     ids = encode_prompt(tokenizer, prompt, chat)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     if ids.shape[1] >= context:

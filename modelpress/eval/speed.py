@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..generate import generate_ids, runner_ids
+from ..generate import cache_blocks, fused_runner, generate_ids, runner_ids
 
 SPEED_PROMPT = "The history of data compression begins with"
 
@@ -23,25 +23,6 @@ def decode_tokens_per_s(model: torch.nn.Module, tokenizer, new_tokens: int = 64,
     return decode_ids_per_s(model, ids, new_tokens, warmup, progress)
 
 
-def _blocks(tokens: int, block_size: int) -> int:
-    return -(-(tokens + 1) // block_size)
-
-
-def fused_runner(model: torch.nn.Module, tokens: int, block_size: int = 16):  # noqa: ANN201
-    """A serve.runner.ModelRunner with a cache for `tokens` positions whose fused batch-1 decode
-    takes `model`, or None (its torch path is no faster than transformers' own forward at batch 1,
-    so other models keep that)."""
-    from ..model.walker import device_of
-    from ..serve.runner import ModelRunner
-
-    cfg = getattr(model, "config", None)
-    if not (getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2") and device_of(model).type == "cpu"
-            and hasattr(getattr(model, "model", None), "layers")):
-        return None
-    runner = ModelRunner(model, _blocks(tokens, block_size), block_size)
-    return runner if runner.fused() is not None else None
-
-
 def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, runner=None,  # noqa: ANN001
                       block_size: int = 16) -> Iterator[int]:
     """Greedy new token ids after the (1, T) prompt `ids`, through `runner` (default: a
@@ -50,7 +31,7 @@ def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens:
     from ..serve.runner import ModelRunner
 
     if runner is None:
-        runner = ModelRunner(model, _blocks(ids.shape[1] + max_new_tokens, block_size), block_size)
+        runner = ModelRunner(model, cache_blocks(ids.shape[1] + max_new_tokens, block_size), block_size)
     return runner_ids(runner, ids, max_new_tokens)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
@@ -81,11 +82,12 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
-    from ..methods import AWQConfig
     from .checkpoint import layers_from
 
     if int(qc.get("bits", 4)) != 4 or str(qc.get("version", "gemm")).lower() != "gemm":
         raise ModelpressError(f"AWQ {qc.get('version')} at {qc.get('bits')} bits is not supported (GEMM, 4 bits)")
     group = int(qc.get("group_size", 128))
     prepare = layers_from(state, "qweight", lambda t: layer_from_hf(t, group))
-    return AWQConfig(bits=4, group_size=group, symmetric=not qc.get("zero_point", True)), state, prepare
+    config = BaseConfig.from_dict({"method": "awq", "bits": 4, "group_size": group,
+                                   "symmetric": not qc.get("zero_point", True)})
+    return config, state, prepare

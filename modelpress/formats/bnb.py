@@ -13,12 +13,12 @@ import torch
 
 from ..config import BaseConfig
 from ..errors import ModelpressError
-from ..methods import FP4Config, LLMInt8Config, NF4Config
 from ..model.walker import iter_targets, replace
 from ..nn import Code4Linear, Int8LtLinear
 from ..nn.code4_linear import read_quant_state
 
 QUANT_METHOD = "bitsandbytes"
+FOUR_BIT = ("nf4", "fp4")  # the methods stored as 4-bit codes (Code4Linear); "int8" is LLM.int8
 
 
 def _skipped_linears(model: torch.nn.Module) -> list[str]:
@@ -30,8 +30,8 @@ def _skipped_linears(model: torch.nn.Module) -> list[str]:
 def quantization_config(config: BaseConfig, model: torch.nn.Module) -> dict[str, Any] | None:
     """The quantization_config transformers expects for a bitsandbytes model, or None for methods
     that bitsandbytes does not have."""
-    four = isinstance(config, NF4Config)
-    if not four and not isinstance(config, LLMInt8Config):
+    four = config.method in FOUR_BIT
+    if not four and config.method != "int8":
         return None
     return {
         "_load_in_4bit": four, "_load_in_8bit": not four,
@@ -58,14 +58,16 @@ def config_from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]) -> BaseCo
     ignore = tuple(rf"(^|\.){p}$" if "." not in p else rf"^{p}$" for p in skip)
     try:
         if qc.get("load_in_4bit"):
-            cls = {"nf4": NF4Config, "fp4": FP4Config}.get(qc.get("bnb_4bit_quant_type", "fp4"))
-            if cls is None:
-                raise ModelpressError(f"unknown bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type')!r}")
+            method = qc.get("bnb_4bit_quant_type", "fp4")
+            if method not in FOUR_BIT:
+                raise ModelpressError(f"unknown bnb_4bit_quant_type {method!r}")
             dtype = qc.get("bnb_4bit_compute_dtype") or "float32"
-            return cls(ignore=ignore, blocksize=blocksize, double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
-                       compute_dtype=dtype if dtype in ("float32", "bfloat16") else "float32")
+            return BaseConfig.from_dict({"method": method, "ignore": ignore, "blocksize": blocksize,
+                                         "double_quant": bool(qc.get("bnb_4bit_use_double_quant")),
+                                         "compute_dtype": dtype if dtype in ("float32", "bfloat16") else "float32"})
         if qc.get("load_in_8bit"):
-            return LLMInt8Config(ignore=ignore, threshold=float(qc.get("llm_int8_threshold", 6.0)))
+            return BaseConfig.from_dict({"method": "int8", "ignore": ignore,
+                                         "threshold": float(qc.get("llm_int8_threshold", 6.0))})
     except ValueError as e:
         raise ModelpressError(f"unsupported bitsandbytes settings in config.json: {e}") from None
     raise ModelpressError("config.json names bitsandbytes but neither load_in_4bit nor load_in_8bit")
@@ -78,7 +80,7 @@ def skeleton(config: BaseConfig) -> Callable[[torch.nn.Module], None]:
     def prepare(model: torch.nn.Module) -> None:
         for fqn, lin in list(iter_targets(model, config.targets, config.ignore)):
             bias = lin.bias is not None
-            if isinstance(config, NF4Config):
+            if config.method in FOUR_BIT:
                 new = Code4Linear(lin.in_features, lin.out_features, config.quant_type, config.blocksize,
                                   config.double_quant, config.compute_dtype, bias=bias)
             else:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelpressError
+from ..version import __version__
 
 FORMAT_VERSION = 1
 MANIFEST = "modelpress.json"
@@ -99,7 +100,6 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 
     `out` may be new, empty, or an earlier modelpress checkpoint (replaced only once the new one
     is complete); any other existing folder is refused rather than overwritten."""
-    from .. import __version__
     from .bnb import quantization_config
 
     out = check_target(out)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
@@ -123,7 +124,6 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
     """(modelpress config, state dict for IntxLinear layers, prepare(model) that swaps them in)."""
-    from ..methods import RTNConfig
     from .checkpoint import layers_from
 
     w = _weights_args(qc)
@@ -131,5 +131,6 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
     group = int(w["group_size"]) if w.get("strategy") == "group" else None
     prepare = layers_from(state, "weight_packed", lambda t: layer_from_ct(t, bits, group, symmetric))
     # the file says how weights are stored, not how they were chosen (GPTQ, AWQ, RTN): record the grid
-    config = RTNConfig(bits=bits, group_size=group, symmetric=symmetric) if bits in (2, 3, 4, 8) else None
+    config = (BaseConfig.from_dict({"method": "rtn", "bits": bits, "group_size": group, "symmetric": symmetric})
+              if bits in (2, 3, 4, 8) else None)
     return config, state, prepare

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..default_model import default_model_path
 from ..errors import ModelpressError
 
 # llama_token_type (llama.cpp): 1 normal, 3 control, 4 user defined, 5 unused
@@ -60,7 +61,6 @@ def tokenizer_fields(tokenizer: Any, vocab_size: int) -> list[tuple[str, Any, in
 
 def _default_model_fields(model: dict) -> list[tuple[str, Any, int, int | None]] | None:
     """The default model's tokenizer fields when `model` (tokenizer.json's model) is its tokenizer."""
-    from ..model.load import default_model_path
     from .gguf_reader import metadata_fields
 
     try:

