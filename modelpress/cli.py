@@ -75,7 +75,6 @@ _CONFIG_OPTIONS = (("--bits", "bits"), ("--group-size", "group_size"), ("--symme
                    ("--act-order", "act_order"), ("--static-groups", "static_groups"), ("--damp", "damp"),
                    ("--mse", "mse"), ("--target-bpw", "target_bpw"), ("--target-mix", "target_mix"),
                    ("--formats", "formats"))
-_FORMATS = ("modelpress", "gptq", "awq", "compressed-tensors", "gguf")
 
 
 def _config_from_args(a: argparse.Namespace) -> Any:
@@ -117,21 +116,15 @@ def _describe(config: Any) -> str:
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .data import calibration_windows, load_text
     from .eval.size import model_size
-    from .formats.checkpoint import check_target, save
+    from .formats import check_destination, save
     from .registry import quantize
 
     config = _config_from_args(a)
-    if a.format == "gguf":
-        if config.method != "auto":
-            raise ModelpressError("--format gguf is for --method auto; for llama.cpp's mixes use `modelpress export`")
-        _gguf_out(a.out)
-    elif a.format != "modelpress" and config.method not in ("gptq", "awq", "rtn"):
-        raise ModelpressError(f"--format {a.format} holds integer group weights (methods gptq, awq, rtn), "
-                              f"not {config.method}; use --format modelpress")
-    if a.format != "gguf":
-        check_target(a.out)  # bad destination or text: fail now, before the model loads
+    check_destination(a.format, config.method, a.out)  # bad destination or text: fail now, before the model loads
     if a.calib is not None:
         load_text(a.calib, "calib")
     model, tok, _ = _load(a.model)
@@ -146,26 +139,11 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     quant_s = time.perf_counter() - start
     if config.method == "auto":
         _err(_allocation(model.modelpress_plan))
-    if a.format == "gguf":
-        from pathlib import Path
-
-        from .formats.gguf_writer import write_gguf
-
-        plan = model.modelpress_plan
-        source = Path(getattr(model, "modelpress_source", ""))
-        out = Path(a.out)
-        write_gguf(out, model, plan.file_type, source if source.suffix.lower() == ".gguf" else None, tokenizer=tok,
-                   types=plan.types)
+    out = Path(save(model, tok, a.out, format=a.format))
+    if out.is_file():  # a GGUF
         _err(f"quantized with {_describe(config)} in {quant_s:.1f} s; wrote {out} "
-             f"({out.stat().st_size / 1e6:.1f} MB, {plan.bits_per_weight:.3f} bits/weight)")
+             f"({out.stat().st_size / 1e6:.1f} MB, {model.modelpress_plan.bits_per_weight:.3f} bits/weight)")
         return 0
-    if a.format != "modelpress":
-        import importlib
-
-        module = importlib.import_module(f".formats.{a.format.replace('-', '_')}", __package__)
-        out = module.save(model, tok, a.out)
-    else:
-        out = save(model, tok, a.out)
     after = model_size(model)
     _err(f"quantized with {_describe(config)} in {quant_s:.1f} s; "
          f"{before.size_bytes / 1e6:.1f} MB -> {after.size_bytes / 1e6:.1f} MB "
@@ -197,12 +175,9 @@ def _allocation(plan: Any) -> str:
 def _gguf_out(path: str) -> Any:
     from pathlib import Path
 
-    from .formats.checkpoint import check_writable
+    from .formats.gguf_writer import check_file
 
-    out = Path(path)
-    if out.is_dir() or not out.parent.is_dir():
-        raise ModelpressError(f"--out must be a file path in an existing folder; got {path}")
-    return check_writable(out)
+    return check_file(Path(path))
 
 
 def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
@@ -231,7 +206,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     from .data import load_text
     from .formats.gguf_mixes import MIXES
-    from .formats.gguf_writer import write_gguf
     from .formats.imatrix import load_imatrix
 
     if a.type is not None and a.type not in MIXES:
@@ -246,8 +220,6 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.calib is not None:
         load_text(a.calib, "calib")
     model, tok, _ = _load(a.model)
-    source = Path(getattr(model, "modelpress_source", ""))
-    source = source if source.suffix.lower() == ".gguf" else None  # else: the tokenizer's own fields
     start = time.perf_counter()
     if a.from_method:
         from .data import calibration_windows
@@ -268,12 +240,11 @@ def cmd_export(a: argparse.Namespace) -> int:
                 "quantize.imatrix.chunks_count": imatrix.chunk_count}
         if imatrix.datasets:
             meta["quantize.imatrix.dataset"] = imatrix.datasets[0]
-    from .formats.gguf_writer import held_blocks
+    from .formats.gguf_writer import export_gguf
 
-    held = {n: k for n, (k, _) in held_blocks(model).items()}  # e.g. an `auto` checkpoint: keep its types
+    types = export_gguf(model, tok, out, a.type, imatrix=None if imatrix is None else imatrix.importance(),
+                        extra_metadata=meta)
     mix = a.type or getattr(getattr(model, "modelpress_config", None), "target_mix", None) or "Q4_K_M"
-    types = write_gguf(out, model, mix, source, imatrix=None if imatrix is None else imatrix.importance(),
-                       extra_metadata=meta, tokenizer=tok, types=held if held and a.type is None else None)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
     _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {mix}: {counts}"
          f"{', with an imatrix' if imatrix is not None else ''}) in {time.perf_counter() - start:.1f} s")
@@ -382,30 +353,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 # -- info --------------------------------------------------------------------------------------
 def cmd_info(a: argparse.Namespace) -> int:
-    from collections import Counter
-    from pathlib import Path
-
     from .eval.size import disk_bytes
-    from .formats import checkpoint
-    from .formats.gguf_reader import read_gguf
+    from .formats import describe
     from .model.load import resolve
 
     path = resolve(a.model)
-    info: dict[str, Any] = {"path": str(path), "disk_bytes": disk_bytes(path)}
-    if path.is_file():
-        meta, tensors = read_gguf(path)
-        info.update(format="gguf", architecture=meta.get("general.architecture"), name=meta.get("general.name"),
-                    tensors=len(tensors), tensor_types=dict(Counter(_ggml_name(t.ggml_type) for t in tensors)))
-    elif (Path(path) / checkpoint.MANIFEST).is_file():
-        m = checkpoint.read_manifest(path)
-        q = m.get("quantization") or {}
-        info.update(format="modelpress", format_version=m["format_version"], method=q.get("method"),
-                    **{k: v for k, v in q.items() if k not in ("method", "version", "targets", "ignore")},
-                    quantized_modules=len(m["modules"]), tensors=_count_tensors(path / checkpoint.WEIGHTS))
-    else:
-        config = _read_config(Path(path) / "config.json")
-        info.update(format="transformers", quantization=(config.get("quantization_config") or {}).get("quant_method"),
-                    tensors=sum(_count_tensors(f) for f in Path(path).glob("*.safetensors")))
+    info: dict[str, Any] = {"path": str(path), "disk_bytes": disk_bytes(path), **describe(path)}
     if a.json:
         print(json.dumps(info))
     else:
@@ -414,33 +367,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
-def _read_config(path: Any) -> dict[str, Any]:
-    """A transformers config.json as a dict ({} where there is none); a damaged one is a user error."""
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise ModelpressError(f"{path} is not valid JSON ({one_line(e)}); the folder is damaged") from None
-    if not isinstance(config, dict) or not isinstance(config.get("quantization_config") or {}, dict):
-        raise ModelpressError(f"{path} is not a transformers config (an object with an object quantization_config)")
-    return config
+def _save_formats() -> list[str]:
+    from .formats import formats
 
-
-def _ggml_name(t: int) -> str:
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType(t).name
-
-
-def _count_tensors(path: Any) -> int:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return len(list(f.keys()))
-    except (SafetensorError, OSError) as e:
-        raise ModelpressError(f"{path} is not a valid safetensors file ({e})") from None
+    return [name for name, f in formats().items() if f.save is not None]
 
 
 def _default_methods() -> tuple[str, ...]:
@@ -487,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: Python's pydoc topics)")
     q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
     q.add_argument("--ctx", type=_positive, default=512, help="calibration window length (default: 512)")
-    q.add_argument("--format", choices=_FORMATS, default="modelpress",
+    q.add_argument("--format", choices=_save_formats(), default="modelpress",
                    help="modelpress (default); gptq: the HF GPTQ layout, awq: AutoAWQ's GEMM layout, "
                         "compressed-tensors: llm-compressor's pack-quantized (what transformers, vLLM, "
                         "GPTQModel, AutoAWQ and llm-compressor read); gguf (auto only): a .gguf file")

@@ -225,23 +225,21 @@ def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor]
 
 def _write_gguf_row(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor] | None,
                     path: Path) -> None:
-    from ..formats.gguf_writer import write_gguf
+    from ..formats.gguf_writer import export_gguf
 
-    source = Path(getattr(model, "modelpress_source", ""))
-    source = source if source.suffix.lower() == ".gguf" else None
     if r.kind == "auto":
         from ..config import BaseConfig
         from ..methods.auto import allocate_for
 
         plan = allocate_for(model, BaseConfig.from_dict(r.args), calib)
-        write_gguf(path, model, plan.file_type, source, imatrix=plan.importance, tokenizer=tok, types=plan.types)
+        export_gguf(model, tok, path, plan.file_type, imatrix=plan.importance, types=plan.types)
         return
     importance = None
     if r.args["imatrix"]:
         from ..model.imatrix import compute_imatrix
 
         importance = compute_imatrix(model, calib).importance()
-    write_gguf(path, model, r.args["mix"], source, imatrix=importance, tokenizer=tok, progress=False)
+    export_gguf(model, tok, path, r.args["mix"], imatrix=importance, progress=False)
 
 
 def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Tensor | None,

@@ -22,6 +22,7 @@ from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
+from .registry import Format, describe_transformers, register_format
 
 QUANT_METHOD = "awq"
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -91,3 +92,13 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
     config = BaseConfig.from_dict({"method": "awq", "bits": 4, "group_size": group,
                                    "symmetric": not qc.get("zero_point", True)})
     return config, state, prepare
+
+
+def _check(out: Path) -> Path:
+    from .checkpoint import check_new
+
+    return check_new(out)
+
+
+register_format(Format("awq", "AutoAWQ's GEMM layout (transformers, vLLM)", methods=("awq", "gptq", "rtn"), save=save, check=_check,
+                       quant_method=QUANT_METHOD, read=from_hf, describe=describe_transformers))

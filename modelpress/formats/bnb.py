@@ -16,6 +16,7 @@ from ..errors import ModelpressError
 from ..model.walker import iter_targets, replace
 from ..nn import Code4Linear, Int8LtLinear
 from ..nn.code4_linear import read_quant_state
+from .registry import Format, describe_transformers, register_format
 
 QUANT_METHOD = "bitsandbytes"
 FOUR_BIT = ("nf4", "fp4")  # the methods stored as 4-bit codes (Code4Linear); "int8" is LLM.int8
@@ -88,3 +89,13 @@ def skeleton(config: BaseConfig) -> Callable[[torch.nn.Module], None]:
             replace(model, fqn, new)
 
     return prepare
+
+
+def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[BaseConfig, dict, Callable]:
+    config = config_from_hf(qc, state)
+    return config, state, skeleton(config)
+
+
+# written by the modelpress format itself (its tensors and quantization_config are bitsandbytes')
+register_format(Format("bitsandbytes", "bitsandbytes' serialized NF4 / FP4 / LLM.int8 layout (transformers)",
+                       methods=("nf4", "fp4", "int8"), quant_method=QUANT_METHOD, read=from_hf, describe=describe_transformers))

@@ -27,9 +27,9 @@ import torch
 
 from ..errors import ModelpressError
 from ..version import __version__
+from .registry import MANIFEST, Format, count_tensors, describe_transformers, register_format
 
 FORMAT_VERSION = 1
-MANIFEST = "modelpress.json"
 WEIGHTS = "model.safetensors"
 # the files a checkpoint folder may hold: a folder holding anything else is never replaced
 LAYOUT = frozenset({WEIGHTS, MANIFEST, "config.json", "generation_config.json", "tokenizer.json",
@@ -265,3 +265,15 @@ def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
         model.modelpress_config = BaseConfig.from_dict(manifest["quantization"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def describe_checkpoint(folder: Path) -> dict[str, Any]:
+    m = read_manifest(folder)
+    q = m.get("quantization") or {}
+    return {"format_version": m["format_version"], "method": q.get("method"),
+            **{k: v for k, v in q.items() if k not in ("method", "version", "targets", "ignore")},
+            "quantized_modules": len(m["modules"]), "tensors": count_tensors(folder / WEIGHTS)}
+
+register_format(Format("modelpress", "a modelpress checkpoint folder (safetensors, config.json, modelpress.json)",
+                       save=save, check=check_target, describe=describe_checkpoint))
+register_format(Format("transformers", "a transformers folder (safetensors weights)", describe=describe_transformers))

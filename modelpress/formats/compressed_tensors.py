@@ -25,6 +25,7 @@ from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
+from .registry import Format, describe_transformers, register_format
 
 QUANT_METHOD = "compressed-tensors"
 
@@ -134,3 +135,13 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
     config = (BaseConfig.from_dict({"method": "rtn", "bits": bits, "group_size": group, "symmetric": symmetric})
               if bits in (2, 3, 4, 8) else None)
     return config, state, prepare
+
+
+def _check(out: Path) -> Path:
+    from .checkpoint import check_new
+
+    return check_new(out)
+
+
+register_format(Format("compressed-tensors", "llm-compressor's pack-quantized layout (vLLM, transformers)", methods=("rtn", "gptq", "awq"), save=save, check=_check,
+                       quant_method=QUANT_METHOD, read=from_hf, describe=describe_transformers))

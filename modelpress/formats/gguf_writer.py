@@ -22,6 +22,7 @@ from ..core import kquants
 from ..errors import ModelpressError
 from .gguf_mixes import MIXES, tensor_types
 from .gguf_names import to_gguf
+from .registry import Format, register_format
 
 # metadata that describes the weights, rewritten here rather than copied
 _OWN_KEYS = ("general.file_type", "general.quantization_version", "general.alignment", "general.architecture")
@@ -197,3 +198,58 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
         if tmp.exists():
             tmp.unlink()
     return types
+
+
+def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, mix: str | None = None,
+                imatrix: dict[str, torch.Tensor] | None = None, types: dict[str, str] | None = None,
+                extra_metadata: dict[str, str | int] | None = None, progress: bool = True) -> dict[str, str]:
+    """Write `model` as a GGUF file llama.cpp runs; returns {tensor name: type}. The one entry for
+    every GGUF the library writes (`export`, `quantize --format gguf`, `compare`).
+
+    mix: llama.cpp's mix (Q4_K_M, ...). Left out, the model's own choice: the plan of `auto`
+    (its per-tensor types), else the types of layers already on GGUF blocks (an `auto` checkpoint),
+    else its config's target_mix, else Q4_K_M. The tokenizer and descriptive metadata come from
+    the GGUF the model was loaded from, where it was one."""
+    source = Path(getattr(model, "modelpress_source", "") or "")
+    plan = getattr(model, "modelpress_plan", None)
+    if mix is None and types is None:
+        if plan is not None:
+            mix, types = plan.file_type, plan.types
+        else:
+            types = {n: k for n, (k, _) in held_blocks(model).items()} or None
+            mix = getattr(getattr(model, "modelpress_config", None), "target_mix", None) or "Q4_K_M"
+    return write_gguf(path, model, mix or "Q4_K_M", source if source.suffix.lower() == ".gguf" else None,
+                      imatrix=imatrix, progress=progress, extra_metadata=extra_metadata, tokenizer=tokenizer,
+                      types=types)
+
+
+def _save(model: torch.nn.Module, tokenizer: Any, path: str | Path) -> Path:
+    export_gguf(model, tokenizer, path)
+    return Path(path)
+
+
+def check_file(path: Path) -> Path:
+    """A GGUF destination: a file path in an existing folder that takes new files."""
+    from .checkpoint import check_writable
+
+    if path.is_dir() or not path.parent.is_dir():
+        raise ModelpressError(f"--out must be a file path in an existing folder; got {path}")
+    return check_writable(path)
+
+
+def describe_gguf(path: Path) -> dict[str, Any]:
+    from collections import Counter
+
+    from gguf import GGMLQuantizationType
+
+    from .gguf_reader import read_gguf
+
+    meta, tensors = read_gguf(path)
+    return {"architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
+            "tensors": len(tensors),
+            "tensor_types": dict(Counter(GGMLQuantizationType(t.ggml_type).name for t in tensors))}
+
+
+# `quantize --format gguf` saves an `auto` model with its per-tensor types; any model goes through `export`
+register_format(Format("gguf", "a GGUF file llama.cpp runs (quantize: --method auto; any model: `export`)",
+                       methods=("auto",), save=_save, check=check_file, describe=describe_gguf))

@@ -26,6 +26,7 @@ from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
+from .registry import Format, describe_transformers, register_format
 
 QUANT_METHOD = "gptq"
 
@@ -113,3 +114,13 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
                                    "act_order": bool(qc.get("desc_act", False)),
                                    "static_groups": bool(qc.get("static_groups", False))})
     return config, state, prepare
+
+
+def _check(out: Path) -> Path:
+    from .checkpoint import check_new
+
+    return check_new(out)
+
+
+register_format(Format("gptq", "the HF GPTQ layout (transformers, vLLM, GPTQModel)", methods=("gptq", "awq", "rtn"), save=save, check=_check,
+                       quant_method=QUANT_METHOD, read=from_hf, describe=describe_transformers))

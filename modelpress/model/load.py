@@ -9,6 +9,7 @@ import torch
 
 from ..default_model import DEFAULT_FILE, DEFAULT_NAME, DEFAULT_PACKAGE, default_model_path  # noqa: F401 (re-exported)
 from ..errors import ModelpressError, one_line
+from ..formats import checkpoint, registry
 
 # what reading a damaged or foreign file raises where no check of ours caught it first
 _FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
@@ -48,21 +49,15 @@ def _hub_errors() -> tuple[type[Exception], ...]:
 
 
 def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:
-    from ..formats import checkpoint
-
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelpressError(f"{path} is a file but not a .gguf; give a GGUF file or a model folder")
+    kind = registry.detect(path)
+    if kind == "gguf":
         from .gguf_model import load_gguf
 
         model, tok = load_gguf(path, keep_blocks)
-    elif (path / checkpoint.MANIFEST).is_file():
+    elif kind == "modelpress":
         model, tok = checkpoint.load(path)
-    elif (path / "config.json").is_file():
+    else:  # a transformers folder, plain or in a quantized layout a registered format reads
         model, tok = _load_transformers(path)
-    else:
-        raise ModelpressError(f"{path} holds neither config.json nor {checkpoint.MANIFEST}; "
-                              "give a transformers model folder or a modelpress checkpoint")
     model.modelpress_source = str(path)
     return model, tok
 
@@ -71,7 +66,6 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
     """A transformers folder; safetensors weights only (never unpickles)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..formats.checkpoint import read_safetensors
     from .build import build_causal_lm
 
     files = sorted(path.glob("*.safetensors"))
@@ -84,13 +78,14 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
         raise ModelpressError(f"{path}/config.json is not a valid transformers config ({e})") from None
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(read_safetensors(f))
+        state.update(checkpoint.read_safetensors(f))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     qc = getattr(config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict) and not hasattr(qc, "to_dict"):
         raise ModelpressError(f"{path}/config.json: quantization_config is a {type(qc).__name__}, not an object")
     if qc:  # a quantized transformers folder: swap in quantized layers, then fill them
-        qconfig, state, prepare = _foreign_quantization(qc if isinstance(qc, dict) else qc.to_dict(), state)
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        qconfig, state, prepare = registry.for_quant_method(qc.get("quant_method")).read(qc, state)
         model = build_causal_lm(config, state, prepare=prepare)
         model.modelpress_config = qconfig
     else:
@@ -100,27 +95,3 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
     except (OSError, ValueError) as e:
         raise ModelpressError(f"{path} has no usable tokenizer files ({e}); save the tokenizer beside the model") from None
     return model, tok
-
-
-def _foreign_quantization(qc: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[Any, dict, Any]:
-    """(modelpress config, state dict, prepare) for the quantized layouts other tools write."""
-    method = qc.get("quant_method")
-    if method == "bitsandbytes":
-        from ..formats import bnb
-
-        config = bnb.config_from_hf(qc, state)
-        return config, state, bnb.skeleton(config)
-    if method == "gptq":
-        from ..formats import gptq
-
-        return gptq.from_hf(qc, state)
-    if method == "awq":
-        from ..formats import awq
-
-        return awq.from_hf(qc, state)
-    if method == "compressed-tensors":
-        from ..formats import compressed_tensors
-
-        return compressed_tensors.from_hf(qc, state)
-    raise ModelpressError(f"this folder is quantized with {method!r}, which modelpress does not load "
-                          "(it loads bitsandbytes, GPTQ, AWQ GEMM and compressed-tensors pack-quantized folders)")
