@@ -202,7 +202,6 @@ _FROM_METHOD_HELP = ("awq: AWQ's scales (searched for a 4-bit grid with groups o
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .data import load_text
     from .formats.gguf_mixes import MIXES
