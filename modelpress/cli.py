@@ -12,21 +12,13 @@ import sys
 import time
 from typing import Any
 
+from . import flags
 from .errors import ModelpressError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         raise ModelpressError(f"{message} (see `{self.prog} --help`)")
-
-
-def _group_size(text: str) -> int | str:
-    if text.lower() in ("channel", "none", "per-channel"):
-        return "channel"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"group size must be a whole number or 'channel', got {text!r}") from None
 
 
 def _positive(text: str) -> int:
@@ -36,16 +28,6 @@ def _positive(text: str) -> int:
         v = 0
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = 0.0
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return v
 
 
@@ -68,51 +50,20 @@ def _err(*lines: str) -> None:
 
 
 # -- quantize ----------------------------------------------------------------------------------
-# the options of `quantize` that set a config field: (flag, field)
-_CONFIG_OPTIONS = (("--bits", "bits"), ("--group-size", "group_size"), ("--symmetric", "symmetric"),
-                   ("--blocksize", "blocksize"), ("--double-quant", "double_quant"),
-                   ("--compute-dtype", "compute_dtype"), ("--threshold", "threshold"),
-                   ("--act-order", "act_order"), ("--static-groups", "static_groups"), ("--damp", "damp"),
-                   ("--mse", "mse"), ("--target-bpw", "target_bpw"), ("--target-mix", "target_mix"),
-                   ("--formats", "formats"))
-
-
 def _config_from_args(a: argparse.Namespace) -> Any:
-    """The method's config from the options given; an option the method does not take is an error,
-    one left out takes the config's default (RTN: group 64, or per channel at 8 bits)."""
-    import dataclasses
-
+    """The method's config from the flags given (flags.py); group size left out: 64, or per channel at 8 bits."""
     from .config import config_types
 
     methods = config_types()
     if a.method not in methods:
         raise ModelpressError(f"unknown method {a.method!r}; choose one of: {', '.join(sorted(methods))}")
-    cls = methods[a.method]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for flag, name in _CONFIG_OPTIONS:
-        value = getattr(a, name)
-        if value is None:
-            continue
-        if name not in fields:
-            takes = ", ".join(f for f, n in _CONFIG_OPTIONS if n in fields) or "none of these"
-            raise ModelpressError(f"{flag} does not apply to --method {a.method} (it takes {takes})")
-        kwargs[name] = None if value == "channel" else value
-    if "group_size" in fields and a.group_size is None:  # RTN: per channel for 8 bits, 64 below
-        kwargs["group_size"] = None if kwargs.get("bits") == 8 else 64
+    given = flags.given(a, methods[a.method], f"--method {a.method}", methods.values())
+    if "group_size" in flags.field_names(methods[a.method]) and "group_size" not in given:
+        given["group_size"] = None if given.get("bits") == 8 else 64
     try:
-        return cls(**kwargs)
+        return methods[a.method](**given)
     except ValueError as e:
         raise ModelpressError(str(e)) from None
-
-
-def _describe(config: Any) -> str:
-    """One line naming the method and its settings, e.g. 'nf4 (blocksize 64, double quant)'."""
-    d = config.to_dict()
-    for k in ("method", "version", "targets", "ignore"):
-        d.pop(k)
-    settings = ", ".join(f"{k.replace('_', ' ')} {'channel' if v is None else v}" for k, v in d.items())
-    return f"{config.method} ({settings})"
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
@@ -138,37 +89,18 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     quantize(model, config, calib)
     quant_s = time.perf_counter() - start
     if config.method == "auto":
-        _err(_allocation(model.modelpress_plan))
+        _err(model.modelpress_plan.table())
     out = Path(save(model, tok, a.out, format=a.format))
     if out.is_file():  # a GGUF
-        _err(f"quantized with {_describe(config)} in {quant_s:.1f} s; wrote {out} "
+        _err(f"quantized with {config.describe()} in {quant_s:.1f} s; wrote {out} "
              f"({out.stat().st_size / 1e6:.1f} MB, {model.modelpress_plan.bits_per_weight:.3f} bits/weight)")
         return 0
     after = model_size(model)
-    _err(f"quantized with {_describe(config)} in {quant_s:.1f} s; "
+    _err(f"quantized with {config.describe()} in {quant_s:.1f} s; "
          f"{before.size_bytes / 1e6:.1f} MB -> {after.size_bytes / 1e6:.1f} MB "
          f"({after.bits_per_weight:.2f} bits/weight, linear layers {after.linear_bits_per_weight:.2f}); "
          f"saved to {out}")
     return 0
-
-
-def _allocation(plan: Any) -> str:
-    """The chosen types, one line per block (q k v o gate up down), and the totals."""
-    import re
-
-    cols = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-    blocks: dict[int, dict[str, str]] = {}
-    for name, kind in plan.types.items():
-        m = re.match(r"blk\.(\d+)\.(\w+)\.weight", name)
-        if m and m.group(2) in cols:
-            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = kind
-    lines = ["auto: chosen types (" + " ".join(cols) + ")"]
-    lines += [f"  blk.{i:<3} " + " ".join(f"{row.get(c, '-'):<5}" for c in cols) for i, row in sorted(blocks.items())]
-    counts = Counter(k for n, k in plan.types.items() if n in plan.costs)
-    lines.append(f"auto: {', '.join(f'{n} {k}' for k, n in counts.most_common())}; "
-                 f"{plan.bits_per_weight:.3f} bits/weight for a budget of {plan.budget_bits / plan.weights:.3f}; "
-                 f"predicted mean KL {sum(plan.predicted.values()):.5f}")
-    return "\n".join(lines)
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -229,7 +161,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         config = (AWQConfig(bits=4, group_size=32, scales_only=True) if a.from_method == "awq" else
                   GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
         quantize(model, config, calibration_windows(tok, a.calib, a.ctx, a.samples))
-        _err(f"{_describe(config)} in {time.perf_counter() - start:.1f} s")
+        _err(f"{config.describe()} in {time.perf_counter() - start:.1f} s")
     if a.calib is not None:
         imatrix = _imatrix_of(model, tok, a)
     meta = {}
@@ -317,19 +249,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .serve.engine import Engine
-    from .serve.http import serve
+    from .serve.http import ServeConfig, serve
 
+    try:
+        c = flags.build(a, ServeConfig)
+    except ValueError as e:
+        raise ModelpressError(str(e)) from None
     model, tok, load_s = _load(a.model, keep_blocks=True)  # a GGUF runs on its blocks
     try:
-        engine = Engine(model, tok, max_num_seqs=a.max_num_seqs, kv_blocks=a.kv_blocks, block_size=a.block_size,
-                        max_tokens_per_step=a.max_step_tokens, kv_dtype=a.kv_dtype)
+        engine = Engine(model, tok, max_num_seqs=c.max_num_seqs, kv_blocks=c.kv_blocks, block_size=c.block_size,
+                        max_tokens_per_step=c.max_step_tokens, kv_dtype=c.kv_dtype)
     except ValueError as e:  # a --kv-dtype this model cannot take
-        raise ModelpressError(f"--kv-dtype {a.kv_dtype}: {e}") from None
-    name = a.served_model_name or Path(model.modelpress_source).stem
-    _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {a.kv_blocks} blocks of {a.block_size} "
-         f"tokens, {engine.runner.bytes_per_block * a.kv_blocks / 1e6:.0f} MB) on http://{a.host}:{a.port}/v1")
-    serve(engine, name, a.host, a.port, a.api_key, max_body_bytes=int(a.max_body_mb * (1 << 20)),
-          template_seconds=a.template_timeout)
+        raise ModelpressError(f"--kv-dtype {c.kv_dtype}: {e}") from None
+    name = c.served_model_name or Path(model.modelpress_source).stem
+    _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {c.kv_blocks} blocks of {c.block_size} "
+         f"tokens, {engine.runner.bytes_per_block * c.kv_blocks / 1e6:.0f} MB) on http://{c.host}:{c.port}/v1")
+    serve(engine, name, c.host, c.port, c.api_key, max_body_bytes=int(c.max_body_mb * (1 << 20)),
+          template_seconds=c.template_timeout)
     return 0
 
 
@@ -366,6 +302,18 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config() -> type:
+    from .serve.http import ServeConfig
+
+    return ServeConfig
+
+
+def _config_classes() -> list[type]:
+    from .config import config_types
+
+    return list(config_types().values())
+
+
 def _save_formats() -> list[str]:
     from .formats import formats
 
@@ -379,139 +327,93 @@ def _default_methods() -> tuple[str, ...]:
 
 
 # -- entry point -------------------------------------------------------------------------------
+def _model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="GGUF file, transformers folder or modelpress checkpoint "
+                   "(default: SmolLM2-135M-Instruct)")
+
+
+def _calibration(p: argparse.ArgumentParser, what: str, samples: int = 128) -> None:
+    p.add_argument("--calib", help=f".txt or .jsonl text {what} (default: Python's pydoc topics)")
+    p.add_argument("--samples", type=_positive, default=samples, help=f"calibration windows (default: {samples})")
+    p.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
+
+
+def _runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--gguf-blocks", action="store_true",
+                   help="GGUF: run the quantized layers on their blocks, not on an fp32 copy")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="modelpress", description="Compress models and run what was compressed.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    model_help = "GGUF file, transformers folder or modelpress checkpoint (default: SmolLM2-135M-Instruct)"
 
-    q = sub.add_parser("quantize", help="compress a model and save a modelpress checkpoint")
-    q.add_argument("model", nargs="?", help=model_help)
+    def command(name: str, fn: Any, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        c = sub.add_parser(name, help=help)
+        _model(c)
+        c.set_defaults(fn=fn)
+        return c
+
+    q = command("quantize", cmd_quantize, "compress a model and save it (a modelpress checkpoint by default)")
     q.add_argument("--method", default="rtn",
                    help="rtn (integers, round to nearest), gptq / awq (calibrated), nf4 / fp4 (bitsandbytes "
                         "4-bit), int8 (LLM.int8), auto (a GGUF type per layer within --target-bpw); default: rtn")
-    q.add_argument("--bits", type=int, help="rtn, gptq, awq: 2, 3, 4 or 8 (default: 4)")
-    q.add_argument("--group-size", type=_group_size,
-                   help="rtn, gptq, awq: input columns per scale, or 'channel' (default: 64; channel for 8 bits)")
-    q.add_argument("--symmetric", action="store_true", default=None,
-                   help="rtn, gptq, awq: symmetric grid, no stored zero point")
-    q.add_argument("--act-order", action="store_true", default=None,
-                   help="gptq: quantize columns by decreasing activation energy (desc_act)")
-    q.add_argument("--static-groups", action="store_true", default=None,
-                   help="gptq: group parameters fixed before the sweep, in column order")
-    q.add_argument("--damp", type=float, help="gptq: Hessian damping, fraction of its mean diagonal (default: 0.01)")
-    q.add_argument("--mse", action="store_true", default=None, help="gptq: search each group's clipping range")
-    q.add_argument("--blocksize", type=int, help="nf4/fp4: weights per absmax, 32 to 4096 (default: 64)")
-    q.add_argument("--double-quant", action="store_true", default=None,
-                   help="nf4/fp4: quantize the absmax constants too (8-bit, blocks of 256)")
-    q.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
-                   help="nf4/fp4: the dtype the layers multiply in (default: float32)")
-    q.add_argument("--threshold", type=float,
-                   help="int8: input magnitude from which a column runs in fp32 (default: 6.0; 0: none)")
-    q.add_argument("--target-bpw", type=float, help="auto: bits per weight of the whole model (GGUF file), e.g. 4.5")
-    q.add_argument("--target-mix", help="auto: the size of this llama.cpp mix instead, e.g. Q4_K_M")
-    q.add_argument("--formats", type=lambda t: tuple(x.strip().upper() for x in t.split(",") if x.strip()),
-                   help="auto: the GGUF types to choose from (default: Q2_K,Q3_K,Q4_0,Q4_1,Q4_K,Q5_0,Q5_1,Q5_K,"
-                        "Q6_K,Q8_0)")
-    q.add_argument("--calib", help=".txt or .jsonl calibration text, for methods that calibrate "
-                   "(default: Python's pydoc topics)")
-    q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
-    q.add_argument("--ctx", type=_positive, default=512, help="calibration window length (default: 512)")
+    flags.add(q, _config_classes())
+    _calibration(q, "for methods that calibrate")
     q.add_argument("--format", choices=_save_formats(), default="modelpress",
                    help="modelpress (default); gptq: the HF GPTQ layout, awq: AutoAWQ's GEMM layout, "
                         "compressed-tensors: llm-compressor's pack-quantized (what transformers, vLLM, "
                         "GPTQModel, AutoAWQ and llm-compressor read); gguf (auto only): a .gguf file")
     q.add_argument("--out", required=True, help="folder to write (--format gguf: the .gguf file)")
-    q.set_defaults(fn=cmd_quantize)
 
-    x = sub.add_parser("export", help="write a model as a GGUF file llama.cpp runs")
-    x.add_argument("model", nargs="?", help=model_help)
+    x = command("export", cmd_export, "write a model as a GGUF file llama.cpp runs")
     x.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (default)")
     x.add_argument("--type",
                    help="llama.cpp's mix: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, Q5_K_S/M, Q6_K, "
                         "Q8_0, F16, BF16, F32 (default: Q4_K_M; a model whose layers hold GGUF blocks, such as "
                         "an `auto` checkpoint, keeps their types)")
     x.add_argument("--imatrix", help="llama.cpp importance-matrix file (.gguf or legacy .dat) to weigh the rounding")
-    x.add_argument("--calib", help=".txt or .jsonl text to compute the importance matrix from (and to calibrate "
-                   "--from-method)")
+    _calibration(x, "to compute the importance matrix from (and to calibrate --from-method)")
     x.add_argument("--from-method", choices=("awq", "gptq"), help=_FROM_METHOD_HELP + " (default: neither)")
-    x.add_argument("--samples", type=_positive, default=128, help="calibration windows (default: 128)")
-    x.add_argument("--ctx", type=_positive, default=512, help="calibration window length (default: 512)")
     x.add_argument("--out", required=True, help="the .gguf file to write")
-    x.set_defaults(fn=cmd_export)
 
-    m = sub.add_parser("imatrix", help="compute llama.cpp's importance matrix from calibration text")
-    m.add_argument("model", nargs="?", help=model_help)
-    m.add_argument("--calib", help=".txt or .jsonl calibration text (default: Python's pydoc topics)")
-    m.add_argument("--samples", type=_positive, default=128, help="windows of text (default: 128)")
-    m.add_argument("--ctx", type=_positive, default=512, help="window length (default: 512, llama-imatrix's)")
+    m = command("imatrix", cmd_imatrix, "compute llama.cpp's importance matrix from calibration text")
+    _calibration(m, "to compute it from")
     m.add_argument("--out", required=True, help="file to write: .gguf (llama.cpp's format), else the legacy .dat")
-    m.set_defaults(fn=cmd_imatrix)
 
-    e = sub.add_parser("eval", help="perplexity, size, bits per weight, decode speed")
-    e.add_argument("model", nargs="?", help=model_help)
+    e = command("eval", cmd_eval, "perplexity, size, bits per weight, decode speed")
     e.add_argument("--text", help=".txt or .jsonl evaluation text (default: Python's pydoc topics)")
     e.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
     e.add_argument("--max-windows", type=_positive, help="score at most N windows")
     e.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed run (0: skip)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    e.add_argument("--gguf-blocks", action="store_true",
-                   help="GGUF: run the quantized layers on their blocks, not on an fp32 copy")
-    e.set_defaults(fn=cmd_eval)
+    _runtime(e)
 
-    c = sub.add_parser("compare", help="measure many compressions of one model side by side: table, plot, report")
-    c.add_argument("model", nargs="?", help=model_help)
+    c = command("compare", cmd_compare, "measure many compressions of one model side by side: table, plot, report")
     c.add_argument("--methods", help="comma-separated names (default: " + ",".join(_default_methods())
                    + "); --list shows every name")
     c.add_argument("--list", action="store_true", help="print every method name compare accepts")
     c.add_argument("--text", help=".txt or .jsonl evaluation text (default: Python's pydoc topics)")
-    c.add_argument("--calib", help=".txt or .jsonl calibration text for gptq, awq, imatrix and auto "
-                   "(default: Python's pydoc topics)")
+    _calibration(c, "for gptq, awq, imatrix and auto", samples=16)
     c.add_argument("--eval-windows", type=_positive, default=8, help="evaluation windows (default: 8)")
-    c.add_argument("--samples", type=_positive, default=16, help="calibration windows (default: 16)")
-    c.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
     c.add_argument("--decode-tokens", type=_positive, default=32, help="tokens timed for decode speed (default: 32)")
     c.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse finished rows)")
     c.add_argument("--out", default="results/compare", help="folder for the report (default: results/compare)")
-    c.set_defaults(fn=cmd_compare)
 
-    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    s.add_argument("model", nargs="?", help=model_help)
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=_positive, default=8000, help="port (default: 8000)")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
-    s.add_argument("--max-num-seqs", type=_positive, default=32, help="sequences running at once (default: 32)")
-    s.add_argument("--kv-blocks", type=_positive, default=1024, help="KV-cache blocks (default: 1024)")
-    s.add_argument("--block-size", type=_positive, default=16, help="tokens per KV-cache block (default: 16)")
-    s.add_argument("--kv-dtype", choices=["auto", "float32", "float16"], default="auto",
-                   help="KV-cache type (default: auto, fp16 for a model all on GGUF blocks as llama.cpp, "
-                        "else the model's own)")
-    s.add_argument("--max-step-tokens", type=_positive, default=512,
-                   help="tokens computed per engine step, prefill chunks included (default: 512)")
-    s.add_argument("--served-model-name", help="the model id clients send (default: the model file's name)")
-    s.add_argument("--max-body-mb", type=_positive_float, default=4.0,
-                   help="largest request body accepted, in MiB; larger ones get 413 (default: 4)")
-    s.add_argument("--template-timeout", type=_positive_float, default=5.0,
-                   help="seconds a chat template may take to render a request's messages (default: 5)")
-    s.set_defaults(fn=cmd_serve)
+    s = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API")
+    flags.add(s, [_serve_config()], label=False)
 
-    g = sub.add_parser("generate", help="stream a completion")
-    g.add_argument("model", nargs="?", help=model_help)
+    g = command("generate", cmd_generate, "stream a completion")
     g.add_argument("-p", "--prompt", required=True)
     g.add_argument("-n", "--max-new-tokens", type=_positive, default=128)
     g.add_argument("--raw", action="store_true", help="no chat template")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    g.add_argument("--gguf-blocks", action="store_true",
-                   help="GGUF: run the quantized layers on their blocks, not on an fp32 copy")
-    g.set_defaults(fn=cmd_generate)
+    _runtime(g)
 
-    i = sub.add_parser("info", help="what a model file or checkpoint holds")
-    i.add_argument("model", nargs="?", help=model_help)
+    i = command("info", cmd_info, "what a model file or checkpoint holds")
     i.add_argument("--json", action="store_true")
-    i.set_defaults(fn=cmd_info)
     return p
 
 

@@ -9,6 +9,15 @@ from .errors import ModelpressError
 _CONFIG_TYPES: dict[str, type["BaseConfig"]] = {}
 
 
+GROUP_SIZE_HELP = "input columns sharing one scale, or 'channel' for one per output channel"
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:  # noqa: A002
+    """A config field with the help text its command-line flag shows (cli.py makes one flag per
+    field). `cli` hints: choices=(...), none="word" (the word that means None), cli=False (no flag)."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseConfig:
     """Base of every method config.
@@ -22,8 +31,8 @@ class BaseConfig:
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
     calibrated: ClassVar[bool] = False  # whether the handler reads calibration windows
-    targets: tuple[str, ...] = (r".*",)
-    ignore: tuple[str, ...] = (r"(^|\.)lm_head$",)
+    targets: tuple[str, ...] = option((r".*",), "regexes of the layers to compress", cli=False)
+    ignore: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of the layers to leave alone", cli=False)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -34,6 +43,14 @@ class BaseConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
         return {"method": self.method, "version": self.version, **d}
+
+    def describe(self) -> str:
+        """One line naming the method and its settings, e.g. 'nf4 (blocksize 64, double quant False, ...)'."""
+        d = self.to_dict()
+        for k in ("method", "version", "targets", "ignore"):
+            d.pop(k)
+        settings = ", ".join(f"{k.replace('_', ' ')} {'channel' if v is None else v}" for k, v in d.items())
+        return f"{self.method} ({settings})"
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "BaseConfig":

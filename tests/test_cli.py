@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import modelpress
+
 from modelpress.cli import main
 from tests.model.test_load import write_tiny_gguf
 from tests.conftest import byte_tokenizer, tiny_llama
@@ -313,3 +315,33 @@ def test_an_interrupted_compare_reruns_only_the_unfinished_rows(tmp_path, capsys
     assert done == 1
     code, _, err = _run(capsys, *args)
     assert code == 0 and f"{done} reused" in err and f"{3 - done} to run" in err
+
+
+def test_a_new_config_field_is_a_new_flag(tmp_path, capsys):
+    """The quantize flags are made from the config fields (flags.py): a config class defined here,
+    with no edit of the CLI, gets its flags, their help, and the error for a flag it does not take."""
+    import dataclasses
+
+    from modelpress import config as config_module
+    from modelpress.cli import _config_from_args, build_parser
+    from modelpress.config import BaseConfig, option
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig(BaseConfig):
+        method = "toy"
+        strength: float = option(0.5, "how hard to squeeze")
+        layers_kept: tuple[str, ...] = option(("a", "b"), "layers to keep")
+        careful: bool = option(True, "take care")
+
+    try:
+        parser = build_parser()
+        help_text = parser._subparsers._group_actions[0].choices["quantize"].format_help()
+        assert "--strength" in help_text and "toy: how hard to squeeze (default: 0.5)" in " ".join(help_text.split())
+        a = parser.parse_args(["quantize", "--method", "toy", "--strength", "2", "--layers-kept", "x,y",
+                               "--no-careful", "--out", str(tmp_path / "o")])
+        assert _config_from_args(a) == ToyConfig(strength=2.0, layers_kept=("x", "y"), careful=False)
+        a = parser.parse_args(["quantize", "--method", "toy", "--bits", "4", "--out", str(tmp_path / "o")])
+        with pytest.raises(modelpress.ModelpressError, match="--bits does not apply to --method toy .*--strength"):
+            _config_from_args(a)
+    finally:
+        config_module._CONFIG_TYPES.pop("toy")

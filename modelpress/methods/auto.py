@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections import Counter
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import BaseConfig
+from ..config import BaseConfig, option
 from ..core import kquants
 from ..core.allocate import allocate
 from ..registry import register
@@ -35,13 +37,15 @@ DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K
 class AutoConfig(BaseConfig):
     method = "auto"
     calibrated = True
-    target_bpw: float | None = None       # bits per weight of the GGUF file, all tensors
-    target_mix: str | None = None         # or: the size of this llama.cpp mix
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-    fisher_windows: int = 8               # calibration windows for the Fisher information
+    target_bpw: float | None = option(None, "bits per weight of the whole model (GGUF file), e.g. 4.5")
+    target_mix: str | None = option(None, "the size of this llama.cpp mix instead, e.g. Q4_K_M")
+    formats: tuple[str, ...] = option(DEFAULT_FORMATS, "the GGUF types to choose from, comma-separated")
+    fisher_windows: int = option(8, "calibration windows for the Fisher information")
 
     def __post_init__(self) -> None:
         from ..formats.gguf_mixes import MIXES
+
+        object.__setattr__(self, "formats", tuple(str(f).upper() for f in self.formats))  # q4_0 is Q4_0
 
         if (self.target_bpw is None) == (self.target_mix is None):
             raise ValueError("give one budget: target_bpw (e.g. 4.5) or target_mix (e.g. 'Q4_K_M')")
@@ -70,6 +74,22 @@ class Plan:
     bits: float                      # total bits of the chosen types
     weights: int
     importance: Any = None           # an imatrix, where one was used (none yet)
+
+    def table(self) -> str:
+        """The chosen types, one line per block (q k v o gate up down), and the totals."""
+        cols = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        blocks: dict[int, dict[str, str]] = {}
+        for name, kind in self.types.items():
+            m = re.match(r"blk\.(\d+)\.(\w+)\.weight", name)
+            if m and m.group(2) in cols:
+                blocks.setdefault(int(m.group(1)), {})[m.group(2)] = kind
+        lines = ["auto: chosen types (" + " ".join(cols) + ")"]
+        lines += [f"  blk.{i:<3} " + " ".join(f"{row.get(c, '-'):<5}" for c in cols) for i, row in sorted(blocks.items())]
+        counts = Counter(k for n, k in self.types.items() if n in self.costs)
+        lines.append(f"auto: {', '.join(f'{n} {k}' for k, n in counts.most_common())}; "
+                     f"{self.bits_per_weight:.3f} bits/weight for a budget of {self.budget_bits / self.weights:.3f}; "
+                     f"predicted mean KL {sum(self.predicted.values()):.5f}")
+        return "\n".join(lines)
 
     @property
     def bits_per_weight(self) -> float:

@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from ..config import BaseConfig
+from ..config import GROUP_SIZE_HELP, BaseConfig, option
 from ..core import awq, grids
 from ..errors import ModelpressError
 from ..model.capture import CallCapture, InputStatsCapture
@@ -50,15 +50,15 @@ class AWQConfig(BaseConfig):
 
     method = "awq"
     calibrated = True
-    bits: int = 4
-    group_size: int | None = 64
-    symmetric: bool = False
-    n_grid: int = 20
-    duo_scaling: bool = True
-    clip: bool = True
-    search_samples: int = 8
-    batch_size: int = 8
-    scales_only: bool = False
+    bits: int = option(4, "2, 3, 4 or 8")
+    group_size: int | None = option(64, GROUP_SIZE_HELP, none="channel")
+    symmetric: bool = option(False, "a symmetric grid, no stored zero point")
+    n_grid: int = option(20, "scale ratios tried per mapping")
+    duo_scaling: bool = option(True, "weigh weight magnitudes into the scales too")
+    clip: bool = option(True, "search clipping bounds")
+    search_samples: int = option(8, "calibration windows the scale search replays")
+    batch_size: int = option(8, "calibration windows per forward")
+    scales_only: bool = option(False, "fold the scales in and leave the weights in float (for another format to round)")
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from tqdm.auto import tqdm
 
-from ..config import BaseConfig
+from ..config import BaseConfig, option
 from ..core.codebook4 import BLOCKSIZES
 from ..model.walker import iter_targets, replace
 from ..nn import Code4Linear
@@ -28,9 +28,9 @@ class NF4Config(BaseConfig):
     compute_dtype: "float32" or "bfloat16", the dtype the layer multiplies in."""
 
     method = "nf4"
-    blocksize: int = 64
-    double_quant: bool = False
-    compute_dtype: str = "float32"
+    blocksize: int = option(64, "weights per absmax, 32 to 4096")
+    double_quant: bool = option(False, "quantize the absmax constants too (8-bit, blocks of 256)")
+    compute_dtype: str = option("float32", "the dtype the layers multiply in", choices=("float32", "bfloat16"))
 
     def __post_init__(self) -> None:
         if self.blocksize not in BLOCKSIZES:

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from ..config import BaseConfig
+from ..config import GROUP_SIZE_HELP, BaseConfig, option
 from ..core.gptq import gptq_quantize
 from ..core.hessian import HessianAccumulator
 from ..model.capture import HessianCapture
@@ -38,16 +38,16 @@ class GPTQConfig(BaseConfig):
 
     method = "gptq"
     calibrated = True
-    bits: int = 4
-    group_size: int | None = 64
-    symmetric: bool = False
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
-    block_size: int = 128
-    mse: bool = False
-    batch_size: int = 8
-    true_sequential: bool = True
+    bits: int = option(4, "2, 3, 4 or 8")
+    group_size: int | None = option(64, GROUP_SIZE_HELP, none="channel")
+    symmetric: bool = option(False, "a symmetric grid, no stored zero point")
+    act_order: bool = option(False, "quantize columns by decreasing activation energy (desc_act)")
+    static_groups: bool = option(False, "group parameters fixed before the sweep, in column order")
+    damp: float = option(0.01, "Hessian damping, a fraction of its mean diagonal")
+    block_size: int = option(128, "columns per lazy-batch update")
+    mse: bool = option(False, "search each group's clipping range")
+    batch_size: int = option(8, "calibration windows per forward")
+    true_sequential: bool = option(True, "each layer's Hessian from the already quantized layers before it in its block")
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:

@@ -12,7 +12,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..config import BaseConfig
+from ..config import BaseConfig, option
 from ..model.walker import iter_targets, replace
 from ..nn import Int8LtLinear
 from ..registry import register
@@ -23,7 +23,7 @@ class LLMInt8Config(BaseConfig):
     """threshold: input magnitude from which a column runs in fp32 (0: none do)."""
 
     method = "int8"
-    threshold: float = 6.0
+    threshold: float = option(6.0, "input magnitude from which a column runs in fp32 (0: none)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.threshold, (int, float)) or self.threshold < 0 or not math.isfinite(self.threshold):

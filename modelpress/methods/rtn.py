@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from tqdm.auto import tqdm
 
-from ..config import BaseConfig
+from ..config import GROUP_SIZE_HELP, BaseConfig, option
 from ..model.walker import iter_targets, replace
 from ..nn import IntxLinear
 from ..registry import register
@@ -25,9 +25,9 @@ class RTNConfig(BaseConfig):
     """
 
     method = "rtn"
-    bits: int = 4
-    group_size: int | None = 64
-    symmetric: bool = False
+    bits: int = option(4, "2, 3, 4 or 8")
+    group_size: int | None = option(64, GROUP_SIZE_HELP, none="channel")
+    symmetric: bool = option(False, "a symmetric grid, no stored zero point")
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:

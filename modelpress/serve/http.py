@@ -18,7 +18,9 @@ chat templating run on worker threads (the template with a time limit), never on
 
 import asyncio
 import ctypes
+import dataclasses
 import json
+import math
 import queue
 import threading
 import time
@@ -26,6 +28,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from .. import kernels
+from ..config import option
 from .engine import Engine, RequestOutput
 from .sampler import SamplingParams
 
@@ -231,6 +234,30 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 # -- the app -----------------------------------------------------------------------------------------
 MAX_BODY_BYTES = 4 << 20      # a request body past this gets 413 (serve --max-body-mb)
 TEMPLATE_SECONDS = 5.0        # a chat template that renders longer is stopped (serve --template-timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`modelpress serve`'s settings (each field is a flag of the command, flags.py)."""
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/ routes")
+    served_model_name: str | None = option(None, "the model id clients send; none: the model file's name")
+    max_num_seqs: int = option(32, "sequences running at once")
+    kv_blocks: int = option(1024, "KV-cache blocks")
+    block_size: int = option(16, "tokens per KV-cache block")
+    kv_dtype: str = option("auto", "KV-cache type: auto (fp16 for a model all on GGUF blocks, as llama.cpp; "
+                           "else the model's own)", choices=("auto", "float32", "float16"))
+    max_step_tokens: int = option(512, "tokens computed per engine step, prefill chunks included")
+    max_body_mb: float = option(MAX_BODY_BYTES / (1 << 20), "largest request body accepted, in MiB (413 past it)")
+    template_timeout: float = option(TEMPLATE_SECONDS, "seconds a chat template may take to render a request")
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_num_seqs", "kv_blocks", "block_size", "max_step_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive whole number")
+        if not (0 < self.max_body_mb < math.inf and 0 < self.template_timeout < math.inf):
+            raise ValueError("max-body-mb and template-timeout must be positive numbers")
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
