@@ -39,6 +39,7 @@ from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.formats.gguf_writer import write_gguf  # noqa: E402
 from modelpress.model.imatrix import compute_imatrix  # noqa: E402
 from modelpress.generate import encode_prompt, generate_ids, runner_ids  # noqa: E402
+from modelpress.record import record
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPT = "Explain in a few sentences why the sky is blue."
@@ -81,7 +82,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     model, tok = modelpress.load()
-    source = Path(model.modelpress_source)
+    source = Path(record(model).source)
     prompt = encode_prompt(tok, PROMPT, True)
     work = Path(tempfile.mkdtemp(prefix="mp-decode-"))
     files = {}

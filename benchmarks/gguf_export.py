@@ -39,6 +39,7 @@ from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
 from modelpress.formats.gguf_reader import read_gguf  # noqa: E402
 from modelpress.formats.gguf_writer import write_gguf  # noqa: E402
+from modelpress.record import record
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MIXES = "Q4_0,Q8_0,Q4_K_M,Q5_K_M,Q6_K,Q3_K_M,Q2_K"
@@ -86,7 +87,7 @@ def main() -> None:
     a = p.parse_args()
 
     model, tok = modelpress.load()
-    source = Path(model.modelpress_source)
+    source = Path(record(model).source)
     ev = windows(tokenize(tok, read_text(SHARED / "eval.txt")), 512, a.eval_windows)
     work = Path(tempfile.mkdtemp(prefix="mp-gguf-"))
     f32 = work / "f32.gguf"

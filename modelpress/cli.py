@@ -14,6 +14,7 @@ from typing import Any
 
 from . import flags
 from .errors import ModelpressError, one_line
+from .record import record
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,11 +90,11 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     quantize(model, config, calib)
     quant_s = time.perf_counter() - start
     if config.method == "auto":
-        _err(model.modelpress_plan.table())
+        _err(record(model).plan.table())
     out = Path(save(model, tok, a.out, format=a.format))
     if out.is_file():  # a GGUF
         _err(f"quantized with {config.describe()} in {quant_s:.1f} s; wrote {out} "
-             f"({out.stat().st_size / 1e6:.1f} MB, {model.modelpress_plan.bits_per_weight:.3f} bits/weight)")
+             f"({out.stat().st_size / 1e6:.1f} MB, {record(model).plan.bits_per_weight:.3f} bits/weight)")
         return 0
     after = model_size(model)
     _err(f"quantized with {config.describe()} in {quant_s:.1f} s; "
@@ -175,7 +176,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     types = export_gguf(model, tok, out, a.type, imatrix=None if imatrix is None else imatrix.importance(),
                         extra_metadata=meta)
-    mix = a.type or getattr(getattr(model, "modelpress_config", None), "target_mix", None) or "Q4_K_M"
+    mix = a.type or getattr(record(model).config, "target_mix", None) or "Q4_K_M"
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
     _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {mix}: {counts}"
          f"{', with an imatrix' if imatrix is not None else ''}) in {time.perf_counter() - start:.1f} s")
@@ -211,7 +212,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     result = {"ppl": r.ppl, "windows": r.windows, "ctx": r.ctx, "size_bytes": size.size_bytes,
               "bits_per_weight": size.bits_per_weight, "linear_bits_per_weight": size.linear_bits_per_weight,
               "tokens_per_s": speed, "eval_tokens_per_s": r.tokens_per_s, "load_seconds": load_s,
-              "source": model.modelpress_source, "source_disk_bytes": disk_bytes(model.modelpress_source)}
+              "source": record(model).source, "source_disk_bytes": disk_bytes(record(model).source)}
     if a.json:
         print(json.dumps(result))
     else:
@@ -219,7 +220,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
               f"size {size.size_bytes / 1e6:.1f} MB, {size.bits_per_weight:.2f} bits/weight "
               f"(linear layers {size.linear_bits_per_weight:.2f})\n"
               + (f"decode {speed:.1f} tokens/s\n" if speed else "")
-              + f"loaded in {load_s:.1f} s from {model.modelpress_source}")
+              + f"loaded in {load_s:.1f} s from {record(model).source}")
     return 0
 
 
@@ -261,7 +262,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                         max_tokens_per_step=c.max_step_tokens, kv_dtype=c.kv_dtype)
     except ValueError as e:  # a --kv-dtype this model cannot take
         raise ModelpressError(f"--kv-dtype {c.kv_dtype}: {e}") from None
-    name = c.served_model_name or Path(model.modelpress_source).stem
+    name = c.served_model_name or Path(record(model).source).stem
     _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {c.kv_blocks} blocks of {c.block_size} "
          f"tokens, {engine.runner.bytes_per_block * c.kv_blocks / 1e6:.0f} MB) on http://{c.host}:{c.port}/v1")
     serve(engine, name, c.host, c.port, c.api_key, max_body_bytes=int(c.max_body_mb * (1 << 20)),

@@ -7,6 +7,7 @@ import torch
 
 from .config import BaseConfig
 from .errors import ModelpressError
+from .record import record
 
 # handler(model, config, calib) -> model, compressing in place
 Handler = Callable[[torch.nn.Module, BaseConfig, "list[torch.Tensor] | None"], torch.nn.Module]
@@ -36,7 +37,7 @@ def quantize(model: torch.nn.Module, config: BaseConfig,
     """Compress `model` in place with the method `config` names and return it.
 
     `calib` is a list of token-id tensors for methods that calibrate (RTN ignores it). The config
-    is recorded on the model (`model.modelpress_config`) so that `save` writes it beside the weights.
+    is recorded on the model (`record(model).config`) so that `save` writes it beside the weights.
 
         model, tok = modelpress.load()
         modelpress.quantize(model, modelpress.RTNConfig(bits=4, group_size=64))
@@ -44,5 +45,5 @@ def quantize(model: torch.nn.Module, config: BaseConfig,
     from .nn.dense_linear import use_dense_kernels
 
     model = use_dense_kernels(handler_for(config)(model, config, calib))  # what stays dense gets the kernel too
-    model.modelpress_config = config
+    record(model).config = config
     return model

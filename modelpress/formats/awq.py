@@ -23,6 +23,7 @@ from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
 from .registry import Format, describe_transformers, register_format
+from ..record import record
 
 QUANT_METHOD = "awq"
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -75,7 +76,7 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     from .checkpoint import check_new, with_layers_as, write_folder
 
     out = check_new(out)
-    config = getattr(model, "modelpress_config", None)
+    config = record(model).config
     if config is None or not any(isinstance(m, IntxLinear) for m in model.modules()):
         raise ModelpressError("only a model quantized to 4-bit integer groups can be saved in the AWQ layout")
     return write_folder(model, tokenizer, out, with_layers_as(model, IntxLinear, layer_to_hf), quantization_config(config))

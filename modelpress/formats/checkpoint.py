@@ -28,6 +28,7 @@ import torch
 from ..errors import ModelpressError
 from ..version import __version__
 from .registry import MANIFEST, Format, count_tensors, describe_transformers, register_format
+from ..record import record
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -103,7 +104,7 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     from .bnb import quantization_config
 
     out = check_target(out)
-    config = getattr(model, "modelpress_config", None)
+    config = record(model).config
     manifest = {"format": "modelpress", "format_version": FORMAT_VERSION,
                 "modelpress_version": __version__,
                 "quantization": config.to_dict() if config is not None else None,
@@ -262,7 +263,7 @@ def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
 
     model = build_causal_lm(config, state, prepare=swap_in)
     if manifest.get("quantization"):
-        model.modelpress_config = BaseConfig.from_dict(manifest["quantization"])
+        record(model).config = BaseConfig.from_dict(manifest["quantization"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
 

@@ -23,6 +23,7 @@ from ..errors import ModelpressError
 from .gguf_mixes import MIXES, tensor_types
 from .gguf_names import to_gguf
 from .registry import Format, register_format
+from ..record import record
 
 # metadata that describes the weights, rewritten here rather than copied
 _OWN_KEYS = ("general.file_type", "general.quantization_version", "general.alignment", "general.architecture")
@@ -210,14 +211,14 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, mix: s
     (its per-tensor types), else the types of layers already on GGUF blocks (an `auto` checkpoint),
     else its config's target_mix, else Q4_K_M. The tokenizer and descriptive metadata come from
     the GGUF the model was loaded from, where it was one."""
-    source = Path(getattr(model, "modelpress_source", "") or "")
-    plan = getattr(model, "modelpress_plan", None)
+    source = Path(record(model).source or "")
+    plan = record(model).plan
     if mix is None and types is None:
         if plan is not None:
             mix, types = plan.file_type, plan.types
         else:
             types = {n: k for n, (k, _) in held_blocks(model).items()} or None
-            mix = getattr(getattr(model, "modelpress_config", None), "target_mix", None) or "Q4_K_M"
+            mix = getattr(record(model).config, "target_mix", None) or "Q4_K_M"
     return write_gguf(path, model, mix or "Q4_K_M", source if source.suffix.lower() == ".gguf" else None,
                       imatrix=imatrix, progress=progress, extra_metadata=extra_metadata, tokenizer=tokenizer,
                       types=types)

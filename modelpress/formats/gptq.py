@@ -27,6 +27,7 @@ from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
 from .registry import Format, describe_transformers, register_format
+from ..record import record
 
 QUANT_METHOD = "gptq"
 
@@ -91,7 +92,7 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     from .checkpoint import check_new, with_layers_as, write_folder
 
     out = check_new(out)
-    config = getattr(model, "modelpress_config", None)
+    config = record(model).config
     quant = [m for m in model.modules() if isinstance(m, IntxLinear)]
     if config is None or not quant:
         raise ModelpressError("only a GPTQ- or RTN-quantized model can be saved in the GPTQ layout")

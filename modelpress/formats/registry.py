@@ -3,7 +3,7 @@ methods whose layers it can hold, how to save, how a transformers folder in it i
 `info` describes a file. `save(..., format=...)`, `load` and `info` dispatch here, so a new format
 is one new file in formats/ that calls `register_format` (and an import in formats/__init__.py).
 
-A leaf: it imports nothing of modelpress but the error type."""
+A leaf: it imports nothing of modelpress but the error type and the record."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ModelpressError
+from ..record import record
 
 MANIFEST = "modelpress.json"   # what marks a modelpress checkpoint folder
 
@@ -121,7 +122,7 @@ def save(model: Any, tokenizer: Any, path: str | Path, format: str = "modelpress
     fmt = get_format(format)
     if fmt.save is None:
         raise ModelpressError(f"modelpress reads the {fmt.name} format but does not write it")
-    config = getattr(model, "modelpress_config", None)
+    config = record(model).config
     method = config.method if config is not None else None
     if not fmt.accepts(method):
         raise ModelpressError(f"the {fmt.name} format holds {', '.join(fmt.methods or ())} models, not "

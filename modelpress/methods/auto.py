@@ -29,6 +29,7 @@ from ..config import BaseConfig, option
 from ..core import kquants
 from ..core.allocate import allocate
 from ..registry import register
+from ..record import record
 
 DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
@@ -218,5 +219,5 @@ def _auto(model: torch.nn.Module, config: AutoConfig, calib: list[torch.Tensor] 
             replace(model, fqn, GGUFLinear.from_blocks(kquants.quantize(w, kind), kind, w.shape[1]))
         else:
             m.weight.data = rounded(w, kind)  # F16 / BF16: the rounded values, kept as fp32
-    model.modelpress_plan = plan
+    record(model).plan = plan
     return model

@@ -25,6 +25,7 @@ from ..model.sequential import block_targets, run_sequential
 from ..model.walker import replace
 from ..nn import IntxLinear
 from ..registry import register
+from ..record import record
 
 # (smooth, balance layers, parent), Llama-family names relative to a block
 MAPPINGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -157,5 +158,5 @@ def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Te
                 q.bias = lin.bias.detach().float().clone()
             replace(block, name, q)
 
-    model.modelpress_calibration = run_sequential(model, calib, compress, batch, desc="awq")
+    record(model).calibration = run_sequential(model, calib, compress, batch, desc="awq")
     return model

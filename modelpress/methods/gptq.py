@@ -19,6 +19,7 @@ from ..model.stages import ResidualStages
 from ..model.walker import replace
 from ..nn import IntxLinear
 from ..registry import register
+from ..record import record
 
 BITS = (2, 3, 4, 8)
 
@@ -122,5 +123,5 @@ def quantize_gptq(model: torch.nn.Module, config: GPTQConfig, calib: list[torch.
                 replace(block, name, q)
         return None
 
-    model.modelpress_calibration = run_sequential(model, calib, compress, config.batch_size, desc="gptq")
+    record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc="gptq")
     return model

@@ -12,6 +12,7 @@ from ..errors import ModelpressError
 from ..formats.gguf_names import to_hf
 from ..formats.gguf_reader import GGUFTensor, dequantize, read_gguf
 from .build import build_causal_lm
+from ..record import record
 
 _SKIP = re.compile(r"rope_freqs\.weight$|blk\.\d+\.attn_rot_embd")
 
@@ -123,7 +124,7 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
     """(model, tokenizer) from a Llama GGUF file, weights dequantized to fp32; with keep_blocks,
     the linear layers of a block type stay in their blocks (nn/gguf_linear.GGUFLinear) and only
     embeddings, norms and F16/F32 tensors become fp32; a head tied to a block-type embedding also
-    keeps those blocks as `model.modelpress_head` (a GGUFLinear outside the module tree with the
+    keeps those blocks as `record(model).head` (a GGUFLinear outside the module tree with the
     same values as the fp32 tied weight, for the decode kernels)."""
     from ..model.walker import replace
     from ..nn.gguf_linear import GGUFLinear
@@ -151,6 +152,6 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
         kind = GGMLQuantizationType(emb.ggml_type).name
         if kind in BLOCK:
             head = GGUFLinear.from_blocks(torch.from_numpy(np.array(emb.data, copy=True)), kind, emb.shape[-1])
-            object.__setattr__(model, "modelpress_head", head)  # not a submodule: not in the state dict
+            record(model).head = head  # not a submodule: not in the state dict
     tokenizer = tokenizer_from_gguf(meta, path)
     return model, tokenizer

@@ -10,6 +10,7 @@ import torch
 from ..default_model import DEFAULT_FILE, DEFAULT_NAME, DEFAULT_PACKAGE, default_model_path  # noqa: F401 (re-exported)
 from ..errors import ModelpressError, one_line
 from ..formats import checkpoint, registry
+from ..record import record
 
 # what reading a damaged or foreign file raises where no check of ours caught it first
 _FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
@@ -58,7 +59,7 @@ def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:
         model, tok = checkpoint.load(path)
     else:  # a transformers folder, plain or in a quantized layout a registered format reads
         model, tok = _load_transformers(path)
-    model.modelpress_source = str(path)
+    record(model).source = str(path)
     return model, tok
 
 
@@ -87,7 +88,7 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
         qc = qc if isinstance(qc, dict) else qc.to_dict()
         qconfig, state, prepare = registry.for_quant_method(qc.get("quant_method")).read(qc, state)
         model = build_causal_lm(config, state, prepare=prepare)
-        model.modelpress_config = qconfig
+        record(model).config = qconfig
     else:
         model = build_causal_lm(config, state)
     try:

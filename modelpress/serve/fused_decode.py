@@ -15,7 +15,7 @@ their weights, with fp32 activations; `build(..., int8_activations=False)` keeps
 embedding row and the rotary cos / sin (from the model's rotary module, tabulated once) stay the
 model's own; so do the final norm and the output head (the runner's `head`), except that with int8
 activations a head tied to a GGUF embedding multiplies on that embedding's blocks
-(`model.modelpress_head`, the same values; Q8_0 on the default model: ~3 ms a token instead of
+(`record(model).head`, the same values; Q8_0 on the default model: ~3 ms a token instead of
 6.4 ms for the fp32 copy), and then the final norm and that head run in C too (mp_llama_logits; the
 norm's sums in float64, as ggml's rms_norm and the layers' norms here).
 

@@ -20,7 +20,7 @@ or the recompute of a preempted sequence, gives the cache bit for bit what decod
 int8 activations any other order of sums would show as a jump of one rounding step). With
 `int8_activations` (the default) GGUF Q8_0 / Q5_0 / Q4_K / Q6_K layers multiply on their blocks
 with int8 activations in the torch path too (nn/gguf_linear.py's `int8_rows`, set here on the
-model's layers), and a tied head kept in blocks (`model.modelpress_head`) replaces its fp32 copy.
+model's layers), and a tied head kept in blocks (`record(model).head`) replaces its fp32 copy.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .sequence import Sequence
+from ..record import record
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ class ModelRunner:
         self.int8_activations = int8_activations
         from ..nn.gguf_linear import GGUFLinear
 
-        head = getattr(model, "modelpress_head", None)  # a tied head kept in GGUF blocks (fused_decode.py)
+        head = record(model).head  # a tied head kept in GGUF blocks (fused_decode.py)
         self.head = (head if isinstance(head, GGUFLinear) and int8_activations and head.qdata.device == self.device
                      else model.lm_head)
         for mod in [*model.modules(), head]:  # the torch path computes as the fused one

@@ -10,6 +10,7 @@ import modelpress
 from modelpress import AWQConfig
 from modelpress.formats import awq as awq_format
 from tests.conftest import gptq_act_order
+from modelpress.record import record
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -44,7 +45,7 @@ def test_layout_and_round_trip(tmp_path, tiny):
     x = torch.randint(0, 261, (2, 24))
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
-    assert loaded.modelpress_config.method == "awq"
+    assert record(loaded).config.method == "awq"
 
 
 def test_act_order_is_refused(tmp_path, tiny):

@@ -7,6 +7,7 @@ import torch
 
 import modelpress
 from modelpress import FP4Config, LLMInt8Config, ModelpressError, NF4Config
+from modelpress.record import record
 
 CASES = [
     (NF4Config(), dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
@@ -104,7 +105,7 @@ def test_modelpress_loads_a_transformers_bitsandbytes_checkpoint(tmp_path, tiny_
     theirs.save_pretrained(tmp_path / "bnb")
     tok.save_pretrained(tmp_path / "bnb")
     loaded, _ = modelpress.load(tmp_path / "bnb")
-    assert loaded.modelpress_config == config
+    assert record(loaded).config == config
     ours = modelpress.quantize(fp_model, config)
     mine, their_sd = ours.state_dict(), loaded.state_dict()
     assert sorted(mine) == sorted(their_sd)

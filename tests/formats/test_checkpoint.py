@@ -6,6 +6,7 @@ import torch
 import modelpress
 from modelpress import ModelpressError, RTNConfig
 from modelpress.formats import checkpoint
+from modelpress.record import record
 
 
 @pytest.mark.parametrize("config", [RTNConfig(bits=4, group_size=32), RTNConfig(bits=8, group_size=None, symmetric=True),
@@ -19,7 +20,7 @@ def test_save_load_gives_identical_logits(tmp_path, tiny, config):
     with torch.no_grad():
         assert torch.equal(model(x).logits, loaded(x).logits)          # reference path
         assert torch.equal(model(x[:1, :8]).logits, loaded(x[:1, :8]).logits)  # kernel path
-    assert loaded.modelpress_config == config
+    assert record(loaded).config == config
     assert tok2("the thing")["input_ids"] == tok("the thing")["input_ids"]
     manifest = json.loads((out / "modelpress.json").read_text())
     assert manifest["quantization"]["bits"] == config.bits and len(manifest["modules"]) == 14

@@ -14,6 +14,7 @@ from modelpress.eval.perplexity import perplexity_of_windows
 from modelpress.formats import compressed_tensors as ct_format
 from modelpress.model.walker import dense_weight
 from tests.conftest import gptq_act_order
+from modelpress.record import record
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "llmcompressor_gptq_tiny"
 
@@ -37,7 +38,7 @@ def test_llm_compressor_checkpoint_loads_with_its_own_ppl():
     model, _ = modelpress.load(GOLDEN)
     ppl = perplexity_of_windows(model, torch.tensor(expected["eval_ids"]), progress=False).ppl
     assert abs(ppl - expected["ppl_llmcompressor"]) < 1e-9 * ppl, (ppl, expected["ppl_llmcompressor"])
-    assert model.modelpress_config.bits == 4 and model.modelpress_config.group_size == 32
+    assert record(model).config.bits == 4 and record(model).config.group_size == 32
 
 
 def test_weights_equal_an_independent_unpacking():

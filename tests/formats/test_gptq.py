@@ -11,6 +11,7 @@ import modelpress
 from modelpress import GPTQConfig, RTNConfig
 from modelpress.formats import gptq as gptq_format
 from modelpress.model.walker import dense_weight
+from modelpress.record import record
 
 
 def unpack_reference(qweight, qzeros, scales, g_idx, bits, v1=True):
@@ -66,7 +67,7 @@ def test_layout_read_by_independent_unpacker(tmp_path, tiny, bits, act_order):
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
         torch.testing.assert_close(loaded(x[:1, :3]).logits, model(x[:1, :3]).logits, rtol=0, atol=1e-4)
-    assert loaded.modelpress_config.act_order == act_order
+    assert record(loaded).config.act_order == act_order
 
 
 def test_rtn_model_in_gptq_layout_and_refusals(tmp_path, tiny):

@@ -9,6 +9,7 @@ import modelpress
 from modelpress.errors import ModelpressError
 from modelpress.formats import check_destination, describe, detect, formats, registry
 from modelpress.formats.registry import Format, register_format
+from modelpress.record import record
 
 
 def test_every_format_is_registered():
@@ -41,7 +42,7 @@ def test_save_detect_describe_and_load_go_through_the_registry(tmp_path, tiny):
         info = describe(Path(out))
         assert info["format"] == ("modelpress" if fmt == "modelpress" else "transformers") and info["tensors"] > 0
         loaded, _ = modelpress.load(out)
-        assert loaded.modelpress_config.bits == 4
+        assert record(loaded).config.bits == 4
 
 
 def test_a_new_format_is_one_registration(tmp_path, tiny):

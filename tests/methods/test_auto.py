@@ -11,6 +11,7 @@ import modelpress
 from modelpress.methods.auto import AutoConfig, allocate_for, fisher_diagonal, rounded, type_bytes
 from modelpress.nn.gguf_linear import GGUFLinear
 from tests.conftest import tiny_llama
+from modelpress.record import record
 
 CALIB = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
 
@@ -118,7 +119,7 @@ def test_quantize_save_load_and_export_keep_the_types_and_bytes(tmp_path, tiny):
     model, tok = tiny
     ref = copy.deepcopy(model)
     modelpress.quantize(model, AutoConfig(target_bpw=5.6, formats=("Q4_0", "Q5_1", "Q8_0")), CALIB)
-    plan = model.modelpress_plan
+    plan = record(model).plan
     layers = {f: m for f, m in model.named_modules() if isinstance(m, GGUFLinear)}
     assert len(layers) == 14
     x = CALIB[0][None]

@@ -6,6 +6,7 @@ from modelpress import RTNConfig
 from modelpress.config import BaseConfig
 from modelpress.nn import IntxLinear
 from tests.conftest import tiny_llama
+from modelpress.record import record
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=5), dict(group_size=0), dict(group_size=-8), dict(bits=4, group_size=2.5)])
@@ -30,7 +31,7 @@ def test_quantize_replaces_targets_but_not_head_or_embeddings():
     assert kinds["lm_head"] == "DenseLinear"  # unquantized: an nn.Linear with the decode kernel
     assert kinds["model.embed_tokens"] == "Embedding"
     assert sum(isinstance(m, IntxLinear) for m in model.modules()) == 2 * 7
-    assert model.modelpress_config == RTNConfig(bits=4, group_size=32)
+    assert record(model).config == RTNConfig(bits=4, group_size=32)
 
 
 def test_targets_and_ignore():

@@ -14,6 +14,7 @@ from modelpress.serve.fused_decode import FusedDecoder
 from modelpress.serve.runner import ModelRunner
 from tests.conftest import tiny_llama
 from tests.serve.test_engine import _quantized
+from modelpress.record import record
 
 pytestmark = pytest.mark.skipif(kernels.lib() is None, reason="the CPU kernels did not build here (no C compiler)")
 
@@ -66,8 +67,8 @@ def test_fused_decode_equals_the_torch_path(kind):
     if kind != "fp32":  # the tied head's GGUF blocks ride along, outside the state dict
         from modelpress.nn.gguf_linear import GGUFLinear
 
-        assert isinstance(model.modelpress_head, GGUFLinear)
-        assert not any("modelpress_head" in k for k in model.state_dict())
+        assert isinstance(record(model).head, GGUFLinear)
+        assert not any("modelpress" in k for k in model.state_dict())  # the record is no submodule
     ref_tokens, ref = _decode(model, False, 30)
     tokens, got = _decode(model, True, 30)
     assert tokens == ref_tokens

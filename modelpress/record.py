@@ -1,0 +1,35 @@
+"""What modelpress did to a model, as one typed record kept on it: `record(model)`.
+
+    record(model).source        the file or folder it was loaded from (model/load.py)
+    record(model).config        the method config that compressed it (registry.quantize, loaders)
+    record(model).plan          the per-tensor GGUF types `auto` chose (methods/auto.py)
+    record(model).calibration   what block-by-block calibration measured (model/sequential.py)
+    record(model).head          a tied output head kept in GGUF blocks, for the decode kernels
+                                (model/gguf_model.py); not a submodule, so not in the state dict
+
+A leaf module: it imports nothing of modelpress."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ATTRIBUTE = "modelpress"  # where the record sits on the model
+
+
+@dataclasses.dataclass
+class Record:
+    source: str | None = None
+    config: Any = None
+    plan: Any = None
+    calibration: Any = None
+    head: Any = None
+
+
+def record(model: Any) -> Record:
+    """The model's record, made empty on first use (kept in the module's __dict__, outside its
+    submodules, parameters and buffers)."""
+    r = model.__dict__.get(ATTRIBUTE)
+    if r is None:
+        r = Record()
+        object.__setattr__(model, ATTRIBUTE, r)
+    return r
