@@ -34,6 +34,10 @@ legacy types and dequantizes all; it is the reference the tests compare against)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -164,10 +168,21 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
 def _kernels():  # noqa: ANN202
     from .. import kernels
 
-    return kernels.lib() if USE_KERNELS else None
+    return kernels.lib() if _USE_KERNELS.get() else None
 
 
-USE_KERNELS = True  # tests switch it off to run the torch reference
+_USE_KERNELS: contextvars.ContextVar[bool] = contextvars.ContextVar("modelpress_kquants_kernels", default=True)
+
+
+@contextlib.contextmanager
+def torch_reference() -> Iterator[None]:
+    """Inside this block (this thread), the quantization searches run their torch reference instead
+    of the compiled kernels (the tests compare the two)."""
+    token = _USE_KERNELS.set(False)
+    try:
+        yield
+    finally:
+        _USE_KERNELS.reset(token)
 
 
 def make_qx_quants_reference(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,13 +8,17 @@ few-row products (decode) go through the hand-written kernel mp_affine_gemv
 and call F.linear. `qdata` (the GGUF bytes, rows in the transformers order) stays as loaded, for
 export and for `dequantize()`.
 
-`int8_rows` (0 by default; the serving engine sets it): products of up to that many rows with a
-Q8_0 / Q5_0 / Q4_K / Q6_K layer round the activations to int8 (per 32; per 256 for Q4_K / Q6_K)
-and multiply on the stored blocks (mp_block_gemv), as llama.cpp's CPU path does and as the engine's
-fused decode does, so that a prefill (or the recompute of a preempted sequence) computes what the
-decode computed.
+`with int8_activations():` (the serving engine's runner wraps its forward in it): inside it,
+products with a Q8_0 / Q5_0 / Q4_K / Q6_K layer round the activations to int8 (per 32; per 256 for
+Q4_K / Q6_K) and multiply on the stored blocks (mp_block_gemv), as llama.cpp's CPU path does and as
+the engine's fused decode does, so that a prefill (or the recompute of a preempted sequence)
+computes what the decode computed. Outside it, the model's own numbers (fp32 activations).
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +32,22 @@ from .dense_linear import kernel_allowed
 BLOCK_KERNELS = {"Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6}
 
 
+# products of up to this many rows take int8 activations (0: none); scoped by int8_activations()
+_INT8_ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("modelpress_int8_rows", default=0)
+
+
+@contextlib.contextmanager
+def int8_activations(rows: int = 1 << 62) -> Iterator[None]:
+    """GGUFLinear products of up to `rows` rows round their activations to int8 inside this block
+    (this thread only; a mode of the caller's, never left set on the modules)."""
+    token = _INT8_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _INT8_ROWS.reset(token)
+
+
 class GGUFLinear(torch.nn.Module):
-    int8_rows = 0
 
     def __init__(self, in_features: int, out_features: int, kind: str) -> None:
         super().__init__()
@@ -77,7 +95,7 @@ class GGUFLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.kind in BLOCK_KERNELS and kernel_allowed(x, rows, self.int8_rows) and x.dtype == torch.float32:
+        if self.kind in BLOCK_KERNELS and kernel_allowed(x, rows, _INT8_ROWS.get()) and x.dtype == torch.float32:
             y = self.int8_product(x.reshape(rows, self.in_features))
             if y is not None:
                 return y.reshape(*x.shape[:-1], self.out_features)

@@ -19,14 +19,15 @@ them) and only prefill chunks take the torch path; where every layer multiplies 
 or the recompute of a preempted sequence, gives the cache bit for bit what decoding gave it (with
 int8 activations any other order of sums would show as a jump of one rounding step). With
 `int8_activations` (the default) GGUF Q8_0 / Q5_0 / Q4_K / Q6_K layers multiply on their blocks
-with int8 activations in the torch path too (nn/gguf_linear.py's `int8_rows`, set here on the
-model's layers), and a tied head kept in blocks (`record(model).head`) replaces its fp32 copy.
+with int8 activations in the torch path too (nn/gguf_linear.py's `int8_activations()`, around
+every forward here), and a tied head kept in blocks (`record(model).head`) replaces its fp32 copy.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..nn import gguf_linear
 from .sequence import Sequence
 from ..record import record
 
@@ -51,14 +52,11 @@ class ModelRunner:
         self.device, self.dtype = p.device, (p.dtype if p.dtype in (torch.float32, torch.bfloat16, torch.float16)
                                              else torch.float32)
         self.int8_activations = int8_activations
-        from ..nn.gguf_linear import GGUFLinear
-
         head = record(model).head  # a tied head kept in GGUF blocks (fused_decode.py)
-        self.head = (head if isinstance(head, GGUFLinear) and int8_activations and head.qdata.device == self.device
+        self.head = (head if isinstance(head, gguf_linear.GGUFLinear) and int8_activations and head.qdata.device == self.device
                      else model.lm_head)
-        for mod in [*model.modules(), head]:  # the torch path computes as the fused one
-            if isinstance(mod, GGUFLinear):
-                mod.int8_rows = 1 << 62 if int8_activations and self.device.type == "cpu" else 0
+        # the torch path computes as the fused one: GGUF layers with int8 activations (nn/gguf_linear.py)
+        self._int8_rows = 1 << 62 if int8_activations and self.device.type == "cpu" else 0
         from .. import kernels
 
         # decode attention in place over the paged cache (kernels' mp_paged_attention) on a CPU
@@ -140,6 +138,10 @@ class ModelRunner:
         and the rest through the torch path; where every layer multiplies on GGUF blocks
         (`all_blocks`), the prefill chunks too, each token as its own row: then prefill, decode
         and the recompute of a preempted sequence all compute the same numbers."""
+        with gguf_linear.int8_activations(self._int8_rows):
+            return self._step(seqs, num_tokens)
+
+    def _step(self, seqs: list[Sequence], num_tokens: list[int]) -> torch.Tensor:
         fused = self.fused()
         if fused is None:
             return self._run(seqs, num_tokens)

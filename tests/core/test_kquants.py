@@ -52,8 +52,11 @@ def search(request, monkeypatch):
 
     if request.param == "kernel" and kernels.lib() is None:
         pytest.skip("no C compiler here: the searches run in torch only")
-    monkeypatch.setattr(kquants, "USE_KERNELS", request.param == "kernel")
-    return request.param
+    if request.param == "kernel":
+        yield request.param
+    else:
+        with kquants.torch_reference():
+            yield request.param
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["ref", "imatrix"])

@@ -11,6 +11,7 @@ import torch
 
 from modelpress import kernels
 from modelpress.serve.fused_decode import FusedDecoder
+from modelpress.nn.gguf_linear import int8_activations
 from modelpress.serve.runner import ModelRunner
 from tests.conftest import tiny_llama
 from tests.serve.test_engine import _quantized
@@ -168,7 +169,7 @@ def test_fused_head_is_the_models_norm_then_the_block_head(kind):
     got = torch.empty(3, head.n)
     fused.lib.mp_llama_logits(ctypes.byref(head), w.data_ptr(), eps, x.data_ptr(), x.shape[1], rows.data_ptr(), 3,
                               got.data_ptr())
-    with torch.inference_mode():
+    with torch.inference_mode(), int8_activations():  # as the runner's own forward multiplies
         ref = runner.head(model.model.norm(x[rows])).float()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     assert (got.argmax(-1) == ref.argmax(-1)).all()
@@ -247,3 +248,26 @@ def test_q8_0_layers_take_the_packed_form_in_the_avx512_build_only(build):
     assert kinds == ({7} if build.mp_simd() == 2 else {3})
     head = runner.fused().fused_head[0]
     assert head.n == 261 and head.kind == 3  # rows not in whole groups of 16 keep the stored blocks
+
+
+def test_int8_activations_are_the_runners_scoped_mode():
+    """The runner multiplies GGUF layers with int8 activations inside its own forward only: the model
+    it ran keeps its own numbers for every other caller (the runner used to set the mode on the layers)."""
+    from types import SimpleNamespace
+
+    from modelpress.nn.gguf_linear import GGUFLinear
+
+    model = _quantized("gguf-Q8_0")
+    layer = next(m for m in model.modules() if isinstance(m, GGUFLinear) and m.kind == "Q8_0")
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = layer(x)
+        runner = ModelRunner(model, 4, 4)
+        seq = SimpleNamespace(token_ids=[5, 6, 7], num_computed=0, block_table=[0, 1, 2, 3])
+        runner.run([seq], [3])
+        after = layer(x)
+        with int8_activations():
+            rounded = layer(x)
+    assert torch.equal(before, after)
+    assert not torch.equal(rounded, before)  # the mode does change the numbers (int8 rounding)
+    torch.testing.assert_close(rounded, before, rtol=0, atol=0.05 * before.abs().max().item())
