@@ -273,17 +273,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
 # -- generate ----------------------------------------------------------------------------------
 def cmd_generate(a: argparse.Namespace) -> int:
     from .generate import stream_text
+    from .serve.sampler import SamplingParams
 
     if a.raw and not a.prompt:
         raise ModelpressError("the prompt is empty; give some text with -p (with --raw nothing else is sent)")
+    try:
+        params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    except ValueError as e:
+        raise ModelpressError(str(e)) from None
     model, tok, _ = _load(a.model, a.device, a.gguf_blocks)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and a.max_new_tokens > context:
         _err(f"note: -n {a.max_new_tokens} is past the model's context; generating until it is full ({context} tokens)")
-    for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, chat=not a.raw,
-                             temperature=a.temperature, top_p=a.top_p, seed=a.seed):
+    stats: dict[str, float] = {}
+    for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, chat=not a.raw, params=params, stats=stats):
         print(piece, end="", flush=True)
     print()
+    if stats:  # as llama.cpp reports them
+        rate = lambda n, s: f"{n / s:.1f} tokens/s" if s > 0 and n else "-"  # noqa: E731
+        _err(f"prompt: {stats['prompt_tokens']} tokens in {stats['prompt_seconds'] * 1e3:.0f} ms "
+             f"({rate(stats['prompt_tokens'], stats['prompt_seconds'])}); decode: {stats['decode_tokens']} tokens in "
+             f"{stats['decode_seconds'] * 1e3:.0f} ms ({rate(stats['decode_tokens'], stats['decode_seconds'])})")
     return 0
 
 
@@ -339,10 +349,10 @@ def _calibration(p: argparse.ArgumentParser, what: str, samples: int = 128) -> N
     p.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
 
 
-def _runtime(p: argparse.ArgumentParser) -> None:
+def _runtime(p: argparse.ArgumentParser, blocks: bool) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--gguf-blocks", action="store_true",
-                   help="GGUF: run the quantized layers on their blocks, not on an fp32 copy")
+    p.add_argument("--gguf-blocks", action=argparse.BooleanOptionalAction, default=blocks,
+                   help=f"GGUF: run the quantized layers on their blocks, not on an fp32 copy (default: {blocks})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=_positive, help="score at most N windows")
     e.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed run (0: skip)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    _runtime(e)
+    _runtime(e, blocks=False)
 
     c = command("compare", cmd_compare, "measure many compressions of one model side by side: table, plot, report")
     c.add_argument("--methods", help="comma-separated names (default: " + ",".join(_default_methods())
@@ -411,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    _runtime(g)
+    _runtime(g, blocks=True)  # as llama.cpp runs a GGUF
 
     i = command("info", cmd_info, "what a model file or checkpoint holds")
     i.add_argument("--json", action="store_true")

@@ -9,6 +9,8 @@ import torch
 
 from .errors import ModelpressError, one_line
 from .model.walker import device_of
+from .serve.detokenize import TextStream
+from .serve.sampler import SamplingParams, sample, stop_ids
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:  # noqa: ANN001
@@ -32,15 +34,18 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:  # noqa: 
     return torch.tensor([list(ids)], dtype=torch.long)
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, -1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(-1, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+class _Sampler:
+    """The serving engine's sampler (serve/sampler.py) over one sequence: greedy by default."""
+
+    def __init__(self, params: SamplingParams | None, prompt: list[int]) -> None:
+        self.params = params or SamplingParams(temperature=0)
+        self.gen = torch.Generator().manual_seed(self.params.seed) if self.params.seed is not None else None
+        self.seen = list(prompt)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        tok = sample(logits.float().cpu(), self.params, self.seen, self.gen)
+        self.seen.append(tok)
+        return tok
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -52,17 +57,16 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
 
 @torch.inference_mode()
 def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
-                 eos_ids: set[int] | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time (greedy unless temperature > 0); stops at an eos id."""
+                 eos_ids: set[int] | None = None, params: SamplingParams | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (greedy unless `params` say otherwise); stops at an eos id."""
     from transformers import DynamicCache
 
     device = device_of(model)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    pick = _Sampler(params, input_ids[0].tolist())
     kv = {_cache_kwarg(model): DynamicCache(config=model.config)}
     out = model(input_ids=input_ids.to(device), use_cache=True, logits_to_keep=1, **kv)
     for _ in range(max_new_tokens):
-        tok = _pick(out.logits[0, -1], temperature, top_p, gen)
+        tok = pick(out.logits[0, -1])
         yield tok
         if eos_ids and tok in eos_ids:
             return
@@ -70,19 +74,19 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens
 
 
 def runner_ids(runner, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int] | None = None,  # noqa: ANN001
-               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+               params: SamplingParams | None = None) -> Iterator[int]:
     """generate_ids through a serve.runner.ModelRunner: the engine's numbers and its fused decode.
     Its cache grows (doubling) as the tokens come, so a large max_new_tokens costs nothing up front."""
     from types import SimpleNamespace
 
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    pick = _Sampler(params, input_ids[0].tolist())
     seq = SimpleNamespace(token_ids=input_ids[0].tolist(), num_computed=0, block_table=list(range(runner.num_blocks)))
     runner.grow(-(-len(seq.token_ids) // runner.block_size))
     seq.block_table = list(range(runner.num_blocks))
     logits = runner.run([seq], [len(seq.token_ids)])
     seq.num_computed = len(seq.token_ids)
     for _ in range(max_new_tokens):
-        tok = _pick(logits[-1], temperature, top_p, gen)
+        tok = pick(logits[-1])
         yield tok
         if eos_ids and tok in eos_ids:
             return
@@ -114,32 +118,42 @@ def fused_runner(model: torch.nn.Module, tokens: int, block_size: int = 16):  # 
 
 
 def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128,  # noqa: ANN001
-                chat: bool = True, temperature: float = 0.0, top_p: float = 1.0,
-                seed: int | None = None) -> Iterator[str]:
-    """Yield the completion as text pieces, decoding incrementally (whole characters only). Runs
-    on the serving engine's fused decode where it takes the model (a Llama-family model on a CPU:
-    fp32 or GGUF blocks, which then multiply with int8 activations as llama.cpp does), else
-    through the model's forward. Stops at the model's context (max_position_embeddings)."""
+                chat: bool = True, params: SamplingParams | None = None,
+                stats: dict[str, float] | None = None) -> Iterator[str]:
+    """Yield the completion as text pieces, decoded incrementally as the engine decodes its streams
+    (serve/detokenize.py), sampled by its sampler and stopped by its end-of-sequence rule. Runs on the
+    serving engine's fused decode where it takes the model (a Llama-family model on a CPU: fp32 or
+    GGUF blocks, which then multiply with int8 activations as llama.cpp does), else through the
+    model's forward. Stops at the model's context (max_position_embeddings). `stats`, if given, gets
+    the prompt's and the decode's tokens and seconds, as llama.cpp prints them."""
+    import time
+
     ids = encode_prompt(tokenizer, prompt, chat)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     if ids.shape[1] >= context:
         raise ModelpressError(f"the prompt has {ids.shape[1]} tokens; the model's context holds {context}")
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    if chat:
-        eos |= {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),) if isinstance(i, int) and i >= 0
-                and i != tokenizer.unk_token_id}
-    new: list[int] = []
-    shown = ""
+    eos = stop_ids(model, tokenizer)
     runner = fused_runner(model, ids.shape[1] + min(max_new_tokens, 256))  # the cache grows past that
-    toks = (runner_ids(runner, ids, max_new_tokens, eos, temperature, top_p, seed) if runner is not None
-            else generate_ids(model, ids, max_new_tokens, eos, temperature, top_p, seed))
+    toks = (runner_ids(runner, ids, max_new_tokens, eos, params) if runner is not None
+            else generate_ids(model, ids, max_new_tokens, eos, params))
+    stream, new, shown = TextStream(tokenizer), [], ""
+    start, first, sampled = time.perf_counter(), None, 0
     for tok in toks:
+        sampled += 1
+        if first is None:  # the prompt's forward has run
+            first = time.perf_counter()
         if tok in eos:
             break
         new.append(tok)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character not yet complete
-            continue
+        text = stream.update(new)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = stream.update(new, final=True)
+    if len(text) > len(shown):
         yield text[len(shown):]
-        shown = text
+    if stats is not None and first is not None:
+        end = time.perf_counter()
+        stats.update(prompt_tokens=ids.shape[1], prompt_seconds=first - start,
+                     decode_tokens=sampled - 1, decode_seconds=end - first)

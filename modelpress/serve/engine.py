@@ -22,8 +22,9 @@ from typing import Any, Iterator
 import torch
 
 from .block_manager import BlockManager
+from .detokenize import TextStream
 from .runner import ModelRunner
-from .sampler import SamplingParams, sample, top_logprobs
+from .sampler import SamplingParams, sample, stop_ids, top_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
@@ -58,7 +59,7 @@ class _Request:
     stream: bool = True
     spawned: bool = False
     error: str | None = None
-    detok: dict[int, list] = dataclasses.field(default_factory=dict)  # by completion: _text's [prefix, read, text]
+    detok: dict[int, TextStream] = dataclasses.field(default_factory=dict)  # by completion
 
 
 class Engine:
@@ -71,11 +72,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens_per_step)
         self.runner = ModelRunner(model, kv_blocks, block_size, int8_activations=int8_activations, kv_dtype=kv_dtype)
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
-        eos = getattr(model.config, "eos_token_id", None)
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_ids = set(eos)
+        self.eos_ids = stop_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -241,30 +238,11 @@ class Engine:
                 seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def _text(self, req: _Request, seq: Sequence, final: bool) -> str:
-        """The completion's text. Once it ends (final), its whole ids decoded. Before that, as vLLM's
-        detokenizer: only the tokens since the last complete text are decoded, beside those of the
-        step before as context (so a tokenizer that drops a window's leading space drops it from both),
-        and nothing is added while the newest bytes end inside a character: each step costs a few
-        tokens instead of the whole output (32 streams of 2048 tokens decoded whole ~65000 tokens a
-        step)."""
+        """The completion's text so far, decoded incrementally (serve/detokenize.py); its eos left out."""
         ids = seq.output_ids
         if ids and ids[-1] in self.eos_ids and not seq.params.ignore_eos:
             ids = ids[:-1]
-
-        def decode(part: list[int]) -> str:
-            return self.tokenizer.decode(part, skip_special_tokens=True)
-
-        if final:
-            return decode(ids)
-        state = req.detok.setdefault(seq.index, [0, 0, ""])
-        prefix, read, text = state
-        new = decode(ids[prefix:])
-        if new.endswith("\ufffd"):
-            return text  # the newest token ends inside a UTF-8 character: wait for the rest
-        old = decode(ids[prefix:read]) if read > prefix else ""
-        text = text + new[len(old):] if new.startswith(old) else decode(ids)  # else: a tokenizer that rewrites
-        state[:] = [read, len(ids), text]
-        return text
+        return req.detok.setdefault(seq.index, TextStream(self.tokenizer)).update(ids, final)
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = []

@@ -99,3 +99,13 @@ def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, dict[
     lp = torch.log_softmax(logits.float(), -1)
     top = torch.topk(lp, k) if k else None
     return float(lp[token]), ({int(i): float(v) for v, i in zip(top.values, top.indices)} if top is not None else {})
+
+
+def stop_ids(model: torch.nn.Module, tokenizer: object) -> set[int]:
+    """The end-of-sequence ids, one rule for the engine and `generate`: the model config's
+    eos_token_id (an id or a list), its generation config's, and the tokenizer's eos token."""
+    found: set[int] = set()
+    for source in (getattr(model, "config", None), getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        found.update(e for e in (eos if isinstance(eos, (list, tuple, set)) else [eos]) if isinstance(e, int))
+    return found
