@@ -6,15 +6,34 @@ with code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from . import flags
+from .config import config_types
+from .data import calibration_windows, load_text
 from .errors import ModelpressError, one_line
+from .eval.compare import DEFAULT_METHODS, compare, method_names
+from .eval.perplexity import perplexity
+from .eval.size import disk_bytes, model_size
+from .eval.speed import decode_tokens_per_s
+from .formats import check_destination, describe, formats, save
+from .formats.gguf_mixes import MIXES
+from .formats.gguf_writer import check_file, export_gguf
+from .formats.imatrix import load_imatrix, save_imatrix
+from .generate import stream_text
+from .methods.awq import AWQConfig
+from .methods.gptq import GPTQConfig
+from .model.imatrix import compute_imatrix
+from .model.load import load, resolve
 from .record import record
+from .registry import quantize
+from .serve.engine import Engine
+from .serve.http import ServeConfig, serve
+from .serve.sampler import SamplingParams
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,8 +56,6 @@ def _load(source: str | None, device: str = "cpu", keep_blocks: bool = False) ->
     quantized layers run on their blocks."""
     import torch
 
-    from .model.load import load
-
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise ModelpressError(f"device {device!r} is not available here; use --device cpu")
     start = time.perf_counter()
@@ -53,7 +70,6 @@ def _err(*lines: str) -> None:
 # -- quantize ----------------------------------------------------------------------------------
 def _config_from_args(a: argparse.Namespace) -> Any:
     """The method's config from the flags given (flags.py); group size left out: 64, or per channel at 8 bits."""
-    from .config import config_types
 
     methods = config_types()
     if a.method not in methods:
@@ -69,11 +85,6 @@ def _config_from_args(a: argparse.Namespace) -> Any:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from .data import calibration_windows, load_text
-    from .eval.size import model_size
-    from .formats import check_destination, save
-    from .registry import quantize
 
     config = _config_from_args(a)
     check_destination(a.format, config.method, a.out)  # bad destination or text: fail now, before the model loads
@@ -108,17 +119,12 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 def _gguf_out(path: str) -> Any:
     from pathlib import Path
 
-    from .formats.gguf_writer import check_file
-
     return check_file(Path(path))
 
 
 def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
     """The importance matrix of `model` on --calib (or the default text): --samples windows of --ctx."""
     from pathlib import Path
-
-    from .data import calibration_windows
-    from .model.imatrix import compute_imatrix
 
     start = time.perf_counter()
     wins = calibration_windows(tok, a.calib, a.ctx, a.samples)
@@ -135,11 +141,6 @@ _FROM_METHOD_HELP = ("awq: AWQ's scales (searched for a 4-bit grid with groups o
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-
-    from .data import load_text
-    from .formats.gguf_mixes import MIXES
-    from .formats.imatrix import load_imatrix
-
     if a.type is not None and a.type not in MIXES:
         raise ModelpressError(f"unknown GGUF type {a.type!r}; choose one of: {', '.join(MIXES)}")
     out = _gguf_out(a.out)
@@ -154,10 +155,6 @@ def cmd_export(a: argparse.Namespace) -> int:
     model, tok, _ = _load(a.model)
     start = time.perf_counter()
     if a.from_method:
-        from .data import calibration_windows
-        from .methods.awq import AWQConfig
-        from .methods.gptq import GPTQConfig
-        from .registry import quantize
 
         config = (AWQConfig(bits=4, group_size=32, scales_only=True) if a.from_method == "awq" else
                   GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
@@ -172,7 +169,6 @@ def cmd_export(a: argparse.Namespace) -> int:
                 "quantize.imatrix.chunks_count": imatrix.chunk_count}
         if imatrix.datasets:
             meta["quantize.imatrix.dataset"] = imatrix.datasets[0]
-    from .formats.gguf_writer import export_gguf
 
     types = export_gguf(model, tok, out, a.type, imatrix=None if imatrix is None else imatrix.importance(),
                         extra_metadata=meta)
@@ -184,9 +180,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_imatrix(a: argparse.Namespace) -> int:
-    from .data import load_text
-    from .formats.imatrix import save_imatrix
-
     out = _gguf_out(a.out)
     if a.calib is not None:
         load_text(a.calib, "calib")
@@ -198,11 +191,6 @@ def cmd_imatrix(a: argparse.Namespace) -> int:
 
 # -- eval --------------------------------------------------------------------------------------
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .data import load_text
-    from .eval.perplexity import perplexity
-    from .eval.size import disk_bytes, model_size
-    from .eval.speed import decode_tokens_per_s
-
     text = load_text(a.text, "eval")
     model, tok, load_s = _load(a.model, a.device, a.gguf_blocks)
     r = perplexity(model, tok, text, ctx=a.ctx, max_windows=a.max_windows, progress=not a.json)
@@ -228,8 +216,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .eval.compare import DEFAULT_METHODS, compare, method_names
-
     if a.list:
         print("\n".join(method_names()))
         return 0
@@ -248,9 +234,6 @@ def cmd_compare(a: argparse.Namespace) -> int:
 # -- serve -------------------------------------------------------------------------------------
 def cmd_serve(a: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from .serve.engine import Engine
-    from .serve.http import ServeConfig, serve
 
     try:
         c = flags.build(a, ServeConfig)
@@ -272,9 +255,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 # -- generate ----------------------------------------------------------------------------------
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .generate import stream_text
-    from .serve.sampler import SamplingParams
-
     if a.raw and not a.prompt:
         raise ModelpressError("the prompt is empty; give some text with -p (with --raw nothing else is sent)")
     try:
@@ -299,10 +279,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 # -- info --------------------------------------------------------------------------------------
 def cmd_info(a: argparse.Namespace) -> int:
-    from .eval.size import disk_bytes
-    from .formats import describe
-    from .model.load import resolve
-
     path = resolve(a.model)
     info: dict[str, Any] = {"path": str(path), "disk_bytes": disk_bytes(path), **describe(path)}
     if a.json:
@@ -314,26 +290,18 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def _serve_config() -> type:
-    from .serve.http import ServeConfig
-
     return ServeConfig
 
 
 def _config_classes() -> list[type]:
-    from .config import config_types
-
     return list(config_types().values())
 
 
 def _save_formats() -> list[str]:
-    from .formats import formats
-
     return [name for name, f in formats().items() if f.save is not None]
 
 
 def _default_methods() -> tuple[str, ...]:
-    from .eval.compare import DEFAULT_METHODS
-
     return DEFAULT_METHODS
 
 

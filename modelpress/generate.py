@@ -10,6 +10,7 @@ import torch
 from .errors import ModelpressError, one_line
 from .model.walker import device_of
 from .serve.detokenize import TextStream
+from .serve.runner import ModelRunner
 from .serve.sampler import SamplingParams, sample, stop_ids
 
 
@@ -107,7 +108,6 @@ def fused_runner(model: torch.nn.Module, tokens: int, block_size: int = 16):  # 
     """A serve.runner.ModelRunner with a cache for `tokens` positions whose fused batch-1 decode
     takes `model`, or None (its torch path is no faster than transformers' own forward at batch 1,
     so other models keep that)."""
-    from .serve.runner import ModelRunner
 
     cfg = getattr(model, "config", None)
     if not (getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2") and device_of(model).type == "cpu"

@@ -7,6 +7,7 @@ import torch
 
 from .config import BaseConfig
 from .errors import ModelpressError
+from .nn.dense_linear import use_dense_kernels
 from .record import record
 
 # handler(model, config, calib) -> model, compressing in place
@@ -42,7 +43,6 @@ def quantize(model: torch.nn.Module, config: BaseConfig,
         model, tok = modelpress.load()
         modelpress.quantize(model, modelpress.RTNConfig(bits=4, group_size=64))
     """
-    from .nn.dense_linear import use_dense_kernels
 
     model = use_dense_kernels(handler_for(config)(model, config, calib))  # what stays dense gets the kernel too
     record(model).config = config

@@ -34,7 +34,30 @@ from typing import Any
 
 import torch
 
+from ..config import BaseConfig
+from ..core.metrics import perplexity
+from ..data import load_text, tokenize, windows
 from ..errors import ModelpressError
+from ..formats.checkpoint import save
+from ..formats.gguf_mixes import MIXES
+from ..formats.gguf_writer import export_gguf
+from ..methods import (
+    AWQConfig,
+    FP4Config,
+    GPTQConfig,
+    LLMInt8Config,
+    NF4Config,
+    RTNConfig,
+)
+from ..methods.auto import AutoConfig, allocate_for
+from ..model.imatrix import compute_imatrix
+from ..model.load import load, resolve
+from ..nn.dense_linear import use_dense_kernels
+from ..registry import quantize
+from .divergence import Reference, divergence, reference
+from .report import write_reports
+from .size import disk_bytes, model_size
+from .speed import decode_tokens_per_s
 
 DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
                    "q4_k_m", "q5_k_m", "q8_0")
@@ -52,15 +75,12 @@ class Recipe:
     @property
     def calibrated(self) -> bool:
         if self.kind == "config":
-            from ..config import BaseConfig
 
             return BaseConfig.from_dict(self.args).calibrated
         return (self.kind == "gguf" and self.args["imatrix"]) or self.kind == "auto"
 
 
 def _config_recipes() -> dict[str, Any]:
-    from ..methods import AWQConfig, FP4Config, GPTQConfig, LLMInt8Config, NF4Config, RTNConfig
-
     table: dict[str, Any] = {
         "int8": RTNConfig(bits=8, group_size=None, symmetric=True),
         "llm-int8": LLMInt8Config(), "nf4": NF4Config(), "nf4-dq": NF4Config(double_quant=True),
@@ -80,7 +100,6 @@ def _config_recipes() -> dict[str, Any]:
 
 def method_names() -> list[str]:
     """Every name `recipe` accepts (GGUF mixes also with '-imat': an imatrix from the calibration text)."""
-    from ..formats.gguf_mixes import MIXES
 
     mixes = [m.lower() for m in MIXES if m not in ("F32",)]
     return (["fp32"] + list(_config_recipes()) + mixes + [f"{m}-imat" for m in mixes if m[0] == "q"]
@@ -89,7 +108,6 @@ def method_names() -> list[str]:
 
 def recipe(name: str) -> Recipe:
     """The recipe a method name stands for; an unknown name is a ModelpressError listing the known ones."""
-    from ..formats.gguf_mixes import MIXES
 
     name = name.strip().lower()
     if name in ("fp32", "f32"):
@@ -103,7 +121,6 @@ def recipe(name: str) -> Recipe:
     if mix.upper() in MIXES and imat == "":
         return Recipe(name, "gguf", {"mix": mix.upper(), "imatrix": name.endswith("-imat")})
     if name.startswith("auto-"):
-        from ..methods.auto import AutoConfig
 
         target, _, formats = name[5:].partition("@")
         extra = {"formats": tuple(f.upper() for f in formats.split("+"))} if formats else {}
@@ -134,9 +151,6 @@ class Setup:
     decode_tokens: int = 32
 
     def key_fields(self) -> dict[str, Any]:
-        from ..data import load_text
-        from ..model.load import resolve
-
         def digest(text: str) -> str:
             return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -190,27 +204,21 @@ def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor]
     """Make the row's model from the loaded original; returns (model, facts: size on disk, bits per
     weight, quantize seconds: the method alone, or writing the GGUF file with its imatrix / auto
     allocation, not saving or reloading)."""
-    from ..formats.checkpoint import save
-    from .size import disk_bytes, model_size
 
     start = time.perf_counter()
     if r.kind in ("gguf", "auto"):
         path = work / f"{r.name}.gguf"
         _write_gguf_row(r, model, tok, calib, path)
         seconds = time.perf_counter() - start
-        from ..model.load import load
 
         q, _ = load(path, keep_blocks=True)
         facts = {"size_bytes": path.stat().st_size, **_gguf_sizes(path), "quantize_seconds": seconds}
         path.unlink()
         return q, facts
     if r.kind == "float":
-        from ..nn.dense_linear import use_dense_kernels
 
         model = use_dense_kernels(model.to(getattr(torch, r.args["dtype"])))  # decode on the same kernels
     else:
-        from ..config import BaseConfig
-        from ..registry import quantize
 
         model = quantize(model, BaseConfig.from_dict(r.args), calib)
     seconds = time.perf_counter() - start
@@ -225,18 +233,14 @@ def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor]
 
 def _write_gguf_row(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor] | None,
                     path: Path) -> None:
-    from ..formats.gguf_writer import export_gguf
 
     if r.kind == "auto":
-        from ..config import BaseConfig
-        from ..methods.auto import allocate_for
 
         plan = allocate_for(model, BaseConfig.from_dict(r.args), calib)
         export_gguf(model, tok, path, plan.file_type, imatrix=plan.importance, types=plan.types)
         return
     importance = None
     if r.args["imatrix"]:
-        from ..model.imatrix import compute_imatrix
 
         importance = compute_imatrix(model, calib).importance()
     export_gguf(model, tok, path, r.args["mix"], imatrix=importance, progress=False)
@@ -246,10 +250,6 @@ def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Te
             ref: Any, work: Path, progress: bool = True) -> dict[str, Any]:
     """Load the model, make the row's version of it, and measure it. `ref`: the Reference, or a
     function reading it (called after the peak memory of load + quantize is taken)."""
-    from ..core.metrics import perplexity
-    from ..model.load import load
-    from .divergence import divergence
-    from .speed import decode_tokens_per_s
 
     model, tok = load(setup.model)
     model, facts = build(r, model, tok, None if calib_ids is None else list(calib_ids), work)
@@ -269,8 +269,6 @@ def _worker(job_path: str) -> int:
     """A row in its own process: reads the job file, writes the row file."""
     from safetensors.torch import load_file
 
-    from .divergence import Reference
-
     job = json.loads(Path(job_path).read_text())
     setup = Setup(**job["setup"])
     r = Recipe(**job["recipe"])
@@ -289,7 +287,6 @@ def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEF
             fresh: bool = False, isolate: bool = True, progress: bool = True) -> dict[str, Any]:
     """Measure every method in `methods` on `model` (default: the embedded default model) and write
     OUT/results.json, OUT/report.md, OUT/pareto.png and OUT/report.html. Returns the results."""
-    from .report import write_reports
 
     recipes = [recipe(m) for m in methods]
     if len({r.name for r in recipes}) != len(recipes):
@@ -345,10 +342,6 @@ def _shared_data(setup: Setup, skey: dict[str, Any], work: Path, need_calib: boo
     """Token windows and the original model's log-probs, in files the row processes read."""
     from safetensors.torch import save_file
 
-    from ..data import load_text, tokenize, windows
-    from ..model.load import load
-    from .divergence import reference
-
     data: dict[str, Any] = {"ids": work / "ids.safetensors", "ref": work / "reference.safetensors"}
     tag = hashlib.sha256(json.dumps(skey, sort_keys=True).encode()).hexdigest()[:12]
     stamp = work / "reference.key"
@@ -371,8 +364,6 @@ def _run_row(r: Recipe, setup: Setup, key: str, path: Path, data: dict[str, Any]
            "ids": str(data["ids"]), "ref": str(data["ref"]), "work": str(work)}
     if not isolate:
         from safetensors.torch import load_file
-
-        from .divergence import Reference
 
         ids = load_file(str(data["ids"]))
         row = measure(r, setup, ids["eval"], ids.get("calib"), Reference.from_tensors(load_file(str(data["ref"]))),

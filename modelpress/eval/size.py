@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats.checkpoint import stored_state_dict
 from ..nn import QUANT_LINEAR_CLASSES
 
 
@@ -18,8 +19,6 @@ class SizeReport:
 
 
 def model_size(model: torch.nn.Module) -> SizeReport:
-    from ..formats.checkpoint import stored_state_dict
-
     qtypes = tuple(QUANT_LINEAR_CLASSES.values())
     quant = {fqn: m for fqn, m in model.named_modules() if isinstance(m, qtypes)}
     linear = {fqn for fqn, m in model.named_modules()

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generate import cache_blocks, fused_runner, generate_ids, runner_ids
+from ..serve.runner import ModelRunner
 
 SPEED_PROMPT = "The history of data compression begins with"
 
@@ -28,7 +29,6 @@ def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens:
     """Greedy new token ids after the (1, T) prompt `ids`, through `runner` (default: a
     serve.runner.ModelRunner with a cache just large enough): the engine's numbers, fused decode
     with int8 activations on GGUF blocks."""
-    from ..serve.runner import ModelRunner
 
     if runner is None:
         runner = ModelRunner(model, cache_blocks(ids.shape[1] + max_new_tokens, block_size), block_size)

@@ -22,8 +22,9 @@ from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
-from .registry import Format, describe_transformers, register_format
 from ..record import record
+from .checkpoint import check_new, layers_from, with_layers_as, write_folder
+from .registry import Format, describe_transformers, register_format
 
 QUANT_METHOD = "awq"
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -73,7 +74,6 @@ def layer_from_hf(t: dict[str, torch.Tensor], group_size: int) -> IntxLinear:
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (4-bit grouped IntxLinear layers: AWQ, GPTQ without act order, RTN) as an
     AutoAWQ GEMM folder."""
-    from .checkpoint import check_new, with_layers_as, write_folder
 
     out = check_new(out)
     config = record(model).config
@@ -84,7 +84,6 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
-    from .checkpoint import layers_from
 
     if int(qc.get("bits", 4)) != 4 or str(qc.get("version", "gemm")).lower() != "gemm":
         raise ModelpressError(f"AWQ {qc.get('version')} at {qc.get('bits')} bits is not supported (GEMM, 4 bits)")
@@ -96,8 +95,6 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
 
 
 def _check(out: Path) -> Path:
-    from .checkpoint import check_new
-
     return check_new(out)
 
 

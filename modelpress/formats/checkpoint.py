@@ -25,10 +25,21 @@ from typing import Any
 
 import torch
 
+from ..config import BaseConfig
 from ..errors import ModelpressError
-from ..version import __version__
-from .registry import MANIFEST, Format, count_tensors, describe_transformers, register_format
+from ..model.build import build_causal_lm
+from ..model.walker import replace
+from ..nn import QUANT_LINEAR_CLASSES
 from ..record import record
+from ..version import __version__
+from .bnb import quantization_config
+from .registry import (
+    MANIFEST,
+    Format,
+    count_tensors,
+    describe_transformers,
+    register_format,
+)
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -39,8 +50,6 @@ LAYOUT = frozenset({WEIGHTS, MANIFEST, "config.json", "generation_config.json", 
 
 
 def quantized_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    from ..nn import QUANT_LINEAR_CLASSES
-
     qtypes = tuple(QUANT_LINEAR_CLASSES.values())
     return {fqn: m.meta() for fqn, m in model.named_modules() if isinstance(m, qtypes)}
 
@@ -101,7 +110,6 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 
     `out` may be new, empty, or an earlier modelpress checkpoint (replaced only once the new one
     is complete); any other existing folder is refused rather than overwritten."""
-    from .bnb import quantization_config
 
     out = check_target(out)
     config = record(model).config
@@ -165,7 +173,6 @@ def layers_from(state: dict[str, torch.Tensor], marker: str, build: Any) -> Any:
     """Read a foreign layout: every layer owning a `marker` tensor (e.g. "qweight") becomes
     `build({leaf: tensor})`; its tensors in `state` are replaced by the module's own. Returns
     prepare(model) for build_causal_lm, which swaps the built modules in."""
-    from ..model.walker import replace
 
     layers = {}
     for p in [k[: -len(marker) - 1] for k in list(state) if k.endswith("." + marker)]:
@@ -222,7 +229,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _module_from(folder: Path, model: torch.nn.Module, fqn: Any, meta: Any) -> torch.nn.Module:
     """The quantized module a manifest entry describes, its sizes checked against the linear layer
     it replaces (the model's own skeleton, on the meta device) before anything is allocated."""
-    from ..nn import QUANT_LINEAR_CLASSES
 
     bad = f"{folder}/{MANIFEST}: module {fqn!r}"
     meta = dict(meta) if isinstance(meta, dict) else {}
@@ -247,10 +253,6 @@ def _module_from(folder: Path, model: torch.nn.Module, fqn: Any, meta: Any) -> t
 def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a modelpress checkpoint folder."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from ..config import BaseConfig
-    from ..model.build import build_causal_lm
-    from ..model.walker import replace
 
     folder = Path(folder)
     manifest = read_manifest(folder)

@@ -25,6 +25,7 @@ from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
+from .checkpoint import check_new, layers_from, with_layers_as, write_folder
 from .registry import Format, describe_transformers, register_format
 
 QUANT_METHOD = "compressed-tensors"
@@ -111,7 +112,6 @@ def layer_to_ct(m: IntxLinear) -> dict[str, torch.Tensor]:
 
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model`'s integer group layers (RTN, GPTQ, AWQ) as a compressed-tensors folder."""
-    from .checkpoint import check_new, with_layers_as, write_folder
 
     out = check_new(out)
     layers = [m for m in model.modules() if isinstance(m, IntxLinear)]
@@ -125,7 +125,6 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
     """(modelpress config, state dict for IntxLinear layers, prepare(model) that swaps them in)."""
-    from .checkpoint import layers_from
 
     w = _weights_args(qc)
     bits, symmetric = int(w["num_bits"]), bool(w.get("symmetric", True))
@@ -138,8 +137,6 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
 
 
 def _check(out: Path) -> Path:
-    from .checkpoint import check_new
-
     return check_new(out)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..default_model import default_model_path
 from ..errors import ModelpressError
+from .gguf_reader import metadata_fields
 
 # llama_token_type (llama.cpp): 1 normal, 3 control, 4 user defined, 5 unused
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
@@ -61,7 +62,6 @@ def tokenizer_fields(tokenizer: Any, vocab_size: int) -> list[tuple[str, Any, in
 
 def _default_model_fields(model: dict) -> list[tuple[str, Any, int, int | None]] | None:
     """The default model's tokenizer fields when `model` (tokenizer.json's model) is its tokenizer."""
-    from .gguf_reader import metadata_fields
 
     try:
         path = default_model_path()

@@ -20,10 +20,14 @@ from tqdm.auto import tqdm
 
 from ..core import kquants
 from ..errors import ModelpressError
+from ..model.walker import dense_weight
+from ..record import record
+from .checkpoint import check_writable
 from .gguf_mixes import MIXES, tensor_types
 from .gguf_names import to_gguf
+from .gguf_reader import metadata_fields, read_gguf
+from .gguf_vocab import tokenizer_fields
 from .registry import Format, register_format
-from ..record import record
 
 # metadata that describes the weights, rewritten here rather than copied
 _OWN_KEYS = ("general.file_type", "general.quantization_version", "general.alignment", "general.architecture")
@@ -45,7 +49,6 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, fp32 tensor) in convert_hf_to_gguf's order: embeddings, blocks, output.
     Quantized layers contribute their dequantized weight (what they compute with)."""
-    from ..model.walker import dense_weight
 
     cfg = model.config
     found: dict[str, torch.Tensor] = {}
@@ -95,8 +98,6 @@ def held_blocks(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
 def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
     """(key, value, type, sub type) of the source file's metadata, for copying."""
     from gguf import GGUFValueType
-
-    from .gguf_reader import metadata_fields
 
     return [(k, v, GGUFValueType(t), None if sub is None else GGUFValueType(sub))
             for k, v, t, sub in metadata_fields(source_gguf) if k not in _OWN_KEYS]
@@ -150,8 +151,6 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
         fields = _source_fields(source_gguf)
     elif tokenizer is not None:
         from gguf import GGUFValueType
-
-        from .gguf_vocab import tokenizer_fields
 
         fields = [(k, v, GGUFValueType(t), None if sub is None else GGUFValueType(sub))
                   for k, v, t, sub in tokenizer_fields(tokenizer, cfg.vocab_size)]
@@ -231,7 +230,6 @@ def _save(model: torch.nn.Module, tokenizer: Any, path: str | Path) -> Path:
 
 def check_file(path: Path) -> Path:
     """A GGUF destination: a file path in an existing folder that takes new files."""
-    from .checkpoint import check_writable
 
     if path.is_dir() or not path.parent.is_dir():
         raise ModelpressError(f"--out must be a file path in an existing folder; got {path}")
@@ -242,8 +240,6 @@ def describe_gguf(path: Path) -> dict[str, Any]:
     from collections import Counter
 
     from gguf import GGMLQuantizationType
-
-    from .gguf_reader import read_gguf
 
     meta, tensors = read_gguf(path)
     return {"architecture": meta.get("general.architecture"), "name": meta.get("general.name"),

@@ -26,8 +26,9 @@ from ..config import BaseConfig
 from ..core import packing
 from ..errors import ModelpressError
 from ..nn import IntxLinear
-from .registry import Format, describe_transformers, register_format
 from ..record import record
+from .checkpoint import check_new, layers_from, with_layers_as, write_folder
+from .registry import Format, describe_transformers, register_format
 
 QUANT_METHOD = "gptq"
 
@@ -89,7 +90,6 @@ def layer_from_hf(t: dict[str, torch.Tensor], bits: int, group_size: int | None,
 
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (GPTQ- or RTN-quantized IntxLinear layers) as an HF GPTQ folder."""
-    from .checkpoint import check_new, with_layers_as, write_folder
 
     out = check_new(out)
     config = record(model).config
@@ -104,7 +104,6 @@ def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
 def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
             ) -> tuple[Any, dict[str, torch.Tensor], Callable[[torch.nn.Module], None]]:
     """(modelpress config, state dict for IntxLinear layers, prepare(model) that swaps them in)."""
-    from .checkpoint import layers_from
 
     bits = int(qc.get("bits", 4))
     group = qc.get("group_size", 128)
@@ -118,8 +117,6 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
 
 
 def _check(out: Path) -> Path:
-    from .checkpoint import check_new
-
     return check_new(out)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelpressError
+from .gguf_reader import read_gguf
 
 GGUF_MAGIC = b"GGUF"
 
@@ -112,8 +113,6 @@ def load_imatrix(path: str | Path) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    from .gguf_reader import read_gguf
-
     meta, tensors = read_gguf(path)
     if meta.get("general.type", "imatrix") != "imatrix":
         raise ModelpressError(f"{path} is a GGUF {meta['general.type']}, not an imatrix file")

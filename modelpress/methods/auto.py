@@ -28,8 +28,13 @@ from tqdm.auto import tqdm
 from ..config import BaseConfig, option
 from ..core import kquants
 from ..core.allocate import allocate
-from ..registry import register
+from ..errors import ModelpressError
+from ..formats.gguf_mixes import MIXES, quantizable, tensor_types
+from ..formats.gguf_writer import gguf_name, gguf_tensors
+from ..model.walker import dense_weight, replace
+from ..nn.gguf_linear import GGUFLinear
 from ..record import record
+from ..registry import register
 
 DEFAULT_FORMATS = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 
@@ -44,8 +49,6 @@ class AutoConfig(BaseConfig):
     fisher_windows: int = option(8, "calibration windows for the Fisher information")
 
     def __post_init__(self) -> None:
-        from ..formats.gguf_mixes import MIXES
-
         object.__setattr__(self, "formats", tuple(str(f).upper() for f in self.formats))  # q4_0 is Q4_0
 
         if (self.target_bpw is None) == (self.target_mix is None):
@@ -154,10 +157,6 @@ def fisher_diagonal(model: torch.nn.Module, names: list[str], windows: list[torc
 def allocate_for(model: torch.nn.Module, config: AutoConfig, calib: list[torch.Tensor] | None,
                  progress: bool = True) -> Plan:
     """Measure sensitivities on `calib` and choose every linear layer's type."""
-    from ..errors import ModelpressError
-    from ..formats.gguf_mixes import quantizable, tensor_types
-    from ..formats.gguf_writer import gguf_name
-    from ..model.walker import dense_weight
 
     if not calib:
         raise ModelpressError("auto needs calibration windows (--calib, or the default text)")
@@ -198,17 +197,12 @@ def allocate_for(model: torch.nn.Module, config: AutoConfig, calib: list[torch.T
 
 def _gguf_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """GGUF name -> shape of every tensor the file will hold, in the writer's order."""
-    from ..formats.gguf_writer import gguf_tensors
 
     return {n: tuple(t.shape) for n, t in gguf_tensors(model)}
 
 
 @register(AutoConfig)
 def _auto(model: torch.nn.Module, config: AutoConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
-    from ..formats.gguf_writer import gguf_name
-    from ..model.walker import dense_weight, replace
-    from ..nn.gguf_linear import GGUFLinear
-
     plan = allocate_for(model, config, calib)
     for fqn, m in list(model.named_modules()):
         if not fqn.startswith("model.layers.") or not (isinstance(m, torch.nn.Linear) or hasattr(m, "dequantize")):

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from ..errors import ModelpressError
+from ..nn.dense_linear import use_dense_kernels
 
 # config fields that size memory: (name, largest sane value); each must be a positive integer
 _SIZES = (("vocab_size", 1 << 22), ("hidden_size", 1 << 17), ("intermediate_size", 1 << 20),
@@ -68,6 +69,5 @@ def build_causal_lm(config, state_dict: dict[str, torch.Tensor],  # noqa: ANN001
     if still_meta:
         raise ModelpressError(f"the weights lack {len(still_meta)} tensors (e.g. {still_meta[0]}); "
                               "the file is incomplete or does not match its config")
-    from ..nn.dense_linear import use_dense_kernels
 
     return use_dense_kernels(model).eval()

@@ -8,11 +8,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.kquants import BLOCK
 from ..errors import ModelpressError
 from ..formats.gguf_names import to_hf
 from ..formats.gguf_reader import GGUFTensor, dequantize, read_gguf
-from .build import build_causal_lm
+from ..model.walker import replace
+from ..nn.gguf_linear import GGUFLinear
 from ..record import record
+from .build import build_causal_lm
+from .gguf_tokenizer import check_vocab, tokenizer_from_gguf
 
 _SKIP = re.compile(r"rope_freqs\.weight$|blk\.\d+\.attn_rot_embd")
 
@@ -87,8 +91,6 @@ def _block_type(t: GGUFTensor, name: str) -> str | None:
     """The kquants type of a linear layer's tensor that can stay in blocks, else None."""
     from gguf import GGMLQuantizationType
 
-    from ..core.kquants import BLOCK
-
     kind = GGMLQuantizationType(t.ggml_type).name
     linear = name.endswith("_proj.weight") or name == "lm_head.weight"
     return kind if linear and kind in BLOCK else None
@@ -126,9 +128,6 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
     embeddings, norms and F16/F32 tensors become fp32; a head tied to a block-type embedding also
     keeps those blocks as `record(model).head` (a GGUFLinear outside the module tree with the
     same values as the fp32 tied weight, for the decode kernels)."""
-    from ..model.walker import replace
-    from ..nn.gguf_linear import GGUFLinear
-    from .gguf_tokenizer import check_vocab, tokenizer_from_gguf
 
     path = Path(path)
     meta, tensors = read_gguf(path)
@@ -145,8 +144,6 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
     model = build_causal_lm(config, sd, prepare)
     if keep_blocks and tied:  # the tied head's own blocks, for decode kernels (serve/fused_decode.py)
         from gguf import GGMLQuantizationType
-
-        from ..core.kquants import BLOCK
 
         emb = next(t for t in tensors if t.name == "token_embd.weight")
         kind = GGMLQuantizationType(emb.ggml_type).name

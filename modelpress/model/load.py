@@ -7,10 +7,17 @@ from typing import Any
 
 import torch
 
-from ..default_model import DEFAULT_FILE, DEFAULT_NAME, DEFAULT_PACKAGE, default_model_path  # noqa: F401 (re-exported)
+from ..default_model import (  # noqa: F401 (re-exported)
+    DEFAULT_FILE,
+    DEFAULT_NAME,
+    DEFAULT_PACKAGE,
+    default_model_path,
+)
 from ..errors import ModelpressError, one_line
 from ..formats import checkpoint, registry
 from ..record import record
+from .build import build_causal_lm
+from .gguf_model import load_gguf
 
 # what reading a damaged or foreign file raises where no check of ours caught it first
 _FILE_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError,
@@ -52,7 +59,6 @@ def _hub_errors() -> tuple[type[Exception], ...]:
 def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:
     kind = registry.detect(path)
     if kind == "gguf":
-        from .gguf_model import load_gguf
 
         model, tok = load_gguf(path, keep_blocks)
     elif kind == "modelpress":
@@ -66,8 +72,6 @@ def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:
 def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
     """A transformers folder; safetensors weights only (never unpickles)."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from .build import build_causal_lm
 
     files = sorted(path.glob("*.safetensors"))
     if not files:

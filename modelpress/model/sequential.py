@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ModelpressError
+from .walker import iter_targets
 
 
 class _Stop(Exception):
@@ -55,7 +56,6 @@ def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList:
 def block_targets(model: torch.nn.Module, config: Any, calib: Any) -> dict[int, dict[str, torch.nn.Module]]:
     """{id(block): {name inside the block: linear}} for the layers `config` targets, checking that
     there is calibration text and that every target lies inside a decoder block."""
-    from .walker import iter_targets
 
     if not calib:
         raise ModelpressError(f"{config.method} needs calibration text (windows of token ids)")

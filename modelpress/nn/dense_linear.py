@@ -17,6 +17,7 @@ import functools
 import torch
 
 from .. import kernels
+from ..model.walker import replace
 
 MAX_KERNEL_ROWS = 8
 
@@ -70,7 +71,6 @@ class DenseLinear(torch.nn.Linear):
 
 def use_dense_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """Turn every plain nn.Linear of `model` into a DenseLinear sharing its parameters."""
-    from ..model.walker import replace
 
     for fqn, mod in list(model.named_modules()):
         if type(mod) is torch.nn.Linear:

@@ -30,7 +30,12 @@ import ctypes
 import torch
 
 from .. import kernels
-from ..nn.gguf_linear import BLOCK_KERNELS, GGUFLinear  # BLOCK_KERNELS: types multiplied on their blocks
+from ..core import kquants
+from ..nn.dense_linear import DenseLinear
+from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their blocks
+    BLOCK_KERNELS,
+    GGUFLinear,
+)
 
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 
@@ -50,8 +55,6 @@ class _Layer(ctypes.Structure):
 
 
 def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> _Linear | None:  # noqa: ANN001
-    from ..core import kquants
-    from ..nn.dense_linear import DenseLinear
 
     if isinstance(mod, GGUFLinear) and int8 and mod.kind in BLOCK_KERNELS:
         q = mod.qdata.contiguous()

@@ -27,9 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..nn import gguf_linear
-from .sequence import Sequence
 from ..record import record
+from .fused_decode import FusedDecoder
+from .sequence import Sequence
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,14 +59,12 @@ class ModelRunner:
                      else model.lm_head)
         # the torch path computes as the fused one: GGUF layers with int8 activations (nn/gguf_linear.py)
         self._int8_rows = 1 << 62 if int8_activations and self.device.type == "cpu" else 0
-        from .. import kernels
 
         # decode attention in place over the paged cache (kernels' mp_paged_attention) on a CPU
         self._attn = kernels.lib() if self.device.type == "cpu" and self.dtype == torch.float32 else None
         self.k_cache = self.v_cache = None
         self._fused: object = False   # the fused decoder, or False where it does not apply
         if fused_decode:
-            from .fused_decode import FusedDecoder
 
             self._fused = FusedDecoder.build(self, int8_activations) or False
         self.kv_dtype = self._kv_dtype(kv_dtype)
