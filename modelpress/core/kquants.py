@@ -166,7 +166,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
 
 
 def _kernels():  # noqa: ANN202
-    from .. import kernels
+    from .. import kernels  # here, not at the top: core/ does not load kernels/ (the layers point one way)
 
     return kernels.lib() if _USE_KERNELS.get() else None
 
