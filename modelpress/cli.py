@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from . import flags
@@ -17,21 +18,19 @@ from .config import config_types
 from .data import calibration_windows, load_text
 from .errors import ModelpressError, one_line
 from .eval.compare import DEFAULT_METHODS, compare, method_names
-from .eval.perplexity import perplexity
+from .eval.evaluate import evaluate, summary
 from .eval.size import disk_bytes, model_size
-from .eval.speed import decode_tokens_per_s
 from .formats import check_destination, describe, formats, save
 from .formats.gguf_mixes import MIXES
 from .formats.gguf_writer import check_file, export_gguf
 from .formats.imatrix import load_imatrix, save_imatrix
-from .generate import stream_text
+from .generate import speed_line, stream_text
 from .methods.awq import AWQConfig
 from .methods.gptq import GPTQConfig
 from .model.imatrix import compute_imatrix
 from .model.load import load, resolve
 from .record import record
 from .registry import quantize
-from .serve.engine import Engine
 from .serve.http import ServeConfig, serve
 from .serve.sampler import SamplingParams
 
@@ -39,16 +38,6 @@ from .serve.sampler import SamplingParams
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         raise ModelpressError(f"{message} (see `{self.prog} --help`)")
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return v
 
 
 def _load(source: str | None, device: str = "cpu", keep_blocks: bool = False) -> tuple[Any, Any, float]:
@@ -70,7 +59,6 @@ def _err(*lines: str) -> None:
 # -- quantize ----------------------------------------------------------------------------------
 def _config_from_args(a: argparse.Namespace) -> Any:
     """The method's config from the flags given (flags.py); group size left out: 64, or per channel at 8 bits."""
-
     methods = config_types()
     if a.method not in methods:
         raise ModelpressError(f"unknown method {a.method!r}; choose one of: {', '.join(sorted(methods))}")
@@ -84,8 +72,6 @@ def _config_from_args(a: argparse.Namespace) -> Any:
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     config = _config_from_args(a)
     check_destination(a.format, config.method, a.out)  # bad destination or text: fail now, before the model loads
     if a.calib is not None:
@@ -116,16 +102,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 # -- export ------------------------------------------------------------------------------------
-def _gguf_out(path: str) -> Any:
-    from pathlib import Path
-
-    return check_file(Path(path))
-
-
 def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
     """The importance matrix of `model` on --calib (or the default text): --samples windows of --ctx."""
-    from pathlib import Path
-
     start = time.perf_counter()
     wins = calibration_windows(tok, a.calib, a.ctx, a.samples)
     dataset = Path(a.calib).name if a.calib else "pydoc_data topics (modelpress default text)"
@@ -143,7 +121,7 @@ _FROM_METHOD_HELP = ("awq: AWQ's scales (searched for a 4-bit grid with groups o
 def cmd_export(a: argparse.Namespace) -> int:
     if a.type is not None and a.type not in MIXES:
         raise ModelpressError(f"unknown GGUF type {a.type!r}; choose one of: {', '.join(MIXES)}")
-    out = _gguf_out(a.out)
+    out = check_file(Path(a.out))
     if a.imatrix and a.calib:
         raise ModelpressError("give --imatrix (a file) or --calib (text to compute one from), not both")
     if a.imatrix and a.from_method == "awq":
@@ -155,21 +133,13 @@ def cmd_export(a: argparse.Namespace) -> int:
     model, tok, _ = _load(a.model)
     start = time.perf_counter()
     if a.from_method:
-
         config = (AWQConfig(bits=4, group_size=32, scales_only=True) if a.from_method == "awq" else
                   GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
         quantize(model, config, calibration_windows(tok, a.calib, a.ctx, a.samples))
         _err(f"{config.describe()} in {time.perf_counter() - start:.1f} s")
     if a.calib is not None:
         imatrix = _imatrix_of(model, tok, a)
-    meta = {}
-    if imatrix is not None:
-        meta = {"quantize.imatrix.file": str(a.imatrix or "(computed by modelpress)"),
-                "quantize.imatrix.entries_count": len(imatrix.sums),
-                "quantize.imatrix.chunks_count": imatrix.chunk_count}
-        if imatrix.datasets:
-            meta["quantize.imatrix.dataset"] = imatrix.datasets[0]
-
+    meta = imatrix.gguf_metadata(a.imatrix) if imatrix is not None else {}
     types = export_gguf(model, tok, out, a.type, imatrix=None if imatrix is None else imatrix.importance(),
                         extra_metadata=meta)
     mix = a.type or getattr(record(model).config, "target_mix", None) or "Q4_K_M"
@@ -180,7 +150,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_imatrix(a: argparse.Namespace) -> int:
-    out = _gguf_out(a.out)
+    out = check_file(Path(a.out))
     if a.calib is not None:
         load_text(a.calib, "calib")
     model, tok, _ = _load(a.model)
@@ -193,29 +163,14 @@ def cmd_imatrix(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     text = load_text(a.text, "eval")
     model, tok, load_s = _load(a.model, a.device, a.gguf_blocks)
-    r = perplexity(model, tok, text, ctx=a.ctx, max_windows=a.max_windows, progress=not a.json)
-    size = model_size(model)
-    speed = (decode_tokens_per_s(model, tok, new_tokens=a.decode_tokens, progress=not a.json)
-             if a.decode_tokens else None)
-    result = {"ppl": r.ppl, "windows": r.windows, "ctx": r.ctx, "size_bytes": size.size_bytes,
-              "bits_per_weight": size.bits_per_weight, "linear_bits_per_weight": size.linear_bits_per_weight,
-              "tokens_per_s": speed, "eval_tokens_per_s": r.tokens_per_s, "load_seconds": load_s,
-              "source": record(model).source, "source_disk_bytes": disk_bytes(record(model).source)}
-    if a.json:
-        print(json.dumps(result))
-    else:
-        print(f"ppl {r.ppl:.4f} over {r.windows} windows of {r.ctx} tokens ({r.tokens_per_s:.0f} tokens/s)\n"
-              f"size {size.size_bytes / 1e6:.1f} MB, {size.bits_per_weight:.2f} bits/weight "
-              f"(linear layers {size.linear_bits_per_weight:.2f})\n"
-              + (f"decode {speed:.1f} tokens/s\n" if speed else "")
-              + f"loaded in {load_s:.1f} s from {record(model).source}")
+    result = evaluate(model, tok, text, a.ctx, a.max_windows, a.decode_tokens, progress=not a.json)
+    result["load_seconds"] = load_s
+    print(json.dumps(result) if a.json else summary(result))
     return 0
 
 
 # -- compare -----------------------------------------------------------------------------------
 def cmd_compare(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if a.list:
         print("\n".join(method_names()))
         return 0
@@ -233,18 +188,12 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 # -- serve -------------------------------------------------------------------------------------
 def cmd_serve(a: argparse.Namespace) -> int:
-    from pathlib import Path
-
     try:
         c = flags.build(a, ServeConfig)
     except ValueError as e:
         raise ModelpressError(str(e)) from None
     model, tok, load_s = _load(a.model, keep_blocks=True)  # a GGUF runs on its blocks
-    try:
-        engine = Engine(model, tok, max_num_seqs=c.max_num_seqs, kv_blocks=c.kv_blocks, block_size=c.block_size,
-                        max_tokens_per_step=c.max_step_tokens, kv_dtype=c.kv_dtype)
-    except ValueError as e:  # a --kv-dtype this model cannot take
-        raise ModelpressError(f"--kv-dtype {c.kv_dtype}: {e}") from None
+    engine = c.engine(model, tok)
     name = c.served_model_name or Path(record(model).source).stem
     _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {c.kv_blocks} blocks of {c.block_size} "
          f"tokens, {engine.runner.bytes_per_block * c.kv_blocks / 1e6:.0f} MB) on http://{c.host}:{c.port}/v1")
@@ -269,11 +218,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     for piece in stream_text(model, tok, a.prompt, a.max_new_tokens, chat=not a.raw, params=params, stats=stats):
         print(piece, end="", flush=True)
     print()
-    if stats:  # as llama.cpp reports them
-        rate = lambda n, s: f"{n / s:.1f} tokens/s" if s > 0 and n else "-"  # noqa: E731
-        _err(f"prompt: {stats['prompt_tokens']} tokens in {stats['prompt_seconds'] * 1e3:.0f} ms "
-             f"({rate(stats['prompt_tokens'], stats['prompt_seconds'])}); decode: {stats['decode_tokens']} tokens in "
-             f"{stats['decode_seconds'] * 1e3:.0f} ms ({rate(stats['decode_tokens'], stats['decode_seconds'])})")
+    if stats:
+        _err(speed_line(stats))
     return 0
 
 
@@ -289,22 +235,6 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_config() -> type:
-    return ServeConfig
-
-
-def _config_classes() -> list[type]:
-    return list(config_types().values())
-
-
-def _save_formats() -> list[str]:
-    return [name for name, f in formats().items() if f.save is not None]
-
-
-def _default_methods() -> tuple[str, ...]:
-    return DEFAULT_METHODS
-
-
 # -- entry point -------------------------------------------------------------------------------
 def _model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="GGUF file, transformers folder or modelpress checkpoint "
@@ -313,8 +243,8 @@ def _model(p: argparse.ArgumentParser) -> None:
 
 def _calibration(p: argparse.ArgumentParser, what: str, samples: int = 128) -> None:
     p.add_argument("--calib", help=f".txt or .jsonl text {what} (default: Python's pydoc topics)")
-    p.add_argument("--samples", type=_positive, default=samples, help=f"calibration windows (default: {samples})")
-    p.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
+    p.add_argument("--samples", type=flags.positive, default=samples, help=f"calibration windows (default: {samples})")
+    p.add_argument("--ctx", type=flags.positive, default=512, help="window length in tokens (default: 512)")
 
 
 def _runtime(p: argparse.ArgumentParser, blocks: bool) -> None:
@@ -337,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn",
                    help="rtn (integers, round to nearest), gptq / awq (calibrated), nf4 / fp4 (bitsandbytes "
                         "4-bit), int8 (LLM.int8), auto (a GGUF type per layer within --target-bpw); default: rtn")
-    flags.add(q, _config_classes())
+    flags.add(q, config_types().values())
     _calibration(q, "for methods that calibrate")
-    q.add_argument("--format", choices=_save_formats(), default="modelpress",
+    q.add_argument("--format", choices=[n for n, f in formats().items() if f.save], default="modelpress",
                    help="modelpress (default); gptq: the HF GPTQ layout, awq: AutoAWQ's GEMM layout, "
                         "compressed-tensors: llm-compressor's pack-quantized (what transformers, vLLM, "
                         "GPTQModel, AutoAWQ and llm-compressor read); gguf (auto only): a .gguf file")
@@ -362,29 +292,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = command("eval", cmd_eval, "perplexity, size, bits per weight, decode speed")
     e.add_argument("--text", help=".txt or .jsonl evaluation text (default: Python's pydoc topics)")
-    e.add_argument("--ctx", type=_positive, default=512, help="window length in tokens (default: 512)")
-    e.add_argument("--max-windows", type=_positive, help="score at most N windows")
+    e.add_argument("--ctx", type=flags.positive, default=512, help="window length in tokens (default: 512)")
+    e.add_argument("--max-windows", type=flags.positive, help="score at most N windows")
     e.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed run (0: skip)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _runtime(e, blocks=False)
 
     c = command("compare", cmd_compare, "measure many compressions of one model side by side: table, plot, report")
-    c.add_argument("--methods", help="comma-separated names (default: " + ",".join(_default_methods())
+    c.add_argument("--methods", help="comma-separated names (default: " + ",".join(DEFAULT_METHODS)
                    + "); --list shows every name")
     c.add_argument("--list", action="store_true", help="print every method name compare accepts")
     c.add_argument("--text", help=".txt or .jsonl evaluation text (default: Python's pydoc topics)")
     _calibration(c, "for gptq, awq, imatrix and auto", samples=16)
-    c.add_argument("--eval-windows", type=_positive, default=8, help="evaluation windows (default: 8)")
-    c.add_argument("--decode-tokens", type=_positive, default=32, help="tokens timed for decode speed (default: 32)")
+    c.add_argument("--eval-windows", type=flags.positive, default=8, help="evaluation windows (default: 8)")
+    c.add_argument("--decode-tokens", type=flags.positive, default=32, help="tokens timed for decode speed (default: 32)")
     c.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse finished rows)")
     c.add_argument("--out", default="results/compare", help="folder for the report (default: results/compare)")
 
     s = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API")
-    flags.add(s, [_serve_config()], label=False)
+    flags.add(s, [ServeConfig], label=False)
 
     g = command("generate", cmd_generate, "stream a completion")
     g.add_argument("-p", "--prompt", required=True)
-    g.add_argument("-n", "--max-new-tokens", type=_positive, default=128)
+    g.add_argument("-n", "--max-new-tokens", type=flags.positive, default=128)
     g.add_argument("--raw", action="store_true", help="no chat template")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)

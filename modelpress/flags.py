@@ -13,6 +13,17 @@ from .errors import ModelpressError
 UNSET = object()  # a flag left out (None is a value: group size 'channel')
 
 
+def positive(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return v
+
+
 def fields_of(classes: Iterable[type]) -> dict[str, tuple[dataclasses.Field, list[str]]]:
     """name -> (the first such field, the names of the classes that have it); fields with help only."""
     out: dict[str, tuple[dataclasses.Field, list[str]]] = {}

@@ -157,3 +157,13 @@ def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: 
         end = time.perf_counter()
         stats.update(prompt_tokens=ids.shape[1], prompt_seconds=first - start,
                      decode_tokens=sampled - 1, decode_seconds=end - first)
+
+
+def speed_line(stats: dict[str, float]) -> str:
+    """stream_text's `stats` as llama.cpp reports them: the prompt's and the decode's tokens/s."""
+    def rate(n: float, seconds: float) -> str:
+        return f"{n / seconds:.1f} tokens/s" if seconds > 0 and n else "-"
+
+    return (f"prompt: {stats['prompt_tokens']} tokens in {stats['prompt_seconds'] * 1e3:.0f} ms "
+            f"({rate(stats['prompt_tokens'], stats['prompt_seconds'])}); decode: {stats['decode_tokens']} tokens in "
+            f"{stats['decode_seconds'] * 1e3:.0f} ms ({rate(stats['decode_tokens'], stats['decode_seconds'])})")

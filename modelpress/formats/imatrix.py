@@ -47,6 +47,15 @@ class Imatrix:
             out[name] = s.float() / torch.tensor(float(c), dtype=torch.float32) if c > 0 else torch.ones_like(s)
         return out
 
+    def gguf_metadata(self, file: str | None = None) -> dict[str, str | int]:
+        """The quantize.imatrix.* keys llama-quantize writes into a GGUF quantized with this matrix."""
+        meta: dict[str, str | int] = {"quantize.imatrix.file": file or "(computed by modelpress)",
+                                      "quantize.imatrix.entries_count": len(self.sums),
+                                      "quantize.imatrix.chunks_count": self.chunk_count}
+        if self.datasets:
+            meta["quantize.imatrix.dataset"] = self.datasets[0]
+        return meta
+
 
 def save_imatrix(path: str | Path, im: Imatrix) -> Path:
     """Write GGUF when the name ends in .gguf (llama-imatrix's rule), else the legacy format; to a

@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator
 
 from .. import kernels
 from ..config import option
+from ..errors import ModelpressError
 from .engine import Engine, RequestOutput
 from .sampler import SamplingParams
 
@@ -258,6 +259,14 @@ class ServeConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive whole number")
         if not (0 < self.max_body_mb < math.inf and 0 < self.template_timeout < math.inf):
             raise ValueError("max-body-mb and template-timeout must be positive numbers")
+
+    def engine(self, model: Any, tokenizer: Any) -> Engine:
+        """The engine these settings describe; a KV type the model cannot take is a ModelpressError."""
+        try:
+            return Engine(model, tokenizer, max_num_seqs=self.max_num_seqs, kv_blocks=self.kv_blocks,
+                          block_size=self.block_size, max_tokens_per_step=self.max_step_tokens, kv_dtype=self.kv_dtype)
+        except ValueError as e:
+            raise ModelpressError(f"--kv-dtype {self.kv_dtype}: {e}") from None
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,

@@ -131,19 +131,16 @@ def test_a_slow_template_does_not_block_the_event_loop(server):
     got = {}
 
     def slow():
-        start = time.perf_counter()
         got["r"] = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "slow"}]})
-        got["s"] = time.perf_counter() - start
 
     t = threading.Thread(target=slow)
     t.start()
     time.sleep(0.2)
-    start = time.perf_counter()
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-    health_s = time.perf_counter() - start
+    still_rendering = "r" not in got  # /health answered while the template ran (observed: in ~0.01 s of its 1 s)
     t.join(timeout=30)
     assert got["r"].status_code == 400 and "took more than 1 s" in got["r"].json()["error"]["message"]
-    assert health_s < 0.5 < got["s"]  # /health answered while the template ran (a 1 s limit, observed ~0.01 s)
+    assert still_rendering
     # the interrupted thread is gone: no worker thread left rendering
     for _ in range(50):
         if not [t for t in threading.enumerate() if t.name == "modelpress-request"]:
