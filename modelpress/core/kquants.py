@@ -624,15 +624,17 @@ def quantize(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None) ->
             sigma2 = _div(_seq_sum(x * x), cols).repeat_interleave(cols // n)
             xb = x.reshape(-1, n)
             qw = qw * _sqrt(sigma2[:, None] + xb * xb)
-    lib = _kernels() if qw is None and kind in _LEGACY_C else None
+    lib = _kernels() if qw is None and kind in ("Q4_0", "Q5_0", "Q8_0") else None  # mp_quantize_legacy
     if lib is not None and x.device.type == "cpu":  # the compiled reference quantizer, same bytes
         out = torch.empty(rows, cols // n * nbytes, dtype=torch.uint8)
-        lib.mp_quantize_legacy(x.data_ptr(), rows * cols // n, _LEGACY_C[kind], out.data_ptr())
+        from ..kernels import KIND  # beside _kernels' own lazy import
+
+        lib.mp_quantize_legacy(x.data_ptr(), rows * cols // n, KIND[kind], out.data_ptr())
         return out
     return _QUANT[kind](x.reshape(-1, n), qw).reshape(rows, cols // n * nbytes)
 
 
-_LEGACY_C = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2}  # mp_quantize_legacy's kinds
+
 
 
 # ---------------------------------------------------------------- dequantization (ggml's dequantize_row_*)

@@ -32,6 +32,9 @@ _libs: dict[bool | str, ctypes.CDLL | None] = {}  # by `simd`; absent: not tried
 # the builds lib(simd) can give: the best this CPU runs, its AVX2 loops only, the plain C loops only
 _VARIANTS = {True: [], "avx2": ["-DMP_NO_AVX512"], False: ["-DMP_NO_SIMD"]}
 
+# what a layer's weights are, for every kernel that takes a `kind`: cpu_kernels.c's enum, mirrored
+KIND = {"F32": 0, "AFFINE": 1, "Q4_0": 2, "Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q8_0x16": 7}
+
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {

@@ -31,6 +31,14 @@
  * (1000 spins instead of ~300000): its workers sleep and are woken by the kernel at every region.
  * An engine stepped on a thread of its own, beside the pool that loading the model made on the
  * main thread, ran a 32 x 128 batch ~20 % slower so (80000 context switches against 3). */
+/* What a layer's weights are, one numbering for every kernel that takes a `kind` (mirrored once in
+ * Python: kernels/__init__.py KIND):
+ *   MP_F32     0  fp32 rows                           MP_Q5_0    4  GGUF Q5_0 blocks (22 bytes / 32)
+ *   MP_AFFINE  1  uint8 codes + fp32 scale / offset   MP_Q4_K    5  GGUF Q4_K blocks (144 bytes / 256)
+ *   MP_Q4_0    2  GGUF Q4_0 blocks (18 bytes / 32)    MP_Q6_K    6  GGUF Q6_K blocks (210 bytes / 256)
+ *   MP_Q8_0    3  GGUF Q8_0 blocks (34 bytes / 32)    MP_Q8_0X16 7  Q8_0 repacked 16 rows at a time */
+enum { MP_F32 = 0, MP_AFFINE = 1, MP_Q4_0 = 2, MP_Q8_0 = 3, MP_Q5_0 = 4, MP_Q4_K = 5, MP_Q6_K = 6, MP_Q8_0X16 = 7 };
+
 extern int omp_pause_resource_all(int kind) __attribute__((weak));  /* OpenMP 5.0: libgomp since GCC 9 */
 void mp_release_threads(void) {
     if (omp_pause_resource_all) omp_pause_resource_all(2);   /* omp_pause_hard */
@@ -561,15 +569,15 @@ static inline uint16_t mp_fp16_bits(float f) {
 
 /* The reference quantizers of the legacy types without a search (quantize_row_q4_0_ref,
  * _q5_0_ref, _q8_0_ref in ggml-quants.c), writing the GGUF blocks directly:
- *   kind 0  Q4_0: d fp16 | qs[16]: code j low nibble, code j + 16 high nibble     (18 bytes)
- *   kind 1  Q5_0: d fp16 | qh u32: bit 4 of code j at bit j | qs[16] as Q4_0      (22 bytes)
- *   kind 2  Q8_0: d fp16 | qs int8[32]                                             (34 bytes)
+ *   MP_Q4_0  d fp16 | qs[16]: code j low nibble, code j + 16 high nibble     (18 bytes)
+ *   MP_Q5_0  d fp16 | qh u32: bit 4 of code j at bit j | qs[16] as Q4_0      (22 bytes)
+ *   MP_Q8_0  d fp16 | qs int8[32]                                             (34 bytes)
  * x fp32 (nblocks, 32). Q4_0 / Q5_0: d = (the value of largest magnitude, first of ties) / -8
  * or -16, code = min(15 or 31, (int8) trunc(x / d + 8.5 or 16.5)); Q8_0: d = max |x| / 127,
  * code = roundf(x / d) (half away from zero).
  */
 void mp_quantize_legacy(const float *x, int64_t nblocks, int64_t kind, uint8_t *out) {
-    const int64_t size = kind == 0 ? 18 : (kind == 1 ? 22 : 34);
+    const int64_t size = kind == MP_Q4_0 ? 18 : (kind == MP_Q5_0 ? 22 : 34);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
         const float *xb = x + b * 32;
@@ -577,21 +585,21 @@ void mp_quantize_legacy(const float *x, int64_t nblocks, int64_t kind, uint8_t *
         float amax = 0.0f, max = 0.0f;
         for (int j = 0; j < 32; j++) {
             const float ax = fabsf(xb[j]);
-            if (kind == 2) { amax = amax > ax ? amax : ax; continue; }
+            if (kind == MP_Q8_0) { amax = amax > ax ? amax : ax; continue; }
             if (amax < ax) { amax = ax; max = xb[j]; }
         }
-        const float d = kind == 2 ? amax / 127 : max / (kind == 0 ? -8 : -16);
+        const float d = kind == MP_Q8_0 ? amax / 127 : max / (kind == MP_Q4_0 ? -8 : -16);
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         const uint16_t dh = mp_fp16_bits(d);
         memcpy(o, &dh, 2);
-        if (kind == 2) {
+        if (kind == MP_Q8_0) {
             for (int j = 0; j < 32; j++) o[2 + j] = (uint8_t)(int8_t)(int32_t)roundf(xb[j] * id);
             continue;
         }
-        const int top = kind == 0 ? 15 : 31;
-        const float half = kind == 0 ? 8.5f : 16.5f;
+        const int top = kind == MP_Q4_0 ? 15 : 31;
+        const float half = kind == MP_Q4_0 ? 8.5f : 16.5f;
         uint32_t qh = 0;
-        uint8_t *qs = o + (kind == 0 ? 2 : 6);
+        uint8_t *qs = o + (kind == MP_Q4_0 ? 2 : 6);
         for (int j = 0; j < 16; j++) {
             int q0 = (int8_t)(int32_t)(xb[j] * id + half), q1 = (int8_t)(int32_t)(xb[j + 16] * id + half);
             q0 = q0 < top ? q0 : top;
@@ -600,7 +608,7 @@ void mp_quantize_legacy(const float *x, int64_t nblocks, int64_t kind, uint8_t *
             qh |= ((uint32_t)(q0 & 0x10) >> 4) << j;
             qh |= ((uint32_t)(q1 & 0x10) >> 4) << (j + 16);
         }
-        if (kind == 1) memcpy(o + 2, &qh, 4);
+        if (kind == MP_Q5_0) memcpy(o + 2, &qh, 4);
     }
 }
 
@@ -760,7 +768,7 @@ static inline const uint8_t *mp_packed_row(const mp_acts *a, int64_t k, int64_t 
 
 static void mp_acts_make(int64_t kind, const float *x, int64_t B, int64_t k, mp_acts *a) {
     memset(a, 0, sizeof *a);
-    if (kind == 7) {
+    if (kind == MP_Q8_0X16) {
         const int64_t nb = k / 32;
         a->p = calloc((size_t)((B + MP_GROUP - 1) / MP_GROUP * nb), MP_X16_BLOCK);
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
@@ -784,7 +792,7 @@ static void mp_acts_make(int64_t kind, const float *x, int64_t B, int64_t k, mp_
         return;
     }
 #ifdef MP_VNNI512
-    if (kind <= 4) {
+    if (kind <= MP_Q5_0) {
         const int64_t nb = k / 32, steps = mp_steps(k);
         a->p = malloc((size_t)((B + MP_GROUP - 1) / MP_GROUP * steps * MP_STEP));
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
@@ -803,20 +811,20 @@ static void mp_acts_make(int64_t kind, const float *x, int64_t B, int64_t k, mp_
         return;
     }
 #endif
-    const int64_t nd = kind <= 4 ? k / 32 : k / 256;
+    const int64_t nd = kind <= MP_Q5_0 ? k / 32 : k / 256;
     a->q = malloc((size_t)(B * k));
     a->d = malloc(sizeof(float) * (size_t)(B * nd));
-    if (kind >= 5) a->s16 = malloc(sizeof(int32_t) * (size_t)(B * (k / 16)));
+    if (kind >= MP_Q4_K) a->s16 = malloc(sizeof(int32_t) * (size_t)(B * (k / 16)));
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
     for (int64_t b = 0; b < B; b++) {
-        if (kind <= 4) mp_quantize_x8(x + b * k, k, a->q + b * k, a->d + b * nd);
+        if (kind <= MP_Q5_0) mp_quantize_x8(x + b * k, k, a->q + b * k, a->d + b * nd);
         else mp_quantize_x8k(x + b * k, k, a->q + b * k, a->d + b * nd, a->s16 + b * (k / 16));
     }
 }
 
 /* which of mp_linears_apply's roundings of x a block kind reads: per 32 (3, 4), per 256 (5, 6),
  * per 32 packed for kind 7 */
-static inline int mp_acts_slot(int64_t kind) { return kind == 7 ? 2 : kind >= 5; }
+static inline int mp_acts_slot(int64_t kind) { return kind == MP_Q8_0X16 ? 2 : kind >= MP_Q4_K; }
 
 static void mp_acts_free(mp_acts *a) {
     free(a->q);
@@ -826,8 +834,8 @@ static void mp_acts_free(mp_acts *a) {
 }
 
 /* bytes per block and weights per block of the block kinds: 3 Q8_0, 4 Q5_0, 5 Q4_K, 6 Q6_K */
-static inline int64_t mp_block_bytes(int64_t kind) { return kind == 3 ? 34 : kind == 4 ? 22 : kind == 5 ? 144 : 210; }
-static inline int64_t mp_block_len(int64_t kind) { return kind <= 4 || kind == 7 ? 32 : 256; }
+static inline int64_t mp_block_bytes(int64_t kind) { return kind == MP_Q8_0 ? 34 : kind == MP_Q5_0 ? 22 : kind == MP_Q4_K ? 144 : 210; }
+static inline int64_t mp_block_len(int64_t kind) { return kind <= MP_Q5_0 || kind == MP_Q8_0X16 ? 32 : 256; }
 
 /* Kind 7: Q8_0 rows (n a multiple of 16) packed 16 at a time for a dot that broadcasts 4 activation
  * bytes against 4 codes of each of 16 rows (vpdpbusd, the codes + 128 as its unsigned operand): per
@@ -936,7 +944,7 @@ static inline void mp_k_offsets(int64_t kind, const int *m, const int8_t *sc, fl
                                 const float *dy, int R, int64_t nd, int64_t ns, float *acc) {
     for (int r = 0; r < R; r++) {
         int32_t mins = 0;
-        if (kind == 5) {
+        if (kind == MP_Q4_K) {
             for (int j = 0; j < 8; j++) mins += m[j] * (s16[r * ns + 2 * j] + s16[r * ns + 2 * j + 1]);
             acc[r] -= dmin * dy[r * nd] * (float)mins;
         } else {
@@ -970,7 +978,7 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn(int64_t kind, c
         int32_t is[4] = {0, 0, 0, 0};
 #endif
         float d;
-        if (kind == 5) {
+        if (kind == MP_Q4_K) {
             const uint8_t *blk = row + b * 144, *qs = blk + 16;
             float dmin;
             int sc[8], m[8];
@@ -1060,7 +1068,7 @@ static inline float mp_kblock_dot1(int64_t kind, const uint8_t *row, const int8_
 #ifdef MP_AVX2
 /* Block b of a Q8_0 (kind 3) or Q5_0 (kind 4) row as 32 signed codes (Q5_0: code - 16); its scale in *dw. */
 static inline __m256i mp_wblock(int64_t kind, const uint8_t *row, int64_t b, float *dw) {
-    if (kind == 3) {
+    if (kind == MP_Q8_0) {
         const uint8_t *blk = row + b * 34;
         *dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
         return _mm256_loadu_si256((const __m256i *)(blk + 2));
@@ -1169,7 +1177,7 @@ static inline __attribute__((always_inline)) void mp_kblock_dotn512(int64_t kind
         const int32_t *s16 = xs16 + b * 16;
         __m512i is[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
         float d;
-        if (kind == 5) {
+        if (kind == MP_Q4_K) {
             const uint8_t *blk = row + b * 144, *qs = blk + 16;
             float dmin;
             int sc[8], m[8];
@@ -1238,7 +1246,7 @@ static inline float mp_block_dot1(int64_t kind, const uint8_t *row, const int8_t
         int32_t sum = 0;
         float dw;
         const int8_t *y = xq + b * 32;
-        if (kind == 3) {
+        if (kind == MP_Q8_0) {
             const uint8_t *blk = row + b * 34;
             dw = mp_half((uint16_t)(blk[0] | blk[1] << 8));
             /* each product narrowed to int16 (exact: |w y| <= 16384): GCC 12 compiles the plain
@@ -1269,11 +1277,11 @@ static inline float mp_any_block_dot1(int64_t kind, const uint8_t *row, const mp
     const int64_t nb = k / mp_block_len(kind);
 #ifdef MP_VNNI512
     float out;
-    if (kind <= 4) mp_block_dotn512(kind, row, mp_packed_row(a, k, b), nb, 1, &out);
+    if (kind <= MP_Q5_0) mp_block_dotn512(kind, row, mp_packed_row(a, k, b), nb, 1, &out);
     else mp_kblock_dotn512(kind, row, a->q + b * k, a->d + b * nb, a->s16 + b * (k / 16), nb, 1, k, &out);
     return out;
 #else
-    return kind <= 4 ? mp_block_dot1(kind, row, a->q + b * k, a->d + b * nb, nb)
+    return kind <= MP_Q5_0 ? mp_block_dot1(kind, row, a->q + b * k, a->d + b * nb, nb)
                      : mp_kblock_dot1(kind, row, a->q + b * k, a->d + b * nb, a->s16 + b * (k / 16), nb);
 #endif
 }
@@ -1292,11 +1300,11 @@ static inline void mp_prefetch_nta(const uint8_t *p, int64_t bytes) {
  * mp_any_block_dot1's. */
 static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, const mp_acts *a, int64_t b0, int64_t B,
                                  float *res) {
-    const int64_t nd = kind <= 4 ? k / 32 : k / 256, ns = k / 16;
+    const int64_t nd = kind <= MP_Q5_0 ? k / 32 : k / 256, ns = k / 16;
     int64_t b = b0;
     B += b0;
 #if defined(MP_VNNI512)
-    if (kind <= 4) {
+    if (kind <= MP_Q5_0) {
         for (; b + 16 <= B; b += 16) mp_block_dot16_512(kind, row, mp_packed_row(a, k, b), k / 32, res + (b - b0));
         for (; b + 8 <= B; b += 8) mp_block_dot8_512(kind, row, mp_packed_row(a, k, b), k / 32, res + (b - b0));
         for (; b + 4 <= B; b += 4) mp_block_dot4_512(kind, row, mp_packed_row(a, k, b), k / 32, res + (b - b0));
@@ -1304,10 +1312,10 @@ static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, co
         for (; b + 4 <= B; b += 4) mp_kblock_dot4_512(kind, row, a->q + b * k, a->d + b * nd, a->s16 + b * ns, k, res + (b - b0));
 #else
 #ifdef MP_AVX2
-    if (kind <= 4)
+    if (kind <= MP_Q5_0)
         for (; b + 4 <= B; b += 4) mp_block_dot4(kind, row, a->q + b * k, a->d + b * nd, k / 32, k, res + (b - b0));
 #endif
-    if (kind >= 5)
+    if (kind >= MP_Q4_K)
         for (; b + 4 <= B; b += 4) mp_kblock_dot4(kind, row, a->q + b * k, a->d + b * nd, a->s16 + b * ns, k, res + (b - b0));
 #endif
     for (; b < B; b++) res[b - b0] = mp_any_block_dot1(kind, row, a, k, b);
@@ -1321,7 +1329,7 @@ static inline void mp_block_rows(int64_t kind, const uint8_t *row, int64_t k, co
 #define MP_RANGE 32
 static void mp_block_range(int64_t kind, const uint8_t *w, int64_t k, int64_t o0, int64_t o1, const mp_acts *a,
                            int64_t B, float *const *ys) {
-    if (kind == 7) {  /* o0, o1: multiples of 16 */
+    if (kind == MP_Q8_0X16) {  /* o0, o1: multiples of 16 */
         const int64_t nb = k / 32;
         for (int64_t b0 = 0; b0 < B; b0 += MP_GROUP) {
             const int64_t g = B - b0 < MP_GROUP ? B - b0 : MP_GROUP;
@@ -1364,7 +1372,7 @@ void mp_block_gemv(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
 /* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums);
  * block kinds go through mp_block_rows. */
 static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum) {
-    if (l->kind == 0) return mp_dotf((const float *)l->w + o * l->k, x, l->k);
+    if (l->kind == MP_F32) return mp_dotf((const float *)l->w + o * l->k, x, l->k);
     const int64_t g = l->g, ng = l->k / g;
     const uint8_t *qo = (const uint8_t *)l->w + o * l->k;
     const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
@@ -1392,11 +1400,11 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
         const int r = mp_acts_slot(l->kind);
-        if (l->kind >= 3 && !made[r]) {  /* the layers of one call read the same x: round it once */
+        if (l->kind >= MP_Q8_0 && !made[r]) {  /* the layers of one call read the same x: round it once */
             mp_acts_make(l->kind, x, B, k, &acts[r]);
             made[r] = 1;
         }
-        if (l->kind == 1) {
+        if (l->kind == MP_AFFINE) {
             const int64_t ng = k / l->g;
             xs[c] = malloc(sizeof(float) * (size_t)(B * ng));
             for (int64_t b = 0; b < B; b++)
@@ -1414,13 +1422,13 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         while (r >= start[c + 1]) c++;
         const mp_linear *l = ls[c];
         const int64_t o0 = (r - start[c]) * MP_RANGE, o1 = o0 + MP_RANGE < l->n ? o0 + MP_RANGE : l->n;
-        const int64_t ng = l->kind == 1 ? k / l->g : 0;
-        if (l->kind >= 3) {
+        const int64_t ng = l->kind == MP_AFFINE ? k / l->g : 0;
+        if (l->kind >= MP_Q8_0) {
             mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[mp_acts_slot(l->kind)], B, ys + c * B);
             continue;
         }
         for (int64_t o = o0; o < o1; o++) {
-            if (l->kind == 0 && o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * k * 4, k * 4);
+            if (l->kind == MP_F32 && o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * k * 4, k * 4);
             for (int64_t b = 0; b < B; b++)
                 ys[c * B + b][o] = mp_linear_row(l, o, x + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }

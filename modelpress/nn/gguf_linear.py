@@ -28,8 +28,8 @@ from ..core import kquants
 from .dense_linear import kernel_allowed
 
 
-# GGUF types with a kernel on their stored blocks and int8 activations (kernels' block kind numbers)
-BLOCK_KERNELS = {"Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6}
+# GGUF types with a kernel on their stored blocks and int8 activations (kernels.KIND numbers)
+BLOCK_KERNELS = {t: kernels.KIND[t] for t in ("Q8_0", "Q5_0", "Q4_K", "Q6_K")}
 
 
 # products of up to this many rows take int8 activations (0: none); scoped by int8_activations()

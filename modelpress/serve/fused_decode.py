@@ -30,6 +30,7 @@ import ctypes
 import torch
 
 from .. import kernels
+from ..kernels import KIND
 from ..core import kquants
 from ..nn.dense_linear import DenseLinear
 from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their blocks
@@ -55,30 +56,29 @@ class _Layer(ctypes.Structure):
 
 
 def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> _Linear | None:  # noqa: ANN001
-
     if isinstance(mod, GGUFLinear) and int8 and mod.kind in BLOCK_KERNELS:
         q = mod.qdata.contiguous()
         kind, lib = BLOCK_KERNELS[mod.kind], kernels.lib()
-        if kind == 3 and mod.out_features % 16 == 0 and lib.mp_simd() == 2:
-            # Q8_0 on AVX-512 VNNI: the blocks repacked 16 rows at a time (kernels' kind 7, as many
+        if kind == KIND["Q8_0"] and mod.out_features % 16 == 0 and lib.mp_simd() == 2:
+            # Q8_0 on AVX-512 VNNI: the blocks repacked 16 rows at a time (KIND["Q8_0x16"], as many
             # bytes; the module keeps its own): 1536 x 576 at 32 rows 0.16 -> 0.05 ms on 2 threads
             packed = torch.empty_like(q)
             lib.mp_pack_q8_0x16(q.data_ptr(), mod.out_features, mod.in_features, packed.data_ptr())
-            q, kind = packed, 7
+            q, kind = packed, KIND["Q8_0x16"]
         keep.append(q)
         return _Linear(kind, mod.out_features, mod.in_features, 32, q.data_ptr(), None, None, 0.0)
     if isinstance(mod, GGUFLinear):
         q, scale, offset = mod.affine()
         keep += [q, scale, offset]
         zero = _ZERO.get(mod.kind)
-        return _Linear(1, mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q.data_ptr(),
+        return _Linear(KIND["AFFINE"], mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q.data_ptr(),
                        scale.data_ptr(), None if zero is not None else offset.data_ptr(), zero or 0.0)
     if type(mod) in (torch.nn.Linear, DenseLinear) and mod.bias is None and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()
         if not w.is_contiguous():
             w = w.contiguous()
         keep.append(w)
-        return _Linear(0, mod.out_features, mod.in_features, 1, w.data_ptr(), None, None, 0.0)
+        return _Linear(KIND["F32"], mod.out_features, mod.in_features, 1, w.data_ptr(), None, None, 0.0)
     return None
 
 
@@ -128,7 +128,7 @@ class FusedDecoder:
                                                mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
             if any(x is None for x in lins):
                 return None
-            all_blocks = all_blocks and all(x.kind >= 3 for x in lins)
+            all_blocks = all_blocks and all(x.kind >= KIND["Q8_0"] for x in lins)
             w = [n.weight.detach().contiguous() for n in norms]
             keep += w
             layers[i] = _Layer(w[0].data_ptr(), w[1].data_ptr(), *lins, None, None)  # caches: bind()

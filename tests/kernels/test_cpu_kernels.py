@@ -144,7 +144,7 @@ def test_quantize_legacy_equals_the_torch_reference(lib, kind, monkeypatch):
     with kquants.torch_reference():
         want = kquants.quantize(w, kind)
     got = torch.empty_like(want)
-    lib.mp_quantize_legacy(w.contiguous().data_ptr(), w.numel() // 32, {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2}[kind],
+    lib.mp_quantize_legacy(w.contiguous().data_ptr(), w.numel() // 32, kernels.KIND[kind],
                            got.data_ptr())
     assert torch.equal(got, want)
 
@@ -305,3 +305,12 @@ def test_softmax_exponential_is_within_two_ulp(lib):
     ref = torch.exp(x.double())
     assert ((y.double() - ref).abs() / ref).max() < 2.5 * 2.0 ** -23
     assert y[100003] == 1.0
+
+
+def test_one_numbering_of_kinds_in_c_and_python():
+    """cpu_kernels.c's enum of weight kinds and its Python mirror (kernels.KIND) say the same."""
+    import re
+
+    source = kernels.SOURCE.read_text()
+    enum = dict(re.findall(r"MP_(\w+) = (\d+)", source[source.index("enum {"):source.index("};", source.index("enum {"))]))
+    assert {name.upper(): int(v) for name, v in enum.items()} == {k.upper(): v for k, v in kernels.KIND.items()}
