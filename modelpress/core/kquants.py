@@ -157,10 +157,9 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -
     if lib is not None and x.device.type == "cpu" and x.shape[1] <= 64:
         x = x.to(F32).contiguous()
         qw = None if qw is None else qw.to(F32).contiguous()
-        scale = torch.empty(x.shape[0], dtype=F32)
-        L = torch.empty(x.shape, dtype=torch.uint8)
-        lib.mp_make_qx_quants(x.data_ptr(), None if qw is None else qw.data_ptr(), x.shape[0], x.shape[1], nmax,
-                              scale.data_ptr(), L.data_ptr())
+        from ..kernels import ops  # beside _kernels' own lazy import
+
+        scale, L = ops.make_qx_quants(lib, x, qw, nmax)
         return scale, L.to(F32)
     return make_qx_quants_reference(x, nmax, qw)
 
@@ -312,11 +311,9 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     lib = _kernels()
     if lib is not None and x.device.type == "cpu" and x.shape[1] <= 64:
         x, w = x.to(F32).contiguous(), w.to(F32).contiguous()
-        B = x.shape[0]
-        scale, the_min = torch.empty(B, dtype=F32), torch.empty(B, dtype=F32)
-        L = torch.empty(x.shape, dtype=torch.uint8)
-        lib.mp_make_qkx2_quants(x.data_ptr(), w.data_ptr(), B, x.shape[1], nmax, _f(rmin), _f(rdelta), nstep,
-                                int(use_mad), scale.data_ptr(), the_min.data_ptr(), L.data_ptr())
+        from ..kernels import ops  # beside _kernels' own lazy import
+
+        scale, the_min, L = ops.make_qkx2_quants(lib, x, w, nmax, _f(rmin), _f(rdelta), nstep, use_mad)
         return scale, the_min, L.to(F32)
     return make_qkx2_quants_reference(x, w, nmax, rmin, rdelta, nstep, use_mad)
 
@@ -626,15 +623,10 @@ def quantize(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None) ->
             qw = qw * _sqrt(sigma2[:, None] + xb * xb)
     lib = _kernels() if qw is None and kind in ("Q4_0", "Q5_0", "Q8_0") else None  # mp_quantize_legacy
     if lib is not None and x.device.type == "cpu":  # the compiled reference quantizer, same bytes
-        out = torch.empty(rows, cols // n * nbytes, dtype=torch.uint8)
-        from ..kernels import KIND  # beside _kernels' own lazy import
+        from ..kernels import KIND, ops  # beside _kernels' own lazy import
 
-        lib.mp_quantize_legacy(x.data_ptr(), rows * cols // n, KIND[kind], out.data_ptr())
-        return out
+        return ops.quantize_legacy(lib, x, KIND[kind], nbytes).view(rows, cols // n * nbytes)
     return _QUANT[kind](x.reshape(-1, n), qw).reshape(rows, cols // n * nbytes)
-
-
-
 
 
 # ---------------------------------------------------------------- dequantization (ggml's dequantize_row_*)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels import ops
 from ..core import codebook4, dynamic8
 from ..errors import ModelpressError
 from .dense_linear import kernel_allowed
@@ -98,11 +99,8 @@ class Code4Linear(torch.nn.Module):
         lib = kernels.lib() if kernel_allowed(x, rows) else None
         if lib is not None and self.in_features % 32 == 0 and self.blocksize % 32 == 0:
             x2 = xc.reshape(rows, self.in_features).float().contiguous()
-            y = torch.empty(rows, self.out_features)
-            code = codebook4.CODES[self.quant_type]
-            lib.mp_code4_gemv(x2.data_ptr(), rows, self.in_features, self.qdata.data_ptr(),
-                              self.absmax_f32().data_ptr(), code.data_ptr(), self.out_features,
-                              self.blocksize, y.data_ptr())
+            y = ops.code4_gemv(lib, x2, self.qdata, self.absmax_f32(), codebook4.CODES[self.quant_type],
+                               self.out_features, self.blocksize)
             y = y.to(cd).reshape(*x.shape[:-1], self.out_features)
             out = y if bias is None else y + bias
         else:

@@ -17,6 +17,7 @@ import functools
 import torch
 
 from .. import kernels
+from ..kernels import ops
 from ..model.walker import replace
 
 MAX_KERNEL_ROWS = 8
@@ -57,8 +58,7 @@ class DenseLinear(torch.nn.Linear):
             lib = kernels.lib()
             if lib is not None:
                 x2 = x.reshape(rows, self.in_features).contiguous()
-                y = torch.empty(rows, self.out_features)
-                lib.mp_f32_gemv(x2.data_ptr(), rows, self.in_features, w.data_ptr(), self.out_features, y.data_ptr())
+                y = ops.f32_gemv(lib, x2, w)
                 if self.bias is not None:
                     y += self.bias
                 return y.reshape(*x.shape[:-1], self.out_features)

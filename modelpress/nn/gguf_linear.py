@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels import ops
 from ..core import kquants
 from .dense_linear import kernel_allowed
 
@@ -86,10 +87,7 @@ class GGUFLinear(torch.nn.Module):
         g = kquants.GROUP[self.kind]
         lib = kernels.lib() if q.device.type == "cpu" else None
         if lib is not None:  # the same values, ~10x faster than the tensor expression (no temporaries)
-            w = torch.empty(self.out_features, self.in_features)
-            lib.mp_affine_dequant(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), self.out_features,
-                                  self.in_features, g, w.data_ptr())
-            return w
+            return ops.affine_dequant(lib, q, scale, offset, g)
         w = q.view(self.out_features, -1, g).float() * scale[..., None] + offset[..., None]
         return w.view(self.out_features, self.in_features)
 
@@ -104,9 +102,7 @@ class GGUFLinear(torch.nn.Module):
             if lib is not None:
                 q, scale, offset = self.affine()
                 x2 = x.reshape(rows, self.in_features).contiguous()
-                y = torch.empty(rows, self.out_features)
-                lib.mp_affine_gemv(x2.data_ptr(), rows, self.in_features, q.data_ptr(), scale.data_ptr(),
-                                   offset.data_ptr(), self.out_features, kquants.GROUP[self.kind], y.data_ptr())
+                y = ops.affine_gemv(lib, x2, q, scale, offset, kquants.GROUP[self.kind])
                 return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantize().to(x.dtype))
 
@@ -119,10 +115,7 @@ class GGUFLinear(torch.nn.Module):
             return None
         q = self.qdata if self.qdata.is_contiguous() else self.qdata.contiguous()
         x = x.contiguous()
-        y = torch.empty(x.shape[0], self.out_features)
-        lib.mp_block_gemv(x.data_ptr(), x.shape[0], self.in_features, q.data_ptr(), BLOCK_KERNELS[self.kind],
-                          self.out_features, y.data_ptr())
-        return y
+        return ops.block_gemv(lib, x, q, BLOCK_KERNELS[self.kind], self.out_features, self.in_features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         self._affine = None

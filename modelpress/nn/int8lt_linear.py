@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels import ops
 from ..core import int8_rowwise
 from ..errors import ModelpressError
 from .dense_linear import kernel_allowed
@@ -46,9 +47,7 @@ class Int8LtLinear(torch.nn.Module):
         if lib is None:
             return int8_rowwise.int8_linear(x, self.weight, self.SCB, self.bias, self.threshold)
         x2 = x.reshape(rows, self.in_features).float().contiguous()
-        y = torch.empty(rows, self.out_features)
-        lib.mp_int8_linear(x2.data_ptr(), rows, self.in_features, self.weight.data_ptr(), self.SCB.data_ptr(),
-                           kernels.ptr(self.bias), self.out_features, self.threshold, y.data_ptr())
+        y = ops.int8_linear(lib, x2, self.weight, self.SCB, self.bias, self.threshold)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import grids, packing
+from ..kernels import ops
 
 FAST_MAX_ROWS = 32
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -103,7 +104,7 @@ class IntxLinear(torch.nn.Module):
             off = None if self.zero_point is None else (128.0 - self.zero_point.float()[:, 0]) * s
             # torch's AVX-512 int8pack kernel reads the weights with aligned loads: weights that a
             # checkpoint's loader left at an odd offset crashed it (seen here with torch 2.13 on Zen 5)
-            w = self.qdata if self.qdata.data_ptr() % 64 == 0 else self.qdata.clone()
+            w = self.qdata if ops.aligned(self.qdata, 64) else self.qdata.clone()
             kernel = ("int8", w, s.to(torch.bfloat16), off)
         elif self.bits <= 4 and self.group_size in _INT4_KERNEL_GROUPS:
             gs = self.group_size

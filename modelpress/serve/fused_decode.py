@@ -30,7 +30,7 @@ import ctypes
 import torch
 
 from .. import kernels
-from ..kernels import KIND
+from ..kernels import KIND, ops
 from ..core import kquants
 from ..nn.dense_linear import DenseLinear
 from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their blocks
@@ -38,47 +38,32 @@ from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their block
     GGUFLinear,
 )
 
-_I, _P = ctypes.c_int64, ctypes.c_void_p
-
-
-class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("g", _I), ("w", _P), ("scale", _P), ("offset", _P),
-                ("zero", ctypes.c_float)]
-
-
 # symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
 _ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
 
 
-class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", _P), ("ffn_norm", _P)] + [(n, _Linear) for n in
-                ("q", "k", "v", "o", "gate", "up", "down")] + [("k_cache", _P), ("v_cache", _P)]
-
-
-def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> _Linear | None:  # noqa: ANN001
+def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None:  # noqa: ANN001
     if isinstance(mod, GGUFLinear) and int8 and mod.kind in BLOCK_KERNELS:
         q = mod.qdata.contiguous()
         kind, lib = BLOCK_KERNELS[mod.kind], kernels.lib()
         if kind == KIND["Q8_0"] and mod.out_features % 16 == 0 and lib.mp_simd() == 2:
             # Q8_0 on AVX-512 VNNI: the blocks repacked 16 rows at a time (KIND["Q8_0x16"], as many
             # bytes; the module keeps its own): 1536 x 576 at 32 rows 0.16 -> 0.05 ms on 2 threads
-            packed = torch.empty_like(q)
-            lib.mp_pack_q8_0x16(q.data_ptr(), mod.out_features, mod.in_features, packed.data_ptr())
-            q, kind = packed, KIND["Q8_0x16"]
+            q, kind = ops.pack_q8_0x16(lib, q, mod.out_features, mod.in_features), KIND["Q8_0x16"]
         keep.append(q)
-        return _Linear(kind, mod.out_features, mod.in_features, 32, q.data_ptr(), None, None, 0.0)
+        return ops.linear(kind, mod.out_features, mod.in_features, 32, q)
     if isinstance(mod, GGUFLinear):
         q, scale, offset = mod.affine()
         keep += [q, scale, offset]
         zero = _ZERO.get(mod.kind)
-        return _Linear(KIND["AFFINE"], mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q.data_ptr(),
-                       scale.data_ptr(), None if zero is not None else offset.data_ptr(), zero or 0.0)
+        return ops.linear(KIND["AFFINE"], mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q, scale,
+                          None if zero is not None else offset, zero or 0.0)
     if type(mod) in (torch.nn.Linear, DenseLinear) and mod.bias is None and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()
         if not w.is_contiguous():
             w = w.contiguous()
         keep.append(w)
-        return _Linear(KIND["F32"], mod.out_features, mod.in_features, 1, w.data_ptr(), None, None, 0.0)
+        return ops.linear(KIND["F32"], mod.out_features, mod.in_features, 1, w)
     return None
 
 
@@ -115,7 +100,7 @@ class FusedDecoder:
             return None
         keep: list = []
         all_blocks = True
-        layers = (_Layer * len(runner.layers))()
+        layers = (ops.Layer * len(runner.layers))()
         eps = d_ff = None
         for i, layer in enumerate(runner.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -131,7 +116,7 @@ class FusedDecoder:
             all_blocks = all_blocks and all(x.kind >= KIND["Q8_0"] for x in lins)
             w = [n.weight.detach().contiguous() for n in norms]
             keep += w
-            layers[i] = _Layer(w[0].data_ptr(), w[1].data_ptr(), *lins, None, None)  # caches: bind()
+            layers[i] = ops.layer(w[0], w[1], lins)  # caches: bind()
             eps = getattr(layer.input_layernorm, "variance_epsilon", None)
             d_ff = mlp.gate_proj.out_features
         if eps is None:
@@ -149,7 +134,7 @@ class FusedDecoder:
         for ly, kc, vc in zip(self.layers, k_cache, v_cache):
             if kc.dtype not in (torch.float32, torch.float16) or vc.dtype != kc.dtype:
                 raise ValueError(f"the fused decode takes fp32 or fp16 caches, not {kc.dtype}")
-            ly.k_cache, ly.v_cache = kc.data_ptr(), vc.data_ptr()
+            ops.bind_caches(ly, kc, vc)
 
     def _rotary(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, head_dim) of `positions` from a table the model's rotary module filled (each
@@ -184,14 +169,10 @@ class FusedDecoder:
         tables = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in block_tables], dtype=torch.int64)
         seq_slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(len(chunks), -1)[:, :lmax]
         slots = (seq_slots if B == len(chunks) else seq_slots.repeat_interleave(torch.tensor(n), dim=0)).contiguous()
-        self.lib.mp_llama_decode(ctypes.addressof(self.layers), len(self.layers), x.data_ptr(), B, self.d, self.d_ff,
-                                 self.n_heads, self.n_kv, self.head_dim, self.eps, cos.data_ptr(), sin.data_ptr(),
-                                 slots.data_ptr(), lens.data_ptr(), lmax, int(self.kv_f16))
+        ops.llama_decode(self.lib, self.layers, x, self.d_ff, self.n_heads, self.n_kv, self.head_dim, self.eps, cos,
+                         sin, slots, lens, self.kv_f16)
         last = torch.tensor(n).cumsum(0) - 1
         if self.fused_head is not None:
             head, w, eps = self.fused_head
-            logits = torch.empty(len(chunks), head.n)
-            self.lib.mp_llama_logits(ctypes.byref(head), w.data_ptr(), eps, x.data_ptr(), self.d, last.data_ptr(),
-                                     len(chunks), logits.data_ptr())
-            return logits
+            return ops.llama_logits(self.lib, head, w, eps, x, last)
         return self.head(m.norm(x[last])).float()

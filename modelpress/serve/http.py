@@ -74,9 +74,9 @@ class EngineLoop:
             if live:
                 try:
                     self.engine.add_request(ids, params, rid, stream=stream)
-                except ValueError as err:  # raced past check(): report it on the stream
+                except Exception as err:  # noqa: BLE001 - this request's fault or failure alone, on its stream
                     self._deliver(rid, err)
-        else:
+        elif cmd[0] == "abort":
             self.engine.abort(cmd[1])
 
     def _deliver(self, rid: str, item: Any) -> None:
@@ -88,15 +88,24 @@ class EngineLoop:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
 
+    def stop(self) -> None:
+        """End the engine's thread (the server is shutting down); requests in flight are dropped."""
+        self.commands.put(("stop",))
+        self.thread.join(timeout=30)
+
     def _run(self) -> None:
         while True:
             try:
                 block = not self.engine.has_work
                 while True:
                     try:
-                        self._handle(self.commands.get(block=block, timeout=None if block else 0))
+                        cmd = self.commands.get(block=block, timeout=None if block else 0)
                     except queue.Empty:
                         break
+                    if cmd[0] == "stop":
+                        kernels.release_threads()  # its OpenMP pool goes with it
+                        return
+                    self._handle(cmd)
                     block = not self.engine.has_work
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)
@@ -283,6 +292,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         return loop_holder["loop"]
 
     app.state.engine_loop = engine_loop
+
+    def shutdown() -> None:
+        if "loop" in loop_holder:
+            loop_holder.pop("loop").stop()
+
+    app.router.on_shutdown.append(shutdown)
     # a text longer than this cannot fit the context whatever it tokenizes to: refused untokenized
     max_prompt_chars = engine.max_model_len * longest_token_chars(engine.tokenizer)
 

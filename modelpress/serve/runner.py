@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels import ops
 from ..nn import gguf_linear
 from ..record import record
 from .fused_decode import FusedDecoder
@@ -207,11 +208,7 @@ class ModelRunner:
                 rows = torch.tensor([offsets[i] for i in decode], device=dev)
                 if self._attn is not None and q.dtype == torch.float32:
                     qd = q[rows].contiguous()                                 # (B, H, D)
-                    od = torch.empty_like(qd)
-                    self._attn.mp_paged_attention(qd.data_ptr(), len(decode), self.n_heads, self.n_kv, self.head_dim,
-                                                  kc.data_ptr(), vc.data_ptr(), dec_index.data_ptr(),
-                                                  dec_lens.data_ptr(), dec_index.shape[1], od.data_ptr())
-                    out[rows] = od
+                    out[rows] = ops.paged_attention(self._attn, qd, self.n_kv, kc, vc, dec_index, dec_lens)
                 else:
                     qd = q[rows][:, :, None, :]                               # (B, H, 1, D)
                     kd = kc[dec_index].transpose(1, 2)                        # (B, Hkv, L, D)

@@ -172,3 +172,13 @@ def test_a_failure_mid_stream_ends_that_stream_alone(server, monkeypatch):
     text, done, errors = results[3]
     assert done and len(errors) == 1 and "injected" in errors[0]["message"] and errors[0]["type"] == "server_error"
     assert_clean(url, engine)
+
+
+def test_the_engine_thread_ends_with_the_server():
+    engine = Engine(tiny_llama(), byte_tokenizer(), max_num_seqs=2, kv_blocks=20, block_size=4)
+    app = create_app(engine, "tiny")
+    with uvicorn_server(app) as url:
+        assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 3}).status_code == 200
+        thread = app.state.engine_loop().thread
+        assert thread.is_alive()
+    assert not thread.is_alive()  # uvicorn's shutdown stopped the engine loop

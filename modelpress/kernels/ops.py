@@ -1,0 +1,187 @@
+"""Typed wrappers of the C kernels: each checks its tensors (device, dtype, contiguity, shape),
+allocates its outputs, and passes raw pointers; nothing outside kernels/ touches a pointer.
+`lib` is the build to call (kernels.lib(), or one of its variants in the tests)."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+F32, U8, I8, I64 = torch.float32, torch.uint8, torch.int8, torch.int64
+_I, _P = ctypes.c_int64, ctypes.c_void_p
+
+
+def _p(t: torch.Tensor | None, dtype: torch.dtype | tuple[torch.dtype, ...], name: str) -> int | None:
+    """t's address, after checking that a kernel may read it as `dtype`."""
+    if t is None:
+        return None
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.device.type != "cpu" or t.dtype not in dtypes or not t.is_contiguous():
+        raise ValueError(f"{name}: a contiguous CPU tensor of {' or '.join(map(str, dtypes))} is needed, "
+                         f"got {t.dtype} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
+    return t.data_ptr()
+
+
+def _rows(x: torch.Tensor, k: int, name: str = "x") -> int:
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"{name}: (rows, {k}) expected, got {tuple(x.shape)}")
+    return x.shape[0]
+
+
+def aligned(t: torch.Tensor, nbytes: int) -> bool:
+    """Whether t's data starts on an nbytes boundary (torch's AVX-512 int8 kernel loads aligned)."""
+    return t.data_ptr() % nbytes == 0
+
+
+def f32_gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (m, k) @ w (n, k)^T, fp32."""
+    n, k = w.shape
+    m = _rows(x, k)
+    y = torch.empty(m, n)
+    lib.mp_f32_gemv(_p(x, F32, "x"), m, k, _p(w, F32, "w"), n, _p(y, F32, "y"))
+    return y
+
+
+def code4_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               n: int, blocksize: int) -> torch.Tensor:
+    """x (m, k) times 4-bit codes (two per byte) through a 16-entry code book, absmax per block."""
+    m = x.shape[0]
+    k = x.shape[1]
+    y = torch.empty(m, n)
+    lib.mp_code4_gemv(_p(x, F32, "x"), m, k, _p(q, U8, "q"), _p(absmax, F32, "absmax"), _p(code, F32, "code"), n,
+                      blocksize, _p(y, F32, "y"))
+    return y
+
+
+def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                threshold: float) -> torch.Tensor:
+    """LLM.int8(): x (m, k) against int8 rows cb (n, k) with row scales scb, outlier columns in fp32."""
+    n, k = cb.shape
+    m = _rows(x, k)
+    y = torch.empty(m, n)
+    lib.mp_int8_linear(_p(x, F32, "x"), m, k, _p(cb, I8, "weight"), _p(scb, F32, "SCB"), _p(bias, F32, "bias"), n,
+                       threshold, _p(y, F32, "y"))
+    return y
+
+
+def affine_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                group: int) -> torch.Tensor:
+    """x (m, k) times uint8 codes q (n, k) with a scale and an offset per group of `group`."""
+    n, k = q.shape
+    m = _rows(x, k)
+    y = torch.empty(m, n)
+    lib.mp_affine_gemv(_p(x, F32, "x"), m, k, _p(q, U8, "q"), _p(scale, F32, "scale"), _p(offset, F32, "offset"),
+                       n, group, _p(y, F32, "y"))
+    return y
+
+
+def affine_dequant(lib: ctypes.CDLL, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                   group: int) -> torch.Tensor:
+    """The fp32 weight (n, k) of uint8 codes q with a scale and an offset per group."""
+    n, k = q.shape
+    w = torch.empty(n, k)
+    lib.mp_affine_dequant(_p(q, U8, "q"), _p(scale, F32, "scale"), _p(offset, F32, "offset"), n, k, group,
+                          _p(w, F32, "w"))
+    return w
+
+
+def block_gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, kind: int, n: int, k: int) -> torch.Tensor:
+    """x (m, k) times GGUF blocks w (n rows of whole blocks, as stored), int8 activations."""
+    m = _rows(x, k)
+    y = torch.empty(m, n)
+    lib.mp_block_gemv(_p(x, F32, "x"), m, k, _p(w, U8, "blocks"), kind, n, _p(y, F32, "y"))
+    return y
+
+
+def pack_q8_0x16(lib: ctypes.CDLL, w: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Q8_0 blocks (n rows) repacked 16 rows at a time (KIND["Q8_0x16"]), as many bytes."""
+    out = torch.empty_like(w)
+    lib.mp_pack_q8_0x16(_p(w, U8, "blocks"), n, k, _p(out, U8, "out"))
+    return out
+
+
+def make_qx_quants(lib: ctypes.CDLL, x: torch.Tensor, qw: torch.Tensor | None, nmax: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants over each row of x (B, n): (scale (B,), codes (B, n) uint8)."""
+    B, n = x.shape
+    scale, codes = torch.empty(B), torch.empty(B, n, dtype=U8)
+    lib.mp_make_qx_quants(_p(x, F32, "x"), _p(qw, F32, "weights"), B, n, nmax, _p(scale, F32, "scale"),
+                          _p(codes, U8, "codes"))
+    return scale, codes
+
+
+def make_qkx2_quants(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int, use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants over each row of x (B, n): (scale, min, codes uint8)."""
+    B, n = x.shape
+    scale, the_min, codes = torch.empty(B), torch.empty(B), torch.empty(B, n, dtype=U8)
+    lib.mp_make_qkx2_quants(_p(x, F32, "x"), _p(w, F32, "weights"), B, n, nmax, ctypes.c_float(rmin),
+                            ctypes.c_float(rdelta), nstep, int(use_mad), _p(scale, F32, "scale"),
+                            _p(the_min, F32, "min"), _p(codes, U8, "codes"))
+    return scale, the_min, codes
+
+
+def quantize_legacy(lib: ctypes.CDLL, x: torch.Tensor, kind: int, block_bytes: int) -> torch.Tensor:
+    """Q4_0 / Q5_0 / Q8_0 blocks of x (a multiple of 32 values), ggml's reference quantizers."""
+    nblocks = x.numel() // 32
+    out = torch.empty(nblocks * block_bytes, dtype=U8)
+    lib.mp_quantize_legacy(_p(x, F32, "x"), nblocks, kind, _p(out, U8, "out"))
+    return out
+
+
+def paged_attention(lib: ctypes.CDLL, q: torch.Tensor, n_kv: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    index: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """One query row per sequence, q (B, heads, head_dim), against its keys and values at the cache
+    slots index[b, :lens[b]] (caches (slots, n_kv, head_dim) fp32)."""
+    B, heads, hd = q.shape
+    out = torch.empty_like(q)
+    lib.mp_paged_attention(_p(q, F32, "q"), B, heads, n_kv, hd, _p(k_cache, F32, "k_cache"),
+                           _p(v_cache, F32, "v_cache"), _p(index, I64, "index"), _p(lens, I64, "lens"),
+                           index.shape[1], _p(out, F32, "out"))
+    return out
+
+
+# -- the fused decoder's structures (cpu_kernels.c's mp_linear and mp_layer) -----------------------------
+class Linear(ctypes.Structure):
+    _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("g", _I), ("w", _P), ("scale", _P), ("offset", _P),
+                ("zero", ctypes.c_float)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _P), ("ffn_norm", _P)] + [(n, Linear) for n in
+                ("q", "k", "v", "o", "gate", "up", "down")] + [("k_cache", _P), ("v_cache", _P)]
+
+
+def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.Tensor | None = None,
+           offset: torch.Tensor | None = None, zero: float = 0.0) -> Linear:
+    """An mp_linear over tensors the caller keeps alive: fp32 rows (kinds F32), uint8 codes with scales
+    (AFFINE; offset None: symmetric, offset = zero * scale) or GGUF blocks as bytes."""
+    return Linear(kind, n, k, group, _p(w, (F32, U8), "w"), _p(scale, F32, "scale"), _p(offset, F32, "offset"), zero)
+
+
+def layer(attn_norm: torch.Tensor, ffn_norm: torch.Tensor, linears: list[Linear]) -> Layer:
+    return Layer(_p(attn_norm, F32, "attn_norm"), _p(ffn_norm, F32, "ffn_norm"), *linears, None, None)
+
+
+def bind_caches(layer_: Layer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    half = (torch.float32, torch.float16)
+    layer_.k_cache, layer_.v_cache = _p(k_cache, half, "k_cache"), _p(v_cache, half, "v_cache")
+
+
+def llama_decode(lib: ctypes.CDLL, layers: ctypes.Array, x: torch.Tensor, d_ff: int, n_heads: int, n_kv: int,
+                 head_dim: int, eps: float, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                 lens: torch.Tensor, kv_f16: bool) -> None:
+    """Every block of the model for B tokens (x (B, d), in place): cpu_kernels.c mp_llama_decode."""
+    B, d = x.shape
+    lib.mp_llama_decode(ctypes.addressof(layers), len(layers), _p(x, F32, "x"), B, d, d_ff, n_heads, n_kv, head_dim,
+                        eps, _p(cos, F32, "cos"), _p(sin, F32, "sin"), _p(slots, I64, "slots"),
+                        _p(lens, I64, "lens"), slots.shape[1], int(kv_f16))
+
+
+def llama_logits(lib: ctypes.CDLL, head: Linear, norm: torch.Tensor, eps: float, x: torch.Tensor,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """The final norm then the head, for the rows of x (B, d) listed in `rows`: (len(rows), vocab)."""
+    logits = torch.empty(rows.numel(), head.n)
+    lib.mp_llama_logits(ctypes.byref(head), _p(norm, F32, "norm"), eps, _p(x, F32, "x"), x.shape[1],
+                        _p(rows, I64, "rows"), rows.numel(), _p(logits, F32, "logits"))
+    return logits
