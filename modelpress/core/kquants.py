@@ -152,7 +152,7 @@ def _cols(t: torch.Tensor) -> torch.Tensor:
 
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants with rmse_type 1: (scale (B,), L (B, n) in [0, 2 nmax)); weights qw, or x^2.
-    Runs the compiled search (kernels/cpu_kernels.c, the same operations) where it is available."""
+    Runs the compiled search (kernels/quantize.c, the same operations) where it is available."""
     lib = _kernels()
     if lib is not None and x.device.type == "cpu" and x.shape[1] <= 64:
         x = x.to(F32).contiguous()

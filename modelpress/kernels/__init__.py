@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels (cpu_kernels.c), compiled at first use and called through ctypes.
+"""Hand-written CPU kernels (cpu_kernels.c and the files it includes), compiled at first use and
+called through ctypes (kernels/ops.py wraps each one with its checks).
 
 `lib()` returns the loaded library, or None where it cannot be had (no C compiler, not x86/ARM
 Linux or macOS, MODELPRESS_NO_KERNELS=1); the modules that use it then fall back to their
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share its OpenMP pool)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")   # includes the others (one translation unit)
+HEADER = SOURCE.with_name("mp_kernels.h")
 # -ffp-contract=off: no multiply-add fusing behind the code's back, so the GGUF searches round like
 # ggml's own (ISO C) build; the SIMD loops use explicit FMA intrinsics and keep their speed
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
@@ -32,7 +34,7 @@ _libs: dict[bool | str, ctypes.CDLL | None] = {}  # by `simd`; absent: not tried
 # the builds lib(simd) can give: the best this CPU runs, its AVX2 loops only, the plain C loops only
 _VARIANTS = {True: [], "avx2": ["-DMP_NO_AVX512"], False: ["-DMP_NO_SIMD"]}
 
-# what a layer's weights are, for every kernel that takes a `kind`: cpu_kernels.c's enum, mirrored
+# what a layer's weights are, for every kernel that takes a `kind`: mp_kernels.h's enum, mirrored
 KIND = {"F32": 0, "AFFINE": 1, "Q4_0": 2, "Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q8_0x16": 7}
 
 _P = ctypes.c_void_p
@@ -70,7 +72,8 @@ def _build(cc: str, flags: list[str]) -> Path:
     target_macros = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull],
                                    capture_output=True, text=True).stdout
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + (version + target_macros + " ".join(flags)).encode()).hexdigest()[:16]
+    sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]")))
+    key = hashlib.sha256(sources + (version + target_macros + " ".join(flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_kernels-{key}.so"
     if target.is_file():
         return target

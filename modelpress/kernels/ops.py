@@ -141,7 +141,7 @@ def paged_attention(lib: ctypes.CDLL, q: torch.Tensor, n_kv: int, k_cache: torch
     return out
 
 
-# -- the fused decoder's structures (cpu_kernels.c's mp_linear and mp_layer) -----------------------------
+# -- the fused decoder's structures (blocks.c's mp_linear and mp_layer) -----------------------------
 class Linear(ctypes.Structure):
     _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("g", _I), ("w", _P), ("scale", _P), ("offset", _P),
                 ("zero", ctypes.c_float)]
@@ -171,7 +171,7 @@ def bind_caches(layer_: Layer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
 def llama_decode(lib: ctypes.CDLL, layers: ctypes.Array, x: torch.Tensor, d_ff: int, n_heads: int, n_kv: int,
                  head_dim: int, eps: float, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  lens: torch.Tensor, kv_f16: bool) -> None:
-    """Every block of the model for B tokens (x (B, d), in place): cpu_kernels.c mp_llama_decode."""
+    """Every block of the model for B tokens (x (B, d), in place): decode.c's mp_llama_decode."""
     B, d = x.shape
     lib.mp_llama_decode(ctypes.addressof(layers), len(layers), _p(x, F32, "x"), B, d, d_ff, n_heads, n_kv, head_dim,
                         eps, _p(cos, F32, "cos"), _p(sin, F32, "sin"), _p(slots, I64, "slots"),

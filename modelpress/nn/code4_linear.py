@@ -13,7 +13,7 @@ modelpress checkpoint loads in transformers + bitsandbytes, and theirs loads her
 (core/codebook4.py and core/dynamic8.py define the numbers.)
 
 Forward: inputs of up to 8 rows (decode; nn.dense_linear.kernel_allowed) go through the hand-written kernel
-(kernels/cpu_kernels.c), which reads the packed codes directly; larger inputs (prefill,
+(kernels/gemv.c), which reads the packed codes directly; larger inputs (prefill,
 perplexity) dequantize the layer to the compute dtype and multiply, exactly as bitsandbytes'
 CPU path does, so the two give the same numbers.
 """

@@ -1,5 +1,5 @@
 """DenseLinear: an nn.Linear (same parameters, same state dict) whose few-row fp32 products on a
-CPU go through the hand-written streaming kernel (kernels/cpu_kernels.c, mp_f32_gemv).
+CPU go through the hand-written streaming kernel (kernels/gemv.c, mp_f32_gemv).
 
 Why: for decode-sized inputs MKL's GEMV reads weights at ~6.6 GB/s on this class of machine; the
 tied 49152 x 576 output head of the default model takes 17 ms a token with F.linear and 7 ms with

@@ -4,7 +4,7 @@ runs on them without an fp32 copy of the weight.
 The blocks are decoded once, at first use, into the affine form every type shares
 (kquants.affine: a uint8 code per weight and an fp32 scale and offset per group of 16 or 32):
 few-row products (decode) go through the hand-written kernel mp_affine_gemv
-(kernels/cpu_kernels.c) on those codes; many rows (prefill) expand one layer at a time to fp32
+(kernels/gemv.c) on those codes; many rows (prefill) expand one layer at a time to fp32
 and call F.linear. `qdata` (the GGUF bytes, rows in the transformers order) stays as loaded, for
 export and for `dequantize()`.
 

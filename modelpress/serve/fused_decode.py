@@ -1,5 +1,5 @@
 """Decode steps (and, for models all on GGUF blocks, prefill chunks) in one C call
-(kernels/cpu_kernels.c, mp_llama_decode), for one sequence or many.
+(kernels/decode.c, mp_llama_decode), for one sequence or many.
 
 A decode step through the model's modules costs ~1500 small torch operations (norms, rotary,
 cache indexing, SDPA with its mask, residuals): on the default model ~40 ms of a ~58 ms token on

@@ -1,0 +1,370 @@
+/* The fused decoder: every block of a Llama-family model in one call (mp_llama_decode), its
+ * norms, rotary, attention over the paged cache and the output head (mp_llama_logits). */
+
+/* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums);
+ * block kinds go through mp_block_rows. */
+static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum) {
+    if (l->kind == MP_F32) return mp_dotf((const float *)l->w + o * l->k, x, l->k);
+    const int64_t g = l->g, ng = l->k / g;
+    const uint8_t *qo = (const uint8_t *)l->w + o * l->k;
+    const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
+#ifdef MP_AVX2
+    if (g % 16 == 0) return mp_affine_dot1(qo, so, oo, l->zero, x, xsum, ng, g);
+#endif
+    float acc = 0.0f;
+    for (int64_t t = 0; t < ng; t++) {
+        float dot = 0.0f;
+        for (int64_t j = 0; j < g; j++) dot += (float)qo[t * g + j] * x[t * g + j];
+        acc += so[t] * dot + (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+    }
+    return acc;
+}
+
+/* y_c = x @ W_c^T for up to 3 layers reading the same x (q k v; gate up), B rows of x (B, k), in
+ * one parallel loop over all their output rows (fewer thread wake-ups than a loop per layer); row b
+ * of layer c goes to ys[c * B + b] (k and v straight into their cache slots). */
+static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x, int64_t B) {
+    float *xs[3] = {NULL, NULL, NULL};
+    mp_acts acts[3];  /* x rounded per 32 ([0], Q8_0 / Q5_0; [2] packed for kind 7) and per 256 ([1], Q4_K / Q6_K) */
+    int made[3] = {0, 0, 0};
+    int64_t start[4] = {0, 0, 0, 0};
+    const int64_t k = ls[0]->k;
+    for (int c = 0; c < cnt; c++) {
+        const mp_linear *l = ls[c];
+        const int r = mp_acts_slot(l->kind);
+        if (l->kind >= MP_Q8_0 && !made[r]) {  /* the layers of one call read the same x: round it once */
+            mp_acts_make(l->kind, x, B, k, &acts[r]);
+            made[r] = 1;
+        }
+        if (l->kind == MP_AFFINE) {
+            const int64_t ng = k / l->g;
+            xs[c] = malloc(sizeof(float) * (size_t)(B * ng));
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t t = 0; t < ng; t++) {
+                    float sum = 0.0f;
+                    for (int64_t j = 0; j < l->g; j++) sum += x[b * k + t * l->g + j];
+                    xs[c][b * ng + t] = sum;
+                }
+        }
+        start[c + 1] = start[c] + (l->n + MP_RANGE - 1) / MP_RANGE;  /* in ranges of MP_RANGE output rows */
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < start[cnt]; r++) {
+        int c = 0;
+        while (r >= start[c + 1]) c++;
+        const mp_linear *l = ls[c];
+        const int64_t o0 = (r - start[c]) * MP_RANGE, o1 = o0 + MP_RANGE < l->n ? o0 + MP_RANGE : l->n;
+        const int64_t ng = l->kind == MP_AFFINE ? k / l->g : 0;
+        if (l->kind >= MP_Q8_0) {
+            mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[mp_acts_slot(l->kind)], B, ys + c * B);
+            continue;
+        }
+        for (int64_t o = o0; o < o1; o++) {
+            if (l->kind == MP_F32 && o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * k * 4, k * 4);
+            for (int64_t b = 0; b < B; b++)
+                ys[c * B + b][o] = mp_linear_row(l, o, x + b * k, xs[c] ? xs[c] + b * ng : NULL);
+        }
+    }
+    for (int c = 0; c < cnt; c++) free(xs[c]);
+    for (int r = 0; r < 3; r++)
+        if (made[r]) mp_acts_free(&acts[r]);
+}
+
+static void mp_rms_norm(const float *x, const float *w, int64_t d, float eps, float *y) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < d; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / sqrtf((float)(ss / (double)d) + eps);
+    for (int64_t i = 0; i < d; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* n floats to fp16, nearest even (as torch's .half() and ggml's cache writes) */
+static void mp_to_half(const float *x, int64_t n, uint16_t *y) {
+    int64_t i = 0;
+#ifdef MP_AVX2
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) {
+        const _Float16 h = (_Float16)x[i];
+        memcpy(y + i, &h, 2);
+    }
+}
+
+static void mp_rope(float *v, int64_t heads, int64_t hd, const float *cos, const float *sin) {
+    const int64_t h2 = hd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *p = v + h * hd;
+        for (int64_t i = 0; i < h2; i++) {
+            const float a = p[i], b = p[i + h2];
+            p[i] = a * cos[i] - b * sin[i];
+            p[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+        }
+    }
+}
+
+#ifdef MP_AVX2
+/* e^x for 8 lanes of x <= 0 (lanes below -87 give e^-87, ~1.6e-38): Cephes' expf (range reduction
+ * by n = round(x log2 e) in two parts of ln 2, degree-5 polynomial, 2^n from the exponent bits);
+ * within ~2 ulp of the correctly rounded value. Written here: no vectorized expf in libm to call. */
+static inline __m256 mp_exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+void mp_exp_f32(const float *x, int64_t n, float *y) {  /* for the tests: the softmax's exponential */
+    for (int64_t i = 0; i < n; i++) {
+#ifdef MP_AVX2
+        float t[8] = {0};
+        t[0] = x[i];
+        _mm256_storeu_ps(t, mp_exp8(_mm256_loadu_ps(t)));
+        y[i] = t[0];
+#else
+        y[i] = expf(x[i]);
+#endif
+    }
+}
+
+/* Ask for the bytes at p (the key or value row of a position some steps ahead: the paged cache's
+ * rows lie where their blocks are, out of the hardware prefetcher's sight); 30 layers of 32
+ * sequences x 200 positions: 50 -> 42 ms here. */
+static inline void mp_prefetch_bytes(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 3);
+}
+
+/* Element i of a cache row: fp32, or fp16 (the cache half the bytes: `f16`) widened. */
+static inline float mp_kv1(const void *base, int64_t i, int f16) {
+    return f16 ? mp_half(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+#ifdef MP_AVX2
+static inline __m256 mp_kv8(const void *base, int64_t i, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)))
+               : _mm256_loadu_ps((const float *)base + i);
+}
+#endif
+
+/* One head's attention for one query over L cached positions: softmax(q . k_p * scale) . v_p, keys
+ * and values at element k + slot[p] * stride (the paged cache, the head's offset added by the
+ * caller; fp32, or fp16 where f16); s: L floats of scratch. With AVX2: the exponentials eight at a
+ * time (mp_exp8), and for each 64 output lanes the weighted values summed in eight registers over
+ * all positions, divided by the softmax sum once at the end. Inlined with f16 a constant: a copy for
+ * each cache type. */
+static inline __attribute__((always_inline)) void mp_attend(const float *qh, const void *k, const void *v, int64_t stride,
+                                                            const int64_t *slot, int64_t L, int64_t hd, float scale,
+                                                            float *s, float *oh, int f16) {
+    float mx = -INFINITY, sum = 0.0f;
+    int64_t p0 = 0;
+#ifdef MP_AVX2
+    const int64_t es = f16 ? 2 : 4;  /* bytes an element */
+    if (hd % 8 == 0) {  /* eight positions at a time: eight dot products, reduced together */
+        __m256 vmx = _mm256_set1_ps(-INFINITY);
+        for (; p0 + 8 <= L; p0 += 8) {
+            __m256 a[8];
+            if (p0 + 24 <= L)
+                for (int j = 16; j < 24; j++) mp_prefetch_bytes((const char *)k + slot[p0 + j] * stride * es, hd * es);
+            for (int j = 0; j < 8; j++) {
+                const int64_t kp = slot[p0 + j] * stride;
+                a[j] = _mm256_mul_ps(_mm256_loadu_ps(qh), mp_kv8(k, kp, f16));
+                for (int64_t i = 8; i < hd; i += 8) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), mp_kv8(k, kp + i, f16), a[j]);
+            }
+            const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+            const __m256 d = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+            const __m256 sc = _mm256_mul_ps(d, _mm256_set1_ps(scale));
+            _mm256_storeu_ps(s + p0, sc);
+            vmx = _mm256_max_ps(vmx, sc);
+        }
+        float m8[8];
+        _mm256_storeu_ps(m8, vmx);
+        for (int j = 0; j < 8; j++) mx = fmaxf(mx, m8[j]);
+    }
+#endif
+    for (int64_t p = p0; p < L; p++) {
+        if (!f16) {
+            s[p] = mp_dotf(qh, (const float *)k + slot[p] * stride, hd) * scale;
+        } else {
+            float dot = 0.0f;
+            for (int64_t i = 0; i < hd; i++) dot += qh[i] * mp_kv1(k, slot[p] * stride + i, 1);
+            s[p] = dot * scale;
+        }
+        if (s[p] > mx) mx = s[p];
+    }
+#ifdef MP_AVX2
+    {
+        const __m256 vm = _mm256_set1_ps(mx);
+        __m256 vs = _mm256_setzero_ps();
+        int64_t p = 0;
+        for (; p + 8 <= L; p += 8) {
+            const __m256 e = mp_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + p), vm));
+            _mm256_storeu_ps(s + p, e);
+            vs = _mm256_add_ps(vs, e);
+        }
+        sum = hsum8(vs);
+        if (p < L) {  /* the last L % 8: through the same vector exp */
+            float t[8] = {0};
+            for (int64_t i = p; i < L; i++) t[i - p] = s[i] - mx;
+            _mm256_storeu_ps(t, mp_exp8(_mm256_loadu_ps(t)));
+            for (int64_t i = p; i < L; i++) { s[i] = t[i - p]; sum += s[i]; }
+        }
+    }
+    const float inv = 1.0f / sum;
+    if (hd % 64 == 0) {
+        for (int64_t c = 0; c < hd; c += 64) {
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+            for (int64_t p = 0; p < L; p++) {
+                if (p + 8 < L) mp_prefetch_bytes((const char *)v + (slot[p + 8] * stride + c) * es, 64 * es);
+                const int64_t vp = slot[p] * stride + c;
+                const __m256 w = _mm256_set1_ps(s[p]);
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, mp_kv8(v, vp + 8 * i, f16), a[i]);
+            }
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(oh + c + 8 * i, _mm256_mul_ps(a[i], _mm256_set1_ps(inv)));
+        }
+        return;
+    }
+#else
+    for (int64_t p = 0; p < L; p++) { s[p] = expf(s[p] - mx); sum += s[p]; }
+    const float inv = 1.0f / sum;
+#endif
+    for (int64_t i = 0; i < hd; i++) oh[i] = 0.0f;
+    for (int64_t p = 0; p < L; p++) {
+        const float w = s[p];
+        for (int64_t i = 0; i < hd; i++) oh[i] += w * mp_kv1(v, slot[p] * stride + i, f16);
+    }
+    for (int64_t i = 0; i < hd; i++) oh[i] *= inv;
+}
+
+/* Decode attention for B sequences at once, each one query token over its own cached positions,
+ * read in place from the paged cache (no gathered copy):
+ *   q      fp32 (B, n_heads, hd);  k_cache, v_cache fp32 (slots, n_kv, hd)
+ *   slots  int64 (B, lmax): sequence b's positions 0 .. lens[b] - 1 live in slots[b, p]
+ *   out    fp32 (B, n_heads, hd); query heads share kv heads in groups of n_heads / n_kv */
+static void mp_attend_rows(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const void *k_cache,
+                           const void *v_cache, int f16, const int64_t *slots, const int64_t *lens, int64_t lmax,
+                           float *sc, float *out) {
+    const int64_t group = n_heads / n_kv, kvd = n_kv * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    /* one task per (sequence, kv head): the query heads that share the kv head run one after
+     * another on one thread, so its keys and values come from memory once and from the core's own
+     * cache for the rest of the group (one task per query head read them up to `group` times:
+     * 30 layers of 32 sequences x 140 positions, 9 heads on 3 kv heads, 47-58 -> 30-36 ms here) */
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t bg = 0; bg < B * n_kv; bg++) {
+        const int64_t b = bg / n_kv, g = bg % n_kv;
+        const int64_t off = g * hd * (f16 ? 2 : 4);
+        const char *kg = (const char *)k_cache + off, *vg = (const char *)v_cache + off;
+        for (int64_t bh = b * n_heads + g * group; bh < b * n_heads + (g + 1) * group; bh++) {
+            if (f16)
+                mp_attend(q + bh * hd, kg, vg, kvd, slots + b * lmax, lens[b], hd, scale, sc + bh * lmax, out + bh * hd, 1);
+            else
+                mp_attend(q + bh * hd, kg, vg, kvd, slots + b * lmax, lens[b], hd, scale, sc + bh * lmax, out + bh * hd, 0);
+        }
+    }
+}
+
+void mp_paged_attention(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const float *k_cache,
+                        const float *v_cache, const int64_t *slots, const int64_t *lens, int64_t lmax, float *out) {
+    float *sc = malloc(sizeof(float) * (size_t)(B * n_heads * lmax));
+    mp_attend_rows(q, B, n_heads, n_kv, hd, k_cache, v_cache, 0, slots, lens, lmax, sc, out);
+    free(sc);
+}
+
+void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t d, int64_t d_ff,
+                     int64_t n_heads, int64_t n_kv, int64_t hd, float eps, const float *cos, const float *sin,
+                     const int64_t *slots, const int64_t *lens, int64_t lmax, int64_t kv_f16) {
+    const int64_t kvd = n_kv * hd, qd = n_heads * hd;
+    /* an fp16 cache: k and v computed into kv (B rows of k then B of v), rotated, then rounded into it */
+    float *kv = kv_f16 ? malloc(sizeof(float) * (size_t)(2 * B * kvd)) : NULL;
+    float *h = malloc(sizeof(float) * (size_t)(B * d)), *q = malloc(sizeof(float) * (size_t)(B * qd));
+    float *att = malloc(sizeof(float) * (size_t)(B * qd)), *t = malloc(sizeof(float) * (size_t)(B * d));
+    float *g = malloc(sizeof(float) * (size_t)(B * d_ff)), *u = malloc(sizeof(float) * (size_t)(B * d_ff));
+    float *sc = malloc(sizeof(float) * (size_t)(B * n_heads * lmax));
+    float **ys = malloc(sizeof(float *) * (size_t)(3 * B));
+    for (int64_t li = 0; li < n_layers; li++) {
+        const mp_layer *ly = layers + li;
+        void *kc = ly->k_cache, *vc = ly->v_cache;
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
+        for (int64_t b = 0; b < B; b++) mp_rms_norm(x + b * d, ly->attn_norm, d, eps, h + b * d);
+        {   /* k and v straight into an fp32 cache */
+            const mp_linear *ls[3] = {&ly->q, &ly->k, &ly->v};
+            for (int64_t b = 0; b < B; b++) {
+                const int64_t slot = slots[b * lmax + lens[b] - 1];
+                ys[b] = q + b * qd;
+                ys[B + b] = kv_f16 ? kv + b * kvd : (float *)kc + slot * kvd;
+                ys[2 * B + b] = kv_f16 ? kv + (B + b) * kvd : (float *)vc + slot * kvd;
+            }
+            mp_linears_apply(ls, ys, 3, h, B);
+        }
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
+        for (int64_t b = 0; b < B; b++) {
+            mp_rope(q + b * qd, n_heads, hd, cos + b * hd, sin + b * hd);
+            mp_rope(ys[B + b], n_kv, hd, cos + b * hd, sin + b * hd);
+            if (kv_f16) {
+                const int64_t slot = slots[b * lmax + lens[b] - 1];
+                mp_to_half(ys[B + b], kvd, (uint16_t *)kc + slot * kvd);
+                mp_to_half(ys[2 * B + b], kvd, (uint16_t *)vc + slot * kvd);
+            }
+        }
+        mp_attend_rows(q, B, n_heads, n_kv, hd, kc, vc, (int)kv_f16, slots, lens, lmax, sc, att);
+        {
+            const mp_linear *ls[1] = {&ly->o};
+            for (int64_t b = 0; b < B; b++) ys[b] = t + b * d;
+            mp_linears_apply(ls, ys, 1, att, B);
+        }
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t i = b * d; i < (b + 1) * d; i++) x[i] += t[i];
+            mp_rms_norm(x + b * d, ly->ffn_norm, d, eps, h + b * d);
+        }
+        {
+            const mp_linear *ls[2] = {&ly->gate, &ly->up};
+            for (int64_t b = 0; b < B; b++) {
+                ys[b] = g + b * d_ff;
+                ys[B + b] = u + b * d_ff;
+            }
+            mp_linears_apply(ls, ys, 2, h, B);
+        }
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = b * d_ff; i < (b + 1) * d_ff; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        {
+            const mp_linear *ls[1] = {&ly->down};
+            for (int64_t b = 0; b < B; b++) ys[b] = t + b * d;
+            mp_linears_apply(ls, ys, 1, g, B);
+        }
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
+        for (int64_t i = 0; i < B * d; i++) x[i] += t[i];
+    }
+    free(h); free(q); free(att); free(t); free(g); free(u); free(sc); free(ys); free(kv);
+}
+
+/* The logits after a step: the model's final norm of rows rows[0 .. n_out) of x (B, d), then the
+ * head (GGUF blocks with int8 activations, as its layers multiply), into logits (n_out, head->n).
+ * In C rather than torch's: the norm's handful of operations, each slow on caches the step's weights
+ * have just streamed through, cost more there than the norm itself. */
+void mp_llama_logits(const mp_linear *head, const float *norm, float eps, const float *x, int64_t d,
+                     const int64_t *rows, int64_t n_out, float *logits) {
+    float *h = malloc(sizeof(float) * (size_t)(n_out * d));
+    float **ys = malloc(sizeof(float *) * (size_t)n_out);
+    for (int64_t i = 0; i < n_out; i++) {
+        mp_rms_norm(x + rows[i] * d, norm, d, eps, h + i * d);
+        ys[i] = logits + i * head->n;
+    }
+    const mp_linear *ls[1] = {head};
+    mp_linears_apply(ls, ys, 1, h, n_out);
+    free(h);
+    free(ys);
+}

@@ -1,0 +1,304 @@
+/* The nn/ modules' products on compressed weights, few rows at a time (decode): 4-bit code books,
+ * LLM.int8, fp32 and affine uint8 codes. */
+
+/* ---------------------------------------------------------------------------------------------
+ * 4-bit code book (NF4 / FP4, bitsandbytes' layout), fp32 activations.
+ *   x      fp32 (m, k), m <= MP_MAX_ROWS
+ *   q      uint8 (n * k / 2): the (n, k) weight flattened, two codes a byte, FIRST in HIGH nibble
+ *   absmax fp32 (ceil(n * k / bs)): one per block of bs consecutive flattened values
+ *   code   fp32 (16)
+ *   y      fp32 (m, n) = x @ W^T, W[o, j] = code[q(o*k + j)] * absmax[(o*k + j) / bs]
+ * Requires k % 32 == 0 and bs % 32 == 0, so that each 32-value chunk (16 bytes) lies in one block.
+ */
+void mp_code4_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, const float *absmax,
+                   const float *code, int64_t n, int64_t bs, float *y) {
+    const int64_t half = k / 2;
+    /* Reorder x once per call to match the order lut32 yields for a 16-byte chunk: the chunk's
+     * idx vector holds the high nibbles (even values) in lane 0 and the low nibbles (odd values)
+     * in lane 1, so f[t] covers values 8t + {0, 2, 4, 6} then 8t + {1, 3, 5, 7}. */
+    float *xp = (float *)malloc(sizeof(float) * (size_t)(m * k + 8));
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < k; g += 8)
+            for (int64_t i = 0; i < 4; i++) {
+                xp[r * k + g + i] = x[r * k + g + 2 * i];
+                xp[r * k + g + 4 + i] = x[r * k + g + 2 * i + 1];
+            }
+#ifdef MP_AVX2
+    __m256i tb[4];
+    for (int b = 0; b < 4; b++) {
+        uint8_t t[16];
+        for (int i = 0; i < 16; i++) t[i] = ((const uint8_t *)&code[i])[b];
+        tb[b] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t));
+    }
+#endif
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++) {
+        const uint8_t *qo = q + o * half;
+        const int64_t base = o * k;
+#ifdef MP_AVX2
+        const __m128i low4 = _mm_set1_epi8(0xF);
+        __m256 acc[MP_MAX_ROWS], part[MP_MAX_ROWS], f[4];
+        for (int64_t r = 0; r < m; r++) acc[r] = part[r] = _mm256_setzero_ps();
+        int64_t b = base / bs, left = bs - base % bs;  /* block of the next chunk, values left in it */
+        for (int64_t c = 0; c < half; c += 16) {  /* 16 bytes = 32 values, all in block b */
+            __m128i v = _mm_loadu_si128((const __m128i *)(qo + c));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4), lo = _mm_and_si128(v, low4);
+            lut32(tb, _mm256_set_m128i(lo, hi), f);
+            for (int64_t r = 0; r < m; r++) {
+                const float *xr = xp + r * k + 2 * c;
+                part[r] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xr), part[r]);
+                part[r] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xr + 8), part[r]);
+                part[r] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xr + 16), part[r]);
+                part[r] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xr + 24), part[r]);
+            }
+            left -= 32;
+            if (left == 0 || c + 16 == half) {  /* close the block: scale its partial sums once */
+                __m256 s = _mm256_set1_ps(absmax[b]);
+                for (int64_t r = 0; r < m; r++) {
+                    acc[r] = _mm256_fmadd_ps(part[r], s, acc[r]);
+                    part[r] = _mm256_setzero_ps();
+                }
+                b++;
+                left = bs;
+            }
+        }
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = hsum8(acc[r]);
+#else
+        for (int64_t r = 0; r < m; r++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                uint8_t byte = qo[j / 2];
+                acc += code[j % 2 ? byte & 0xF : byte >> 4] * absmax[(base + j) / bs] * x[r * k + j];
+            }
+            y[r * n + o] = acc;
+        }
+#endif
+    }
+    free(xp);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * LLM.int8() (arXiv:2208.07339) as bitsandbytes 0.50 computes it, for a few rows:
+ *   1. a = fp16(x); columns where any row has |a| >= threshold are outliers (threshold > 0)
+ *   2. per row: SCA = max |a| over the non-outlier values; CA = round(a * (127 / SCA)) in int8,
+ *      with every outlier column set to 0
+ *   3. y = (CA @ CB^T as int32) * (SCA * SCB) * (1/127^2)  (+ bias)
+ *   4. y += x[:, outliers] @ (CB[:, outliers] * SCB / 127)^T, in fp32
+ *   x fp32 (m, k); CB int8 (n, k), values in -127..127; SCB fp32 (n); bias fp32 (n) or NULL;
+ *   y fp32 (m, n). The int8 dot products are exact (int32); the vector loop needs k % 32 == 0.
+ */
+static inline float round_fp16(float v) {
+#ifdef MP_AVX2
+    return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    return (float)(_Float16)v;
+#endif
+}
+
+void mp_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *cb, const float *scb,
+                    const float *bias, int64_t n, float threshold, float *y) {
+    float *a = (float *)malloc(sizeof(float) * (size_t)(m * k));
+    uint8_t *outlier = (uint8_t *)calloc((size_t)k, 1);
+    int8_t *ca = (int8_t *)malloc((size_t)(m * k + 64));
+    float sca[MP_MAX_ROWS];
+    int64_t *cols = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k + 1));
+    int64_t ncols = 0;
+    for (int64_t i = 0; i < m * k; i++) a[i] = round_fp16(x[i]);
+    if (threshold > 0.0f)
+        for (int64_t i = 0; i < m * k; i++)
+            if (fabsf(a[i]) >= threshold) outlier[i % k] = 1;
+    for (int64_t j = 0; j < k; j++)
+        if (outlier[j]) cols[ncols++] = j;
+    for (int64_t r = 0; r < m; r++) {
+        float mx = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            float v = fabsf(a[r * k + j]);
+            if (!(threshold > 0.0f && v >= threshold) && v > mx) mx = v;
+        }
+        sca[r] = mx;
+        /* (1 / SCA) * 127, not 127 / SCA: torch computes a scalar over a tensor as a reciprocal
+         * times the scalar, and the two differ in the last bit for some values */
+        float inv = mx > 0.0f ? (1.0f / mx) * 127.0f : 0.0f;  /* an all-zero row stays zero */
+        for (int64_t j = 0; j < k; j++) {
+            float v = a[r * k + j];
+            if (threshold > 0.0f && fabsf(v) >= threshold) v = 0.0f;
+            ca[r * k + j] = outlier[j] ? 0 : (int8_t)nearbyintf(v * inv);
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++) {
+        const int8_t *w = cb + o * k;
+        for (int64_t r = 0; r < m; r++) {
+            const int8_t *xr = ca + r * k;
+            int32_t dot = 0;
+#ifdef MP_AVX2
+            if (k % 32 == 0) {  /* |x| * sign(w, x): u8 x s8 pairs that cannot saturate (|v| <= 127) */
+                const __m256i ones = _mm256_set1_epi16(1);
+                __m256i acc = _mm256_setzero_si256();
+                for (int64_t j = 0; j < k; j += 32) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + j));
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j));
+                    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+                }
+                dot = hsum8i(acc);
+            } else
+#endif
+            {
+                for (int64_t j = 0; j < k; j++) dot += (int32_t)xr[j] * (int32_t)w[j];
+            }
+            float v = (float)dot * (sca[r] * scb[o]) * 6.200124e-05f;
+            if (bias) v += bias[o];
+            float extra = 0.0f;
+            for (int64_t c = 0; c < ncols; c++) {
+                int64_t j = cols[c];
+                extra += x[r * k + j] * ((float)w[j] * scb[o] * 7.874015718698502e-3f);
+            }
+            y[r * n + o] = v + extra;
+        }
+    }
+    free(a);
+    free(outlier);
+    free(ca);
+    free(cols);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Dense fp32: y (m, n) = x (m, k) @ W (n, k)^T, for decode, where MKL's GEMV reaches ~6.6 GB/s
+ * on this class of machine and a plain streaming loop ~16 GB/s (the tied 49152 x 576 output head
+ * of the default model: 17 ms with F.linear). Any k; the vector loop takes 8 columns at a time.
+ */
+/* a . b over n floats */
+static inline float mp_dotf(const float *a, const float *b, int64_t n) {
+    int64_t j = 0;
+    float acc = 0.0f;
+#ifdef MP_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), a1);
+    }
+    for (; j + 8 <= n; j += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+    acc = hsum8(_mm256_add_ps(a0, a1));
+#endif
+    for (; j < n; j++) acc += a[j] * b[j];
+    return acc;
+}
+
+void mp_f32_gemv(const float *x, int64_t m, int64_t k, const float *w, int64_t n, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_dotf(w + o * k, x + r * k, k);
+}
+
+#ifdef MP_AVX2
+/* One output of an affine layer for one input row (g % 16 == 0): scale * (x . q) summed as vectors
+ * across the groups in two register chains, one horizontal sum at the end; offset * sum(x) apart.
+ * oo NULL: a symmetric type, offset = zero * scale (exact: zero is -8, -16 or -128). */
+static inline float mp_affine_dot1(const uint8_t *qo, const float *so, const float *oo, float zero,
+                                   const float *x, const float *xsum, int64_t ng, int64_t g) {
+    __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
+    float off = 0.0f;
+    for (int64_t t = 0; t < ng; t++) {
+        const uint8_t *qg = qo + t * g;
+        const float *xg = x + t * g;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t j = 0; j < g; j += 16) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(qg + j));
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_loadu_ps(xg + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))),
+                                 _mm256_loadu_ps(xg + j + 8), a1);
+        }
+        if (t & 1) v1 = _mm256_fmadd_ps(_mm256_set1_ps(so[t]), _mm256_add_ps(a0, a1), v1);
+        else v0 = _mm256_fmadd_ps(_mm256_set1_ps(so[t]), _mm256_add_ps(a0, a1), v0);
+        off += (oo ? oo[t] : zero * so[t]) * xsum[t];
+    }
+    return off + hsum8(_mm256_add_ps(v0, v1));
+}
+#endif
+
+/* The fp32 weight (n, k) of affine codes: out = scale * q + offset per group of g columns, a
+ * multiply then an add (no fused multiply-add: -ffp-contract=off), the rounding of
+ * kquants.dequantize, so the result is bit-identical; for many-row products (prefill, batched
+ * decode), which then call the BLAS. */
+void mp_affine_dequant(const uint8_t *q, const float *scale, const float *offset, int64_t n, int64_t k,
+                       int64_t g, float *out) {
+    const int64_t ng = k / g;
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t t = 0; t < ng; t++) {
+            const float s = scale[o * ng + t], f = offset[o * ng + t];
+            const uint8_t *qo = q + o * k + t * g;
+            float *w = out + o * k + t * g;
+            for (int64_t j = 0; j < g; j++) w[j] = (float)qo[j] * s + f;
+        }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Affine codes (every GGUF block type, decoded once by core/kquants.affine), fp32 activations.
+ *   x      fp32 (m, k), m <= MP_MAX_ROWS
+ *   q      uint8 (n, k): one code per weight
+ *   scale, offset  fp32 (n, k / g): weight = scale * q + offset in each group of g columns
+ *   y      fp32 (m, n) = x @ W^T = sum over groups of scale * (x . q) + offset * sum(x)
+ * Requires g % 16 == 0 and k % g == 0 (GGUF rows are whole blocks).
+ */
+void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, const float *scale,
+                    const float *offset, int64_t n, int64_t g, float *y) {
+    const int64_t ng = k / g;
+    float *xsum = malloc(sizeof(float) * (size_t)(m * ng));
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t t = 0; t < ng; t++) {
+            float s = 0.0f;
+            for (int64_t j = 0; j < g; j++) s += x[r * k + t * g + j];
+            xsum[r * ng + t] = s;
+        }
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++) {
+        const uint8_t *qo = q + o * k;
+        float acc[MP_MAX_ROWS] = {0};
+#ifdef MP_AVX2
+        /* scale * (x . q) summed as vectors across the row's groups: one horizontal sum per row */
+        __m256 vacc[MP_MAX_ROWS];
+        for (int64_t r = 0; r < m; r++) vacc[r] = _mm256_setzero_ps();
+        if (g % 16 == 0 && m == 1) {  /* decode */
+            y[o] = mp_affine_dot1(qo, scale + o * ng, offset + o * ng, 0.0f, x, xsum, ng, g);
+            continue;
+        }
+        if (g % 16 == 0) {
+            for (int64_t t = 0; t < ng; t++) {
+                const uint8_t *qg = qo + t * g;
+                const float so = scale[o * ng + t], oo = offset[o * ng + t];
+                const __m256 vs = _mm256_set1_ps(so);
+                for (int64_t r = 0; r < m; r++) {
+                    const float *xg = x + r * k + t * g;
+                    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                    for (int64_t j = 0; j < g; j += 16) {
+                        __m128i b = _mm_loadu_si128((const __m128i *)(qg + j));
+                        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+                        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg + j), a0);
+                        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + j + 8), a1);
+                    }
+                    vacc[r] = _mm256_fmadd_ps(vs, _mm256_add_ps(a0, a1), vacc[r]);
+                    acc[r] += oo * xsum[r * ng + t];
+                }
+            }
+            for (int64_t r = 0; r < m; r++) y[r * n + o] = acc[r] + hsum8(vacc[r]);
+            continue;
+        }
+#endif
+        for (int64_t t = 0; t < ng; t++) {
+            const uint8_t *qg = qo + t * g;
+            const float so = scale[o * ng + t], oo = offset[o * ng + t];
+            for (int64_t r = 0; r < m; r++) {
+                const float *xg = x + r * k + t * g;
+                float dot = 0.0f;
+                for (int64_t j = 0; j < g; j++) dot += (float)qg[j] * xg[j];
+                acc[r] += so * dot + oo * xsum[r * ng + t];
+            }
+        }
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = acc[r];
+    }
+    free(xsum);
+}
