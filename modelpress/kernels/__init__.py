@@ -127,8 +127,3 @@ def release_threads() -> None:
     k = lib()
     if k is not None:
         k.mp_release_threads()
-
-
-def ptr(t: torch.Tensor | None) -> int | None:
-    """Address of a contiguous CPU tensor's data, for a ctypes call (None for None)."""
-    return None if t is None else t.data_ptr()
