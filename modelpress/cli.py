@@ -22,7 +22,7 @@ from .eval.evaluate import evaluate, summary
 from .eval.size import disk_bytes, model_size
 from .formats import check_destination, describe, formats, save
 from .formats.gguf_mixes import MIXES
-from .formats.gguf_writer import check_file, export_gguf
+from .formats.gguf_writer import check_file, default_mix, export_gguf
 from .formats.imatrix import load_imatrix, save_imatrix
 from .generate import speed_line, stream_text
 from .methods.awq import AWQConfig
@@ -142,7 +142,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     meta = imatrix.gguf_metadata(a.imatrix) if imatrix is not None else {}
     types = export_gguf(model, tok, out, a.type, imatrix=None if imatrix is None else imatrix.importance(),
                         extra_metadata=meta)
-    mix = a.type or getattr(record(model).config, "target_mix", None) or "Q4_K_M"
+    mix = a.type or default_mix(model)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
     _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {mix}: {counts}"
          f"{', with an imatrix' if imatrix is not None else ''}) in {time.perf_counter() - start:.1f} s")

@@ -95,6 +95,12 @@ class Tally:
         assert growth < RSS_GROWTH_KIB
 
 
+def _tally(name):
+    t = Tally(name)
+    yield t
+    t.report()
+
+
 # -- GGUF ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
@@ -165,12 +171,6 @@ def hf_tally():
 def _copy(src, dst):
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst
-
-
-def _tally(name):
-    t = Tally(name)
-    yield t
-    t.report()
 
 
 def _safetensors_header(raw):

@@ -136,9 +136,6 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
     return config, state, prepare
 
 
-def _check(out: Path) -> Path:
-    return check_new(out)
 
-
-register_format(Format("compressed-tensors", "llm-compressor's pack-quantized layout (vLLM, transformers)", methods=("rtn", "gptq", "awq"), save=save, check=_check,
+register_format(Format("compressed-tensors", "llm-compressor's pack-quantized layout (vLLM, transformers)", methods=("rtn", "gptq", "awq"), save=save, check=check_new,
                        quant_method=QUANT_METHOD, read=from_hf, describe=describe_transformers))

@@ -200,6 +200,11 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
     return types
 
 
+def default_mix(model: torch.nn.Module) -> str:
+    """The mix a model is exported in when none is named: its config's target_mix, else Q4_K_M."""
+    return getattr(record(model).config, "target_mix", None) or "Q4_K_M"
+
+
 def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, mix: str | None = None,
                 imatrix: dict[str, torch.Tensor] | None = None, types: dict[str, str] | None = None,
                 extra_metadata: dict[str, str | int] | None = None, progress: bool = True) -> dict[str, str]:
@@ -217,8 +222,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, mix: s
             mix, types = plan.file_type, plan.types
         else:
             types = {n: k for n, (k, _) in held_blocks(model).items()} or None
-            mix = getattr(record(model).config, "target_mix", None) or "Q4_K_M"
-    return write_gguf(path, model, mix or "Q4_K_M", source if source.suffix.lower() == ".gguf" else None,
+    return write_gguf(path, model, mix or default_mix(model), source if source.suffix.lower() == ".gguf" else None,
                       imatrix=imatrix, progress=progress, extra_metadata=extra_metadata, tokenizer=tokenizer,
                       types=types)
 

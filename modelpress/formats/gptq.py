@@ -116,9 +116,6 @@ def from_hf(qc: dict[str, Any], state: dict[str, torch.Tensor]
     return config, state, prepare
 
 
-def _check(out: Path) -> Path:
-    return check_new(out)
 
-
-register_format(Format("gptq", "the HF GPTQ layout (transformers, vLLM, GPTQModel)", methods=("gptq", "awq", "rtn"), save=save, check=_check,
+register_format(Format("gptq", "the HF GPTQ layout (transformers, vLLM, GPTQModel)", methods=("gptq", "awq", "rtn"), save=save, check=check_new,
                        quant_method=QUANT_METHOD, read=from_hf, describe=describe_transformers))
