@@ -34,11 +34,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import modelpress  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 from benchmarks.gguf_export import compare, llama_quantize  # noqa: E402
-from modelpress.eval.speed import decode_ids_per_s, fused_runner  # noqa: E402
+from modelpress.eval.speed import decode_ids_per_s, greedy_ids  # noqa: E402
 from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.formats.gguf_writer import write_gguf  # noqa: E402
 from modelpress.model.imatrix import compute_imatrix  # noqa: E402
-from modelpress.generate import encode_prompt, generate_ids, runner_ids  # noqa: E402
+from modelpress.generate import encode_prompt  # noqa: E402
+from modelpress.serve.runner import ModelRunner, cache_blocks  # noqa: E402
 from modelpress.record import record
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -113,8 +114,8 @@ def main() -> None:
     for mix in ("F32", "Q8_0", "Q4_K_M"):
         path = files[mix]
         m, _ = modelpress.load(path, keep_blocks=True)
-        runner = fused_runner(m, prompt.shape[1] + a.tokens)  # as `modelpress generate` runs it
-        ours = list(runner_ids(runner, prompt, a.tokens) if runner is not None else generate_ids(m, prompt, a.tokens))
+        runner = ModelRunner(m, cache_blocks(prompt.shape[1] + a.tokens, 16), 16)  # the decoder generate runs
+        ours = list(greedy_ids(runner, prompt, a.tokens))
         theirs_all, ours_all = [], []
         for _ in range(a.repeats):
             theirs, tps = llama_greedy(path, prompt[0].tolist(), a.tokens)

@@ -118,3 +118,23 @@ def uvicorn_server(app):
     finally:
         srv.should_exit = True
         th.join(timeout=10)
+
+
+@torch.inference_mode()
+def hf_greedy_ids(model, input_ids, max_new_tokens):
+    """The reference the decoder model is tested against: greedy ids from transformers' own forward
+    with its own cache (no stop at eos)."""
+    from transformers import DynamicCache
+
+    import inspect
+
+    device = next(model.parameters()).device
+    # transformers renamed `past_key_values` to `cache` (5.2x); take either
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kv = {name: DynamicCache(config=model.config)}
+    out = model(input_ids=input_ids.to(device), use_cache=True, logits_to_keep=1, **kv)
+    ids = []
+    for _ in range(max_new_tokens):
+        ids.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([[ids[-1]]], device=device), use_cache=True, logits_to_keep=1, **kv)
+    return ids

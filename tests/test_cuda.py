@@ -6,7 +6,8 @@ import torch
 import modelpress
 from modelpress.data import tokenize, windows
 from modelpress.eval.perplexity import perplexity_of_windows
-from modelpress.generate import generate_ids
+from modelpress.eval.speed import greedy_ids
+from modelpress.serve.runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -30,9 +31,9 @@ def test_perplexity_and_generation_on_cuda(tiny):
     model.to("cuda")
     gpu = perplexity_of_windows(model, wins, progress=False).ppl
     assert abs(gpu / cpu - 1) < 1e-4
-    ids = list(generate_ids(model, torch.tensor([[5, 6, 7]]), 8))
+    ids = list(greedy_ids(ModelRunner(model, 4, 4), torch.tensor([[5, 6, 7]]), 8))  # the decoder's torch path
     model.to("cpu")
-    assert ids == list(generate_ids(model, torch.tensor([[5, 6, 7]]), 8))
+    assert ids == list(greedy_ids(ModelRunner(model, 4, 4), torch.tensor([[5, 6, 7]]), 8))
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q6_K"])

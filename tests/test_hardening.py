@@ -209,7 +209,7 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys, tiny_gguf):
 
 def test_generate_grows_its_cache(tmp_path, capsys, tiny_gguf):
     # 8: -n 1000000000 allocated 768 GB up front; the cache now grows as tokens come
-    from modelpress.generate import runner_ids
+    from modelpress.eval.speed import greedy_ids
     from modelpress.serve.runner import ModelRunner
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -220,7 +220,7 @@ def test_generate_grows_its_cache(tmp_path, capsys, tiny_gguf):
     model = tiny_llama()
     ids = __import__("torch").tensor([[5, 6, 7]])
     small, big = ModelRunner(model, 1, 4), ModelRunner(model, 64, 4)
-    assert list(runner_ids(small, ids, 60)) == list(runner_ids(big, ids, 60))
+    assert list(greedy_ids(small, ids, 60)) == list(greedy_ids(big, ids, 60))
     assert small.num_blocks == 16 and small.k_cache[0].shape[0] == 16
 
 

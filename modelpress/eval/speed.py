@@ -1,8 +1,6 @@
-"""Decode speed: new tokens per second after a short prompt, one sequence, KV cache on.
-
-A model the serving engine's fused decode takes (serve/fused_decode.py: Llama-family, CPU,
-fp32 or GGUF-block layers) decodes through the engine's runner, the path `modelpress serve` runs;
-anything else through transformers' forward with its cache (generate.generate_ids)."""
+"""Decode speed: new tokens per second after a short prompt, one sequence, KV cache on, through the
+decoder model the engine runs (model/decoder.py via serve/runner.py: its C fast path where it
+applies), so the figure is what `modelpress generate` and `serve` decode at batch 1."""
 from __future__ import annotations
 
 import time
@@ -11,28 +9,46 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..generate import cache_blocks, fused_runner, generate_ids, runner_ids
-from ..serve.runner import ModelRunner
+from ..model.decoder import supports
+from ..serve.runner import ModelRunner, cache_blocks
 
 SPEED_PROMPT = "The history of data compression begins with"
 
 
+class _Seq:
+    """The one sequence a runner decodes here, its blocks 0, 1, 2, ... in order."""
+
+    def __init__(self, ids: list[int], blocks: int) -> None:
+        self.token_ids, self.num_computed, self.block_table = list(ids), 0, list(range(blocks))
+
+
+def greedy_ids(runner: ModelRunner, ids: torch.Tensor, max_new_tokens: int) -> Iterator[int]:
+    """Greedy new token ids after the (1, T) prompt `ids` (no stop at eos) through `runner`, whose
+    cache doubles as the tokens need it."""
+    seq = _Seq(ids[0].tolist(), runner.num_blocks)
+    runner.grow(cache_blocks(len(seq.token_ids), runner.block_size))
+    seq.block_table = list(range(runner.num_blocks))
+    logits = runner.run([seq], [len(seq.token_ids)])
+    seq.num_computed = len(seq.token_ids)
+    for _ in range(max_new_tokens):
+        tok = int(logits[-1].argmax())
+        yield tok
+        seq.token_ids.append(tok)
+        if len(seq.token_ids) > runner.num_blocks * runner.block_size:
+            runner.grow(2 * runner.num_blocks)
+            seq.block_table = list(range(runner.num_blocks))
+        logits = runner.run([seq], [1])
+        seq.num_computed += 1
+
+
 def decode_tokens_per_s(model: torch.nn.Module, tokenizer, new_tokens: int = 64,  # noqa: ANN001
-                        prompt: str = SPEED_PROMPT, warmup: int = 4, progress: bool = True) -> float:
-    """Greedy decode of `new_tokens` tokens after `prompt` (no stop at eos)."""
+                        prompt: str = SPEED_PROMPT, warmup: int = 4, progress: bool = True) -> float | None:
+    """Greedy decode of `new_tokens` tokens after `prompt` (no stop at eos); None for a model the
+    decoder does not run (model/decoder.py FAMILIES)."""
+    if not supports(model):
+        return None
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     return decode_ids_per_s(model, ids, new_tokens, warmup, progress)
-
-
-def runner_greedy_ids(model: torch.nn.Module, ids: torch.Tensor, max_new_tokens: int, runner=None,  # noqa: ANN001
-                      block_size: int = 16) -> Iterator[int]:
-    """Greedy new token ids after the (1, T) prompt `ids`, through `runner` (default: a
-    serve.runner.ModelRunner with a cache just large enough): the engine's numbers, fused decode
-    with int8 activations on GGUF blocks."""
-
-    if runner is None:
-        runner = ModelRunner(model, cache_blocks(ids.shape[1] + max_new_tokens, block_size), block_size)
-    return runner_ids(runner, ids, max_new_tokens)
 
 
 def decode_ids_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4,
@@ -40,9 +56,8 @@ def decode_ids_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int 
     """Greedy decode of `new_tokens` tokens after the (1, T) prompt `ids`; the prefill and the
     `warmup` first steps are not timed. Each step reads its token id back, so the timing also
     holds on an asynchronous device."""
-    runner = fused_runner(model, ids.shape[1] + new_tokens + warmup)
-    it = (runner_greedy_ids(model, ids, new_tokens + warmup, runner) if runner is not None
-          else generate_ids(model, ids, new_tokens + warmup))
+    runner = ModelRunner(model, cache_blocks(ids.shape[1] + new_tokens + warmup, 16), 16)
+    it = greedy_ids(runner, ids, new_tokens + warmup)
     for _ in range(warmup):
         next(it)
     start = time.perf_counter()

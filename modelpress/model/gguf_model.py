@@ -142,7 +142,7 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
             replace(model, module, GGUFLinear.from_blocks(sd[module + ".qdata"], kind, cols))
 
     model = build_causal_lm(config, sd, prepare)
-    if keep_blocks and tied:  # the tied head's own blocks, for decode kernels (serve/fused_decode.py)
+    if keep_blocks and tied:  # the tied head's own blocks, for decode kernels (model/fused_decode.py)
         from gguf import GGMLQuantizationType
 
         emb = next(t for t in tensors if t.name == "token_embd.weight")

@@ -43,6 +43,12 @@ class BlockManager:
         self.hits = 0                          # prompt tokens served from the prefix cache
         self.queries = 0                       # prompt tokens looked up
 
+    def grow(self, num_blocks: int) -> None:
+        """Blocks up to `num_blocks` in all, the new ones free (the runner grows the tensors)."""
+        for i in range(len(self.blocks), num_blocks):
+            self.blocks.append(Block(i))
+            self.free[i] = None
+
     # -- state ------------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:

@@ -8,7 +8,7 @@ changed. `generate()` runs prompts to completion; `stream()` yields text as it c
 
 int8_activations (default True): on a CPU, GGUF Q8_0 / Q5_0 / Q4_K / Q6_K layers decode on their
 blocks with activations rounded to int8 (per 32; per 256 for Q4_K / Q6_K), as llama.cpp does
-(serve/fused_decode.py); False keeps fp32 activations (the model's own forward's numbers, up to the
+(model/fused_decode.py); False keeps fp32 activations (the model's own forward's numbers, up to the
 order of sums). kv_dtype (default "auto"): the KV cache's type, fp16 where every layer decodes on GGUF
 blocks with int8 activations (as llama.cpp's cache), else the model's own (serve/runner.py).
 """
@@ -65,12 +65,14 @@ class _Request:
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_num_seqs: int = 32, kv_blocks: int = 1024,
                  block_size: int = 16, max_tokens_per_step: int = 512, prefix_caching: bool = True,
-                 int8_activations: bool = True, kv_dtype: str = "auto") -> None:
+                 int8_activations: bool = True, kv_dtype: str = "auto", max_kv_blocks: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.block_manager = BlockManager(kv_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_tokens_per_step)
         self.runner = ModelRunner(model, kv_blocks, block_size, int8_activations=int8_activations, kv_dtype=kv_dtype)
+        # the cache doubles as sequences need blocks, up to this many (generate's: as tokens come)
+        self.max_kv_blocks = max(kv_blocks, max_kv_blocks or 0)
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = stop_ids(model, tokenizer)
         self.vocab_size = int(model.config.vocab_size)
@@ -112,7 +114,7 @@ class Engine:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
                              f"{len(ids)} and max_tokens asks {params.max_tokens} more")
-        bs, blocks = self.block_manager.block_size, len(self.block_manager.blocks)
+        bs, blocks = self.block_manager.block_size, self.max_kv_blocks
         if -(-(len(ids) + params.max_tokens) // bs) > blocks:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more than the "
                              f"{blocks} KV blocks of {bs} tokens the cache has; raise kv_blocks or lower max_tokens")
@@ -138,6 +140,7 @@ class Engine:
         """One scheduled batch computed and sampled. A failure that concerns some requests (their
         forward pass, their sampling, their text) ends those requests alone, with `error` set on
         their output and their KV blocks freed; the others go on as if they had not been there."""
+        self._grow()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -164,6 +167,17 @@ class Engine:
             if o.finished:
                 self.requests.pop(o.request_id, None)
         return outs
+
+    def _grow(self) -> None:
+        """Double the cache (up to max_kv_blocks) where the running sequences' next tokens and the
+        first waiting prompt might not fit in the free blocks."""
+        bm, have = self.block_manager, len(self.block_manager.blocks)
+        waiting = self.scheduler.waiting
+        need = len(self.scheduler.running) + (-(-len(waiting[0]) // bm.block_size) if waiting else 0)
+        if have < self.max_kv_blocks and bm.num_free < need:
+            n = min(self.max_kv_blocks, max(2 * have, have + need - bm.num_free))
+            bm.grow(n)
+            self.runner.grow(n)
 
     def _forward(self, seqs: list[Sequence], num_tokens: list[int], touched: dict[str, _Request]
                  ) -> list[torch.Tensor | None]:

@@ -6,7 +6,7 @@ import torch
 
 from modelpress.serve.engine import Engine
 from modelpress.serve.sampler import SamplingParams
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, hf_greedy_ids, tiny_llama
 
 
 def hf_greedy(model, ids, n):
@@ -156,9 +156,8 @@ def _quantized(kind):
 @pytest.mark.parametrize("kind", ["bf16", "rtn-w4", "nf4", "llm-int8", "gguf-Q4_K_M", "gguf-Q8_0"])
 def test_every_format_runs_through_its_own_layers(kind):
     """Greedy tokens of the engine (batched, paged) equal modelpress' plain generate loop on the
-    same compressed model (which runs transformers' forward over the same layers); GGUF blocks with
+    same compressed model through transformers' own forward over the same layers; GGUF blocks with
     fp32 activations here (the int8 ones, llama.cpp's numerics, are tested in test_fused_decode)."""
-    from modelpress.generate import generate_ids
     from modelpress.nn import QUANT_LINEAR_CLASSES
 
     model = _quantized(kind)
@@ -168,7 +167,7 @@ def test_every_format_runs_through_its_own_layers(kind):
     eng = Engine(model, byte_tokenizer(), max_num_seqs=6, kv_blocks=80, block_size=4, int8_activations=False)
     outs = eng.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for p, o in zip(ps, outs):
-        assert o.outputs[0].token_ids == list(generate_ids(model, torch.tensor([p]), 8)), kind
+        assert o.outputs[0].token_ids == hf_greedy_ids(model, torch.tensor([p]), 8), kind
 
 
 @pytest.mark.parametrize("kind", ["gguf-Q8_0", "gguf-Q4_K_M"])

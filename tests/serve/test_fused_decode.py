@@ -1,4 +1,4 @@
-"""The fused decode (serve/fused_decode.py, kernels' mp_llama_decode) against the runner's
+"""The decoder model's fused fast path (model/fused_decode.py, kernels' mp_llama_decode) against the runner's
 torch path on the same paged cache: with fp32 activations the same logits within float reordering,
 the same greedy tokens, also with the two paths mixed within one sequence; with int8 activations on
 Q8_0 / Q5_0 blocks (the default, llama.cpp's numerics) close logits on the same tokens; models it
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from modelpress import kernels
-from modelpress.serve.fused_decode import FusedDecoder
+from modelpress.model.fused_decode import FusedDecoder
 from modelpress.nn.gguf_linear import int8_activations
 from modelpress.serve.runner import ModelRunner
-from tests.conftest import tiny_llama
+from tests.conftest import hf_greedy_ids, tiny_llama
 from tests.serve.test_engine import _quantized
 from modelpress.record import record
 
@@ -47,14 +47,14 @@ def _decode(model, fused, steps, mix=False, int8=False, forced=None):
     out of order (slots not contiguous). mix: every third step takes the torch path. Returns
     (tokens, logits)."""
     runner = ModelRunner(model, 12, 4, fused_decode=fused, int8_activations=int8)
-    fast = FusedDecoder.build(runner, int8_activations=int8) if fused else False
+    fast = runner.fused()
     seq = _Seq(torch.randint(1, 261, (11,), generator=torch.Generator().manual_seed(3)).tolist(),
                [7, 2, 9, 0, 11, 5, 3, 8, 1, 10, 4, 6])
     logits = runner.run([seq], [11])
     seq.num_computed, out = 11, []
     for i in range(steps):
         seq.token_ids.append(int(logits[-1].argmax()) if forced is None else forced[11 + i])
-        runner._fused = False if mix and i % 3 == 0 else fast
+        runner.decoder.fused = None if mix and i % 3 == 0 else fast
         logits = runner.run([seq], [1])
         seq.num_computed += 1
         out.append(logits[-1])
@@ -64,7 +64,7 @@ def _decode(model, fused, steps, mix=False, int8=False, forced=None):
 @pytest.mark.parametrize("kind", ["fp32", "gguf-Q4_K_M", "gguf-Q8_0"])
 def test_fused_decode_equals_the_torch_path(kind):
     model = tiny_llama() if kind == "fp32" else _quantized(kind)
-    assert FusedDecoder.build(ModelRunner(model, 4, 4)) is not None
+    assert FusedDecoder.build(ModelRunner(model, 4, 4).decoder) is not None
     if kind != "fp32":  # the tied head's GGUF blocks ride along, outside the state dict
         from modelpress.nn.gguf_linear import GGUFLinear
 
@@ -151,7 +151,7 @@ def test_batched_fused_decode_equals_each_sequence_alone(kind, build):
 @pytest.mark.parametrize("kind", ["bf16", "rtn-w4", "nf4"])
 def test_models_it_cannot_take_keep_the_torch_path(kind):
     runner = ModelRunner(_quantized(kind), 4, 4)
-    assert FusedDecoder.build(runner) is None and runner.fused() is None
+    assert FusedDecoder.build(runner.decoder) is None and runner.fused() is None
 
 
 @pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
@@ -170,10 +170,10 @@ def test_fused_head_is_the_models_norm_then_the_block_head(kind):
     fused.lib.mp_llama_logits(ctypes.byref(head), w.data_ptr(), eps, x.data_ptr(), x.shape[1], rows.data_ptr(), 3,
                               got.data_ptr())
     with torch.inference_mode(), int8_activations():  # as the runner's own forward multiplies
-        ref = runner.head(model.model.norm(x[rows])).float()
+        ref = runner.decoder.head(model.model.norm(x[rows])).float()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
     assert (got.argmax(-1) == ref.argmax(-1)).all()
-    assert FusedDecoder.build(ModelRunner(model, 4, 4, int8_activations=False)).fused_head is None
+    assert FusedDecoder.build(ModelRunner(model, 4, 4, int8_activations=False).decoder, False).fused_head is None
 
 
 @pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
@@ -214,13 +214,13 @@ def test_a_biased_linear_keeps_the_torch_path():
     model = tiny_llama()
     q = model.model.layers[1].self_attn.q_proj
     q.bias = torch.nn.Parameter(torch.zeros(q.out_features))
-    assert FusedDecoder.build(ModelRunner(model, 4, 4)) is None
+    assert FusedDecoder.build(ModelRunner(model, 4, 4).decoder) is None
 
 
 def test_symmetric_types_offsets_are_zero_times_scale():
     """The fused decode reads no offsets for these types: they must be exactly ZERO * scale."""
     from modelpress.core import kquants
-    from modelpress.serve.fused_decode import _ZERO
+    from modelpress.model.fused_decode import _ZERO
 
     w = torch.randn(8, 256) * 3
     for kind, zero in _ZERO.items():
@@ -229,13 +229,14 @@ def test_symmetric_types_offsets_are_zero_times_scale():
 
 
 def test_decode_speed_runs_the_engine_path_with_the_same_tokens():
-    from modelpress.eval.speed import decode_ids_per_s, fused_runner, runner_greedy_ids
-    from modelpress.generate import generate_ids
+    from modelpress.eval.speed import decode_ids_per_s, greedy_ids
 
     model = tiny_llama()
     ids = torch.randint(1, 261, (1, 9), generator=torch.Generator().manual_seed(5))
-    assert fused_runner(model, 30) is not None
-    assert list(runner_greedy_ids(model, ids, 20)) == list(generate_ids(model, ids, 20))
+    runner = ModelRunner(model, 1, 4)
+    assert runner.fused() is not None
+    assert list(greedy_ids(runner, ids, 20)) == hf_greedy_ids(model, ids, 20)
+    assert runner.num_blocks * 4 >= 29  # the cache grew from 1 block (doubling) as the 29 positions needed
     assert decode_ids_per_s(model, ids, 8) > 0
 
 

@@ -1,0 +1,160 @@
+"""The fast path of the decoder model (model/decoder.py): decode steps (and, for models all on GGUF
+blocks, prefill chunks) in one C call (kernels/decode.c, mp_llama_decode), for one sequence or many.
+
+A decode step through the modules costs ~1500 small torch operations (norms, rotary, cache indexing,
+SDPA with its mask, residuals), more on 2 cores than the weight products themselves. The decoder
+hands the sequences that compute one token in a step (all of them, or those beside a prefill chunk)
+to FusedDecoder instead: every block runs in C on the same weights for all of them, writing the
+tokens' keys and values into the same paged cache, so the two paths mix freely within a sequence.
+Each sequence's arithmetic is the same at any batch size and whatever else the step holds.
+Q8_0, Q5_0, Q4_K and Q6_K layers multiply on their stored GGUF blocks with activations rounded to
+int8 per 32 (per 256 for Q4_K / Q6_K; llama.cpp's own numerics for these types, and fewer bytes
+read per token); other GGUF types on their affine codes (nn/gguf_linear.py) and fp32 layers on
+their weights, with fp32 activations; `build(..., int8_activations=False)` keeps fp32 activations
+everywhere. The embedding row and the rotary cos / sin are the decoder's; so are the final norm and
+the output head, except that with int8 activations a head tied to a GGUF embedding multiplies on
+that embedding's blocks (`record(model).head`, the same values; Q8_0 on the default model: ~3 ms a
+token instead of 6.4 ms for the fp32 copy), and then the final norm and that head run in C too
+(mp_llama_logits; the norm's sums in float64, as ggml's rms_norm and the layers' norms here).
+
+Used where the kernels build and the model computes in fp32 on a CPU with block linears that are all
+GGUFLinear or fp32 nn.Linear without bias; otherwise `FusedDecoder.build` returns None and the
+decoder keeps its torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .. import kernels
+from ..kernels import KIND, ops
+from ..core import kquants
+from ..nn.dense_linear import DenseLinear
+from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their blocks
+    BLOCK_KERNELS,
+    GGUFLinear,
+)
+
+# symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
+_ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
+
+
+def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None:  # noqa: ANN001
+    if isinstance(mod, GGUFLinear) and int8 and mod.kind in BLOCK_KERNELS:
+        q = mod.qdata.contiguous()
+        kind, lib = BLOCK_KERNELS[mod.kind], kernels.lib()
+        if kind == KIND["Q8_0"] and mod.out_features % 16 == 0 and lib.mp_simd() == 2:
+            # Q8_0 on AVX-512 VNNI: the blocks repacked 16 rows at a time (KIND["Q8_0x16"], as many
+            # bytes; the module keeps its own): 1536 x 576 at 32 rows 0.16 -> 0.05 ms on 2 threads
+            q, kind = ops.pack_q8_0x16(lib, q, mod.out_features, mod.in_features), KIND["Q8_0x16"]
+        keep.append(q)
+        return ops.linear(kind, mod.out_features, mod.in_features, 32, q)
+    if isinstance(mod, GGUFLinear):
+        q, scale, offset = mod.affine()
+        keep += [q, scale, offset]
+        zero = _ZERO.get(mod.kind)
+        return ops.linear(KIND["AFFINE"], mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q, scale,
+                          None if zero is not None else offset, zero or 0.0)
+    if type(mod) in (torch.nn.Linear, DenseLinear) and mod.bias is None and mod.weight.dtype == torch.float32:
+        w = mod.weight.detach()
+        if not w.is_contiguous():
+            w = w.contiguous()
+        keep.append(w)
+        return ops.linear(KIND["F32"], mod.out_features, mod.in_features, 1, w)
+    return None
+
+
+class FusedDecoder:
+    """The C fast path of a model/decoder.py Decoder: its layers' weights as the kernels' Layer
+    structs, bound to the decoder's caches."""
+
+    def __init__(self, lib: ctypes.CDLL, layers: ctypes.Array, keep: list, eps: float, d_ff: int,
+                 all_blocks: bool, fused_head: tuple | None) -> None:
+        self.lib, self.layers, self.keep, self.eps, self.d_ff = lib, layers, keep, eps, d_ff
+        self.all_blocks = all_blocks    # every layer multiplies on GGUF blocks: prefill chunks come here too
+        self.fused_head = fused_head    # (head, norm weight, eps) run in C after the last layer, or None
+        self.kv_f16 = False
+
+    @classmethod
+    def build(cls, decoder, int8_activations: bool = True) -> "FusedDecoder | None":  # noqa: ANN001
+        """The fused path for `decoder`'s layers, or None where it does not apply.
+        int8_activations: Q8_0 / Q5_0 / Q4_K / Q6_K layers (and such a tied head) multiply on their
+        stored blocks with activations rounded to int8 (per 32, per 256 for the K types), as llama.cpp
+        does; False: every GGUF layer on its affine codes with fp32 activations (the torch path's
+        numbers up to the order of sums)."""
+        lib = kernels.lib()
+        if lib is None or decoder.device.type != "cpu" or decoder.dtype != torch.float32:
+            return None
+        keep: list = []
+        all_blocks = True
+        layers = (ops.Layer * len(decoder.layers))()
+        eps = d_ff = None
+        for i, layer in enumerate(decoder.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(getattr(n, "weight", None) is None or n.weight.dtype != torch.float32 for n in norms):
+                return None
+            if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+                return None
+            lins = [_linear(m, keep, int8_activations) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                                 mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            if any(x is None for x in lins):
+                return None
+            all_blocks = all_blocks and all(x.kind >= KIND["Q8_0"] for x in lins)
+            w = [n.weight.detach().contiguous() for n in norms]
+            keep += w
+            layers[i] = ops.layer(w[0], w[1], lins)  # caches: bind()
+            eps = getattr(layer.input_layernorm, "variance_epsilon", None)
+            d_ff = mlp.gate_proj.out_features
+        if eps is None:
+            return None
+        return cls(lib, layers, keep, float(eps), d_ff, all_blocks, _fused_head(decoder.head, decoder.norm, keep))
+
+    def bind(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> None:
+        """Decode into these caches (one per layer, fp32 or fp16: `kv_f16`)."""
+        self.kv_f16 = k_cache[0].dtype == torch.float16
+        for ly, kc, vc in zip(self.layers, k_cache, v_cache):
+            if kc.dtype not in (torch.float32, torch.float16) or vc.dtype != kc.dtype:
+                raise ValueError(f"the fused decode takes fp32 or fp16 caches, not {kc.dtype}")
+            ops.bind_caches(ly, kc, vc)
+
+    @torch.inference_mode()
+    def step(self, batch, decoder) -> torch.Tensor:  # noqa: ANN001 (model/decoder.py's Batch, Decoder)
+        """(sequences, vocab) fp32 logits after each sequence's last token. Sequence i computes the
+        tokens batch.chunks[i] (one token: a decode step; more: a prefill chunk, each token a row that
+        attends to the cache up to itself, so it computes what decoding the chunk token by token
+        would); their keys and values go to the cache."""
+        chunks, starts, block_size = batch.chunks, batch.starts, batch.block_size
+        n = [len(c) for c in chunks]
+        B, lmax = sum(n), max(st + k for st, k in zip(starts, n))
+        tokens = [t for c in chunks for t in c]
+        positions = torch.tensor([st + j for st, k in zip(starts, n) for j in range(k)], dtype=torch.int64)
+        x = decoder.embed_tokens.weight[torch.tensor(tokens)].float().contiguous()          # (B, d)
+        cos, sin = decoder.rotary(positions)
+        lens = positions + 1
+        # row r's slots: its sequence's positions 0 .. lmax - 1 (those past lens[r] are never read)
+        nb = -(-lmax // block_size)
+        tables = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in batch.block_tables], dtype=torch.int64)
+        seq_slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(len(chunks), -1)[:, :lmax]
+        slots = (seq_slots if B == len(chunks) else seq_slots.repeat_interleave(torch.tensor(n), dim=0)).contiguous()
+        ops.llama_decode(self.lib, self.layers, x, self.d_ff, decoder.n_heads, decoder.n_kv, decoder.head_dim,
+                         self.eps, cos, sin, slots, lens, self.kv_f16)
+        last = torch.tensor(n).cumsum(0) - 1
+        if self.fused_head is not None:
+            head, w, eps = self.fused_head
+            return ops.llama_logits(self.lib, head, w, eps, x, last)
+        return decoder.head(decoder.norm(x[last])).float()
+
+
+def _fused_head(head: torch.nn.Module, norm: torch.nn.Module, keep: list) -> tuple | None:
+    """A head on GGUF blocks (the decoder's choice with int8 activations) runs with the final norm in
+    C (mp_llama_logits): batch-1 decode of the Q4_K_M file ~0.4 ms a token faster than torch's norm
+    and the module call."""
+    w = getattr(norm, "weight", None)
+    if not (isinstance(head, GGUFLinear) and head.kind in BLOCK_KERNELS and w is not None
+            and w.dtype == torch.float32 and hasattr(norm, "variance_epsilon")):
+        return None
+    w = w.detach().contiguous()
+    keep.append(w)
+    return _linear(head, keep, True), w, float(norm.variance_epsilon)
