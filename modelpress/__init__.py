@@ -14,7 +14,15 @@ from .eval.compare import compare
 from .eval.perplexity import perplexity
 from .formats import save
 from .formats.gguf_writer import export_gguf
-from .methods import AutoConfig, AWQConfig, FP4Config, GPTQConfig, LLMInt8Config, NF4Config, RTNConfig
+from .methods import (
+           AutoConfig,
+           AWQConfig,
+           FP4Config,
+           GPTQConfig,
+           LLMInt8Config,
+           NF4Config,
+           RTNConfig,
+)
 from .model.load import load
 from .registry import quantize
 from .serve.engine import Engine

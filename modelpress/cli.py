@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import flags
 from .config import config_types
 from .data import calibration_windows, load_text
@@ -43,8 +45,6 @@ class _Parser(argparse.ArgumentParser):
 def _load(source: str | None, device: str = "cpu", keep_blocks: bool = False) -> tuple[Any, Any, float]:
     """(model, tokenizer, load seconds), the model moved to `device`; keep_blocks: a GGUF's
     quantized layers run on their blocks."""
-    import torch
-
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise ModelpressError(f"device {device!r} is not available here; use --device cpu")
     start = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 
@@ -43,8 +44,6 @@ def read_text(path: str | Path) -> str:
 
 def default_text(split: str) -> str:
     """'calib' or 'eval' part of the standard library's pydoc topics."""
-    from pydoc_data.topics import topics
-
     if split not in ("calib", "eval"):
         raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
     names = sorted(topics)

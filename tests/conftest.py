@@ -124,9 +124,9 @@ def uvicorn_server(app):
 def hf_greedy_ids(model, input_ids, max_new_tokens):
     """The reference the decoder model is tested against: greedy ids from transformers' own forward
     with its own cache (no stop at eos)."""
-    from transformers import DynamicCache
-
     import inspect
+
+    from transformers import DynamicCache
 
     device = next(model.parameters()).device
     # transformers renamed `past_key_values` to `cache` (5.2x); take either

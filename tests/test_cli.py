@@ -7,10 +7,9 @@ import sys
 import pytest
 
 import modelpress
-
 from modelpress.cli import main
-from tests.model.test_load import write_tiny_gguf
 from tests.conftest import byte_tokenizer, tiny_llama
+from tests.model.test_load import write_tiny_gguf
 
 
 def _run(capsys, *argv):

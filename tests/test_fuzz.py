@@ -19,7 +19,8 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis", reason="the property tests need hypothesis (pip install hypothesis)")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 import modelpress  # noqa: E402
 from modelpress.cli import main  # noqa: E402

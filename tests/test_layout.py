@@ -87,3 +87,29 @@ def test_no_import_circles():
 
 def test_the_checker_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# core <- kernels <- nn <- formats / model <- methods <- eval / serve <- cli (README, "How the code is laid out")
+LAYERS = {"core": 0, "kernels": 1, "nn": 2, "formats": 3, "model": 3, "methods": 4, "eval": 5, "serve": 5}
+
+
+def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Imports from a lower layer into a higher one (modules outside the layered folders are free)."""
+    def rank(m: str) -> int | None:
+        parts = m.split(".")
+        return LAYERS.get(parts[1]) if len(parts) > 1 else None
+
+    return sorted((a, b) for a, deps in graph.items() for b in deps
+                  if rank(a) is not None and rank(b) is not None and rank(b) > rank(a))
+
+
+def test_layers_point_one_way():
+    known = modules()
+    graph = {m: imports(m, p, known) for m, p in known.items()}
+    assert upward(graph) == []
+
+
+def test_the_checker_finds_an_upward_import():
+    graph = {"modelpress.core.a": {"modelpress.kernels.b"}, "modelpress.kernels.b": set(),
+             "modelpress.nn.c": {"modelpress.core.a", "modelpress.errors"}, "modelpress.errors": set()}
+    assert upward(graph) == [("modelpress.core.a", "modelpress.kernels.b")]

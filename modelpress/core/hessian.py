@@ -8,7 +8,6 @@ import warnings
 
 import torch
 
-
 _TILE = 256  # column tiles of the upper-triangle product
 
 

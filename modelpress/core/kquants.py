@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -152,36 +152,31 @@ def _cols(t: torch.Tensor) -> torch.Tensor:
 
 def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qx_quants with rmse_type 1: (scale (B,), L (B, n) in [0, 2 nmax)); weights qw, or x^2.
-    Runs the compiled search (kernels/quantize.c, the same operations) where it is available."""
-    lib = _kernels()
-    if lib is not None and x.device.type == "cpu" and x.shape[1] <= 64:
-        x = x.to(F32).contiguous()
-        qw = None if qw is None else qw.to(F32).contiguous()
-        from ..kernels import ops  # beside _kernels' own lazy import
-
-        scale, L = ops.make_qx_quants(lib, x, qw, nmax)
-        return scale, L.to(F32)
-    return make_qx_quants_reference(x, nmax, qw)
+    Runs the compiled search (kernels/searches.py, the same operations) where one is installed."""
+    fast = _compiled("make_qx_quants")
+    out = fast(x, nmax, qw) if fast is not None else None
+    return out if out is not None else make_qx_quants_reference(x, nmax, qw)
 
 
-def _kernels():  # noqa: ANN202
-    from .. import kernels  # here, not at the top: core/ does not load kernels/ (the layers point one way)
+# Compiled versions of the searches below, which return the same values (or None for input they do
+# not take). kernels/searches.py installs them: core/ imports nothing of the layers above it.
+COMPILED: dict[str, Callable[..., Any]] = {}
+_USE_COMPILED: contextvars.ContextVar[bool] = contextvars.ContextVar("modelpress_kquants_compiled", default=True)
 
-    return kernels.lib() if _USE_KERNELS.get() else None
 
-
-_USE_KERNELS: contextvars.ContextVar[bool] = contextvars.ContextVar("modelpress_kquants_kernels", default=True)
+def _compiled(name: str) -> Callable[..., Any] | None:
+    return COMPILED.get(name) if _USE_COMPILED.get() else None
 
 
 @contextlib.contextmanager
 def torch_reference() -> Iterator[None]:
     """Inside this block (this thread), the quantization searches run their torch reference instead
     of the compiled kernels (the tests compare the two)."""
-    token = _USE_KERNELS.set(False)
+    token = _USE_COMPILED.set(False)
     try:
         yield
     finally:
-        _USE_KERNELS.reset(token)
+        _USE_COMPILED.reset(token)
 
 
 def make_qx_quants_reference(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,13 +303,10 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
                      use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """make_qkx2_quants (and make_qkx3_quants, the same search): (scale, the_min = -min (>= 0),
     L in [0, nmax]) per row of x with weights w. Runs the compiled search where it is available."""
-    lib = _kernels()
-    if lib is not None and x.device.type == "cpu" and x.shape[1] <= 64:
-        x, w = x.to(F32).contiguous(), w.to(F32).contiguous()
-        from ..kernels import ops  # beside _kernels' own lazy import
-
-        scale, the_min, L = ops.make_qkx2_quants(lib, x, w, nmax, _f(rmin), _f(rdelta), nstep, use_mad)
-        return scale, the_min, L.to(F32)
+    fast = _compiled("make_qkx2_quants")
+    out = fast(x, w, nmax, _f(rmin), _f(rdelta), nstep, use_mad) if fast is not None else None
+    if out is not None:
+        return out
     return make_qkx2_quants_reference(x, w, nmax, rmin, rdelta, nstep, use_mad)
 
 
@@ -621,11 +613,10 @@ def quantize(w: torch.Tensor, kind: str, imatrix: torch.Tensor | None = None) ->
             sigma2 = _div(_seq_sum(x * x), cols).repeat_interleave(cols // n)
             xb = x.reshape(-1, n)
             qw = qw * _sqrt(sigma2[:, None] + xb * xb)
-    lib = _kernels() if qw is None and kind in ("Q4_0", "Q5_0", "Q8_0") else None  # mp_quantize_legacy
-    if lib is not None and x.device.type == "cpu":  # the compiled reference quantizer, same bytes
-        from ..kernels import KIND, ops  # beside _kernels' own lazy import
-
-        return ops.quantize_legacy(lib, x, KIND[kind], nbytes).view(rows, cols // n * nbytes)
+    fast = _compiled("quantize_legacy") if qw is None else None
+    out = fast(x, kind, nbytes) if fast is not None else None  # the compiled reference quantizer, same bytes
+    if out is not None:
+        return out.view(rows, cols // n * nbytes)
     return _QUANT[kind](x.reshape(-1, n), qw).reshape(rows, cols // n * nbytes)
 
 

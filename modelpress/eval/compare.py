@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gguf import GGUFReader
+from safetensors.torch import load_file, save_file
 
 from ..config import BaseConfig
 from ..core.metrics import perplexity
@@ -52,7 +54,7 @@ from ..methods import (
 from ..methods.auto import AutoConfig, allocate_for
 from ..model.imatrix import compute_imatrix
 from ..model.load import load, resolve
-from ..nn.dense_linear import use_dense_kernels
+from ..model.walker import use_dense_kernels
 from ..registry import quantize
 from .divergence import Reference, divergence, reference
 from .report import write_reports
@@ -188,8 +190,6 @@ def _peak_rss() -> int:
 
 def _gguf_sizes(path: Path) -> dict[str, float]:
     """Bits per weight of a GGUF file's tensors: all of them, and the blocks' linear weights."""
-    from gguf import GGUFReader
-
     total_b = total_n = lin_b = lin_n = 0
     for t in GGUFReader(str(path)).tensors:
         b, n = int(t.n_bytes), int(t.n_elements)
@@ -267,8 +267,6 @@ def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Te
 
 def _worker(job_path: str) -> int:
     """A row in its own process: reads the job file, writes the row file."""
-    from safetensors.torch import load_file
-
     job = json.loads(Path(job_path).read_text())
     setup = Setup(**job["setup"])
     r = Recipe(**job["recipe"])
@@ -340,8 +338,6 @@ def _say(msg: str) -> None:
 def _shared_data(setup: Setup, skey: dict[str, Any], work: Path, need_calib: bool, need_ref: bool,
                  say: Any) -> dict[str, Any]:
     """Token windows and the original model's log-probs, in files the row processes read."""
-    from safetensors.torch import save_file
-
     data: dict[str, Any] = {"ids": work / "ids.safetensors", "ref": work / "reference.safetensors"}
     tag = hashlib.sha256(json.dumps(skey, sort_keys=True).encode()).hexdigest()[:12]
     stamp = work / "reference.key"
@@ -363,8 +359,6 @@ def _run_row(r: Recipe, setup: Setup, key: str, path: Path, data: dict[str, Any]
     job = {"setup": dataclasses.asdict(setup), "recipe": dataclasses.asdict(r), "key": key, "row": str(path),
            "ids": str(data["ids"]), "ref": str(data["ref"]), "work": str(work)}
     if not isolate:
-        from safetensors.torch import load_file
-
         ids = load_file(str(data["ids"]))
         row = measure(r, setup, ids["eval"], ids.get("calib"), Reference.from_tensors(load_file(str(data["ref"]))),
                       work, progress)

@@ -25,7 +25,6 @@ from ..model.walker import device_of
 from .perplexity import _HEAD_CHUNK  # positions per output-head matmul, shared
 
 
-
 @dataclasses.dataclass
 class Divergence:
     ppl: float

@@ -63,7 +63,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Size (MB) against ppl, log ppl axis, the Pareto front joined."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only the plot needs it, and its import is slow
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

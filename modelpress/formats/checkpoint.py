@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer
 
 from ..config import BaseConfig
 from ..errors import ModelpressError
@@ -127,8 +130,6 @@ def write_folder(model: torch.nn.Module, tokenizer: Any, out: Path, tensors: dic
     `quantization_config`, or none), the tokenizer, and modelpress.json when a manifest is given.
     Written under a temporary name beside `out`, then renamed; an existing `out` (the caller has
     checked that it may go) is replaced only once the new folder is complete."""
-    from safetensors.torch import save_file
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -216,9 +217,6 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file (no pickle); a damaged file is a user error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -252,8 +250,6 @@ def _module_from(folder: Path, model: torch.nn.Module, fqn: Any, meta: Any) -> t
 
 def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) from a modelpress checkpoint folder."""
-    from transformers import AutoConfig, AutoTokenizer
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     config = AutoConfig.from_pretrained(folder)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
 
 from ..errors import ModelpressError
 
@@ -148,8 +150,6 @@ def _header(cur: _Cursor, path: Path) -> tuple[dict[str, Any], dict, list, int]:
 def _tensors(mm: np.ndarray, meta: dict[str, Any], types: dict, infos: list, end: int) -> list[GGUFTensor]:
     """The tensor table checked against the file: names unique, shapes whole blocks, data aligned,
     inside the file and apart from every other tensor's."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     align = meta.get("general.alignment", 32)
     if "general.alignment" in meta and types["general.alignment"][0] != 4:
         raise _Corrupt("general.alignment is not a u32")
@@ -196,8 +196,5 @@ def metadata_fields(path: str | Path) -> list[tuple[str, Any, int, int | None]]:
 
 def dequantize(t: GGUFTensor) -> np.ndarray:
     """fp32 values of a tensor, in torch shape."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize as gguf_dequantize
-
     out = gguf_dequantize(t.data, GGMLQuantizationType(t.ggml_type))
     return np.asarray(out, dtype=np.float32).reshape(t.shape)

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFValueType
 from tqdm.auto import tqdm
 
 from ..core import kquants
@@ -97,8 +101,6 @@ def held_blocks(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
 
 def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
     """(key, value, type, sub type) of the source file's metadata, for copying."""
-    from gguf import GGUFValueType
-
     return [(k, v, GGUFValueType(t), None if sub is None else GGUFValueType(sub))
             for k, v, t, sub in metadata_fields(source_gguf) if k not in _OWN_KEYS]
 
@@ -106,9 +108,6 @@ def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
 def _writer(path: Path) -> Any:
     """gguf.GGUFWriter whose arrays of strings or numbers pack in one go: the same bytes (little
     endian), where packing the 49k tokens and merges of a vocabulary item by item takes ~1 s."""
-    import struct
-
-    import gguf
 
     class Writer(gguf.GGUFWriter):
         def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
@@ -137,8 +136,6 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
     `extra_metadata` adds string / integer keys (llama-quantize's quantize.imatrix.*). `types`
     overrides the mix's type per tensor (methods/auto.py); a layer that already holds GGUF blocks
     of its tensor's type (nn/gguf_linear.py) is written as those bytes, not rounded again."""
-    import gguf
-
     cfg = model.config
     tensors = gguf_tensors(model)
     types = {**tensor_types([(n, tuple(t.shape)) for n, t in tensors], mix, cfg.num_attention_heads,
@@ -150,8 +147,6 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
     if source_gguf is not None:
         fields = _source_fields(source_gguf)
     elif tokenizer is not None:
-        from gguf import GGUFValueType
-
         fields = [(k, v, GGUFValueType(t), None if sub is None else GGUFValueType(sub))
                   for k, v, t, sub in tokenizer_fields(tokenizer, cfg.vocab_size)]
     else:
@@ -241,10 +236,6 @@ def check_file(path: Path) -> Path:
 
 
 def describe_gguf(path: Path) -> dict[str, Any]:
-    from collections import Counter
-
-    from gguf import GGMLQuantizationType
-
     meta, tensors = read_gguf(path)
     return {"architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
             "tensors": len(tensors),

@@ -22,6 +22,7 @@ import os
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -75,8 +76,6 @@ def save_imatrix(path: str | Path, im: Imatrix) -> Path:
 
 
 def _write_gguf(path: Path, im: Imatrix) -> None:
-    import gguf
-
     w = gguf.GGUFWriter(str(path), arch="")
     w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix's files name no architecture
     w.add_type(gguf.GGUFType.IMATRIX)

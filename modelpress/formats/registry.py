@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from safetensors import SafetensorError, safe_open
+
 from ..errors import ModelpressError
 from ..record import record
 
@@ -93,8 +95,6 @@ def read_config_json(path: Path) -> dict[str, Any]:
 
 
 def count_tensors(path: Path) -> int:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             return len(list(f.keys()))

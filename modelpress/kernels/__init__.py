@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp first, so the kernels share its OpenMP pool)
 
+from . import searches
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")   # includes the others (one translation unit)
 HEADER = SOURCE.with_name("mp_kernels.h")
 # -ffp-contract=off: no multiply-add fusing behind the code's back, so the GGUF searches round like
@@ -127,3 +129,6 @@ def release_threads() -> None:
     k = lib()
     if k is not None:
         k.mp_release_threads()
+
+
+searches.install(lib, KIND)  # core/kquants.py's GGUF searches run compiled from here on

@@ -24,8 +24,8 @@ from ..model.capture import CallCapture, InputStatsCapture
 from ..model.sequential import block_targets, run_sequential
 from ..model.walker import replace
 from ..nn import IntxLinear
-from ..registry import register
 from ..record import record
+from ..registry import register
 
 # (smooth, balance layers, parent), Llama-family names relative to a block
 MAPPINGS: tuple[tuple[str, tuple[str, ...], str], ...] = (

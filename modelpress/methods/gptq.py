@@ -18,8 +18,8 @@ from ..model.sequential import block_targets, run_sequential
 from ..model.stages import ResidualStages
 from ..model.walker import replace
 from ..nn import IntxLinear
-from ..registry import register
 from ..record import record
+from ..registry import register
 
 BITS = (2, 3, 4, 8)
 

@@ -5,9 +5,10 @@ import re
 from typing import Callable
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from ..errors import ModelpressError
-from ..nn.dense_linear import use_dense_kernels
+from .walker import use_dense_kernels
 
 # config fields that size memory: (name, largest sane value); each must be a positive integer
 _SIZES = (("vocab_size", 1 << 22), ("hidden_size", 1 << 17), ("intermediate_size", 1 << 20),
@@ -44,8 +45,6 @@ def build_causal_lm(config, state_dict: dict[str, torch.Tensor],  # noqa: ANN001
     `prepare(model)` runs before the tensors are assigned, e.g. to swap in quantized modules.
     Non-persistent buffers (rotary frequencies) are rebuilt on the CPU afterwards.
     """
-    from transformers import AutoModelForCausalLM
-
     check_config(config, state_dict)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

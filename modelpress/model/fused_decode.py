@@ -28,8 +28,8 @@ import ctypes
 import torch
 
 from .. import kernels
-from ..kernels import KIND, ops
 from ..core import kquants
+from ..kernels import KIND, ops
 from ..nn.dense_linear import DenseLinear
 from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their blocks
     BLOCK_KERNELS,

@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from tqdm.auto import tqdm
+from transformers import LlamaConfig
 
 from ..core.kquants import BLOCK
 from ..errors import ModelpressError
@@ -54,8 +57,6 @@ def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  
     """The LlamaConfig a GGUF's metadata describes, every size checked before anything is allocated:
     within sane bounds, consistent with each other and (`layers`: the blk.N indices its tensors hold)
     with the tensors the file has."""
-    from transformers import LlamaConfig
-
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ModelpressError(f"GGUF architecture {arch!r} is not supported yet; only 'llama' models load")
@@ -89,8 +90,6 @@ def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  
 
 def _block_type(t: GGUFTensor, name: str) -> str | None:
     """The kquants type of a linear layer's tensor that can stay in blocks, else None."""
-    from gguf import GGMLQuantizationType
-
     kind = GGMLQuantizationType(t.ggml_type).name
     linear = name.endswith("_proj.weight") or name == "lm_head.weight"
     return kind if linear and kind in BLOCK else None
@@ -99,8 +98,6 @@ def _block_type(t: GGUFTensor, name: str) -> str | None:
 def _state_dict(tensors: list[GGUFTensor], config, keep_blocks: bool = False  # noqa: ANN001
                 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, int]]]:
     """(state dict, {module name: (GGUF type, in_features)} of the layers kept in blocks)."""
-    from tqdm.auto import tqdm
-
     sd, kept = {}, {}
     for t in tqdm(tensors, desc="load" if keep_blocks else "dequantize", unit="tensor", leave=False, mininterval=1.0):
         name = hf_name(t.name)
@@ -143,8 +140,6 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
 
     model = build_causal_lm(config, sd, prepare)
     if keep_blocks and tied:  # the tied head's own blocks, for decode kernels (model/fused_decode.py)
-        from gguf import GGMLQuantizationType
-
         emb = next(t for t in tensors if t.name == "token_embd.weight")
         kind = GGMLQuantizationType(emb.ggml_type).name
         if kind in BLOCK:

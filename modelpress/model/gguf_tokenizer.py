@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
+from tokenizers import pre_tokenizers as pt
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from ..errors import ModelpressError
 
 # llama.cpp pre-tokenizer regexes (llama-vocab.cpp), as `tokenizers` Split patterns
@@ -21,8 +25,6 @@ _CONTROL, _USER = 3, 4
 
 
 def _pre_tokenizer(pre: str | None):  # noqa: ANN202
-    from tokenizers import Regex, pre_tokenizers as pt
-
     byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre in ("smollm",):  # each digit alone, then GPT-2's split
         return pt.Sequence([pt.Digits(individual_digits=True),
@@ -34,8 +36,6 @@ def _pre_tokenizer(pre: str | None):  # noqa: ANN202
 
 
 def _bpe_tokenizer(meta: dict[str, Any]):  # noqa: ANN202
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
@@ -75,8 +75,6 @@ def check_vocab(meta: dict[str, Any], path: Path) -> None:
 
 
 def tokenizer_from_gguf(meta: dict[str, Any], path: Path):  # noqa: ANN201
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         raise ModelpressError(f"{path} carries no tokenizer (tokenizer.ggml.model is missing)")

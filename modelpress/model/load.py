@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoTokenizer
 
 from ..default_model import (  # noqa: F401 (re-exported)
     DEFAULT_FILE,
@@ -51,8 +53,6 @@ def load(source: str | Path | None = None, keep_blocks: bool = False) -> tuple[t
 def _hub_errors() -> tuple[type[Exception], ...]:
     """huggingface_hub's validation errors (transformers' configs check themselves on construction);
     they derive from Exception alone."""
-    from huggingface_hub.errors import StrictDataclassError
-
     return (StrictDataclassError,)
 
 
@@ -71,8 +71,6 @@ def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:
 
 def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
     """A transformers folder; safetensors weights only (never unpickles)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelpressError(f"{path} has no .safetensors weights (pickled .bin files are not loaded); "

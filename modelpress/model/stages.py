@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from .sequential import BlockInputs, _Stop, _out
+from .sequential import BlockInputs, _out, _Stop
 
 NORM1, ATTN, NORM2, MLP = "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")

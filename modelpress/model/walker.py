@@ -6,6 +6,8 @@ from typing import Iterator
 
 import torch
 
+from ..nn.dense_linear import DenseLinear
+
 
 def iter_targets(model: torch.nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...],
                  types: tuple[type, ...] = (torch.nn.Linear,)) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -50,3 +52,12 @@ def dense_weight(module: torch.nn.Module) -> torch.Tensor:
     if perm is not None:
         w = w[:, torch.argsort(perm)]
     return w
+
+
+def use_dense_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every plain nn.Linear of `model` into a DenseLinear (nn/dense_linear.py: the kernels' GEMV
+    at few rows) sharing its parameters."""
+    for fqn, mod in list(model.named_modules()):
+        if type(mod) is torch.nn.Linear:
+            replace(model, fqn, DenseLinear.from_linear(mod))
+    return model

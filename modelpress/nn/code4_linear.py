@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels import ops
 from ..core import codebook4, dynamic8
 from ..errors import ModelpressError
+from ..kernels import ops
 from .dense_linear import kernel_allowed
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -18,7 +18,6 @@ import torch
 
 from .. import kernels
 from ..kernels import ops
-from ..model.walker import replace
 
 MAX_KERNEL_ROWS = 8
 
@@ -67,12 +66,3 @@ class DenseLinear(torch.nn.Linear):
             b = None if self.bias is None else self.bias.float()
             return torch.nn.functional.linear(x.float(), w.float(), b).to(x.dtype)
         return super().forward(x)
-
-
-def use_dense_kernels(model: torch.nn.Module) -> torch.nn.Module:
-    """Turn every plain nn.Linear of `model` into a DenseLinear sharing its parameters."""
-
-    for fqn, mod in list(model.named_modules()):
-        if type(mod) is torch.nn.Linear:
-            replace(model, fqn, DenseLinear.from_linear(mod))
-    return model

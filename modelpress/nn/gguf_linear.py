@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels import ops
 from ..core import kquants
+from ..kernels import ops
 from .dense_linear import kernel_allowed
-
 
 # GGUF types with a kernel on their stored blocks and int8 activations (kernels.KIND numbers)
 BLOCK_KERNELS = {t: kernels.KIND[t] for t in ("Q8_0", "Q5_0", "Q4_K", "Q6_K")}

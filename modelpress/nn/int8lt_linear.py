@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..kernels import ops
 from ..core import int8_rowwise
 from ..errors import ModelpressError
+from ..kernels import ops
 from .dense_linear import kernel_allowed
 
 

@@ -280,6 +280,7 @@ class ServeConfig:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                template_seconds: float = TEMPLATE_SECONDS) -> Any:
+    # here, not at the top: only a running server needs fastapi and uvicorn, no other command loads them
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -528,7 +529,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
           template_seconds: float = TEMPLATE_SECONDS) -> None:
-    import uvicorn
+    import uvicorn  # here, not at the top: see create_app
 
     app = create_app(engine, model_name, api_key, max_body_bytes, template_seconds)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -53,6 +53,7 @@ def search(request, monkeypatch):
     if request.param == "kernel" and kernels.lib() is None:
         pytest.skip("no C compiler here: the searches run in torch only")
     if request.param == "kernel":
+        assert set(kquants.COMPILED) == {"make_qx_quants", "make_qkx2_quants", "quantize_legacy"}  # kernels/ installed them
         yield request.param
     else:
         with kquants.torch_reference():

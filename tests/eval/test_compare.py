@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
+from modelpress.errors import ModelpressError
 from modelpress.eval.compare import compare, recipe
 from modelpress.eval.divergence import divergence, reference, token_kl
 from modelpress.eval.perplexity import perplexity_of_windows
 from modelpress.eval.report import pareto_front
-from modelpress.errors import ModelpressError
 
 
 def test_divergence_against_a_direct_computation(tiny):

@@ -3,7 +3,11 @@ import math
 import torch
 
 from modelpress.data import tokenize, windows
-from modelpress.eval.perplexity import perplexity, perplexity_of_windows, transformers_perplexity
+from modelpress.eval.perplexity import (
+    perplexity,
+    perplexity_of_windows,
+    transformers_perplexity,
+)
 from modelpress.eval.size import model_size
 from tests.conftest import tiny_llama
 

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 import modelpress
 from modelpress import AWQConfig
 from modelpress.formats import awq as awq_format
-from tests.conftest import gptq_act_order
 from modelpress.record import record
+from tests.conftest import gptq_act_order
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 

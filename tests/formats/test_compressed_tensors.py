@@ -13,8 +13,8 @@ from modelpress import GPTQConfig, RTNConfig
 from modelpress.eval.perplexity import perplexity_of_windows
 from modelpress.formats import compressed_tensors as ct_format
 from modelpress.model.walker import dense_weight
-from tests.conftest import gptq_act_order
 from modelpress.record import record
+from tests.conftest import gptq_act_order
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "llmcompressor_gptq_tiny"
 

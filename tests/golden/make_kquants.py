@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from modelpress.core.kquants import TYPES  # noqa: E402
 from tests.golden.kquants_input import golden_imatrix, golden_input  # noqa: E402

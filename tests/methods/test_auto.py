@@ -8,10 +8,16 @@ import pytest
 import torch
 
 import modelpress
-from modelpress.methods.auto import AutoConfig, allocate_for, fisher_diagonal, rounded, type_bytes
+from modelpress.methods.auto import (
+    AutoConfig,
+    allocate_for,
+    fisher_diagonal,
+    rounded,
+    type_bytes,
+)
 from modelpress.nn.gguf_linear import GGUFLinear
-from tests.conftest import tiny_llama
 from modelpress.record import record
+from tests.conftest import tiny_llama
 
 CALIB = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
 
@@ -113,7 +119,6 @@ def test_quantize_save_load_and_export_keep_the_types_and_bytes(tmp_path, tiny):
     from gguf import GGUFReader
 
     from modelpress.formats.gguf_writer import write_gguf
-
     from modelpress.methods.auto import rounded as stored
 
     model, tok = tiny

@@ -5,8 +5,8 @@ import modelpress
 from modelpress import RTNConfig
 from modelpress.config import BaseConfig
 from modelpress.nn import IntxLinear
-from tests.conftest import tiny_llama
 from modelpress.record import record
+from tests.conftest import tiny_llama
 
 
 @pytest.mark.parametrize("kwargs", [dict(bits=5), dict(group_size=0), dict(group_size=-8), dict(bits=4, group_size=2.5)])

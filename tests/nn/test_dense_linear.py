@@ -1,7 +1,8 @@
 import torch
 
 from modelpress import kernels
-from modelpress.nn.dense_linear import DenseLinear, use_dense_kernels
+from modelpress.model.walker import use_dense_kernels
+from modelpress.nn.dense_linear import DenseLinear
 from tests.conftest import tiny_llama
 
 

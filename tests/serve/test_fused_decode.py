@@ -12,10 +12,10 @@ import torch
 from modelpress import kernels
 from modelpress.model.fused_decode import FusedDecoder
 from modelpress.nn.gguf_linear import int8_activations
+from modelpress.record import record
 from modelpress.serve.runner import ModelRunner
 from tests.conftest import hf_greedy_ids, tiny_llama
 from tests.serve.test_engine import _quantized
-from modelpress.record import record
 
 pytestmark = pytest.mark.skipif(kernels.lib() is None, reason="the CPU kernels did not build here (no C compiler)")
 
