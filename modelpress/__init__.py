@@ -15,13 +15,13 @@ from .eval.perplexity import perplexity
 from .formats import save
 from .formats.gguf_writer import export_gguf
 from .methods import (
-           AutoConfig,
-           AWQConfig,
-           FP4Config,
-           GPTQConfig,
-           LLMInt8Config,
-           NF4Config,
-           RTNConfig,
+    AutoConfig,
+    AWQConfig,
+    FP4Config,
+    GPTQConfig,
+    LLMInt8Config,
+    NF4Config,
+    RTNConfig,
 )
 from .model.load import load
 from .registry import quantize
