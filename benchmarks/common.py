@@ -10,6 +10,12 @@ from pathlib import Path
 import torch
 
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
+# On CPUs with AMX (Sapphire Rapids and later) a llama.cpp built with GGML_NATIVE crashes in its AMX
+# matmul (ggml_backend_amx_mul_mat, llama.cpp issue #20824); the peer then runs a build of the same
+# sources without AMX, pointed at by LLAMA_CPP_LIB_PATH
+LIB_NOTE = ("llama.cpp 0.3.36's vendored sources built with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON "
+            "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON (AVX2, FMA, F16C, BMI2 on; AMX off: its AMX matmul "
+            "segfaults here, llama.cpp #20824), BUILD_SHARED_LIBS=ON")
 
 
 def cpu_name() -> str:
@@ -27,6 +33,9 @@ def cpu_name() -> str:
 def write_result(path: str | Path, benchmark: str, rows: list[dict], **fields: object) -> Path:
     """{benchmark, model, **fields, torch, threads, machine, cpu, date, rows} as JSON, written
     under a temporary name and renamed, so a reader never sees half a file."""
+    # a llama.cpp built apart (LLAMA_CPP_LIB_PATH, read by llama-cpp-python): say which one ran
+    lib = os.environ.get("LLAMA_CPP_LIB_PATH")
+    fields = {**fields, **({"llama_cpp_lib": lib, "llama_cpp_lib_note": LIB_NOTE} if lib else {})}
     result = {"benchmark": benchmark, "model": MODEL, **fields, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "machine": platform.machine(), "cpu": cpu_name(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
