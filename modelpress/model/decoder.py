@@ -34,6 +34,7 @@ pre-norm RMSNorm, rotary q/k, SiLU-gated MLP); any other model is refused with a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,11 @@ from ..nn import gguf_linear
 from ..record import record
 from .fused_decode import FusedDecoder
 
-# transformers model_type values whose decoder blocks are Llama's
-FAMILIES = ("llama", "mistral", "qwen2")
+# transformers model_type values this decoder computes: pre-norm blocks of rotary attention and a
+# gated MLP, with each family's differences read from its modules (q/k norms: qwen3, gemma3_text;
+# fused qkv: phi3; sandwich norms, scaled embeddings, soft-capping, sliding windows: gemma2,
+# gemma3_text; sliding windows: mistral). The model's own modules compute norms, MLPs and embeddings.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -130,22 +134,66 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class PagedAttention(torch.nn.Module):
-    """q/k/v/o projections (the model's modules), rotary, and attention that writes this token's
-    keys and values to the paged cache and reads the sequence's from it."""
+    """The attention of one layer (the model's projections and q/k norms), rotary, and attention that
+    writes this step's keys and values to the paged cache and reads the sequence's from it."""
 
-    def __init__(self, attn: torch.nn.Module, n_heads: int, n_kv: int, head_dim: int, native: bool) -> None:
+    def __init__(self, attn: torch.nn.Module, cfg, n_heads: int, n_kv: int, head_dim: int,  # noqa: ANN001
+                 native: bool) -> None:
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.qkv_proj = getattr(attn, "qkv_proj", None)      # phi3: one product, split below
+        if self.qkv_proj is None:
+            self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.o_proj = attn.o_proj
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # per head
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
-        self.lib = kernels.lib() if native else None  # fp32 on a CPU: decode rows in mp_paged_attention
+        self.scaling = float(getattr(attn, "scaling", head_dim ** -0.5))
+        self.softcap = getattr(attn, "attn_logit_softcapping", None)
+        # keys within `window` positions of the query (transformers: kv_idx > q_idx - window); mistral
+        # reads it from its config, the others set it on the sliding layers' attention
+        self.window = (getattr(attn, "sliding_window", None) if hasattr(attn, "sliding_window")
+                       else getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None)
+        self.layer_type = getattr(attn, "layer_type", None)
+        default_scale = abs(self.scaling * head_dim ** 0.5 - 1) < 1e-12
+        self.sdpa_scale = None if default_scale else self.scaling  # None: SDPA's own 1 / sqrt(D)
+        plain = self.softcap is None and self.window is None and default_scale
+        self.lib = kernels.lib() if native and plain else None  # fp32 on a CPU: decode rows in mp_paged_attention
         self.k_cache = self.v_cache = torch.empty(0)
 
+    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(h)
+            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.reshape(-1, self.n_heads, self.head_dim)
+        k = k.reshape(-1, self.n_kv, self.head_dim)
+        v = v.reshape(-1, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _mask(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        """(n, k_len) which keys (positions 0 .. k_len - 1) each query position sees."""
+        kpos = torch.arange(k_len, device=q_pos.device)[None, :]
+        seen = kpos <= q_pos[:, None]
+        return seen & (kpos > q_pos[:, None] - self.window) if self.window is not None else seen
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, H, n, D), k / v (B, Hkv, L, D), mask broadcastable to (B, H, n, L) -> (B, H, n, D)."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                                  scale=self.sdpa_scale, enable_gqa=True)
+        rep = self.n_heads // self.n_kv  # as transformers' eager attention: scale, cap, mask, fp32 softmax
+        k, v = k.to(q.dtype).repeat_interleave(rep, 1), v.to(q.dtype).repeat_interleave(rep, 1)
+        w = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        w = torch.tanh(w / self.softcap) * self.softcap
+        w = w.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: _Flat) -> torch.Tensor:
-        q = self.q_proj(h).view(-1, self.n_heads, self.head_dim)
-        k = self.k_proj(h).view(-1, self.n_kv, self.head_dim)
-        v = self.v_proj(h).view(-1, self.n_kv, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._qkv(h)
+        q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
         kc = self.k_cache.view(-1, self.n_kv, self.head_dim)
         vc = self.v_cache.view(-1, self.n_kv, self.head_dim)
         kc[flat.slot] = k.to(kc.dtype)
@@ -157,36 +205,56 @@ class PagedAttention(torch.nn.Module):
                 out[rows] = ops.paged_attention(self.lib, q[rows].contiguous(), self.n_kv, kc, vc,
                                                 flat.dec_index, flat.dec_lens)
             else:
+                mask = flat.dec_mask
+                if self.window is not None:  # the last `window` positions of each sequence
+                    L = flat.dec_index.shape[1]
+                    lens = flat.dec_lens.to(q.device)[:, None]
+                    kpos = torch.arange(L, device=q.device)[None, :]
+                    mask = mask & (kpos > lens - 1 - self.window)[:, None, None, :]
                 qd = q[rows][:, :, None, :]                                  # (B, H, 1, D)
                 kd = kc[flat.dec_index].transpose(1, 2)                      # (B, Hkv, L, D)
                 vd = vc[flat.dec_index].transpose(1, 2)
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=flat.dec_mask, enable_gqa=True)
-                out[rows] = od[:, :, 0, :]
+                out[rows] = self._attend(qd, kd, vd, mask)[:, :, 0, :]
         for i, (a, b) in enumerate(zip(flat.offsets, flat.offsets[1:])):
             if b - a == 1:
                 continue
-            ks, start, n = flat.key_slots[i], int(flat.positions[a]), b - a
+            ks = flat.key_slots[i]
             qp = q[a:b].transpose(0, 1)[None]                                 # (1, H, n, D)
             kp = kc[ks].transpose(0, 1)[None]                                 # (1, Hkv, L, D)
             vp = vc[ks].transpose(0, 1)[None]
-            # query j (position start + j) sees keys 0 .. start + j
-            dev = q.device
-            mask = torch.arange(ks.numel(), device=dev)[None, :] <= (start + torch.arange(n, device=dev))[:, None]
-            out[a:b] = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+            out[a:b] = self._attend(qp, kp, vp, self._mask(flat.positions[a:b], ks.numel()))[0].transpose(0, 1)
         return self.o_proj(out.reshape(-1, self.n_heads * self.head_dim))
 
 
 class DecoderLayer(torch.nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); with gemma's sandwich norms
+    (pre_ / post_feedforward_layernorm) each branch's output is normed too."""
 
     def __init__(self, layer: torch.nn.Module, attention: PagedAttention) -> None:
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.pre_feedforward_layernorm = getattr(layer, "pre_feedforward_layernorm", None)
+        self.post_feedforward_layernorm = getattr(layer, "post_feedforward_layernorm", None)
         self.self_attn, self.mlp = attention, layer.mlp
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: _Flat) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, flat)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, rope: dict, flat: _Flat) -> torch.Tensor:
+        cos, sin = rope[self.self_attn.layer_type]
+        a = self.self_attn(self.input_layernorm(x), cos, sin, flat)
+        if self.pre_feedforward_layernorm is None:
+            x = x + a
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, heads, D) rotated by cos / sin (N, 1, R): the first R of D dimensions (phi3's partial
+    rotary; R = D elsewhere)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    xr = x[..., :r]
+    return torch.cat([xr * cos + _rotate_half(xr) * sin, x[..., r:]], dim=-1)
 
 
 class Decoder(torch.nn.Module):
@@ -207,17 +275,30 @@ class Decoder(torch.nn.Module):
         native = self.device.type == "cpu" and self.dtype == torch.float32 and kernels.lib() is not None
         self.embed_tokens, self.norm, self.rotary_emb = model.model.embed_tokens, model.model.norm, model.model.rotary_emb
         self.layers = torch.nn.ModuleList(
-            DecoderLayer(ly, PagedAttention(ly.self_attn, self.n_heads, self.n_kv, self.head_dim, native))
+            DecoderLayer(ly, PagedAttention(ly.self_attn, cfg, self.n_heads, self.n_kv, self.head_dim, native))
             for ly in model.model.layers)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)  # gemma2: logits = c * tanh(logits / c)
+        # gemma3's rotary module takes the layer type (local and global bases); the others one table
+        self._typed_rope = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
         self.int8_activations = int8_activations
         head = record(model).head  # a tied head kept in GGUF blocks
         self.head = (head if isinstance(head, gguf_linear.GGUFLinear) and int8_activations
                      and head.qdata.device == self.device else model.lm_head)
         # the torch path computes as the fused one: GGUF layers with int8 activations (nn/gguf_linear.py)
         self._int8_rows = 1 << 62 if int8_activations and self.device.type == "cpu" else 0
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.fused = FusedDecoder.build(self, int8_activations) if fused else None
+        self._rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fused = FusedDecoder.build(self, int8_activations) if fused and self.llama_blocks() else None
         self.block_size = 0
+
+    def llama_blocks(self) -> bool:
+        """Whether every block is Llama's exactly (what the C fast path computes): plain embedding,
+        separate q/k/v, no q/k norms, default scaling, no soft-capping or window, full rotary,
+        no sandwich norms, no final soft-capping."""
+        dims = self.head_dim
+        return (type(self.embed_tokens) is torch.nn.Embedding and self.softcap is None and not self._typed_rope
+                and all(ly.pre_feedforward_layernorm is None and ly.self_attn.lib is not None
+                        and ly.self_attn.qkv_proj is None and ly.self_attn.q_norm is None for ly in self.layers)
+                and self.rotary(torch.tensor([1]))[0].shape[-1] == dims)
 
     # -- the cache -------------------------------------------------------------------------------------
     def kv_dtype(self, name: str = "auto") -> torch.dtype:
@@ -291,17 +372,19 @@ class Decoder(torch.nn.Module):
                 ly.self_attn.v_cache[dst] = ly.self_attn.v_cache[src]
 
     # -- the forward -------------------------------------------------------------------------------------
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (N, head_dim) fp32 of `positions`, from a table the model's rotary module filled
+    def rotary(self, positions: torch.Tensor, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (N, rotary dims) fp32 of `positions`, from a table the model's rotary module filled
         (each entry is inv_freq * position alone, so the table holds what a per-position call gives)."""
         top = int(positions.max())
-        if self._rope is None or top >= self._rope[0].shape[0]:
+        table = self._rope.get(layer_type)
+        if table is None or top >= table[0].shape[0]:
             n = max(256, 2 * (top + 1))
             x = torch.zeros(1, 1, self.config.hidden_size, device=self.device)
-            cos, sin = self.rotary_emb(x, torch.arange(n, device=self.device)[None])
-            self._rope = (cos[0].float().contiguous(), sin[0].float().contiguous())
-        idx = positions.to(self._rope[0].device)
-        return self._rope[0][idx].contiguous(), self._rope[1][idx].contiguous()
+            pos = torch.arange(n, device=self.device)[None]
+            cos, sin = self.rotary_emb(x, pos, layer_type) if self._typed_rope else self.rotary_emb(x, pos)
+            self._rope[layer_type] = table = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        idx = positions.to(table[0].device)
+        return table[0][idx].contiguous(), table[1][idx].contiguous()
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -327,9 +410,16 @@ class Decoder(torch.nn.Module):
         """The batch through the model's modules, every token at once."""
         flat = _Flat.of(batch, self.device)
         x = self.embed_tokens(flat.input_ids[None])[0].to(self.dtype)
-        cos, sin = self.rotary(flat.positions)
-        cos, sin = cos[:, None, :].to(self.dtype), sin[:, None, :].to(self.dtype)
+        rope = {}
+        for t in {ly.self_attn.layer_type if self._typed_rope else None for ly in self.layers}:
+            cos, sin = self.rotary(flat.positions, t)
+            rope[t] = cos[:, None, :].to(self.dtype), sin[:, None, :].to(self.dtype)
+        if not self._typed_rope:
+            rope = {ly.self_attn.layer_type: rope[None] for ly in self.layers}
         for layer in self.layers:
-            x = layer(x, cos, sin, flat)
+            x = layer(x, rope, flat)
         last = torch.tensor(flat.last, device=self.device)
-        return self.head(self.norm(x[last])).float()
+        logits = self.head(self.norm(x[last])).float()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

@@ -1,0 +1,46 @@
+"""Tiny random models of every family the decoder computes (model/decoder.py FAMILIES), built from
+transformers' config classes, with random norm weights and biases (not their init values), so that
+a dropped or misapplied tensor shows."""
+import torch
+
+SMALL = dict(vocab_size=261, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def configs() -> dict:
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    sliding = ["sliding_attention", "full_attention", "sliding_attention"]
+    return {
+        "llama": LlamaConfig(**SMALL),
+        "mistral": MistralConfig(**SMALL, sliding_window=12),
+        "qwen2": Qwen2Config(**SMALL),                                  # q/k/v biases
+        "qwen3": Qwen3Config(**SMALL, head_dim=16),                     # q/k norms
+        "gemma2": Gemma2Config(**SMALL, head_dim=16, query_pre_attn_scalar=24, sliding_window=12,
+                               attn_logit_softcapping=5.0, final_logit_softcapping=3.0, layer_types=sliding),
+        "gemma3_text": Gemma3TextConfig(**SMALL, head_dim=16, query_pre_attn_scalar=24, sliding_window=12,
+                                        layer_types=sliding),
+        "phi3": Phi3Config(**{**SMALL, "tie_word_embeddings": False}, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2),                              # fused qkv and gate_up
+    }
+
+
+def tiny(family: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs()[family]).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name and "gemma" not in family else 0))
+    return model
