@@ -1,5 +1,7 @@
-"""Tensor names of a Llama model in GGUF and in transformers, one table for both directions
-(llama.cpp's convert_hf_to_gguf.py mapping); `{}` stands for the block number.
+"""Tensor names of a decoder model in GGUF and in transformers, one table for both directions
+(llama.cpp's convert_hf_to_gguf.py mapping; weights and biases alike); `{}` stands for the block
+number. ARCH: the GGUF architecture each transformers model_type is written as (llama.cpp's
+converter writes Mistral as `llama`); only `llama` files hold q/k rows in its rotary order.
 
     to_hf("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
     to_gguf("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight"
@@ -21,12 +23,16 @@ PAIRS = (
     ("blk.{}.ffn_gate", "model.layers.{}.mlp.gate_proj"),
     ("blk.{}.ffn_up", "model.layers.{}.mlp.up_proj"),
     ("blk.{}.ffn_down", "model.layers.{}.mlp.down_proj"),
+    ("blk.{}.attn_q_norm", "model.layers.{}.self_attn.q_norm"),    # qwen3
+    ("blk.{}.attn_k_norm", "model.layers.{}.self_attn.k_norm"),
 )
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PERMUTED = ("llama",)  # architectures whose q / k rows llama.cpp's converter permutes
 
 
 def _rules(frm: int) -> list[tuple[re.Pattern, str]]:
-    return [(re.compile(re.escape(p[frm]).replace(r"\{\}", r"(\d+)") + r"\.weight$"),
-             p[1 - frm].replace("{}", r"\1") + ".weight") for p in PAIRS]
+    return [(re.compile(re.escape(p[frm]).replace(r"\{\}", r"(?P<b>\d+)") + r"\.(?P<s>weight|bias)$"),
+             p[1 - frm].replace("{}", r"\g<b>") + r".\g<s>") for p in PAIRS]
 
 
 _TO_HF, _TO_GGUF = _rules(0), _rules(1)

@@ -1,17 +1,18 @@
-"""Write a Llama model as a GGUF file that llama.cpp runs: architecture metadata, the tokenizer
+"""Write a decoder model (formats/gguf_names.ARCH: Llama, Mistral, Qwen2, Qwen3) as a GGUF file that llama.cpp runs: architecture metadata, the tokenizer
 and chat template (copied from the GGUF the model came from), and every tensor in the type a
 mix picks (formats/gguf_mixes.py), quantized by core/kquants.py.
 
     write_gguf("out.gguf", model, "Q4_K_M", source_gguf=path, imatrix={gguf name: (cols,)})
 
-Tensor names and the q/k row order follow llama.cpp's convert_hf_to_gguf.py (its rotary
-permutation); the file is written with the `gguf` package to a temporary name, then renamed.
+The architecture, its metadata keys, tensor names and (for `llama` files) the q/k row order follow
+llama.cpp's convert_hf_to_gguf.py (its rotary permutation); any other model type is refused. The file is written with the `gguf` package to a temporary name, then renamed.
 """
 from __future__ import annotations
 
 import os
 import re
 import struct
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ..model.walker import dense_weight
 from ..record import record
 from .checkpoint import check_writable
 from .gguf_mixes import MIXES, tensor_types
-from .gguf_names import to_gguf
+from .gguf_names import ARCH, PERMUTED, to_gguf
 from .gguf_reader import metadata_fields, read_gguf
 from .gguf_vocab import tokenizer_fields
 from .registry import Format, register_format
@@ -41,7 +42,28 @@ def gguf_name(hf: str) -> str:
     name = to_gguf(hf)
     if name is not None:
         return name
-    raise ModelpressError(f"{hf} has no GGUF name; GGUF export supports Llama-architecture models")
+    raise ModelpressError(f"{hf} has no GGUF name; the model holds a tensor the GGUF export does not know")
+
+
+def gguf_arch(config) -> str:  # noqa: ANN001 (a transformers config)
+    """The GGUF architecture `config`'s model is written as; a ModelpressError for the others."""
+    arch = ARCH.get(getattr(config, "model_type", None))
+    if arch is None:
+        raise ModelpressError(f"GGUF export writes the model types {', '.join(ARCH)}; this model is "
+                              f"{getattr(config, 'model_type', None)!r}. Save it as a checkpoint instead "
+                              "(modelpress save / quantize --format modelpress)")
+    return arch
+
+
+def _permuted(hf: str, t: torch.Tensor, cfg) -> torch.Tensor:  # noqa: ANN001
+    """t in the file's row order: q / k rows permuted for `llama` files (weights and biases alike)."""
+    if gguf_arch(cfg) not in PERMUTED:
+        return t
+    if ".q_proj." in hf:
+        return permute_rope(t, cfg.num_attention_heads)
+    if ".k_proj." in hf:
+        return permute_rope(t, cfg.num_key_value_heads)
+    return t
 
 
 def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -55,6 +77,7 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     Quantized layers contribute their dequantized weight (what they compute with)."""
 
     cfg = model.config
+    gguf_arch(cfg)
     found: dict[str, torch.Tensor] = {}
     for hf, t in model.state_dict().items():
         if to_gguf(hf) is not None:
@@ -66,20 +89,17 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
         found.pop("lm_head.weight", None)
     out = []
     for hf, t in found.items():
-        t = t.detach().float()
-        if hf.endswith("q_proj.weight"):
-            t = permute_rope(t, cfg.num_attention_heads)
-        elif hf.endswith("k_proj.weight"):
-            t = permute_rope(t, cfg.num_key_value_heads)
-        out.append((gguf_name(hf), t.contiguous()))
+        out.append((gguf_name(hf), _permuted(hf, t.detach().float(), cfg).contiguous()))
 
     def order(item: tuple[str, torch.Tensor]) -> tuple:
         n = item[0]
         m = re.match(r"blk\.(\d+)\.(.*)", n)
-        sub = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+        sub = ("attn_norm", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v", "attn_output", "ffn_norm",
+               "ffn_gate", "ffn_up", "ffn_down")
         if m:
-            return (1, int(m.group(1)), sub.index(m.group(2).split(".")[0]))
-        return ({"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}[n], 0, 0)
+            part, kind = m.group(2).split(".")
+            return (1, int(m.group(1)), sub.index(part), kind)
+        return ({"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}[n], 0, 0, "")
 
     return sorted(out, key=order)
 
@@ -90,13 +110,30 @@ def held_blocks(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
     out = {}
     for fqn, m in model.named_modules():
         if hasattr(m, "qdata") and hasattr(m, "kind"):
-            data = m.qdata.cpu()
-            if fqn.endswith("q_proj"):
-                data = permute_rope(data, cfg.num_attention_heads)  # rows move whole: bytes permute alike
-            elif fqn.endswith("k_proj"):
-                data = permute_rope(data, cfg.num_key_value_heads)
+            data = _permuted(f"{fqn}.weight", m.qdata.cpu(), cfg)  # rows move whole: bytes permute alike
             out[gguf_name(f"{fqn}.weight")] = (m.kind, data.contiguous())
     return out
+
+
+def _hparams(writer: Any, cfg, arch: str) -> None:  # noqa: ANN001
+    """The architecture's keys as convert_hf_to_gguf writes them: LlamaModel adds the vocabulary
+    size and the rotary dimensions; every model the key / value length where its config names a
+    head_dim (transformers writes one into every config.json it saves)."""
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_vocab_size(cfg.vocab_size)
+    if cfg.to_dict().get("head_dim") is not None:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
 
 
 def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
@@ -105,7 +142,7 @@ def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:
             for k, v, t, sub in metadata_fields(source_gguf) if k not in _OWN_KEYS]
 
 
-def _writer(path: Path) -> Any:
+def _writer(path: Path, arch: str) -> Any:
     """gguf.GGUFWriter whose arrays of strings or numbers pack in one go: the same bytes (little
     endian), where packing the 49k tokens and merges of a vocabulary item by item takes ~1 s."""
 
@@ -123,7 +160,7 @@ def _writer(path: Path) -> Any:
             fmt = self._simple_value_packing[sub_type]
             return head + struct.pack(f"<{len(val)}{fmt}", *val)
 
-    return Writer(str(path), "llama")
+    return Writer(str(path), arch)
 
 
 def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: str | Path | None = None,
@@ -143,7 +180,13 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
     blocks = held_blocks(model)
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
-    writer = _writer(tmp)
+    arch = gguf_arch(cfg)
+    window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+    if window is not None and window < cfg.max_position_embeddings:
+        warnings.warn(f"the GGUF file computes full attention: llama.cpp's `llama` architecture has no sliding "
+                      f"window, so past {window} tokens llama.cpp's output differs from transformers' (its own "
+                      "converter writes Mistral the same way)", stacklevel=2)
+    writer = _writer(tmp, arch)
     if source_gguf is not None:
         fields = _source_fields(source_gguf)
     elif tokenizer is not None:
@@ -152,19 +195,9 @@ def write_gguf(path: str | Path, model: torch.nn.Module, mix: str, source_gguf: 
     else:
         raise ModelpressError("GGUF export needs the tokenizer: a source GGUF file or a transformers tokenizer")
     for key, value, vtype, sub in fields:
-        if not key.startswith("llama."):
+        if not key.startswith(f"{arch}."):
             writer.add_key_value(key, value, vtype, sub)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
-    writer.add_vocab_size(cfg.vocab_size)
+    _hparams(writer, cfg, arch)
     writer.add_file_type(MIXES[mix][0])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in (extra_metadata or {}).items():

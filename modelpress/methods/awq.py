@@ -27,15 +27,31 @@ from ..nn import IntxLinear
 from ..record import record
 from ..registry import register
 
-# (smooth, balance layers, parent), Llama-family names relative to a block
-MAPPINGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+# (smooth, balance layers, parent) per model_type, names relative to a block (llm-compressor's
+# AWQ_MAPPING_REGISTRY): Llama's for the families whose blocks are Llama's
+LLAMA = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
     ("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     ("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
 )
+# gemma's post_attention_layernorm norms the attention's output; the MLP reads pre_feedforward_layernorm
+GEMMA = tuple((("pre_feedforward_layernorm",) + m[1:]) if m[0] == "post_attention_layernorm" else m for m in LLAMA)
+# phi3's fused layers: a fused smooth layer divides only its last rows, those the balance layer reads
+# (qkv's v part, gate_up's up part)
+PHI3 = (
+    ("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+    ("self_attn.qkv_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    ("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+FUSED = {"self_attn.qkv_proj": 3, "mlp.gate_up_proj": 2}  # parts of phi3's fused layers, the last one read
+MAPPINGS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma2": GEMMA, "gemma3_text": GEMMA,
+            "phi3": PHI3}
+# norms that compute x_hat * (1 + w): gemma's
+UNIT_OFFSET_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 # clipping the query / key weights distorts attention scores more than it saves (AutoAWQ skips them)
-NO_CLIP = ("q_proj", "k_proj")
+NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +129,24 @@ def _search_scales(parent: torch.nn.Module, balance: list[torch.nn.Linear], call
 def _fold(smooth: torch.nn.Module, balance: list[torch.nn.Linear], s: torch.Tensor) -> None:
     for b in balance:
         b.weight.mul_(s.view(1, -1))
-    if smooth.weight.ndim == 1:  # a norm
-        smooth.weight.div_(s)
-    else:  # a linear layer: its output rows
-        smooth.weight.div_(s.view(-1, 1))
+    if smooth.weight.ndim == 1:  # a norm: its output divided by s
+        if type(smooth).__name__ in UNIT_OFFSET_NORMS:  # (1 + w) / s = 1 + ((1 + w) / s - 1)
+            smooth.weight.copy_((1 + smooth.weight) / s - 1)
+        else:
+            smooth.weight.div_(s)
+        return
+    rows = slice(smooth.weight.shape[0] - s.numel(), None)  # a linear layer's output rows (a fused one's last)
+    smooth.weight[rows].div_(s.view(-1, 1))
     if getattr(smooth, "bias", None) is not None:
-        smooth.bias.div_(s)
+        smooth.bias[rows].div_(s)
+
+
+def _reads_its_output(block: torch.nn.Module, smooth: str, first: torch.nn.Linear) -> bool:
+    """Whether `first` (a balance layer) reads all the smooth operation's outputs or, for a fused layer
+    of FUSED parts, its last part (phi3: qkv's v only where the three are as wide, i.e. without
+    grouped-query attention; gate_up's up). Llama's v -> o likewise only without grouped-query attention."""
+    out = _get(block, smooth).weight.shape[0]
+    return out == FUSED.get(smooth, 1) * first.in_features
 
 
 @register(AWQConfig)
@@ -127,12 +155,17 @@ def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Te
     batch = min(config.batch_size, config.search_samples)
     search_batches = -(-config.search_samples // batch)
 
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MAPPINGS:
+        raise ModelpressError(f"AWQ knows the blocks of {', '.join(MAPPINGS)}; this model is {model_type!r}. "
+                              "RTN, NF4 / FP4 and LLM.int8 need only its linear layers and run on it")
+
     def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
         mods = targets[id(block)]
-        mappings = [(sm, [b for b in bal if b in mods], par) for sm, bal, par in MAPPINGS
+        mappings = [(sm, [b for b in bal if b in mods], par) for sm, bal, par in MAPPINGS[model_type]
                     if _get(block, sm) is not None and _get(block, par) is not None and all(b in mods for b in bal)]
         mappings = [(sm, bal, par) for sm, bal, par in mappings  # v -> o needs v's outputs to be o's inputs
-                    if _get(block, sm).weight.shape[0] == mods[bal[0]].in_features]
+                    if _reads_its_output(block, sm, mods[bal[0]])]
         parents = {par: _get(block, par) for _, _, par in mappings}
         with InputStatsCapture(mods, keep_rows=4096) as stats, CallCapture(parents, search_batches) as calls:
             run()

@@ -38,6 +38,16 @@ def check_config(config, state_dict: dict[str, torch.Tensor]) -> None:  # noqa: 
                               f"{min(layers)} to {max(layers)} ({len(layers)}); the files do not match")
 
 
+def _constant_buffers(model: torch.nn.Module) -> None:
+    """Non-persistent buffers that hold a constant the module keeps as a number too (gemma's
+    `embed_scale`, sqrt(hidden_size), beside `scalar_embed_scale`), rebuilt from that number."""
+    for mod in model.modules():
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            value = getattr(mod, f"scalar_{name}", None)
+            if buf.is_meta and isinstance(value, (int, float)):
+                setattr(mod, name, torch.tensor(value, dtype=buf.dtype))
+
+
 def build_causal_lm(config, state_dict: dict[str, torch.Tensor],  # noqa: ANN001 (PretrainedConfig)
                     prepare: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """Construct on the meta device, then assign the given tensors (no init, no copy).
@@ -62,6 +72,7 @@ def build_causal_lm(config, state_dict: dict[str, torch.Tensor],  # noqa: ANN001
     rotary = getattr(model.model, "rotary_emb", None)
     if rotary is not None:
         model.model.rotary_emb = type(rotary)(config=config)
+    _constant_buffers(model)
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -1,4 +1,4 @@
-"""A Llama-architecture GGUF file -> transformers LlamaForCausalLM (fp32) + its tokenizer."""
+"""A GGUF file (llama, qwen2, qwen3) -> its transformers causal LM (fp32) + its tokenizer."""
 from __future__ import annotations
 
 import re
@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from tqdm.auto import tqdm
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 from ..core.kquants import BLOCK
 from ..errors import ModelpressError
-from ..formats.gguf_names import to_hf
+from ..formats.gguf_names import PERMUTED, to_hf
 from ..formats.gguf_reader import GGUFTensor, dequantize, read_gguf
 from ..model.walker import replace
 from ..nn.gguf_linear import GGUFLinear
@@ -30,8 +30,8 @@ def hf_name(gguf_name: str) -> str | None:
     name = to_hf(gguf_name)
     if name is not None:
         return name
-    raise ModelpressError(f"GGUF tensor {gguf_name!r} has no place in a Llama model; "
-                          "only Llama-architecture GGUF files load")
+    raise ModelpressError(f"GGUF tensor {gguf_name!r} has no place in the models modelpress loads from GGUF "
+                          f"({', '.join(CONFIGS)})")
 
 
 def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -53,19 +53,25 @@ def _number(meta: dict[str, Any], key: str, default: Any, kind: type, lo: float,
     return kind(v)
 
 
+# GGUF architecture -> transformers config class (the reverse of formats/gguf_names.ARCH)
+CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+
 def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  # noqa: ANN201
-    """The LlamaConfig a GGUF's metadata describes, every size checked before anything is allocated:
-    within sane bounds, consistent with each other and (`layers`: the blk.N indices its tensors hold)
-    with the tensors the file has."""
+    """The transformers config a GGUF's metadata describes (CONFIGS: its architecture), every size
+    checked before anything is allocated: within sane bounds, consistent with each other and
+    (`layers`: the blk.N indices its tensors hold) with the tensors the file has."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelpressError(f"GGUF architecture {arch!r} is not supported yet; only 'llama' models load")
-    a = "llama."
+    if arch not in CONFIGS:
+        raise ModelpressError(f"GGUF architecture {arch!r} is not supported yet; modelpress loads "
+                              f"{', '.join(CONFIGS)} files")
+    a = f"{arch}."
     tokens = meta.get("tokenizer.ggml.tokens")
     heads = _number(meta, a + "attention.head_count", None, int, 1, 1024)
     hidden = _number(meta, a + "embedding_length", None, int, 1, 1 << 17)
     kv = _number(meta, a + "attention.head_count_kv", heads, int, 1, heads)
-    head_dim = _number(meta, a + "rope.dimension_count", hidden // heads or 1, int, 1, 1 << 12)
+    head_dim = _number(meta, a + ("rope.dimension_count" if arch == "llama" else "attention.key_length"),
+                       hidden // heads or 1, int, 1, 1 << 12)
     vocab = _number(meta, a + "vocab_size", len(tokens) if isinstance(tokens, list) else None, int, 1, 1 << 22)
     blocks = _number(meta, a + "block_count", None, int, 1, 1024)
     if heads % kv or head_dim % 2 or hidden % heads:
@@ -74,7 +80,7 @@ def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  
     if layers is not None and layers != blocks:
         raise ModelpressError(f"GGUF metadata says {blocks} blocks but the file's tensors hold {layers}; "
                               "the file is corrupt")
-    return LlamaConfig(
+    return CONFIGS[arch](
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=_number(meta, a + "feed_forward_length", None, int, 1, 1 << 20),
         num_hidden_layers=blocks, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
@@ -106,9 +112,9 @@ def _state_dict(tensors: list[GGUFTensor], config, keep_blocks: bool = False  # 
         kind = _block_type(t, name) if keep_blocks else None
         # a kept tensor's raw rows (blocks never cross a row) take the same row order as its values
         w = np.asarray(t.data) if kind is not None else dequantize(t)
-        if name.endswith("q_proj.weight"):
+        if config.model_type in PERMUTED and ".q_proj." in name:  # weights and biases
             w = unpermute_rope(w, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif config.model_type in PERMUTED and ".k_proj." in name:
             w = unpermute_rope(w, config.num_key_value_heads)
         if kind is not None:
             kept[name[: -len(".weight")]] = (kind, t.shape[-1])

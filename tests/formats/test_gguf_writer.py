@@ -106,6 +106,6 @@ def test_fast_array_packing_writes_the_gguf_packages_bytes(tmp_path, source_gguf
     model = tiny_llama(vocab_size=VOCAB)
     ours, stock = tmp_path / "ours.gguf", tmp_path / "stock.gguf"
     write_gguf(ours, model, "Q8_0", source_gguf, progress=False)
-    monkeypatch.setattr(gguf_writer, "_writer", lambda path: gguf.GGUFWriter(str(path), "llama"))
+    monkeypatch.setattr(gguf_writer, "_writer", lambda path, arch: gguf.GGUFWriter(str(path), arch))
     write_gguf(stock, model, "Q8_0", source_gguf, progress=False)
     assert ours.read_bytes() == stock.read_bytes()

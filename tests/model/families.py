@@ -33,11 +33,11 @@ def configs() -> dict:
     }
 
 
-def tiny(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny(family: str, seed: int = 0, config=None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(configs()[family]).eval()
+    model = AutoModelForCausalLM.from_config(config or configs()[family]).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -43,3 +43,17 @@ def test_engine_greedy_equals_transformers(family):
     assert one[0].outputs[0].token_ids == hf_greedy_ids(model, torch.tensor([prompts[0]]), 16)
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy_ids(model, torch.tensor([p]), 16), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_folder_loads_with_transformers_logits(family, tmp_path):
+    import modelpress
+
+    model = tiny(family)
+    model.save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    loaded, _ = modelpress.load(tmp_path)
+    x = torch.randint(3, 261, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, got = model(x).logits, loaded(x).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())

@@ -1,0 +1,90 @@
+"""GGUF export and import of the families llama.cpp's converter writes (formats/gguf_names.ARCH):
+a round trip gives transformers' logits (F32 exactly; Q8_0 close), llama.cpp's own converter
+(convert_hf_to_gguf.py from the llama-cpp-python sdist, which `bin/setup test` unpacks into .peers/)
+writes the same architecture, keys, tensor names, shapes and F32 bytes, and the other families are
+refused by name."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+import modelpress
+from modelpress.errors import ModelpressError
+from modelpress.formats.gguf_names import ARCH
+from modelpress.model.decoder import FAMILIES
+from tests.conftest import byte_tokenizer
+from tests.model.families import configs, tiny
+
+CONVERTER = Path(os.environ.get("MODELPRESS_LLAMA_CPP", Path(__file__).resolve().parents[2] / ".peers" / "llama.cpp"))
+X = torch.randint(3, 261, (2, 24), generator=torch.Generator().manual_seed(4))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("mix", ["F32", "Q8_0"])
+def test_round_trip_gives_transformers_logits(family, mix, tmp_path):
+    model = tiny(family)
+    path = tmp_path / "m.gguf"
+    modelpress.export_gguf(model, byte_tokenizer(), path, mix, progress=False)
+    loaded, _ = modelpress.load(path)
+    assert GGUFReader(path).fields["general.architecture"].contents() == ARCH[family]
+    ref, got = _logits(model), _logits(loaded)
+    if mix == "F32":
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    else:  # Q8_0 rounding of every linear layer
+        assert (got - ref).abs().max() < 0.05 * ref.abs().max() and (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(ARCH)))
+def test_other_families_are_refused_by_name(family, tmp_path):
+    with pytest.raises(ModelpressError, match=f"'{family}'"):
+        modelpress.export_gguf(tiny(family), byte_tokenizer(), tmp_path / "m.gguf", "F32", progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])  # qwen2: the converter refuses SmolLM2's pre-tokenizer
+def test_export_equals_llama_cpps_converter(family, tmp_path, default_model):
+    if not (CONVERTER / "convert_hf_to_gguf.py").exists():
+        pytest.skip(f"llama.cpp's converter is not at {CONVERTER} (bin/setup test unpacks it; or set MODELPRESS_LLAMA_CPP)")
+    pytest.importorskip("sentencepiece", reason="the converter imports sentencepiece")
+    _, tok = default_model
+    cfg = configs()[family]
+    cfg.vocab_size = len(tok)
+    model = tiny(family, config=cfg)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(CONVERTER / "gguf-py")}
+    subprocess.run([sys.executable, str(CONVERTER / "convert_hf_to_gguf.py"), str(tmp_path), "--outfile",
+                    str(tmp_path / "theirs.gguf"), "--outtype", "f32"], check=True, env=env, capture_output=True)
+    loaded, ltok = modelpress.load(tmp_path)
+    with pytest.warns(UserWarning, match="sliding") if family == "mistral" else _nothing():
+        modelpress.export_gguf(loaded, ltok, tmp_path / "ours.gguf", "F32", progress=False)
+    ours, theirs = GGUFReader(tmp_path / "ours.gguf"), GGUFReader(tmp_path / "theirs.gguf")
+
+    def keys(r):
+        return {k: r.fields[k].contents() for k in r.fields if not k.startswith(("general.", "GGUF.", "tokenizer."))}
+
+    assert ours.fields["general.architecture"].contents() == theirs.fields["general.architecture"].contents()
+    assert keys(ours) == keys(theirs)
+    a, b = {t.name: t for t in ours.tensors}, {t.name: t for t in theirs.tensors}
+    assert set(a) == set(b)
+    for name in b:
+        assert list(a[name].shape) == list(b[name].shape) and np.array_equal(np.asarray(a[name].data),
+                                                                             np.asarray(b[name].data)), name
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
