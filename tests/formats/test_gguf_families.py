@@ -88,3 +88,25 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("family", sorted(ARCH))
+def test_llama_cpp_runs_our_export_with_transformers_logits(family, tmp_path, default_model):
+    """llama.cpp (llama-cpp-python) on our F32 file, the default model's vocabulary: its logits are
+    transformers' within its fp16 KV cache's rounding, the same top token at every position."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a peer) is not installed")
+    _, tok = default_model
+    cfg = configs()[family]
+    cfg.vocab_size = len(tok)
+    model = tiny(family, config=cfg)
+    path = tmp_path / "m.gguf"
+    modelpress.export_gguf(model, tok, path, "F32", progress=False)
+    ids = [1, 504, 3000, 17, 42, 9000, 7, 311, 5]  # fewer than mistral's window of 12
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    assert ours.std() > 0.1
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3 * max(1.0, ours.abs().max().item()))
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
