@@ -26,16 +26,44 @@ PAIRS = (
     ("blk.{}.attn_q_norm", "model.layers.{}.self_attn.q_norm"),    # qwen3
     ("blk.{}.attn_k_norm", "model.layers.{}.self_attn.k_norm"),
 )
-ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# gemma's four norms a block: post_attention_layernorm norms the attention's output there
+GEMMA = (
+    ("blk.{}.post_attention_norm", "model.layers.{}.post_attention_layernorm"),
+    ("blk.{}.ffn_norm", "model.layers.{}.pre_feedforward_layernorm"),
+    ("blk.{}.post_ffw_norm", "model.layers.{}.post_feedforward_layernorm"),
+)
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+        "gemma3_text": "gemma3"}
 PERMUTED = ("llama",)  # architectures whose q / k rows llama.cpp's converter permutes
+NORM_PLUS_ONE = ("gemma2", "gemma3")  # files that store gemma's (1 + w) norms as 1 + w (its converter adds 1)
 
 
-def _rules(frm: int) -> list[tuple[re.Pattern, str]]:
+def llama_cpp_layer_types(arch: str, n: int) -> list[str]:
+    """The sliding / full pattern llama.cpp applies (gemma2: even layers slide; gemma3: five of six)."""
+    slides = (lambda i: i % 2 == 0) if arch == "gemma2" else (lambda i: (i + 1) % 6 != 0)
+    return ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]
+
+
+def llama_cpp_query_scalar(arch: str, cfg) -> int:  # noqa: ANN001 (a transformers config)
+    """The query_pre_attn_scalar llama.cpp assumes: hidden / heads for the 27B models (46 layers of
+    gemma2, 62 of gemma3), else the head size."""
+    big = cfg.num_hidden_layers == (46 if arch == "gemma2" else 62)
+    return cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim
+
+
+def _rules(pairs: tuple, frm: int) -> list[tuple[re.Pattern, str]]:
     return [(re.compile(re.escape(p[frm]).replace(r"\{\}", r"(?P<b>\d+)") + r"\.(?P<s>weight|bias)$"),
-             p[1 - frm].replace("{}", r"\g<b>") + r".\g<s>") for p in PAIRS]
+             p[1 - frm].replace("{}", r"\g<b>") + r".\g<s>") for p in pairs]
 
 
-_TO_HF, _TO_GGUF = _rules(0), _rules(1)
+def _pairs(arch: str) -> tuple:
+    if arch not in NORM_PLUS_ONE:
+        return PAIRS
+    own = {hf for _, hf in GEMMA}
+    return GEMMA + tuple(p for p in PAIRS if p[1] not in own)
+
+
+_RULES = {arch: (_rules(_pairs(arch), 0), _rules(_pairs(arch), 1)) for arch in set(ARCH.values())}
 
 
 def _map(name: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
@@ -45,9 +73,9 @@ def _map(name: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
     return None
 
 
-def to_hf(gguf_name: str) -> str | None:
-    return _map(gguf_name, _TO_HF)
+def to_hf(gguf_name: str, arch: str = "llama") -> str | None:
+    return _map(gguf_name, _RULES[arch][0])
 
 
-def to_gguf(hf_name: str) -> str | None:
-    return _map(hf_name, _TO_GGUF)
+def to_gguf(hf_name: str, arch: str = "llama") -> str | None:
+    return _map(hf_name, _RULES[arch][1])

@@ -29,7 +29,14 @@ from ..model.walker import dense_weight
 from ..record import record
 from .checkpoint import check_writable
 from .gguf_mixes import MIXES, tensor_types
-from .gguf_names import ARCH, PERMUTED, to_gguf
+from .gguf_names import (
+    ARCH,
+    NORM_PLUS_ONE,
+    PERMUTED,
+    llama_cpp_layer_types,
+    llama_cpp_query_scalar,
+    to_gguf,
+)
 from .gguf_reader import metadata_fields, read_gguf
 from .gguf_vocab import tokenizer_fields
 from .registry import Format, register_format
@@ -38,8 +45,8 @@ from .registry import Format, register_format
 _OWN_KEYS = ("general.file_type", "general.quantization_version", "general.alignment", "general.architecture")
 
 
-def gguf_name(hf: str) -> str:
-    name = to_gguf(hf)
+def gguf_name(hf: str, arch: str = "llama") -> str:
+    name = to_gguf(hf, arch)
     if name is not None:
         return name
     raise ModelpressError(f"{hf} has no GGUF name; the model holds a tensor the GGUF export does not know")
@@ -56,8 +63,12 @@ def gguf_arch(config) -> str:  # noqa: ANN001 (a transformers config)
 
 
 def _permuted(hf: str, t: torch.Tensor, cfg) -> torch.Tensor:  # noqa: ANN001
-    """t in the file's row order: q / k rows permuted for `llama` files (weights and biases alike)."""
-    if gguf_arch(cfg) not in PERMUTED:
+    """t as the file holds it: q / k rows permuted for `llama` files (weights and biases alike),
+    gemma's norms as 1 + w."""
+    arch = gguf_arch(cfg)
+    if arch in NORM_PLUS_ONE and hf.endswith("norm.weight"):
+        return t + 1
+    if arch not in PERMUTED:
         return t
     if ".q_proj." in hf:
         return permute_rope(t, cfg.num_attention_heads)
@@ -77,10 +88,10 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     Quantized layers contribute their dequantized weight (what they compute with)."""
 
     cfg = model.config
-    gguf_arch(cfg)
+    arch = gguf_arch(cfg)
     found: dict[str, torch.Tensor] = {}
     for hf, t in model.state_dict().items():
-        if to_gguf(hf) is not None:
+        if to_gguf(hf, arch) is not None:
             found[hf] = t
     for name, mod in model.named_modules():  # quantized linear layers: their effective weight
         if hasattr(mod, "dequantize") and not list(mod.children()) and f"{name}.weight" not in found:
@@ -89,13 +100,13 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
         found.pop("lm_head.weight", None)
     out = []
     for hf, t in found.items():
-        out.append((gguf_name(hf), _permuted(hf, t.detach().float(), cfg).contiguous()))
+        out.append((gguf_name(hf, arch), _permuted(hf, t.detach().float(), cfg).contiguous()))
 
     def order(item: tuple[str, torch.Tensor]) -> tuple:
         n = item[0]
         m = re.match(r"blk\.(\d+)\.(.*)", n)
-        sub = ("attn_norm", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v", "attn_output", "ffn_norm",
-               "ffn_gate", "ffn_up", "ffn_down")
+        sub = ("attn_norm", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v", "attn_output",
+               "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm")
         if m:
             part, kind = m.group(2).split(".")
             return (1, int(m.group(1)), sub.index(part), kind)
@@ -111,7 +122,7 @@ def held_blocks(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
     for fqn, m in model.named_modules():
         if hasattr(m, "qdata") and hasattr(m, "kind"):
             data = _permuted(f"{fqn}.weight", m.qdata.cpu(), cfg)  # rows move whole: bytes permute alike
-            out[gguf_name(f"{fqn}.weight")] = (m.kind, data.contiguous())
+            out[gguf_name(f"{fqn}.weight", gguf_arch(cfg))] = (m.kind, data.contiguous())
     return out
 
 
@@ -126,14 +137,40 @@ def _hparams(writer: Any, cfg, arch: str) -> None:  # noqa: ANN001
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if arch in NORM_PLUS_ONE:
+        _gemma_hparams(writer, cfg, arch, head_dim)
+        return
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
         writer.add_vocab_size(cfg.vocab_size)
     if cfg.to_dict().get("head_dim") is not None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def _gemma_hparams(writer: Any, cfg, arch: str, head_dim: int) -> None:  # noqa: ANN001
+    """gemma2 / gemma3 keys as convert_hf_to_gguf writes them. llama.cpp's file has no place for the
+    layers' sliding pattern or the query scale (it derives them): a model that differs is refused."""
+    if list(cfg.layer_types) != llama_cpp_layer_types(arch, cfg.num_hidden_layers) or \
+            cfg.query_pre_attn_scalar != llama_cpp_query_scalar(arch, cfg):
+        raise ModelpressError(f"this {arch} model's sliding-window layers or query scale differ from those llama.cpp "
+                              "derives for the architecture; a GGUF file would compute another model")
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        return
+    rope = cfg.rope_parameters
+    if any(r.get("rope_type", "default") != "default" for r in rope.values()):
+        raise ModelpressError("GGUF export writes gemma3 models with plain rotary embeddings; this one scales them")
+    writer.add_rope_freq_base(float(rope["full_attention"]["rope_theta"]))
+    writer.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
+    if cfg.final_logit_softcapping:
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
 
 
 def _source_fields(source_gguf: str | Path) -> list[tuple[str, Any, Any, Any]]:

@@ -9,11 +9,24 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from ..core.kquants import BLOCK
 from ..errors import ModelpressError
-from ..formats.gguf_names import PERMUTED, to_hf
+from ..formats.gguf_names import (
+    ARCH,
+    NORM_PLUS_ONE,
+    PERMUTED,
+    llama_cpp_layer_types,
+    llama_cpp_query_scalar,
+    to_hf,
+)
 from ..formats.gguf_reader import GGUFTensor, dequantize, read_gguf
 from ..model.walker import replace
 from ..nn.gguf_linear import GGUFLinear
@@ -24,10 +37,10 @@ from .gguf_tokenizer import check_vocab, tokenizer_from_gguf
 _SKIP = re.compile(r"rope_freqs\.weight$|blk\.\d+\.attn_rot_embd")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if _SKIP.match(gguf_name):
         return None
-    name = to_hf(gguf_name)
+    name = to_hf(gguf_name, arch)
     if name is not None:
         return name
     raise ModelpressError(f"GGUF tensor {gguf_name!r} has no place in the models modelpress loads from GGUF "
@@ -54,7 +67,8 @@ def _number(meta: dict[str, Any], key: str, default: Any, kind: type, lo: float,
 
 
 # GGUF architecture -> transformers config class (the reverse of formats/gguf_names.ARCH)
-CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma2": Gemma2Config,
+           "gemma3": Gemma3TextConfig}
 
 
 def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  # noqa: ANN201
@@ -81,17 +95,41 @@ def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  
         raise ModelpressError(f"GGUF metadata says {blocks} blocks but the file's tensors hold {layers}; "
                               "the file is corrupt")
     return CONFIGS[arch](
+        **_arch_fields(meta, arch, blocks, hidden, heads, head_dim),
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=_number(meta, a + "feed_forward_length", None, int, 1, 1 << 20),
         num_hidden_layers=blocks, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
         rms_norm_eps=_number(meta, a + "attention.layer_norm_rms_epsilon", 1e-5, float, 1e-12, 1.0),
-        rope_theta=_number(meta, a + "rope.freq_base", 10000.0, float, 1.0, 1e12),
         max_position_embeddings=_number(meta, a + "context_length", 2048, int, 1, 1 << 24),
         tie_word_embeddings=tied,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
+
+
+def _arch_fields(meta: dict[str, Any], arch: str, blocks: int, hidden: int, heads: int, head_dim: int
+                 ) -> dict[str, Any]:
+    """The config fields one architecture's keys give: the rotary base; for gemma the window, the
+    soft-capping and what llama.cpp derives (the sliding layers, the query scale)."""
+    a = f"{arch}."
+    theta = _number(meta, a + "rope.freq_base", 10000.0 if arch != "gemma3" else 1e6, float, 1.0, 1e12)
+    if arch not in NORM_PLUS_ONE:
+        return {"rope_theta": theta}
+    shape = type("Shape", (), {"num_hidden_layers": blocks, "hidden_size": hidden, "num_attention_heads": heads,
+                               "head_dim": head_dim})
+    out = {"sliding_window": _number(meta, a + "attention.sliding_window", 4096, int, 1, 1 << 24),
+           "layer_types": llama_cpp_layer_types(arch, blocks), "query_pre_attn_scalar": llama_cpp_query_scalar(arch, shape)}
+    cap = meta.get(a + "final_logit_softcapping")
+    out["final_logit_softcapping"] = None if cap is None else _number(meta, a + "final_logit_softcapping", 30.0, float, 1e-3, 1e6)
+    if arch == "gemma2":
+        out["attn_logit_softcapping"] = _number(meta, a + "attn_logit_softcapping", 50.0, float, 1e-3, 1e6)
+        out["rope_theta"] = theta
+    else:
+        local = _number(meta, a + "rope.freq_base_swa", 10000.0, float, 1.0, 1e12)
+        out["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": theta},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    return out
 
 
 def _block_type(t: GGUFTensor, name: str) -> str | None:
@@ -105,16 +143,19 @@ def _state_dict(tensors: list[GGUFTensor], config, keep_blocks: bool = False  # 
                 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, int]]]:
     """(state dict, {module name: (GGUF type, in_features)} of the layers kept in blocks)."""
     sd, kept = {}, {}
+    arch = ARCH[config.model_type]  # the file's architecture
     for t in tqdm(tensors, desc="load" if keep_blocks else "dequantize", unit="tensor", leave=False, mininterval=1.0):
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         kind = _block_type(t, name) if keep_blocks else None
         # a kept tensor's raw rows (blocks never cross a row) take the same row order as its values
         w = np.asarray(t.data) if kind is not None else dequantize(t)
-        if config.model_type in PERMUTED and ".q_proj." in name:  # weights and biases
+        if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):  # stored as 1 + w
+            w = w - np.float32(1)
+        elif arch in PERMUTED and ".q_proj." in name:  # weights and biases
             w = unpermute_rope(w, config.num_attention_heads)
-        elif config.model_type in PERMUTED and ".k_proj." in name:
+        elif arch in PERMUTED and ".k_proj." in name:
             w = unpermute_rope(w, config.num_key_value_heads)
         if kind is not None:
             kept[name[: -len(".weight")]] = (kind, t.shape[-1])

@@ -29,19 +29,47 @@ def _logits(model):
         return model(X).logits
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def gguf_config(family, vocab_size=None):
+    """The family's tiny config, with what llama.cpp derives rather than reads (gemma's sliding layers
+    and query scale) as llama.cpp derives it."""
+    from modelpress.formats.gguf_names import llama_cpp_layer_types
+
+    cfg = configs()[family]
+    if family == "mistral":  # llama.cpp's `llama` files hold no window (test_a_windowed_mistral_warns)
+        cfg.sliding_window = None
+    if "gemma" in family:
+        cfg.num_hidden_layers = 6
+        cfg.layer_types = llama_cpp_layer_types(ARCH[family], 6)
+        cfg.query_pre_attn_scalar = cfg.head_dim
+    if vocab_size:
+        cfg.vocab_size = vocab_size
+    return cfg
+
+
+@pytest.mark.parametrize("family", sorted(ARCH))
 @pytest.mark.parametrize("mix", ["F32", "Q8_0"])
 def test_round_trip_gives_transformers_logits(family, mix, tmp_path):
-    model = tiny(family)
+    model = tiny(family, config=gguf_config(family))
     path = tmp_path / "m.gguf"
     modelpress.export_gguf(model, byte_tokenizer(), path, mix, progress=False)
     loaded, _ = modelpress.load(path)
     assert GGUFReader(path).fields["general.architecture"].contents() == ARCH[family]
     ref, got = _logits(model), _logits(loaded)
-    if mix == "F32":
+    if mix == "F32":  # gemma's norms go through 1 + w and back: one rounding
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
     else:  # Q8_0 rounding of every linear layer
         assert (got - ref).abs().max() < 0.05 * ref.abs().max() and (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_windowed_mistral_warns_that_the_file_has_no_window(tmp_path):
+    with pytest.warns(UserWarning, match="no sliding window, so past 12 tokens"):
+        modelpress.export_gguf(tiny("mistral"), byte_tokenizer(), tmp_path / "m.gguf", "F32", progress=False)
+
+
+def test_gemma_that_llama_cpp_would_compute_otherwise_is_refused(tmp_path):
+    with pytest.raises(ModelpressError, match="llama.cpp derives"):  # the tiny gemma2's query scale is 24, not 16
+        modelpress.export_gguf(tiny("gemma2"), byte_tokenizer(), tmp_path / "m.gguf", "F32", progress=False)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(ARCH)))
@@ -51,23 +79,21 @@ def test_other_families_are_refused_by_name(family, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3"])  # qwen2: the converter refuses SmolLM2's pre-tokenizer
+# qwen2: the converter refuses SmolLM2's pre-tokenizer; gemma2: it reads only a SentencePiece vocabulary
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3_text"])
 def test_export_equals_llama_cpps_converter(family, tmp_path, default_model):
     if not (CONVERTER / "convert_hf_to_gguf.py").exists():
         pytest.skip(f"llama.cpp's converter is not at {CONVERTER} (bin/setup test unpacks it; or set MODELPRESS_LLAMA_CPP)")
     pytest.importorskip("sentencepiece", reason="the converter imports sentencepiece")
     _, tok = default_model
-    cfg = configs()[family]
-    cfg.vocab_size = len(tok)
-    model = tiny(family, config=cfg)
+    model = tiny(family, config=gguf_config(family, len(tok)))
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(CONVERTER / "gguf-py")}
     subprocess.run([sys.executable, str(CONVERTER / "convert_hf_to_gguf.py"), str(tmp_path), "--outfile",
                     str(tmp_path / "theirs.gguf"), "--outtype", "f32"], check=True, env=env, capture_output=True)
     loaded, ltok = modelpress.load(tmp_path)
-    with pytest.warns(UserWarning, match="sliding") if family == "mistral" else _nothing():
-        modelpress.export_gguf(loaded, ltok, tmp_path / "ours.gguf", "F32", progress=False)
+    modelpress.export_gguf(loaded, ltok, tmp_path / "ours.gguf", "F32", progress=False)
     ours, theirs = GGUFReader(tmp_path / "ours.gguf"), GGUFReader(tmp_path / "theirs.gguf")
 
     def keys(r):
@@ -82,23 +108,13 @@ def test_export_equals_llama_cpps_converter(family, tmp_path, default_model):
                                                                              np.asarray(b[name].data)), name
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.mark.parametrize("family", sorted(ARCH))
 def test_llama_cpp_runs_our_export_with_transformers_logits(family, tmp_path, default_model):
     """llama.cpp (llama-cpp-python) on our F32 file, the default model's vocabulary: its logits are
     transformers' within its fp16 KV cache's rounding, the same top token at every position."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a peer) is not installed")
     _, tok = default_model
-    cfg = configs()[family]
-    cfg.vocab_size = len(tok)
-    model = tiny(family, config=cfg)
+    model = tiny(family, config=gguf_config(family, len(tok)))
     path = tmp_path / "m.gguf"
     modelpress.export_gguf(model, tok, path, "F32", progress=False)
     ids = [1, 504, 3000, 17, 42, 9000, 7, 311, 5]  # fewer than mistral's window of 12
