@@ -30,6 +30,7 @@ typedef struct {
     const void *w;
     const float *scale, *offset;   /* offset NULL: symmetric codes, offset = zero * scale */
     float zero;
+    const float *bias;             /* (n) added to every output row, or NULL (qwen2's q / k / v) */
 } mp_linear;
 
 typedef struct {

@@ -65,7 +65,12 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
                 ys[c * B + b][o] = mp_linear_row(l, o, x + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }
     }
-    for (int c = 0; c < cnt; c++) free(xs[c]);
+    for (int c = 0; c < cnt; c++) {
+        free(xs[c]);
+        if (ls[c]->bias)  /* after the whole product, as torch adds a bias */
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t o = 0; o < ls[c]->n; o++) ys[c * B + b][o] += ls[c]->bias[o];
+    }
     for (int r = 0; r < 3; r++)
         if (made[r]) mp_acts_free(&acts[r]);
 }

@@ -144,7 +144,7 @@ def paged_attention(lib: ctypes.CDLL, q: torch.Tensor, n_kv: int, k_cache: torch
 # -- the fused decoder's structures (blocks.c's mp_linear and mp_layer) -----------------------------
 class Linear(ctypes.Structure):
     _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("g", _I), ("w", _P), ("scale", _P), ("offset", _P),
-                ("zero", ctypes.c_float)]
+                ("zero", ctypes.c_float), ("bias", _P)]
 
 
 class Layer(ctypes.Structure):
@@ -153,10 +153,14 @@ class Layer(ctypes.Structure):
 
 
 def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.Tensor | None = None,
-           offset: torch.Tensor | None = None, zero: float = 0.0) -> Linear:
+           offset: torch.Tensor | None = None, zero: float = 0.0, bias: torch.Tensor | None = None) -> Linear:
     """An mp_linear over tensors the caller keeps alive: fp32 rows (kinds F32), uint8 codes with scales
-    (AFFINE; offset None: symmetric, offset = zero * scale) or GGUF blocks as bytes."""
-    return Linear(kind, n, k, group, _p(w, (F32, U8), "w"), _p(scale, F32, "scale"), _p(offset, F32, "offset"), zero)
+    (AFFINE; offset None: symmetric, offset = zero * scale) or GGUF blocks as bytes; a bias (n,) fp32
+    added to its outputs, or None."""
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias: expected ({n},), got {tuple(bias.shape)}")
+    return Linear(kind, n, k, group, _p(w, (F32, U8), "w"), _p(scale, F32, "scale"), _p(offset, F32, "offset"), zero,
+                  _p(bias, F32, "bias"))
 
 
 def layer(attn_norm: torch.Tensor, ffn_norm: torch.Tensor, linears: list[Linear]) -> Layer:

@@ -18,7 +18,7 @@ token instead of 6.4 ms for the fp32 copy), and then the final norm and that hea
 (mp_llama_logits; the norm's sums in float64, as ggml's rms_norm and the layers' norms here).
 
 Used where the kernels build and the model computes in fp32 on a CPU with block linears that are all
-GGUFLinear or fp32 nn.Linear without bias; otherwise `FusedDecoder.build` returns None and the
+GGUFLinear or fp32 nn.Linear (biases added after the product, qwen2's); otherwise `FusedDecoder.build` returns None and the
 decoder keeps its torch path.
 """
 from __future__ import annotations
@@ -40,6 +40,15 @@ from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their block
 _ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
 
 
+def _bias(mod: torch.nn.Module, keep: list) -> torch.Tensor | None:
+    b = getattr(mod, "bias", None)
+    if b is None:
+        return None
+    b = b.detach().float().contiguous()
+    keep.append(b)
+    return b
+
+
 def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None:  # noqa: ANN001
     if isinstance(mod, GGUFLinear) and int8 and mod.kind in BLOCK_KERNELS:
         q = mod.qdata.contiguous()
@@ -49,19 +58,19 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None: 
             # bytes; the module keeps its own): 1536 x 576 at 32 rows 0.16 -> 0.05 ms on 2 threads
             q, kind = ops.pack_q8_0x16(lib, q, mod.out_features, mod.in_features), KIND["Q8_0x16"]
         keep.append(q)
-        return ops.linear(kind, mod.out_features, mod.in_features, 32, q)
+        return ops.linear(kind, mod.out_features, mod.in_features, 32, q, bias=_bias(mod, keep))
     if isinstance(mod, GGUFLinear):
         q, scale, offset = mod.affine()
         keep += [q, scale, offset]
         zero = _ZERO.get(mod.kind)
         return ops.linear(KIND["AFFINE"], mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q, scale,
-                          None if zero is not None else offset, zero or 0.0)
-    if type(mod) in (torch.nn.Linear, DenseLinear) and mod.bias is None and mod.weight.dtype == torch.float32:
+                          None if zero is not None else offset, zero or 0.0, bias=_bias(mod, keep))
+    if type(mod) in (torch.nn.Linear, DenseLinear) and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()
         if not w.is_contiguous():
             w = w.contiguous()
         keep.append(w)
-        return ops.linear(KIND["F32"], mod.out_features, mod.in_features, 1, w)
+        return ops.linear(KIND["F32"], mod.out_features, mod.in_features, 1, w, bias=_bias(mod, keep))
     return None
 
 

@@ -183,7 +183,7 @@ def load_gguf(path: str | Path, keep_blocks: bool = False) -> tuple[torch.nn.Mod
 
     def prepare(model: torch.nn.Module) -> None:
         for module, (kind, cols) in kept.items():
-            replace(model, module, GGUFLinear.from_blocks(sd[module + ".qdata"], kind, cols))
+            replace(model, module, GGUFLinear.from_blocks(sd[module + ".qdata"], kind, cols, sd.get(module + ".bias")))
 
     model = build_causal_lm(config, sd, prepare)
     if keep_blocks and tied:  # the tied head's own blocks, for decode kernels (model/fused_decode.py)

@@ -49,7 +49,7 @@ def int8_activations(rows: int = 1 << 62) -> Iterator[None]:
 
 class GGUFLinear(torch.nn.Module):
 
-    def __init__(self, in_features: int, out_features: int, kind: str) -> None:
+    def __init__(self, in_features: int, out_features: int, kind: str, bias: bool = False) -> None:
         super().__init__()
         if kind not in kquants.BLOCK:
             raise ValueError(f"GGUF type {kind} is not one of {', '.join(kquants.TYPES)}")
@@ -58,21 +58,25 @@ class GGUFLinear(torch.nn.Module):
             raise ValueError(f"{kind} rows hold whole blocks of {block}; in_features {in_features} is not a multiple")
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
         self.register_buffer("qdata", torch.zeros(out_features, in_features // block * nbytes, dtype=torch.uint8))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None  # qwen2's q / k / v: fp32
         self._affine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_blocks(cls, data: torch.Tensor, kind: str, in_features: int) -> "GGUFLinear":
+    def from_blocks(cls, data: torch.Tensor, kind: str, in_features: int, bias: torch.Tensor | None = None
+                    ) -> "GGUFLinear":
         m = cls.__new__(cls)
         torch.nn.Module.__init__(m)
         m.in_features, m.out_features, m.kind = in_features, data.shape[0], kind
         m.register_buffer("qdata", data)
+        m.bias = None if bias is None else torch.nn.Parameter(bias.float(), requires_grad=False)
         m._affine = None
         return m
 
     def meta(self) -> dict[str, object]:
         """What the checkpoint manifest records to rebuild the module (formats/checkpoint.py)."""
-        return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
-                "kind": self.kind}
+        own = {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+               "kind": self.kind}
+        return {**own, "bias": True} if self.bias is not None else own
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes uint8 (out, in), scale, offset fp32 (out, in / g)), decoded once."""
@@ -91,6 +95,10 @@ class GGUFLinear(torch.nn.Module):
         return w.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._product(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.kind in BLOCK_KERNELS and kernel_allowed(x, rows, _INT8_ROWS.get()) and x.dtype == torch.float32:
             y = self.int8_product(x.reshape(rows, self.in_features))

@@ -210,11 +210,28 @@ def test_kv_dtype_the_model_cannot_take_is_a_clear_error():
     assert ModelRunner(tiny_llama(), 4, 4).kv_dtype == torch.float32
 
 
-def test_a_biased_linear_keeps_the_torch_path():
-    model = tiny_llama()
-    q = model.model.layers[1].self_attn.q_proj
-    q.bias = torch.nn.Parameter(torch.zeros(q.out_features))
-    assert FusedDecoder.build(ModelRunner(model, 4, 4).decoder) is None
+@pytest.mark.parametrize("blocks", [False, True], ids=["fp32", "gguf-Q8_0"])
+def test_qwen2_biases_take_the_fused_path_with_the_torch_paths_numbers(blocks, tmp_path):
+    """Qwen2's q / k / v biases are added in C after the product (mp_linears_apply): fp32 weights or
+    Q8_0 blocks (with int8 activations in both paths), the fused decode gives the torch path's logits."""
+    import modelpress
+    from tests.conftest import byte_tokenizer
+    from tests.model.families import tiny
+
+    model = tiny("qwen2")
+    assert any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if blocks:
+        modelpress.export_gguf(model, byte_tokenizer(), tmp_path / "q.gguf", "Q8_0", progress=False)
+        model, _ = modelpress.load(tmp_path / "q.gguf", keep_blocks=True)
+    assert ModelRunner(model, 4, 4).fused() is not None
+    tokens, ref = _decode(model, False, 20)
+    got_tokens, got = _decode(model, True, 20)
+    assert got_tokens == tokens
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+    if blocks:  # the blocks' own int8 kernels (and an fp16 cache), fed the same tokens: close
+        _, rounded = _decode(model, True, 20, int8=True, forced=tokens)
+        assert (rounded - ref).abs().max() < 0.05 * ref.abs().max()
+        assert (rounded.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 def test_symmetric_types_offsets_are_zero_times_scale():
