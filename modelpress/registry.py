@@ -1,12 +1,14 @@
 """{ConfigType: handler}: how a config turns a model's linear layers into compressed ones."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 
 from .config import BaseConfig
 from .errors import ModelpressError
+from .model.decoder import FAMILIES
 from .model.walker import use_dense_kernels
 from .record import record
 
@@ -33,6 +35,20 @@ def handler_for(config: BaseConfig) -> Handler:
     return fn
 
 
+def _check_family(model: torch.nn.Module, config: BaseConfig) -> None:
+    """A decoder of a family modelpress does not know: the methods that only swap linear layers run
+    on it, saying so; the calibrated ones (whose block structure they rely on) refuse it."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind is None or kind in FAMILIES:
+        return
+    known = ", ".join(FAMILIES)
+    if getattr(config, "calibrated", False):
+        raise ModelpressError(f"{config.method} calibrates the blocks of the model families {known}; this model is "
+                              f"{kind!r}. RTN, NF4 / FP4 and LLM.int8 only replace linear layers and run on it")
+    warnings.warn(f"{kind!r} is not one of the model families modelpress knows ({known}): {config.method} replaces "
+                  "its linear layers all the same; generate, serve and GGUF export will refuse the model", stacklevel=3)
+
+
 def quantize(model: torch.nn.Module, config: BaseConfig,
              calib: "list[torch.Tensor] | None" = None) -> torch.nn.Module:
     """Compress `model` in place with the method `config` names and return it.
@@ -44,6 +60,7 @@ def quantize(model: torch.nn.Module, config: BaseConfig,
         modelpress.quantize(model, modelpress.RTNConfig(bits=4, group_size=64))
     """
 
+    _check_family(model, config)
     model = use_dense_kernels(handler_for(config)(model, config, calib))  # what stays dense gets the kernel too
     record(model).config = config
     return model

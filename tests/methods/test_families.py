@@ -59,7 +59,18 @@ def test_gptq_and_awq_beat_round_to_nearest(family):
 
 
 def test_awq_refuses_a_family_it_does_not_know():
+    with pytest.raises(ModelpressError, match="'olmo'.*RTN"):  # blocks named as Llama's, of no family it knows
+        modelpress.quantize(_olmo(), modelpress.AWQConfig(bits=4, group_size=32), CALIB)
+
+
+def test_linear_only_methods_run_on_an_unknown_family_saying_so():
+    with pytest.warns(UserWarning, match="'olmo' is not one of the model families"):
+        modelpress.quantize(_olmo(), modelpress.RTNConfig(bits=4, group_size=32))
+    with pytest.raises(ModelpressError, match="'olmo'"):
+        modelpress.quantize(_olmo(), modelpress.GPTQConfig(bits=4, group_size=32), CALIB)
+
+
+def _olmo():
     model = tiny("llama")
-    model.config.model_type = "olmo"  # blocks named as Llama's, but whose mappings AWQ was never told
-    with pytest.raises(ModelpressError, match="'olmo'.*RTN"):
-        modelpress.quantize(model, modelpress.AWQConfig(bits=4, group_size=32), CALIB)
+    model.config.model_type = "olmo"
+    return model
