@@ -1,9 +1,10 @@
-"""Batch-1 decode of other model families beside llama.cpp, on the same Q4_K_M file (issue 21): a
-Qwen2-shaped and a Gemma-2-shaped model of the default model's size (576 wide, 30 blocks, 9 heads,
+"""Batch-1 decode of other model families beside llama.cpp, on the same Q4_K_M file (issue 21):
+Qwen2-, Qwen3- and Gemma-2-shaped models of the default model's size (576 wide, 30 blocks, 9 heads,
 3 key/value heads, 1536 MLP, its 49152-token vocabulary), random weights, written by modelpress'
 GGUF export; the default Llama beside them. The tools alternate --repeats times; each row has the
 medians. modelpress runs the serving engine at batch 1 (benchmarks/serve.py's decode_ours: the
-C fused decode where the family's blocks are Llama's, qwen2 included; the torch path for gemma).
+C fused decode where the family's blocks are Llama's, qwen2's biases and qwen3's q / k norms
+included; the torch path for gemma).
 
     .venv/bin/python benchmarks/families_decode.py --out benchmarks/results/families_decode.json
 Nothing here asserts a timing."""
@@ -30,12 +31,14 @@ SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_
 
 
 def family_model(family: str, vocab: int) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config, Qwen3Config
 
     from modelpress.formats.gguf_names import llama_cpp_layer_types
 
     if family == "qwen2":
         cfg = Qwen2Config(**SHAPE, vocab_size=vocab)
+    elif family == "qwen3":
+        cfg = Qwen3Config(**SHAPE, vocab_size=vocab, head_dim=64)
     else:  # gemma2 as llama.cpp derives it: every other layer slides, the query scaled by the head size
         cfg = Gemma2Config(**SHAPE, vocab_size=vocab, head_dim=64, query_pre_attn_scalar=64, sliding_window=512,
                            layer_types=llama_cpp_layer_types("gemma2", SHAPE["num_hidden_layers"]))
@@ -60,7 +63,7 @@ def main() -> None:
     files = {"llama (the default model)": work / "llama.gguf"}
     modelpress.export_gguf(default, tok, files["llama (the default model)"], "Q4_K_M", progress=False)
     del default
-    for family in ("qwen2", "gemma2"):
+    for family in ("qwen2", "qwen3", "gemma2"):
         files[family] = work / f"{family}.gguf"
         modelpress.export_gguf(family_model(family, len(tok)), tok, files[family], "Q4_K_M", progress=False)
     rows = []

@@ -37,6 +37,7 @@ typedef struct {
     const float *attn_norm, *ffn_norm;
     mp_linear q, k, v, o, gate, up, down;
     void *k_cache, *v_cache;       /* fp32, or fp16 (mp_llama_decode's kv_f16) */
+    const float *q_norm, *k_norm;  /* (head_dim) RMSNorm weights of each query / key head, or NULL (qwen3) */
 } mp_layer;
 
 /* Decode on GGUF Q8_0 / Q5_0 / Q4_K / Q6_K blocks with int8 activations, as llama.cpp's CPU path

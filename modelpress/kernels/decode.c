@@ -315,6 +315,16 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
         }
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
         for (int64_t b = 0; b < B; b++) {
+            if (ly->q_norm) {  /* qwen3: each head normed before the rotary (in place) */
+                for (int64_t hh = 0; hh < n_heads; hh++) {
+                    float *qh = q + b * qd + hh * hd;
+                    mp_rms_norm(qh, ly->q_norm, hd, eps, qh);
+                }
+                for (int64_t hh = 0; hh < n_kv; hh++) {
+                    float *kh = ys[B + b] + hh * hd;
+                    mp_rms_norm(kh, ly->k_norm, hd, eps, kh);
+                }
+            }
             mp_rope(q + b * qd, n_heads, hd, cos + b * hd, sin + b * hd);
             mp_rope(ys[B + b], n_kv, hd, cos + b * hd, sin + b * hd);
             if (kv_f16) {

@@ -149,7 +149,8 @@ class Linear(ctypes.Structure):
 
 class Layer(ctypes.Structure):
     _fields_ = [("attn_norm", _P), ("ffn_norm", _P)] + [(n, Linear) for n in
-                ("q", "k", "v", "o", "gate", "up", "down")] + [("k_cache", _P), ("v_cache", _P)]
+                ("q", "k", "v", "o", "gate", "up", "down")] + [("k_cache", _P), ("v_cache", _P), ("q_norm", _P),
+                                                             ("k_norm", _P)]
 
 
 def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.Tensor | None = None,
@@ -163,8 +164,11 @@ def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.
                   _p(bias, F32, "bias"))
 
 
-def layer(attn_norm: torch.Tensor, ffn_norm: torch.Tensor, linears: list[Linear]) -> Layer:
-    return Layer(_p(attn_norm, F32, "attn_norm"), _p(ffn_norm, F32, "ffn_norm"), *linears, None, None)
+def layer(attn_norm: torch.Tensor, ffn_norm: torch.Tensor, linears: list[Linear], q_norm: torch.Tensor | None = None,
+          k_norm: torch.Tensor | None = None) -> Layer:
+    """A block's weights; q_norm / k_norm (head_dim,): the per-head RMSNorm of queries and keys (qwen3)."""
+    return Layer(_p(attn_norm, F32, "attn_norm"), _p(ffn_norm, F32, "ffn_norm"), *linears, None, None,
+                 _p(q_norm, F32, "q_norm"), _p(k_norm, F32, "k_norm"))
 
 
 def bind_caches(layer_: Layer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

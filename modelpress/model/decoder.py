@@ -291,13 +291,13 @@ class Decoder(torch.nn.Module):
         self.block_size = 0
 
     def llama_blocks(self) -> bool:
-        """Whether every block is Llama's exactly (what the C fast path computes): plain embedding,
-        separate q/k/v, no q/k norms, default scaling, no soft-capping or window, full rotary,
-        no sandwich norms, no final soft-capping."""
+        """Whether every block is Llama's (what the C fast path computes; qwen2's biases and qwen3's
+        per-head q/k norms included): plain embedding, separate q/k/v, default scaling, no
+        soft-capping or window, full rotary, no sandwich norms, no final soft-capping."""
         dims = self.head_dim
         return (type(self.embed_tokens) is torch.nn.Embedding and self.softcap is None and not self._typed_rope
                 and all(ly.pre_feedforward_layernorm is None and ly.self_attn.lib is not None
-                        and ly.self_attn.qkv_proj is None and ly.self_attn.q_norm is None for ly in self.layers)
+                        and ly.self_attn.qkv_proj is None for ly in self.layers)
                 and self.rotary(torch.tensor([1]))[0].shape[-1] == dims)
 
     # -- the cache -------------------------------------------------------------------------------------

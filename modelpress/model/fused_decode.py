@@ -111,10 +111,13 @@ class FusedDecoder:
             if any(x is None for x in lins):
                 return None
             all_blocks = all_blocks and all(x.kind >= KIND["Q8_0"] for x in lins)
-            w = [n.weight.detach().contiguous() for n in norms]
-            keep += w
-            layers[i] = ops.layer(w[0], w[1], lins)  # caches: bind()
             eps = getattr(layer.input_layernorm, "variance_epsilon", None)
+            head_norms = [attn.q_norm, attn.k_norm] if attn.q_norm is not None else []  # qwen3: per head
+            if any(getattr(n, "variance_epsilon", None) != eps or n.weight.dtype != torch.float32 for n in head_norms):
+                return None
+            w = [n.weight.detach().contiguous() for n in (*norms, *head_norms)]
+            keep += w
+            layers[i] = ops.layer(*w[:2], lins, *w[2:])  # caches: bind()
             d_ff = mlp.gate_proj.out_features
         if eps is None:
             return None

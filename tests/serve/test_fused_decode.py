@@ -210,16 +210,19 @@ def test_kv_dtype_the_model_cannot_take_is_a_clear_error():
     assert ModelRunner(tiny_llama(), 4, 4).kv_dtype == torch.float32
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("blocks", [False, True], ids=["fp32", "gguf-Q8_0"])
-def test_qwen2_biases_take_the_fused_path_with_the_torch_paths_numbers(blocks, tmp_path):
-    """Qwen2's q / k / v biases are added in C after the product (mp_linears_apply): fp32 weights or
-    Q8_0 blocks (with int8 activations in both paths), the fused decode gives the torch path's logits."""
+def test_qwen_blocks_take_the_fused_path_with_the_torch_paths_numbers(family, blocks, tmp_path):
+    """Qwen2's q / k / v biases (added in C after the product, mp_linears_apply) and Qwen3's per-head
+    q / k norms (in C before the rotary): on fp32 weights or Q8_0 blocks the fused decode gives the
+    torch path's logits; with the blocks' int8 activations, close ones."""
     import modelpress
     from tests.conftest import byte_tokenizer
     from tests.model.families import tiny
 
-    model = tiny("qwen2")
-    assert any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    model = tiny(family)
+    if family == "qwen2":
+        assert any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
     if blocks:
         modelpress.export_gguf(model, byte_tokenizer(), tmp_path / "q.gguf", "Q8_0", progress=False)
         model, _ = modelpress.load(tmp_path / "q.gguf", keep_blocks=True)
