@@ -14,7 +14,7 @@
  *   layer:  the two RMSNorm weights, q k v o gate up down, the layer's paged caches
  *           (num_blocks * block_size slots, n_kv, head_dim), fp32
  *   x       fp32 (B, d): the tokens' embeddings in, the last block's outputs out
- *   cos, sin fp32 (B, head_dim): each token's rotary values
+ *   cos, sin fp32 (tables, B, head_dim): each token's rotary values in each table (the layer's `rope` picks one)
  *   slots   int64 (B, lmax): sequence b's positions 0 .. lens[b] - 1 live in slots[b, p]; its new
  *           token is the last (its key and value are written to slots[b, lens[b] - 1])
  *
@@ -38,6 +38,13 @@ typedef struct {
     mp_linear q, k, v, o, gate, up, down;
     void *k_cache, *v_cache;       /* fp32, or fp16 (mp_llama_decode's kv_f16) */
     const float *q_norm, *k_norm;  /* (head_dim) RMSNorm weights of each query / key head, or NULL (qwen3) */
+    /* gemma: the attention's and the MLP's outputs normed before their residual adds (or NULL), the
+     * MLP's activation (0 SiLU, 1 GELU with tanh), scores scaled by attn_scale (0: 1 / sqrt(head_dim))
+     * and soft-capped (softcap > 0: c * tanh(s / c)), keys within `window` positions (0: all), and
+     * which rotary table of cos / sin the layer reads */
+    const float *post_attn_norm, *post_ffw_norm;
+    int64_t act, window, rope;
+    float attn_scale, softcap;
 } mp_layer;
 
 /* Decode on GGUF Q8_0 / Q5_0 / Q4_K / Q6_K blocks with int8 activations, as llama.cpp's CPU path

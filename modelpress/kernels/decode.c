@@ -169,7 +169,7 @@ static inline __m256 mp_kv8(const void *base, int64_t i, int f16) {
  * each cache type. */
 static inline __attribute__((always_inline)) void mp_attend(const float *qh, const void *k, const void *v, int64_t stride,
                                                             const int64_t *slot, int64_t L, int64_t hd, float scale,
-                                                            float *s, float *oh, int f16) {
+                                                            float softcap, float *s, float *oh, int f16) {
     float mx = -INFINITY, sum = 0.0f;
     int64_t p0 = 0;
 #ifdef MP_AVX2
@@ -206,6 +206,13 @@ static inline __attribute__((always_inline)) void mp_attend(const float *qh, con
             s[p] = dot * scale;
         }
         if (s[p] > mx) mx = s[p];
+    }
+    if (softcap > 0.0f) {  /* gemma2: c * tanh(s / c), then the softmax over the capped scores */
+        mx = -INFINITY;
+        for (int64_t p = 0; p < L; p++) {
+            s[p] = tanhf(s[p] / softcap) * softcap;
+            if (s[p] > mx) mx = s[p];
+        }
     }
 #ifdef MP_AVX2
     {
@@ -259,9 +266,9 @@ static inline __attribute__((always_inline)) void mp_attend(const float *qh, con
  *   out    fp32 (B, n_heads, hd); query heads share kv heads in groups of n_heads / n_kv */
 static void mp_attend_rows(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const void *k_cache,
                            const void *v_cache, int f16, const int64_t *slots, const int64_t *lens, int64_t lmax,
-                           float *sc, float *out) {
+                           float *sc, float *out, float attn_scale, float softcap, int64_t window) {
     const int64_t group = n_heads / n_kv, kvd = n_kv * hd;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = attn_scale > 0.0f ? attn_scale : 1.0f / sqrtf((float)hd);
     /* one task per (sequence, kv head): the query heads that share the kv head run one after
      * another on one thread, so its keys and values come from memory once and from the core's own
      * cache for the rest of the group (one task per query head read them up to `group` times:
@@ -271,11 +278,14 @@ static void mp_attend_rows(const float *q, int64_t B, int64_t n_heads, int64_t n
         const int64_t b = bg / n_kv, g = bg % n_kv;
         const int64_t off = g * hd * (f16 ? 2 : 4);
         const char *kg = (const char *)k_cache + off, *vg = (const char *)v_cache + off;
+        /* a sliding window: the query (position lens[b] - 1) sees positions > lens[b] - 1 - window */
+        const int64_t p0 = window > 0 && lens[b] > window ? lens[b] - window : 0, L = lens[b] - p0;
+        const int64_t *sl = slots + b * lmax + p0;
         for (int64_t bh = b * n_heads + g * group; bh < b * n_heads + (g + 1) * group; bh++) {
             if (f16)
-                mp_attend(q + bh * hd, kg, vg, kvd, slots + b * lmax, lens[b], hd, scale, sc + bh * lmax, out + bh * hd, 1);
+                mp_attend(q + bh * hd, kg, vg, kvd, sl, L, hd, scale, softcap, sc + bh * lmax, out + bh * hd, 1);
             else
-                mp_attend(q + bh * hd, kg, vg, kvd, slots + b * lmax, lens[b], hd, scale, sc + bh * lmax, out + bh * hd, 0);
+                mp_attend(q + bh * hd, kg, vg, kvd, sl, L, hd, scale, softcap, sc + bh * lmax, out + bh * hd, 0);
         }
     }
 }
@@ -283,7 +293,7 @@ static void mp_attend_rows(const float *q, int64_t B, int64_t n_heads, int64_t n
 void mp_paged_attention(const float *q, int64_t B, int64_t n_heads, int64_t n_kv, int64_t hd, const float *k_cache,
                         const float *v_cache, const int64_t *slots, const int64_t *lens, int64_t lmax, float *out) {
     float *sc = malloc(sizeof(float) * (size_t)(B * n_heads * lmax));
-    mp_attend_rows(q, B, n_heads, n_kv, hd, k_cache, v_cache, 0, slots, lens, lmax, sc, out);
+    mp_attend_rows(q, B, n_heads, n_kv, hd, k_cache, v_cache, 0, slots, lens, lmax, sc, out, 0.0f, 0.0f, 0);
     free(sc);
 }
 
@@ -325,15 +335,17 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
                     mp_rms_norm(kh, ly->k_norm, hd, eps, kh);
                 }
             }
-            mp_rope(q + b * qd, n_heads, hd, cos + b * hd, sin + b * hd);
-            mp_rope(ys[B + b], n_kv, hd, cos + b * hd, sin + b * hd);
+            const float *cb = cos + (ly->rope * B + b) * hd, *sb = sin + (ly->rope * B + b) * hd;
+            mp_rope(q + b * qd, n_heads, hd, cb, sb);
+            mp_rope(ys[B + b], n_kv, hd, cb, sb);
             if (kv_f16) {
                 const int64_t slot = slots[b * lmax + lens[b] - 1];
                 mp_to_half(ys[B + b], kvd, (uint16_t *)kc + slot * kvd);
                 mp_to_half(ys[2 * B + b], kvd, (uint16_t *)vc + slot * kvd);
             }
         }
-        mp_attend_rows(q, B, n_heads, n_kv, hd, kc, vc, (int)kv_f16, slots, lens, lmax, sc, att);
+        mp_attend_rows(q, B, n_heads, n_kv, hd, kc, vc, (int)kv_f16, slots, lens, lmax, sc, att, ly->attn_scale,
+                       ly->softcap, ly->window);
         {
             const mp_linear *ls[1] = {&ly->o};
             for (int64_t b = 0; b < B; b++) ys[b] = t + b * d;
@@ -341,6 +353,7 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
         }
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
         for (int64_t b = 0; b < B; b++) {
+            if (ly->post_attn_norm) mp_rms_norm(t + b * d, ly->post_attn_norm, d, eps, t + b * d);
             for (int64_t i = b * d; i < (b + 1) * d; i++) x[i] += t[i];
             mp_rms_norm(x + b * d, ly->ffn_norm, d, eps, h + b * d);
         }
@@ -354,14 +367,19 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
         }
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
         for (int64_t b = 0; b < B; b++)
-            for (int64_t i = b * d_ff; i < (b + 1) * d_ff; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            for (int64_t i = b * d_ff; i < (b + 1) * d_ff; i++)
+                g[i] = (ly->act ? 0.5f * g[i] * (1.0f + tanhf(0.7978845608028654f * (g[i] + 0.044715f * g[i] * g[i] * g[i])))
+                                : g[i] / (1.0f + expf(-g[i]))) * u[i];
         {
             const mp_linear *ls[1] = {&ly->down};
             for (int64_t b = 0; b < B; b++) ys[b] = t + b * d;
             mp_linears_apply(ls, ys, 1, g, B);
         }
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
-        for (int64_t i = 0; i < B * d; i++) x[i] += t[i];
+        for (int64_t b = 0; b < B; b++) {
+            if (ly->post_ffw_norm) mp_rms_norm(t + b * d, ly->post_ffw_norm, d, eps, t + b * d);
+            for (int64_t i = b * d; i < (b + 1) * d; i++) x[i] += t[i];
+        }
     }
     free(h); free(q); free(att); free(t); free(g); free(u); free(sc); free(ys); free(kv);
 }

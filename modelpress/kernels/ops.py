@@ -150,7 +150,10 @@ class Linear(ctypes.Structure):
 class Layer(ctypes.Structure):
     _fields_ = [("attn_norm", _P), ("ffn_norm", _P)] + [(n, Linear) for n in
                 ("q", "k", "v", "o", "gate", "up", "down")] + [("k_cache", _P), ("v_cache", _P), ("q_norm", _P),
-                                                             ("k_norm", _P)]
+                                                             ("k_norm", _P), ("post_attn_norm", _P),
+                                                             ("post_ffw_norm", _P), ("act", _I), ("window", _I),
+                                                             ("rope", _I), ("attn_scale", ctypes.c_float),
+                                                             ("softcap", ctypes.c_float)]
 
 
 def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.Tensor | None = None,
@@ -165,10 +168,16 @@ def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.
 
 
 def layer(attn_norm: torch.Tensor, ffn_norm: torch.Tensor, linears: list[Linear], q_norm: torch.Tensor | None = None,
-          k_norm: torch.Tensor | None = None) -> Layer:
-    """A block's weights; q_norm / k_norm (head_dim,): the per-head RMSNorm of queries and keys (qwen3)."""
+          k_norm: torch.Tensor | None = None, post_attn_norm: torch.Tensor | None = None,
+          post_ffw_norm: torch.Tensor | None = None, gelu: bool = False, window: int = 0, rope: int = 0,
+          attn_scale: float = 0.0, softcap: float = 0.0) -> Layer:
+    """A block's weights and its kind (blocks.c's mp_layer): q_norm / k_norm (head_dim,), the per-head
+    RMSNorm of queries and keys (qwen3, gemma3); gemma's post-attention and post-feedforward norms,
+    GELU (tanh) for SiLU, the score scale (0: 1 / sqrt(head_dim)), soft-cap (0: none), sliding
+    window (0: none) and rotary table."""
     return Layer(_p(attn_norm, F32, "attn_norm"), _p(ffn_norm, F32, "ffn_norm"), *linears, None, None,
-                 _p(q_norm, F32, "q_norm"), _p(k_norm, F32, "k_norm"))
+                 _p(q_norm, F32, "q_norm"), _p(k_norm, F32, "k_norm"), _p(post_attn_norm, F32, "post_attn_norm"),
+                 _p(post_ffw_norm, F32, "post_ffw_norm"), int(gelu), window, rope, attn_scale, softcap)
 
 
 def bind_caches(layer_: Layer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -179,8 +188,11 @@ def bind_caches(layer_: Layer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> 
 def llama_decode(lib: ctypes.CDLL, layers: ctypes.Array, x: torch.Tensor, d_ff: int, n_heads: int, n_kv: int,
                  head_dim: int, eps: float, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  lens: torch.Tensor, kv_f16: bool) -> None:
-    """Every block of the model for B tokens (x (B, d), in place): decode.c's mp_llama_decode."""
+    """Every block of the model for B tokens (x (B, d), in place): decode.c's mp_llama_decode; cos / sin
+    (tables, B, head_dim)."""
     B, d = x.shape
+    if cos.dim() != 3 or cos.shape[1:] != (B, head_dim) or sin.shape != cos.shape:
+        raise ValueError(f"cos / sin: expected (tables, {B}, {head_dim}), got {tuple(cos.shape)} / {tuple(sin.shape)}")
     lib.mp_llama_decode(ctypes.addressof(layers), len(layers), _p(x, F32, "x"), B, d, d_ff, n_heads, n_kv, head_dim,
                         eps, _p(cos, F32, "cos"), _p(sin, F32, "sin"), _p(slots, I64, "slots"),
                         _p(lens, I64, "lens"), slots.shape[1], int(kv_f16))

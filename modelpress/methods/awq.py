@@ -22,7 +22,7 @@ from ..core import awq, grids
 from ..errors import ModelpressError
 from ..model.capture import CallCapture, InputStatsCapture
 from ..model.sequential import block_targets, run_sequential
-from ..model.walker import replace
+from ..model.walker import UNIT_OFFSET_NORMS, replace
 from ..nn import IntxLinear
 from ..record import record
 from ..registry import register
@@ -48,8 +48,6 @@ PHI3 = (
 FUSED = {"self_attn.qkv_proj": 3, "mlp.gate_up_proj": 2}  # parts of phi3's fused layers, the last one read
 MAPPINGS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "gemma2": GEMMA, "gemma3_text": GEMMA,
             "phi3": PHI3}
-# norms that compute x_hat * (1 + w): gemma's
-UNIT_OFFSET_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
 # clipping the query / key weights distorts attention scores more than it saves (AutoAWQ skips them)
 NO_CLIP = ("q_proj", "k_proj", "qkv_proj")
 

@@ -20,8 +20,8 @@ mp_paged_attention on a CPU, else one masked SDPA over its gathered keys); each 
 its own causal SDPA against its cached prefix plus itself.
 
 Fast path (model/fused_decode.py): on a CPU with the kernels built, where every block linear is fp32
-or GGUF, whole decode steps run in one C call (mp_llama_decode) on the same weights and the same
-cache. Sequences that decode one token go there; where every layer multiplies on GGUF blocks
+or GGUF (and the blocks are Llama's or what qwen2, qwen3, mistral and gemma add to them), whole
+decode steps run in one C call (mp_llama_decode) on the same weights and the same cache. Sequences that decode one token go there; where every layer multiplies on GGUF blocks
 (`fused.all_blocks`) prefill chunks too, each token a row, so a prefill, a decode and the recompute
 of a preempted sequence give the cache the same bits. With `int8_activations` (the default) GGUF
 Q8_0 / Q5_0 / Q4_K / Q6_K layers multiply on their blocks with activations rounded to int8 in both
@@ -287,18 +287,8 @@ class Decoder(torch.nn.Module):
         # the torch path computes as the fused one: GGUF layers with int8 activations (nn/gguf_linear.py)
         self._int8_rows = 1 << 62 if int8_activations and self.device.type == "cpu" else 0
         self._rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.fused = FusedDecoder.build(self, int8_activations) if fused and self.llama_blocks() else None
+        self.fused = FusedDecoder.build(self, int8_activations) if fused else None
         self.block_size = 0
-
-    def llama_blocks(self) -> bool:
-        """Whether every block is Llama's (what the C fast path computes; qwen2's biases and qwen3's
-        per-head q/k norms included): plain embedding, separate q/k/v, default scaling, no
-        soft-capping or window, full rotary, no sandwich norms, no final soft-capping."""
-        dims = self.head_dim
-        return (type(self.embed_tokens) is torch.nn.Embedding and self.softcap is None and not self._typed_rope
-                and all(ly.pre_feedforward_layernorm is None and ly.self_attn.lib is not None
-                        and ly.self_attn.qkv_proj is None for ly in self.layers)
-                and self.rotary(torch.tensor([1]))[0].shape[-1] == dims)
 
     # -- the cache -------------------------------------------------------------------------------------
     def kv_dtype(self, name: str = "auto") -> torch.dtype:
@@ -396,18 +386,21 @@ class Decoder(torch.nn.Module):
             rows = ([] if fused is None else
                     [i for i, c in enumerate(batch.chunks) if len(c) == 1 or fused.all_blocks])
             if not rows:
-                return self.forward_torch(batch)
-            logits = fused.step(batch.select(rows), self)
-            if len(rows) == len(batch.chunks):
-                return logits
-            rest = [i for i in range(len(batch.chunks)) if i not in set(rows)]
-            out = torch.empty(len(batch.chunks), logits.shape[1])
-            out[rows] = logits
-            out[rest] = self.forward_torch(batch.select(rest))
-            return out
+                logits = self.forward_torch(batch)
+            elif len(rows) == len(batch.chunks):
+                logits = fused.step(batch, self)
+            else:
+                rest = [i for i in range(len(batch.chunks)) if i not in set(rows)]
+                part = fused.step(batch.select(rows), self)
+                logits = torch.empty(len(batch.chunks), part.shape[1])
+                logits[rows] = part
+                logits[rest] = self.forward_torch(batch.select(rest))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     def forward_torch(self, batch: Batch) -> torch.Tensor:
-        """The batch through the model's modules, every token at once."""
+        """The batch through the model's modules, every token at once (logits before any final soft-cap)."""
         flat = _Flat.of(batch, self.device)
         x = self.embed_tokens(flat.input_ids[None])[0].to(self.dtype)
         rope = {}
@@ -419,7 +412,4 @@ class Decoder(torch.nn.Module):
         for layer in self.layers:
             x = layer(x, rope, flat)
         last = torch.tensor(flat.last, device=self.device)
-        logits = self.head(self.norm(x[last])).float()
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.head(self.norm(x[last])).float()

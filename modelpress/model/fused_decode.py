@@ -35,6 +35,7 @@ from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their block
     BLOCK_KERNELS,
     GGUFLinear,
 )
+from .walker import UNIT_OFFSET_NORMS
 
 # symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
 _ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
@@ -79,10 +80,13 @@ class FusedDecoder:
     structs, bound to the decoder's caches."""
 
     def __init__(self, lib: ctypes.CDLL, layers: ctypes.Array, keep: list, eps: float, d_ff: int,
-                 all_blocks: bool, fused_head: tuple | None) -> None:
+                 all_blocks: bool, fused_head: tuple | None, embed_scale: torch.Tensor | None = None,
+                 rope_types: list | None = None) -> None:
         self.lib, self.layers, self.keep, self.eps, self.d_ff = lib, layers, keep, eps, d_ff
         self.all_blocks = all_blocks    # every layer multiplies on GGUF blocks: prefill chunks come here too
         self.fused_head = fused_head    # (head, norm weight, eps) run in C after the last layer, or None
+        self.embed_scale = embed_scale  # gemma: the embedding rows times sqrt(hidden), as its module
+        self.rope_types = rope_types or [None]  # the rotary tables the layers read (gemma3: two)
         self.kv_f16 = False
 
     @classmethod
@@ -91,37 +95,47 @@ class FusedDecoder:
         int8_activations: Q8_0 / Q5_0 / Q4_K / Q6_K layers (and such a tied head) multiply on their
         stored blocks with activations rounded to int8 (per 32, per 256 for the K types), as llama.cpp
         does; False: every GGUF layer on its affine codes with fp32 activations (the torch path's
-        numbers up to the order of sums)."""
+        numbers up to the order of sums). Takes Llama's blocks and what qwen2 / qwen3 / gemma2 /
+        gemma3 add to them (biases, q / k norms, gemma's norms, GELU, scale, soft-cap, windows)."""
         lib = kernels.lib()
+        emb = decoder.embed_tokens
         if lib is None or decoder.device.type != "cpu" or decoder.dtype != torch.float32:
             return None
+        if type(emb) is not torch.nn.Embedding and not isinstance(getattr(emb, "embed_scale", None), torch.Tensor):
+            return None
+        types = sorted({ly.self_attn.layer_type for ly in decoder.layers}, key=str) if decoder._typed_rope else [None]
+        if decoder.rotary(torch.tensor([1]), types[0])[0].shape[-1] != decoder.head_dim:
+            return None  # partial rotary (phi3)
         keep: list = []
         all_blocks = True
         layers = (ops.Layer * len(decoder.layers))()
-        eps = d_ff = None
+        eps = _eps(decoder.layers[0].input_layernorm)
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(getattr(n, "weight", None) is None or n.weight.dtype != torch.float32 for n in norms):
+            act = type(getattr(mlp, "act_fn", None)).__name__
+            if eps is None or attn.qkv_proj is not None or act not in ("SiLU", "SiLUActivation", "GELUTanh"):
                 return None
-            if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
-                return None
+            sandwich = layer.pre_feedforward_layernorm is not None  # gemma: four norms
+            norms = ((layer.input_layernorm, layer.pre_feedforward_layernorm, layer.post_attention_layernorm,
+                      layer.post_feedforward_layernorm) if sandwich else (layer.input_layernorm, layer.post_attention_layernorm))
+            head_norms = (attn.q_norm, attn.k_norm) if attn.q_norm is not None else ()  # qwen3, gemma3: per head
+            w = [_norm_weight(n, eps) for n in (*norms, *head_norms)]
             lins = [_linear(m, keep, int8_activations) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                                                  mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            if any(x is None for x in lins):
+            if any(x is None for x in (*w, *lins)):
                 return None
-            all_blocks = all_blocks and all(x.kind >= KIND["Q8_0"] for x in lins)
-            eps = getattr(layer.input_layernorm, "variance_epsilon", None)
-            head_norms = [attn.q_norm, attn.k_norm] if attn.q_norm is not None else []  # qwen3: per head
-            if any(getattr(n, "variance_epsilon", None) != eps or n.weight.dtype != torch.float32 for n in head_norms):
-                return None
-            w = [n.weight.detach().contiguous() for n in (*norms, *head_norms)]
             keep += w
-            layers[i] = ops.layer(*w[:2], lins, *w[2:])  # caches: bind()
-            d_ff = mlp.gate_proj.out_features
-        if eps is None:
-            return None
-        return cls(lib, layers, keep, float(eps), d_ff, all_blocks, _fused_head(decoder.head, decoder.norm, keep))
+            all_blocks = all_blocks and all(x.kind >= KIND["Q8_0"] for x in lins)
+            qk = dict(q_norm=w[-2], k_norm=w[-1]) if head_norms else {}
+            gemma = dict(post_attn_norm=w[2], post_ffw_norm=w[3]) if sandwich else {}
+            scale = 0.0 if attn.sdpa_scale is None else attn.sdpa_scale  # 0: 1 / sqrt(head_dim), as before
+            layers[i] = ops.layer(w[0], w[1], lins, **qk, **gemma, gelu=act == "GELUTanh", window=attn.window or 0,
+                                  rope=types.index(attn.layer_type if decoder._typed_rope else None),
+                                  attn_scale=scale, softcap=attn.softcap or 0.0)  # caches: bind()
+        d_ff = decoder.layers[0].mlp.gate_proj.out_features
+        scale = getattr(emb, "embed_scale", None)
+        return cls(lib, layers, keep, float(eps), d_ff, all_blocks, _fused_head(decoder.head, decoder.norm, keep),
+                   None if scale is None else scale.float(), types)
 
     def bind(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> None:
         """Decode into these caches (one per layer, fp32 or fp16: `kv_f16`)."""
@@ -142,8 +156,12 @@ class FusedDecoder:
         B, lmax = sum(n), max(st + k for st, k in zip(starts, n))
         tokens = [t for c in chunks for t in c]
         positions = torch.tensor([st + j for st, k in zip(starts, n) for j in range(k)], dtype=torch.int64)
-        x = decoder.embed_tokens.weight[torch.tensor(tokens)].float().contiguous()          # (B, d)
-        cos, sin = decoder.rotary(positions)
+        x = decoder.embed_tokens.weight[torch.tensor(tokens)].float()                        # (B, d)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        x = x.contiguous()
+        tables = [decoder.rotary(positions, t) for t in self.rope_types]
+        cos, sin = torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])   # (tables, B, hd)
         lens = positions + 1
         # row r's slots: its sequence's positions 0 .. lmax - 1 (those past lens[r] are never read)
         nb = -(-lmax // block_size)
@@ -157,6 +175,22 @@ class FusedDecoder:
             head, w, eps = self.fused_head
             return ops.llama_logits(self.lib, head, w, eps, x, last)
         return decoder.head(decoder.norm(x[last])).float()
+
+
+def _eps(norm: torch.nn.Module) -> float | None:
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
+def _norm_weight(norm: torch.nn.Module, eps: float) -> torch.Tensor | None:
+    """The weight the C norm multiplies by (x * rsqrt(mean(x^2) + eps) * w): the module's own, or for
+    gemma's (1 + w) norms 1 + w in fp32, as they compute it; None for another norm or eps."""
+    w = getattr(norm, "weight", None)
+    if w is None or w.dtype != torch.float32 or _eps(norm) != eps:
+        return None
+    if type(norm).__name__ in UNIT_OFFSET_NORMS:
+        return (1.0 + w.detach().float()).contiguous()
+    return w.detach().contiguous() if hasattr(norm, "variance_epsilon") else None
 
 
 def _fused_head(head: torch.nn.Module, norm: torch.nn.Module, keep: list) -> tuple | None:

@@ -8,6 +8,9 @@ import torch
 
 from ..nn.dense_linear import DenseLinear
 
+# RMSNorms that compute x_hat * (1 + w): gemma's (AWQ folds scales into them, the fused decode multiplies by 1 + w)
+UNIT_OFFSET_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+
 
 def iter_targets(model: torch.nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...],
                  types: tuple[type, ...] = (torch.nn.Linear,)) -> Iterator[tuple[str, torch.nn.Module]]:
