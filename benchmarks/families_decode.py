@@ -3,8 +3,8 @@ Qwen2-, Qwen3- and Gemma-2-shaped models of the default model's size (576 wide, 
 3 key/value heads, 1536 MLP, its 49152-token vocabulary), random weights, written by modelpress'
 GGUF export; the default Llama beside them. The tools alternate --repeats times; each row has the
 medians. modelpress runs the serving engine at batch 1 (benchmarks/serve.py's decode_ours: the
-C fused decode where the family's blocks are Llama's, qwen2's biases and qwen3's q / k norms
-included; the torch path for gemma).
+C fused decode, which takes qwen2's biases, qwen3's q / k norms and gemma's norms, GELU, soft-caps
+and windows too).
 
     .venv/bin/python benchmarks/families_decode.py --out benchmarks/results/families_decode.json
 Nothing here asserts a timing."""
