@@ -51,6 +51,7 @@ from .fused_decode import FusedDecoder
 # fused qkv: phi3; sandwich norms, scaled embeddings, soft-capping, sliding windows: gemma2,
 # gemma3_text; sliding windows: mistral). The model's own modules compute norms, MLPs and embeddings.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+CONFIG_WINDOW = ("mistral", "phi3")  # families whose attention reads config.sliding_window in every layer
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -148,10 +149,10 @@ class PagedAttention(torch.nn.Module):
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
         self.scaling = float(getattr(attn, "scaling", head_dim ** -0.5))
         self.softcap = getattr(attn, "attn_logit_softcapping", None)
-        # keys within `window` positions of the query (transformers: kv_idx > q_idx - window); mistral
-        # reads it from its config, the others set it on the sliding layers' attention
+        # keys within `window` positions of the query (transformers: kv_idx > q_idx - window); mistral and
+        # phi3 read it from their config for every layer, the others set it on the sliding layers' attention
         self.window = (getattr(attn, "sliding_window", None) if hasattr(attn, "sliding_window")
-                       else getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None)
+                       else getattr(cfg, "sliding_window", None) if cfg.model_type in CONFIG_WINDOW else None)
         self.layer_type = getattr(attn, "layer_type", None)
         default_scale = abs(self.scaling * head_dim ** 0.5 - 1) < 1e-12
         self.sdpa_scale = None if default_scale else self.scaling  # None: SDPA's own 1 / sqrt(D)

@@ -29,7 +29,7 @@ def configs() -> dict:
         "gemma3_text": Gemma3TextConfig(**SMALL, head_dim=16, query_pre_attn_scalar=24, sliding_window=12,
                                         layer_types=sliding),
         "phi3": Phi3Config(**{**SMALL, "tie_word_embeddings": False}, pad_token_id=0, bos_token_id=1,
-                           eos_token_id=2),                              # fused qkv and gate_up
+                           eos_token_id=2, sliding_window=12),           # fused qkv and gate_up; a window
     }
 
 
