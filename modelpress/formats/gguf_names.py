@@ -32,8 +32,13 @@ GEMMA = (
     ("blk.{}.ffn_norm", "model.layers.{}.pre_feedforward_layernorm"),
     ("blk.{}.post_ffw_norm", "model.layers.{}.post_feedforward_layernorm"),
 )
+# phi3's fused layers: q, k, v in one tensor; gate and up in one (gate first), named ffn_up
+PHI3 = (
+    ("blk.{}.attn_qkv", "model.layers.{}.self_attn.qkv_proj"),
+    ("blk.{}.ffn_up", "model.layers.{}.mlp.gate_up_proj"),
+)
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-        "gemma3_text": "gemma3"}
+        "gemma3_text": "gemma3", "phi3": "phi3"}
 PERMUTED = ("llama",)  # architectures whose q / k rows llama.cpp's converter permutes
 NORM_PLUS_ONE = ("gemma2", "gemma3")  # files that store gemma's (1 + w) norms as 1 + w (its converter adds 1)
 
@@ -57,10 +62,10 @@ def _rules(pairs: tuple, frm: int) -> list[tuple[re.Pattern, str]]:
 
 
 def _pairs(arch: str) -> tuple:
-    if arch not in NORM_PLUS_ONE:
-        return PAIRS
-    own = {hf for _, hf in GEMMA}
-    return GEMMA + tuple(p for p in PAIRS if p[1] not in own)
+    """The table for one architecture: its own pairs first (the first match wins)."""
+    own = GEMMA if arch in NORM_PLUS_ONE else PHI3 if arch == "phi3" else ()
+    names = {hf for _, hf in own}
+    return own + tuple(p for p in PAIRS if p[1] not in names)
 
 
 _RULES = {arch: (_rules(_pairs(arch), 0), _rules(_pairs(arch), 1)) for arch in set(ARCH.values())}

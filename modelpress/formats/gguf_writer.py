@@ -105,7 +105,7 @@ def gguf_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     def order(item: tuple[str, torch.Tensor]) -> tuple:
         n = item[0]
         m = re.match(r"blk\.(\d+)\.(.*)", n)
-        sub = ("attn_norm", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v", "attn_output",
+        sub = ("attn_norm", "attn_qkv", "attn_q", "attn_q_norm", "attn_k", "attn_k_norm", "attn_v", "attn_output",
                "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm")
         if m:
             part, kind = m.group(2).split(".")
@@ -141,6 +141,9 @@ def _hparams(writer: Any, cfg, arch: str) -> None:  # noqa: ANN001
     if arch in NORM_PLUS_ONE:
         _gemma_hparams(writer, cfg, arch, head_dim)
         return
+    if arch == "phi3":
+        _phi3_hparams(writer, cfg)
+        return
     writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
@@ -148,6 +151,21 @@ def _hparams(writer: Any, cfg, arch: str) -> None:  # noqa: ANN001
     if cfg.to_dict().get("head_dim") is not None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def _phi3_hparams(writer: Any, cfg) -> None:  # noqa: ANN001
+    """phi3's keys as convert_hf_to_gguf's Phi3MiniModel writes them; the long-context variants (their
+    rope factors) are refused for now."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default" or rope.get("long_factor"):
+        raise ModelpressError("GGUF export writes phi3 models with plain rotary embeddings; this one scales them "
+                              "(a long-context variant)")
+    rot = float(rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0)
+    writer.add_rope_scaling_orig_ctx_len(int(getattr(cfg, "original_max_position_embeddings", None)
+                                             or cfg.max_position_embeddings))
+    writer.add_rope_dimension_count(int(rot * cfg.hidden_size) // cfg.num_attention_heads)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_sliding_window(cfg.sliding_window or 0)
 
 
 def _gemma_hparams(writer: Any, cfg, arch: str, head_dim: int) -> None:  # noqa: ANN001

@@ -13,6 +13,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
@@ -68,7 +69,7 @@ def _number(meta: dict[str, Any], key: str, default: Any, kind: type, lo: float,
 
 # GGUF architecture -> transformers config class (the reverse of formats/gguf_names.ARCH)
 CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma2": Gemma2Config,
-           "gemma3": Gemma3TextConfig}
+           "gemma3": Gemma3TextConfig, "phi3": Phi3Config}
 
 
 def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  # noqa: ANN201
@@ -85,7 +86,7 @@ def llama_config(meta: dict[str, Any], tied: bool, layers: int | None = None):  
     hidden = _number(meta, a + "embedding_length", None, int, 1, 1 << 17)
     kv = _number(meta, a + "attention.head_count_kv", heads, int, 1, heads)
     head_dim = _number(meta, a + ("rope.dimension_count" if arch == "llama" else "attention.key_length"),
-                       hidden // heads or 1, int, 1, 1 << 12)
+                       hidden // heads or 1, int, 1, 1 << 12) if arch != "phi3" else hidden // heads
     vocab = _number(meta, a + "vocab_size", len(tokens) if isinstance(tokens, list) else None, int, 1, 1 << 22)
     blocks = _number(meta, a + "block_count", None, int, 1, 1024)
     if heads % kv or head_dim % 2 or hidden % heads:
@@ -114,6 +115,12 @@ def _arch_fields(meta: dict[str, Any], arch: str, blocks: int, hidden: int, head
     soft-capping and what llama.cpp derives (the sliding layers, the query scale)."""
     a = f"{arch}."
     theta = _number(meta, a + "rope.freq_base", 10000.0 if arch != "gemma3" else 1e6, float, 1.0, 1e12)
+    if arch == "phi3":
+        rot = _number(meta, a + "rope.dimension_count", head_dim, int, 2, head_dim)
+        window = _number(meta, a + "attention.sliding_window", 0, int, 0, 1 << 24)
+        return {"rope_theta": theta, "partial_rotary_factor": rot / head_dim, "sliding_window": window or None,
+                "original_max_position_embeddings": _number(meta, a + "rope.scaling.original_context_length",
+                                                            2048, int, 1, 1 << 24)}
     if arch not in NORM_PLUS_ONE:
         return {"rope_theta": theta}
     shape = type("Shape", (), {"num_hidden_layers": blocks, "hidden_size": hidden, "num_attention_heads": heads,
