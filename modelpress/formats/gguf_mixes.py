@@ -52,7 +52,8 @@ RULES: tuple[tuple[str, frozenset[str], str, str], ...] = tuple(
 # a 256-block type on rows it does not divide -> a 32-block type; still not dividing -> F16
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
-_CATEGORY = (("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"),
+# llama-quant.cpp's categories; a fused qkv (phi3) is counted and typed as attn_v (category_is_attn_v)
+_CATEGORY = (("attn_v.weight", "attn_v"), ("attn_qkv.weight", "attn_v"), ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"),
              ("attn_output.weight", "attn_output"), ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"),
              ("ffn_down", "ffn_down"))
 

@@ -131,3 +131,24 @@ def test_llama_cpp_runs_our_export_with_transformers_logits(family, tmp_path, de
     assert ours.std() > 0.1
     torch.testing.assert_close(theirs, ours, rtol=0, atol=5e-3 * max(1.0, ours.abs().max().item()))
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+
+
+@pytest.mark.parametrize("family", sorted(ARCH))
+def test_q4_k_m_equals_llama_quantize(family, tmp_path, default_model):
+    """Our Q4_K_M export and llama.cpp's quantizer run on our F32 export: the same type for every
+    tensor (its rules per category, phi3's fused qkv counted as attn_v) and the same bytes."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a peer) is not installed")
+    _, tok = default_model
+    cfg = gguf_config(family, len(tok))
+    cfg.hidden_size, cfg.intermediate_size = 256, 512  # rows of whole K blocks
+    model = tiny(family, config=cfg)
+    modelpress.export_gguf(model, tok, tmp_path / "f32.gguf", "F32", progress=False)
+    modelpress.export_gguf(model, tok, tmp_path / "ours.gguf", "Q4_K_M", progress=False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "theirs.gguf").encode(),
+                                          params) == 0
+    ours = {t.name: t for t in GGUFReader(tmp_path / "ours.gguf").tensors}
+    theirs = {t.name: t for t in GGUFReader(tmp_path / "theirs.gguf").tensors}
+    assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
+    assert all(np.array_equal(np.asarray(ours[n].data), np.asarray(t.data)) for n, t in theirs.items())
