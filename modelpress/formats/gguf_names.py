@@ -49,11 +49,10 @@ def llama_cpp_layer_types(arch: str, n: int) -> list[str]:
     return ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]
 
 
-def llama_cpp_query_scalar(arch: str, cfg) -> int:  # noqa: ANN001 (a transformers config)
+def llama_cpp_query_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> int:
     """The query_pre_attn_scalar llama.cpp assumes: hidden / heads for the 27B models (46 layers of
     gemma2, 62 of gemma3), else the head size."""
-    big = cfg.num_hidden_layers == (46 if arch == "gemma2" else 62)
-    return cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim
+    return hidden // heads if layers == (46 if arch == "gemma2" else 62) else head_dim
 
 
 def _rules(pairs: tuple, frm: int) -> list[tuple[re.Pattern, str]]:

@@ -172,7 +172,8 @@ def _gemma_hparams(writer: Any, cfg, arch: str, head_dim: int) -> None:  # noqa:
     """gemma2 / gemma3 keys as convert_hf_to_gguf writes them. llama.cpp's file has no place for the
     layers' sliding pattern or the query scale (it derives them): a model that differs is refused."""
     if list(cfg.layer_types) != llama_cpp_layer_types(arch, cfg.num_hidden_layers) or \
-            cfg.query_pre_attn_scalar != llama_cpp_query_scalar(arch, cfg):
+            cfg.query_pre_attn_scalar != llama_cpp_query_scalar(arch, cfg.num_hidden_layers, cfg.hidden_size,
+                                                                 cfg.num_attention_heads, cfg.head_dim):
         raise ModelpressError(f"this {arch} model's sliding-window layers or query scale differ from those llama.cpp "
                               "derives for the architecture; a GGUF file would compute another model")
     writer.add_key_length(head_dim)

@@ -82,6 +82,11 @@ static void mp_rms_norm(const float *x, const float *w, int64_t d, float eps, fl
     for (int64_t i = 0; i < d; i++) y[i] = w[i] * (x[i] * r);
 }
 
+/* each of `heads` rows of hd floats normed in place with the same weights (per-head q / k norms) */
+static void mp_rms_norm_heads(float *v, int64_t heads, int64_t hd, const float *w, float eps) {
+    for (int64_t h = 0; h < heads; h++) mp_rms_norm(v + h * hd, w, hd, eps, v + h * hd);
+}
+
 /* n floats to fp16, nearest even (as torch's .half() and ggml's cache writes) */
 static void mp_to_half(const float *x, int64_t n, uint16_t *y) {
     int64_t i = 0;
@@ -325,15 +330,9 @@ void mp_llama_decode(const mp_layer *layers, int64_t n_layers, float *x, int64_t
         }
 #pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
         for (int64_t b = 0; b < B; b++) {
-            if (ly->q_norm) {  /* qwen3: each head normed before the rotary (in place) */
-                for (int64_t hh = 0; hh < n_heads; hh++) {
-                    float *qh = q + b * qd + hh * hd;
-                    mp_rms_norm(qh, ly->q_norm, hd, eps, qh);
-                }
-                for (int64_t hh = 0; hh < n_kv; hh++) {
-                    float *kh = ys[B + b] + hh * hd;
-                    mp_rms_norm(kh, ly->k_norm, hd, eps, kh);
-                }
+            if (ly->q_norm) {  /* qwen3, gemma3: each head normed before the rotary */
+                mp_rms_norm_heads(q + b * qd, n_heads, hd, ly->q_norm, eps);
+                mp_rms_norm_heads(ys[B + b], n_kv, hd, ly->k_norm, eps);
             }
             const float *cb = cos + (ly->rope * B + b) * hd, *sb = sin + (ly->rope * B + b) * hd;
             mp_rope(q + b * qd, n_heads, hd, cb, sb);

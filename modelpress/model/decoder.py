@@ -237,9 +237,10 @@ class DecoderLayer(torch.nn.Module):
         self.pre_feedforward_layernorm = getattr(layer, "pre_feedforward_layernorm", None)
         self.post_feedforward_layernorm = getattr(layer, "post_feedforward_layernorm", None)
         self.self_attn, self.mlp = attention, layer.mlp
+        self.rope_key: str | None = None  # set by Decoder
 
     def forward(self, x: torch.Tensor, rope: dict, flat: _Flat) -> torch.Tensor:
-        cos, sin = rope[self.self_attn.layer_type]
+        cos, sin = rope[self.rope_key]
         a = self.self_attn(self.input_layernorm(x), cos, sin, flat)
         if self.pre_feedforward_layernorm is None:
             x = x + a
@@ -281,6 +282,8 @@ class Decoder(torch.nn.Module):
         self.softcap = getattr(cfg, "final_logit_softcapping", None)  # gemma2: logits = c * tanh(logits / c)
         # gemma3's rotary module takes the layer type (local and global bases); the others one table
         self._typed_rope = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+        for ly in self.layers:  # the rotary table each layer reads (None: the model's one table)
+            ly.rope_key = ly.self_attn.layer_type if self._typed_rope else None
         self.int8_activations = int8_activations
         head = record(model).head  # a tied head kept in GGUF blocks
         self.head = (head if isinstance(head, gguf_linear.GGUFLinear) and int8_activations
@@ -405,11 +408,9 @@ class Decoder(torch.nn.Module):
         flat = _Flat.of(batch, self.device)
         x = self.embed_tokens(flat.input_ids[None])[0].to(self.dtype)
         rope = {}
-        for t in {ly.self_attn.layer_type if self._typed_rope else None for ly in self.layers}:
-            cos, sin = self.rotary(flat.positions, t)
-            rope[t] = cos[:, None, :].to(self.dtype), sin[:, None, :].to(self.dtype)
-        if not self._typed_rope:
-            rope = {ly.self_attn.layer_type: rope[None] for ly in self.layers}
+        for key in {ly.rope_key for ly in self.layers}:
+            cos, sin = self.rotary(flat.positions, key)
+            rope[key] = cos[:, None, :].to(self.dtype), sin[:, None, :].to(self.dtype)
         for layer in self.layers:
             x = layer(x, rope, flat)
         last = torch.tensor(flat.last, device=self.device)

@@ -103,7 +103,7 @@ class FusedDecoder:
             return None
         if type(emb) is not torch.nn.Embedding and not isinstance(getattr(emb, "embed_scale", None), torch.Tensor):
             return None
-        types = sorted({ly.self_attn.layer_type for ly in decoder.layers}, key=str) if decoder._typed_rope else [None]
+        types = sorted({ly.rope_key for ly in decoder.layers}, key=str)
         if decoder.rotary(torch.tensor([1]), types[0])[0].shape[-1] != decoder.head_dim:
             return None  # partial rotary (phi3)
         keep: list = []
@@ -130,7 +130,7 @@ class FusedDecoder:
             gemma = dict(post_attn_norm=w[2], post_ffw_norm=w[3]) if sandwich else {}
             scale = 0.0 if attn.sdpa_scale is None else attn.sdpa_scale  # 0: 1 / sqrt(head_dim), as before
             layers[i] = ops.layer(w[0], w[1], lins, **qk, **gemma, gelu=act == "GELUTanh", window=attn.window or 0,
-                                  rope=types.index(attn.layer_type if decoder._typed_rope else None),
+                                  rope=types.index(layer.rope_key),
                                   attn_scale=scale, softcap=attn.softcap or 0.0)  # caches: bind()
         d_ff = decoder.layers[0].mlp.gate_proj.out_features
         scale = getattr(emb, "embed_scale", None)

@@ -123,10 +123,9 @@ def _arch_fields(meta: dict[str, Any], arch: str, blocks: int, hidden: int, head
                                                             2048, int, 1, 1 << 24)}
     if arch not in NORM_PLUS_ONE:
         return {"rope_theta": theta}
-    shape = type("Shape", (), {"num_hidden_layers": blocks, "hidden_size": hidden, "num_attention_heads": heads,
-                               "head_dim": head_dim})
     out = {"sliding_window": _number(meta, a + "attention.sliding_window", 4096, int, 1, 1 << 24),
-           "layer_types": llama_cpp_layer_types(arch, blocks), "query_pre_attn_scalar": llama_cpp_query_scalar(arch, shape)}
+           "layer_types": llama_cpp_layer_types(arch, blocks),
+           "query_pre_attn_scalar": llama_cpp_query_scalar(arch, blocks, hidden, heads, head_dim)}
     cap = meta.get(a + "final_logit_softcapping")
     out["final_logit_softcapping"] = None if cap is None else _number(meta, a + "final_logit_softcapping", 30.0, float, 1e-3, 1e6)
     if arch == "gemma2":
