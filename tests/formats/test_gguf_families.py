@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 import modelpress
 from modelpress.errors import ModelpressError
+from modelpress.formats.gguf_mixes import MIXES
 from modelpress.formats.gguf_names import ARCH
 from modelpress.model.decoder import FAMILIES
 from tests.conftest import byte_tokenizer
@@ -158,21 +159,26 @@ def test_llama_cpp_runs_our_export_with_transformers_logits(family, tmp_path, de
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
 
 
+QUANTIZED_MIXES = [m for m in MIXES if m not in ("F32", "F16", "BF16")]
+
+
 @pytest.mark.parametrize("family", sorted(ARCH))
-def test_q4_k_m_equals_llama_quantize(family, tmp_path, default_model):
-    """Our Q4_K_M export and llama.cpp's quantizer run on our F32 export: the same type for every
-    tensor (its rules per category, phi3's fused qkv counted as attn_v) and the same bytes."""
+@pytest.mark.parametrize("mix", QUANTIZED_MIXES)
+def test_mixes_equal_llama_quantize(family, mix, tmp_path, spm_vocabulary):
+    """Our export in every quantized mix and llama.cpp's quantizer run on our F32 export: the same
+    type for every tensor (its rules per category, phi3's fused qkv counted as attn_v) and the same
+    bytes."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a peer) is not installed")
-    _, tok = default_model
+    _, tok = spm_vocabulary
     cfg = gguf_config(family, len(tok))
     cfg.hidden_size, cfg.intermediate_size = 256, 512  # rows of whole K blocks
     model = tiny(family, config=cfg)
-    modelpress.export_gguf(model, tok, tmp_path / "f32.gguf", "F32", progress=False)
-    modelpress.export_gguf(model, tok, tmp_path / "ours.gguf", "Q4_K_M", progress=False)
+    f32 = tmp_path / "f32.gguf"
+    modelpress.export_gguf(model, tok, f32, "F32", progress=False)
+    modelpress.export_gguf(model, tok, tmp_path / "ours.gguf", mix, progress=False)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "theirs.gguf").encode(),
-                                          params) == 0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp_path / "theirs.gguf").encode(), params) == 0
     ours = {t.name: t for t in GGUFReader(tmp_path / "ours.gguf").tensors}
     theirs = {t.name: t for t in GGUFReader(tmp_path / "theirs.gguf").tensors}
     assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
