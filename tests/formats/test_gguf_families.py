@@ -3,20 +3,17 @@ a round trip gives transformers' logits (F32 exactly; Q8_0 close), llama.cpp's o
 (convert_hf_to_gguf.py from the llama-cpp-python sdist, which `bin/setup test` unpacks into .peers/)
 writes the same architecture, keys, tensor names, shapes and F32 bytes, and the other families are
 refused by name."""
-import io
 import os
 import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from transformers import AutoTokenizer
 
 import modelpress
 from modelpress.errors import ModelpressError
@@ -24,6 +21,7 @@ from modelpress.formats.gguf_mixes import MIXES
 from modelpress.formats.gguf_names import ARCH
 from modelpress.model.decoder import FAMILIES
 from tests.conftest import byte_tokenizer
+from tests.model import families
 from tests.model.families import configs, tiny
 
 CONVERTER = Path(os.environ.get("MODELPRESS_LLAMA_CPP", Path(__file__).resolve().parents[2] / ".peers" / "llama.cpp"))
@@ -92,20 +90,11 @@ def test_another_model_type_is_refused_by_name(tmp_path):
 
 @pytest.fixture(scope="module")
 def spm_vocabulary(tmp_path_factory):
-    """A SentencePiece vocabulary (640 pieces) trained on the standard library's pydoc topics: the
-    converter reads Gemma's and Phi-3's vocabulary only from a tokenizer.model, and refuses the
-    default model's BPE pre-tokenizer for Qwen2, so every family is compared on this one."""
-    spm = pytest.importorskip("sentencepiece", reason="the converter imports sentencepiece")
+    """(folder, tokenizer) of tests.model.families.spm_vocabulary."""
+    pytest.importorskip("sentencepiece", reason="the converter imports sentencepiece")
     pytest.importorskip("google.protobuf", reason="transformers reads a SentencePiece model with protobuf")
-    text = [line for topic in topics.values() for line in topic.splitlines() if line.strip()][:4000]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=640, model_type="bpe",
-                                   byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2,
-                                   pad_id=-1, minloglevel=2)
     folder = tmp_path_factory.mktemp("spm")
-    (folder / "tokenizer.model").write_bytes(model.getvalue())
-    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
-    return folder, AutoTokenizer.from_pretrained(folder)
+    return folder, families.spm_vocabulary(folder)
 
 
 @pytest.mark.parametrize("family", sorted(ARCH))

@@ -1,6 +1,10 @@
 """Tiny random models of every family the decoder computes (model/decoder.py FAMILIES), built from
 transformers' config classes, with random norm weights and biases (not their init values), so that
 a dropped or misapplied tensor shows."""
+import io
+from pathlib import Path
+from pydoc_data.topics import topics
+
 import torch
 
 SMALL = dict(vocab_size=261, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -44,3 +48,23 @@ def tiny(family: str, seed: int = 0, config=None) -> torch.nn.Module:
             if "norm" in name or name.endswith(".bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if "norm" in name and "gemma" not in family else 0))
     return model
+
+
+def spm_vocabulary(folder: Path):
+    """A SentencePiece vocabulary (640 pieces) trained on the standard library's pydoc topics, written
+    to `folder` (tokenizer.model) and returned as transformers' tokenizer of it: llama.cpp's converter
+    reads Gemma's and Phi-3's vocabulary only from a tokenizer.model, and refuses the default model's
+    BPE pre-tokenizer for Qwen2, so the families are compared with the converter on this one. Needs
+    sentencepiece, and protobuf for transformers to read it."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    text = [line for topic in topics.values() for line in topic.splitlines() if line.strip()][:4000]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=640,
+                                             model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+                                             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    return AutoTokenizer.from_pretrained(folder)
