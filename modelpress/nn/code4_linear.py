@@ -29,6 +29,7 @@ from ..core import codebook4, dynamic8
 from ..errors import ModelpressError
 from ..kernels import ops
 from .dense_linear import kernel_allowed
+from .frozen import frozen_product, wants_input_grad
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -92,6 +93,8 @@ class Code4Linear(torch.nn.Module):
                                          (self.out_features, self.in_features), self.blocksize, self.quant_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if wants_input_grad(x):  # a frozen base under a training graph (nn/frozen.py)
+            return frozen_product(self, x)
         cd = COMPUTE_DTYPES[self.compute_dtype]
         xc = x.to(cd)
         bias = None if self.bias is None else self.bias.to(cd)

@@ -27,6 +27,7 @@ from .. import kernels
 from ..core import kquants
 from ..kernels import ops
 from .dense_linear import kernel_allowed
+from .frozen import frozen_product, wants_input_grad
 
 # GGUF types with a kernel on their stored blocks and int8 activations (kernels.KIND numbers)
 BLOCK_KERNELS = {t: kernels.KIND[t] for t in ("Q8_0", "Q5_0", "Q4_K", "Q6_K")}
@@ -95,6 +96,8 @@ class GGUFLinear(torch.nn.Module):
         return w.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if wants_input_grad(x):  # a frozen base under a training graph (nn/frozen.py)
+            return frozen_product(self, x)
         y = self._product(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

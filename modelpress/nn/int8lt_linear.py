@@ -19,6 +19,7 @@ from ..core import int8_rowwise
 from ..errors import ModelpressError
 from ..kernels import ops
 from .dense_linear import kernel_allowed
+from .frozen import frozen_product, wants_input_grad
 
 
 class Int8LtLinear(torch.nn.Module):
@@ -42,6 +43,8 @@ class Int8LtLinear(torch.nn.Module):
         return int8_rowwise.dequantize_rows(self.weight, self.SCB)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if wants_input_grad(x):  # a frozen base under a training graph (nn/frozen.py)
+            return frozen_product(self, x)
         rows = x.numel() // self.in_features
         lib = kernels.lib() if kernel_allowed(x, rows) else None
         if lib is None:

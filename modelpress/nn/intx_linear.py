@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..core import grids, packing
 from ..kernels import ops
+from .frozen import frozen_product, wants_input_grad
 
 FAST_MAX_ROWS = 32
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -86,6 +87,8 @@ class IntxLinear(torch.nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if wants_input_grad(x):  # a frozen base under a training graph (nn/frozen.py)
+            return frozen_product(self, x)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         rows = x.numel() // x.shape[-1]
