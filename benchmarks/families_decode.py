@@ -1,10 +1,10 @@
 """Batch-1 decode of other model families beside llama.cpp, on the same Q4_K_M file (issue 21):
-Qwen2-, Qwen3- and Gemma-2-shaped models of the default model's size (576 wide, 30 blocks, 9 heads,
+Qwen2-, Qwen3-, Gemma-2-, Gemma-3- and Phi-3-shaped models of the default model's size (576 wide, 30 blocks, 9 heads,
 3 key/value heads, 1536 MLP, its 49152-token vocabulary), random weights, written by modelpress'
 GGUF export; the default Llama beside them. The tools alternate --repeats times; each row has the
 medians. modelpress runs the serving engine at batch 1 (benchmarks/serve.py's decode_ours: the
-C fused decode, which takes qwen2's biases, qwen3's q / k norms and gemma's norms, GELU, soft-caps
-and windows too).
+C fused decode, which takes qwen2's biases, qwen3's q / k norms, gemma's norms, GELU, soft-caps,
+windows and two rotary tables, and phi3's fused products too).
 
     .venv/bin/python benchmarks/families_decode.py --out benchmarks/results/families_decode.json
 Nothing here asserts a timing."""
@@ -31,7 +31,14 @@ SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_
 
 
 def family_model(family: str, vocab: int) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma2Config,
+        Gemma3TextConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     from modelpress.formats.gguf_names import llama_cpp_layer_types
 
@@ -39,6 +46,12 @@ def family_model(family: str, vocab: int) -> torch.nn.Module:
         cfg = Qwen2Config(**SHAPE, vocab_size=vocab)
     elif family == "qwen3":
         cfg = Qwen3Config(**SHAPE, vocab_size=vocab, head_dim=64)
+    elif family == "phi3":  # untied, as Phi-3; its window (llama.cpp ignores it) past these lengths
+        cfg = Phi3Config(**{**SHAPE, "tie_word_embeddings": False}, vocab_size=vocab, sliding_window=2047,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif family == "gemma3_text":  # five sliding layers to one global, as llama.cpp derives it
+        cfg = Gemma3TextConfig(**SHAPE, vocab_size=vocab, head_dim=64, query_pre_attn_scalar=64, sliding_window=512,
+                               layer_types=llama_cpp_layer_types("gemma3", SHAPE["num_hidden_layers"]))
     else:  # gemma2 as llama.cpp derives it: every other layer slides, the query scaled by the head size
         cfg = Gemma2Config(**SHAPE, vocab_size=vocab, head_dim=64, query_pre_attn_scalar=64, sliding_window=512,
                            layer_types=llama_cpp_layer_types("gemma2", SHAPE["num_hidden_layers"]))
@@ -47,7 +60,7 @@ def family_model(family: str, vocab: int) -> torch.nn.Module:
     with torch.no_grad():  # weights of a trained model's scale, biases and norms not at their init values
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * (0.3 if "norm" in name or name.endswith("bias") else 0.02)
-                    + (1.0 if "norm" in name and family != "gemma2" else 0.0))
+                    + (1.0 if "norm" in name and "gemma" not in family else 0.0))
     return model
 
 
@@ -55,6 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--families", nargs="+", default=["qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
     p.add_argument("--out", default="benchmarks/results/families_decode.json")
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -63,7 +77,7 @@ def main() -> None:
     files = {"llama (the default model)": work / "llama.gguf"}
     modelpress.export_gguf(default, tok, files["llama (the default model)"], "Q4_K_M", progress=False)
     del default
-    for family in ("qwen2", "qwen3", "gemma2"):
+    for family in a.families:
         files[family] = work / f"{family}.gguf"
         modelpress.export_gguf(family_model(family, len(tok)), tok, files[family], "Q4_K_M", progress=False)
     rows = []

@@ -75,6 +75,38 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None: 
     return None
 
 
+def _split_rows(mod: torch.nn.Module, sizes: list[int]) -> list[torch.nn.Module] | None:
+    """A fused product (phi3's qkv_proj, gate_up_proj) as one module per block of output rows: GGUF
+    rows are independent blocks, fp32 rows slices of the weight (views: no copy)."""
+    cuts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    if isinstance(mod, GGUFLinear):
+        return [GGUFLinear.from_blocks(mod.qdata[a:b], mod.kind, mod.in_features,
+                                       None if mod.bias is None else mod.bias.detach()[a:b])
+                for a, b in zip(cuts, cuts[1:])]
+    if type(mod) in (torch.nn.Linear, DenseLinear) and mod.bias is None:
+        parts = []
+        for a, b in zip(cuts, cuts[1:]):
+            part = torch.nn.Linear(mod.in_features, b - a, bias=False, device="meta")
+            part.weight = torch.nn.Parameter(mod.weight.detach()[a:b], requires_grad=False)
+            parts.append(part)
+        return parts
+    return None
+
+
+def _projections(layer, d_ff: int) -> list[torch.nn.Module] | None:  # noqa: ANN001
+    """q, k, v, o, gate, up, down of a decoder layer; phi3's fused qkv and gate_up split by rows."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if attn.qkv_proj is None:
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    else:
+        nq, nk = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim
+        qkv = _split_rows(attn.qkv_proj, [nq, nk, nk])
+    gate_up = [mlp.gate_proj, mlp.up_proj] if hasattr(mlp, "gate_proj") else _split_rows(mlp.gate_up_proj, [d_ff, d_ff])
+    if qkv is None or gate_up is None:
+        return None
+    return [*qkv, attn.o_proj, *gate_up, mlp.down_proj]
+
+
 class FusedDecoder:
     """The C fast path of a model/decoder.py Decoder: its layers' weights as the kernels' Layer
     structs, bound to the decoder's caches."""
@@ -96,7 +128,8 @@ class FusedDecoder:
         stored blocks with activations rounded to int8 (per 32, per 256 for the K types), as llama.cpp
         does; False: every GGUF layer on its affine codes with fp32 activations (the torch path's
         numbers up to the order of sums). Takes Llama's blocks and what qwen2 / qwen3 / gemma2 /
-        gemma3 add to them (biases, q / k norms, gemma's norms, GELU, scale, soft-cap, windows)."""
+        gemma3 / phi3 add to them (biases, q / k norms, gemma's norms, GELU, scale, soft-cap, windows,
+        phi3's fused products split by rows); not a partial rotary (Phi-4-mini's)."""
         lib = kernels.lib()
         emb = decoder.embed_tokens
         if lib is None or decoder.device.type != "cpu" or decoder.dtype != torch.float32:
@@ -105,23 +138,24 @@ class FusedDecoder:
             return None
         types = sorted({ly.rope_key for ly in decoder.layers}, key=str)
         if decoder.rotary(torch.tensor([1]), types[0])[0].shape[-1] != decoder.head_dim:
-            return None  # partial rotary (phi3)
+            return None  # partial rotary (Phi-4-mini's 0.75)
         keep: list = []
         all_blocks = True
         layers = (ops.Layer * len(decoder.layers))()
         eps = _eps(decoder.layers[0].input_layernorm)
+        d_ff = decoder.layers[0].mlp.down_proj.in_features
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            act = type(getattr(mlp, "act_fn", None)).__name__
-            if eps is None or attn.qkv_proj is not None or act not in ("SiLU", "SiLUActivation", "GELUTanh"):
+            act = type(getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))).__name__  # phi3: activation_fn
+            projections = _projections(layer, d_ff)
+            if eps is None or projections is None or act not in ("SiLU", "SiLUActivation", "GELUTanh"):
                 return None
             sandwich = layer.pre_feedforward_layernorm is not None  # gemma: four norms
             norms = ((layer.input_layernorm, layer.pre_feedforward_layernorm, layer.post_attention_layernorm,
                       layer.post_feedforward_layernorm) if sandwich else (layer.input_layernorm, layer.post_attention_layernorm))
             head_norms = (attn.q_norm, attn.k_norm) if attn.q_norm is not None else ()  # qwen3, gemma3: per head
             w = [_norm_weight(n, eps) for n in (*norms, *head_norms)]
-            lins = [_linear(m, keep, int8_activations) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                                                 mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            lins = [_linear(m, keep, int8_activations) for m in projections]
             if any(x is None for x in (*w, *lins)):
                 return None
             keep += w
@@ -132,9 +166,8 @@ class FusedDecoder:
             layers[i] = ops.layer(w[0], w[1], lins, **qk, **gemma, gelu=act == "GELUTanh", window=attn.window or 0,
                                   rope=types.index(layer.rope_key),
                                   attn_scale=scale, softcap=attn.softcap or 0.0)  # caches: bind()
-        d_ff = decoder.layers[0].mlp.gate_proj.out_features
         scale = getattr(emb, "embed_scale", None)
-        return cls(lib, layers, keep, float(eps), d_ff, all_blocks, _fused_head(decoder.head, decoder.norm, keep),
+        return cls(lib, layers, keep, float(eps), d_ff, all_blocks, _fused_head(decoder.head, decoder.norm, keep, int8_activations),
                    None if scale is None else scale.float(), types)
 
     def bind(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> None:
@@ -193,12 +226,14 @@ def _norm_weight(norm: torch.nn.Module, eps: float) -> torch.Tensor | None:
     return w.detach().contiguous() if hasattr(norm, "variance_epsilon") else None
 
 
-def _fused_head(head: torch.nn.Module, norm: torch.nn.Module, keep: list) -> tuple | None:
-    """A head on GGUF blocks (the decoder's choice with int8 activations) runs with the final norm in
-    C (mp_llama_logits): batch-1 decode of the Q4_K_M file ~0.4 ms a token faster than torch's norm
-    and the module call."""
+def _fused_head(head: torch.nn.Module, norm: torch.nn.Module, keep: list, int8: bool) -> tuple | None:
+    """A head on GGUF blocks (an untied one, or the decoder's choice for a tied one with int8
+    activations) runs with the final norm in C (mp_llama_logits) where activations are int8:
+    batch-1 decode of the Q4_K_M file ~0.4 ms a token faster than torch's norm and the module call.
+    Without int8 activations the decoder's head module computes (an untied GGUF head got int8
+    activations here regardless before; phi3's test found it)."""
     w = getattr(norm, "weight", None)
-    if not (isinstance(head, GGUFLinear) and head.kind in BLOCK_KERNELS and w is not None
+    if not (int8 and isinstance(head, GGUFLinear) and head.kind in BLOCK_KERNELS and w is not None
             and w.dtype == torch.float32 and hasattr(norm, "variance_epsilon")):
         return None
     w = w.detach().contiguous()

@@ -210,13 +210,14 @@ def test_kv_dtype_the_model_cannot_take_is_a_clear_error():
     assert ModelRunner(tiny_llama(), 4, 4).kv_dtype == torch.float32
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3"])
 @pytest.mark.parametrize("blocks", [False, True], ids=["fp32", "gguf-Q8_0"])
 def test_other_families_take_the_fused_path_with_the_torch_paths_numbers(family, blocks, tmp_path):
     """What the families add to Llama's blocks, in C: qwen2's q / k / v biases (after the product,
     mp_linears_apply), qwen3's and gemma3's per-head q / k norms (before the rotary), mistral's and
     gemma's sliding windows (the 31 positions here pass the window of 12), gemma's scaled embedding,
-    (1 + w) and sandwich norms, GELU, score scale and soft-cap, gemma3's two rotary tables. On fp32
+    (1 + w) and sandwich norms, GELU, score scale and soft-cap, gemma3's two rotary tables, phi3's fused
+    qkv and gate_up (split by rows). On fp32
     weights or Q8_0 blocks the fused decode gives the torch path's logits; with the blocks' int8
     activations, close ones."""
     import modelpress
