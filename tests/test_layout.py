@@ -90,7 +90,7 @@ def test_the_checker_finds_a_circle():
 
 
 # core <- kernels <- nn <- formats / model <- methods <- eval / serve <- cli (README, "How the code is laid out")
-LAYERS = {"core": 0, "kernels": 1, "nn": 2, "formats": 3, "model": 3, "methods": 4, "eval": 5, "serve": 5}
+LAYERS = {"core": 0, "kernels": 1, "nn": 2, "formats": 3, "model": 3, "methods": 4, "finetune": 4, "eval": 5, "serve": 5}
 
 
 def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:

@@ -1,0 +1,130 @@
+"""Adapters in PEFT's format, both ways: a folder of adapter_config.json (PEFT's LoraConfig fields)
+and adapter_model.safetensors with PEFT's key names:
+    base_model.model.<module path>.lora_A.weight      (r, in)     (QA-LoRA: (r, in / group))
+    base_model.model.<module path>.lora_B.weight      (out, r)
+    base_model.model.<module path>.lora_magnitude_vector  (out,)  DoRA only
+`peft.PeftModel.from_pretrained(<transformers model>, folder)` opens what `save_adapter` writes, and
+`load_adapter` reads what PEFT trained; PEFT options modelpress does not compute are refused by name.
+PEFT itself is not needed for either (the format is JSON and safetensors)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ModelpressError
+from ..version import __version__
+from .lora import LoraConfig, add_lora, lora_layers
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# PEFT LoraConfig fields that change what an adapter computes, and the value modelpress computes
+_MUST_BE = {"bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+            "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+            "target_parameters": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+            "exclude_modules": None, "use_bdlora": None}
+
+
+def peft_config(config: LoraConfig, base_model: str | None = None) -> dict[str, Any]:
+    """adapter_config.json for `config`, as PEFT writes it (LORA, CAUSAL_LM)."""
+    targets = "all-linear" if config.targets == "all-linear" else list(config.targets)
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": targets,
+            "use_rslora": config.rslora, "use_dora": config.dora, "init_lora_weights": True,
+            "use_qalora": config.qa_lora_group is not None, "qalora_group_size": config.qa_lora_group or 16,
+            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
+            "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+            "revision": None}
+
+
+def config_from_peft(d: dict[str, Any], where: str) -> LoraConfig:
+    """The LoraConfig of a PEFT adapter_config.json; what modelpress does not compute is refused."""
+    if d.get("peft_type") != "LORA":
+        raise ModelpressError(f"{where} is a {d.get('peft_type')} adapter; modelpress reads LoRA adapters")
+    for key, want in _MUST_BE.items():
+        value = d.get(key, want)
+        if value != want and value not in (None, {}, [], False):
+            raise ModelpressError(f"{where} sets {key}={d[key]!r}, which modelpress does not compute "
+                                  f"(it reads adapters with {key}={want!r})")
+    targets = d.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ModelpressError(f"{where} names its targets by a regular expression ({targets!r}); modelpress reads a "
+                              "list of module names or 'all-linear'")
+    return LoraConfig(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout") or 0.0),
+                      targets=targets if targets == "all-linear" else tuple(targets or ()),
+                      rslora=bool(d.get("use_rslora")), dora=bool(d.get("use_dora")),
+                      qa_lora_group=int(d.get("qalora_group_size", 16)) if d.get("use_qalora") else None)
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The adapters' parameters under PEFT's key names."""
+    out = {}
+    for fqn, layer in lora_layers(model).items():
+        out[f"{PREFIX}{fqn}.lora_A.weight"] = layer.lora_A.weight
+        out[f"{PREFIX}{fqn}.lora_B.weight"] = layer.lora_B.weight
+        if layer.lora_magnitude_vector is not None:
+            out[f"{PREFIX}{fqn}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    return out
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().contiguous() for k, p in adapter_parameters(model).items()}
+
+
+def save_adapter(model: torch.nn.Module, config: LoraConfig, out: str | Path, base_model: str | None = None) -> Path:
+    """Write the model's adapters to the folder `out` in PEFT's format (a temporary folder renamed
+    when complete)."""
+    out = Path(out)
+    state = adapter_state(model)
+    if not state:
+        raise ModelpressError("the model has no LoRA adapters to save")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "modelpress_version": __version__})
+    (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(config, base_model), indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def read_adapter(folder: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise ModelpressError(f"{folder} is not a LoRA adapter folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
+                              "(PEFT's save_pretrained or modelpress finetune writes them)")
+    try:
+        config = config_from_peft(json.loads((folder / CONFIG_FILE).read_text()), str(folder / CONFIG_FILE))
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ModelpressError(f"{folder} cannot be read as a LoRA adapter ({type(e).__name__}: {e})") from None
+    return config, state
+
+
+def load_adapter(model: torch.nn.Module, folder: str | Path) -> tuple[torch.nn.Module, LoraConfig]:
+    """Add the adapters of a PEFT-format folder to `model` (in place); every adapted layer must get
+    its tensors and every tensor a layer, with the shapes the model gives."""
+    config, state = read_adapter(folder)
+    add_lora(model, config)
+    mine = adapter_parameters(model)
+    # PEFT writes ".lora_A.weight"; some older files hold ".lora_A.default.weight"
+    state = {re.sub(r"\.default(\.weight)?$", lambda m: m.group(1) or "", k): v for k, v in state.items()}
+    missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+    if missing or extra:
+        raise ModelpressError(f"{folder} does not fit this model: "
+                              + (f"no tensor for {missing[0]} ({len(missing)} missing)" if missing else "")
+                              + ("; " if missing and extra else "")
+                              + (f"{extra[0]} adapts no layer of it ({len(extra)} such)" if extra else ""))
+    with torch.no_grad():
+        for key, tensor in mine.items():
+            if tensor.shape != state[key].shape:
+                raise ModelpressError(f"{folder}: {key} has shape {tuple(state[key].shape)}, this model's layer "
+                                      f"needs {tuple(tensor.shape)}")
+            tensor.copy_(state[key])
+    return model, config
