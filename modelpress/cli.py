@@ -22,12 +22,17 @@ from .errors import ModelpressError, one_line
 from .eval.compare import DEFAULT_METHODS, compare, method_names
 from .eval.evaluate import evaluate, summary
 from .eval.size import disk_bytes, model_size
+from .finetune.adapters import load_adapter
+from .finetune.lora import LoraConfig
+from .finetune.merge import merge_adapters
+from .finetune.train import TrainConfig, finetune
 from .formats import check_destination, describe, formats, save
 from .formats.gguf_mixes import MIXES
 from .formats.gguf_writer import check_file, default_mix, export_gguf
 from .formats.imatrix import load_imatrix, save_imatrix
 from .generate import speed_line, stream_text
 from .methods.awq import AWQConfig
+from .methods.bnb4 import NF4Config
 from .methods.gptq import GPTQConfig
 from .model.imatrix import compute_imatrix
 from .model.load import load, resolve
@@ -163,6 +168,7 @@ def cmd_imatrix(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     text = load_text(a.text, "eval")
     model, tok, load_s = _load(a.model, a.device, a.gguf_blocks)
+    _with_adapter(model, a.adapter)
     result = evaluate(model, tok, text, a.ctx, a.max_windows, a.decode_tokens, progress=not a.json)
     result["load_seconds"] = load_s
     print(json.dumps(result) if a.json else summary(result))
@@ -211,6 +217,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise ModelpressError(str(e)) from None
     model, tok, _ = _load(a.model, a.device, a.gguf_blocks)
+    _with_adapter(model, a.adapter)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and a.max_new_tokens > context:
         _err(f"note: -n {a.max_new_tokens} is past the model's context; generating until it is full ({context} tokens)")
@@ -235,6 +242,44 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- finetune / merge --------------------------------------------------------------------------
+def _with_adapter(model: Any, adapter: str | None) -> Any:
+    if adapter:
+        load_adapter(model, adapter)
+    return model
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    try:
+        targets = "all-linear" if a.targets == "all-linear" else tuple(t for t in a.targets.split(",") if t.strip())
+        lora = LoraConfig(r=a.r, alpha=a.alpha, dropout=a.dropout, targets=targets, rslora=a.rslora, dora=a.dora,
+                          init=a.init, qa_lora_group=a.qa_lora_group)
+        train = TrainConfig(steps=a.steps, epochs=a.epochs, batch=a.batch, grad_accum=a.grad_accum, ctx=a.ctx, lr=a.lr,
+                            weight_decay=a.weight_decay, warmup=a.warmup, eval_every=a.eval_every,
+                            save_every=a.save_every, seed=a.seed, gradient_checkpointing=a.gradient_checkpointing,
+                            compute=a.compute)
+    except ValueError as e:
+        raise ModelpressError(str(e)) from None
+    model, tok, _ = _load(a.model, a.device)
+    if a.qlora:  # QLoRA's recipe: NF4 with double quantization, bf16 compute
+        quantize(model, NF4Config(double_quant=True, compute_dtype="bfloat16"))
+    result = finetune(model, tok, a.data, lora, train, out=a.out, resume=a.resume, progress=True)
+    last = result.history[-1] if result.history else {}
+    evals = [h["eval_loss"] for h in result.history if "eval_loss" in h]
+    _err(f"modelpress: {len(result.history)} steps, last loss {last.get('loss', float('nan')):.4f}"
+         + (f", held-out loss {evals[-1]:.4f}" if evals else "") + f"; adapter in {a.out}")
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    check_destination("modelpress", None, a.out)
+    model, tok, _ = _load(a.model)
+    merge_adapters(_with_adapter(model, a.adapter))
+    save(model, tok, a.out)
+    _err(f"modelpress: merged {a.adapter} into a float model: {a.out}")
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 def _model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="GGUF file, transformers folder or modelpress checkpoint "
@@ -248,6 +293,7 @@ def _calibration(p: argparse.ArgumentParser, what: str, samples: int = 128) -> N
 
 
 def _runtime(p: argparse.ArgumentParser, blocks: bool) -> None:
+    p.add_argument("--adapter", help="a LoRA adapter folder (PEFT's format) to run with the model")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--gguf-blocks", action=argparse.BooleanOptionalAction, default=blocks,
                    help=f"GGUF: run the quantized layers on their blocks, not on an fp32 copy (default: {blocks})")
@@ -320,6 +366,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     _runtime(g, blocks=True)  # as llama.cpp runs a GGUF
+
+    f = command("finetune", cmd_finetune, "train LoRA / QLoRA adapters (PEFT's format) on a text or chat file")
+    f.add_argument("--data", help=".txt (packed windows) or .jsonl of {\"text\"} or chat {\"messages\"} lines "
+                   "(default: Python's pydoc topics)")
+    f.add_argument("--out", required=True, help="folder for the adapter (and its checkpoint while training)")
+    f.add_argument("--r", "--rank", dest="r", type=flags.positive, default=16,
+                   help="adapter rank (default: 16; under torchrun write --rank, which its options do not shadow)")
+    f.add_argument("--alpha", type=float, default=32.0, help="scaling numerator: alpha / r (default: 32)")
+    f.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' input (default: 0)")
+    f.add_argument("--targets", default="q_proj,v_proj", help="comma-separated layer names or all-linear "
+                   "(default: q_proj,v_proj)")
+    f.add_argument("--rslora", action="store_true", help="scaling alpha / sqrt(r)")
+    f.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output row")
+    f.add_argument("--init", choices=("kaiming", "gaussian"), default="kaiming", help="A's init (default: kaiming)")
+    f.add_argument("--qa-lora-group", type=flags.positive, help="QA-LoRA: pool the adapters' input over groups of "
+                   "this many columns (the int base's quantization group), so that merge is lossless")
+    f.add_argument("--qlora", action="store_true", help="quantize the base to NF4 with double quantization and bf16 "
+                   "compute first (QLoRA)")
+    f.add_argument("--steps", type=flags.positive, help="optimizer steps (default: one epoch)")
+    f.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is not given")
+    f.add_argument("--batch", type=flags.positive, default=4, help="rows per step, over all processes (default: 4)")
+    f.add_argument("--grad-accum", type=flags.positive, default=1, help="batches per optimizer step (default: 1)")
+    f.add_argument("--ctx", type=flags.positive, default=512, help="tokens per row (default: 512)")
+    f.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--warmup", type=float, default=0.03, help="warmup as a fraction of the steps (default: 0.03)")
+    f.add_argument("--eval-every", type=flags.positive, default=50, help="held-out loss every N steps (default: 50)")
+    f.add_argument("--save-every", type=flags.positive, default=100, help="checkpoint every N steps (default: 100)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    f.add_argument("--compute", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the frozen base's matmul dtype (auto: bf16 where the CPU has it natively)")
+    f.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+    f.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+    mg = command("merge", cmd_merge, "merge an adapter into its base: a float model, saved as a checkpoint")
+    mg.add_argument("--adapter", required=True, help="adapter folder (PEFT's format)")
+    mg.add_argument("--out", required=True, help="folder to write")
 
     i = command("info", cmd_info, "what a model file or checkpoint holds")
     i.add_argument("--json", action="store_true")

@@ -4,6 +4,7 @@
     record(model).config        the method config that compressed it (registry.quantize, loaders)
     record(model).plan          the per-tensor GGUF types `auto` chose (methods/auto.py)
     record(model).calibration   what block-by-block calibration measured (model/sequential.py)
+    record(model).adapter       the LoraConfig of the adapters on it (finetune/lora.py add_lora)
     record(model).head          a tied output head kept in GGUF blocks, for the decode kernels
                                 (model/gguf_model.py); not a submodule, so not in the state dict
 
@@ -23,6 +24,7 @@ class Record:
     plan: Any = None
     calibration: Any = None
     head: Any = None
+    adapter: Any = None
 
 
 def record(model: Any) -> Record:

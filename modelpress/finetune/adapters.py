@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +76,20 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: torch.nn.Module, config: LoraConfig, out: str | Path, base_model: str | None = None) -> Path:
-    """Write the model's adapters to the folder `out` in PEFT's format (a temporary folder renamed
-    when complete)."""
+    """Write the model's adapters into the folder `out` in PEFT's format (each file under a temporary
+    name, renamed when complete; other files in the folder are left alone)."""
     out = Path(out)
     state = adapter_state(model)
     if not state:
         raise ModelpressError("the model has no LoRA adapters to save")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "modelpress_version": __version__})
-    (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(config, base_model), indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if out.exists() and not out.is_dir():
+        raise ModelpressError(f"{out} is a file; give a folder for the adapter")
+    out.mkdir(parents=True, exist_ok=True)
+    weights, cfg = out / (WEIGHTS_FILE + ".partial"), out / (CONFIG_FILE + ".partial")
+    save_file(state, str(weights), metadata={"format": "pt", "modelpress_version": __version__})
+    cfg.write_text(json.dumps(peft_config(config, base_model), indent=2))
+    weights.replace(out / WEIGHTS_FILE)
+    cfg.replace(out / CONFIG_FILE)
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ModelpressError
 from ..model.walker import dense_weight, replace
+from ..record import record
 
 INITS = ("kaiming", "gaussian", "pissa", "loftq")
 
@@ -166,6 +167,7 @@ def add_lora(model: torch.nn.Module, config: LoraConfig, base_config: Any = None
         elif config.init == "loftq":
             layer = _loftq(layer, config, base_config)
         replace(model, fqn, layer)
+    record(model).adapter = config
     return model
 
 

@@ -51,6 +51,7 @@ def layer_to_hf(m: IntxLinear) -> dict[str, torch.Tensor]:
     if m.bits != 4 or m.group_size is None or m.perm is not None or m.out_features % 8:
         raise ModelpressError("the AWQ GEMM layout holds 4-bit grouped weights in column order, "
                               "with output sizes that are multiples of 8")
+    m.check_plain()
     zero = (torch.full_like(m.scale, 8, dtype=torch.uint8) if m.zero_point is None else m.zero_point)
     out = {"qweight": packing.pack_int32(_interleave(m.codes().t().contiguous()), 4),
            "qzeros": packing.pack_int32(_interleave(zero.t().contiguous()), 4),
@@ -74,7 +75,6 @@ def layer_from_hf(t: dict[str, torch.Tensor], group_size: int) -> IntxLinear:
 def save(model: torch.nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (4-bit grouped IntxLinear layers: AWQ, GPTQ without act order, RTN) as an
     AutoAWQ GEMM folder."""
-
     out = check_new(out)
     config = record(model).config
     if config is None or not any(isinstance(m, IntxLinear) for m in model.modules()):

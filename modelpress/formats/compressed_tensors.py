@@ -95,6 +95,7 @@ def layer_to_ct(m: IntxLinear) -> dict[str, torch.Tensor]:
     """weight_packed, weight_scale, weight_zero_point, weight_shape (and weight_g_idx) of a layer.
     Our unsigned codes and zero points are compressed-tensors' signed values + 2^(bits-1): the
     same bits."""
+    m.check_plain()
     codes, scale = m.codes(), m.scale
     K = m.in_features
     if m.perm is not None:

@@ -44,6 +44,7 @@ def quantization_config(config: Any) -> dict[str, Any]:
 
 def layer_to_hf(m: IntxLinear) -> dict[str, torch.Tensor]:
     """qweight, qzeros, scales, g_idx (and bias) of one layer."""
+    m.check_plain()
     b, K = m.bits, m.in_features
     maxq = 2 ** b - 1
     gs = K if m.group_size is None else m.group_size

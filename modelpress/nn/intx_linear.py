@@ -9,7 +9,9 @@ Storage (what `state_dict` holds and a checkpoint saves; see core/grids.py and c
                 order without static groups, whose groups are runs of permuted columns):
                 stored column j multiplies input column perm[j]
     bias        as the original layer, if it had one
-W_hat = (code - zero_point) * scale; y = x[..., perm] @ W_hat^T + bias.
+    offset      fp32 (out, n_groups), only after a lossless QA-LoRA merge (finetune/merge.py): the
+                adapter's update, constant within each group
+W_hat = (code - zero_point) * scale (+ offset); y = x[..., perm] @ W_hat^T + bias.
 
 Forward: the reference path dequantizes to fp32 and multiplies; it serves large inputs (prefill,
 perplexity), where a dense GEMM is fastest. Small inputs (decode, <= FAST_MAX_ROWS rows) go through
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import grids, packing
+from ..errors import ModelpressError
 from ..kernels import ops
 from .frozen import frozen_product, wants_input_grad
 
@@ -38,7 +41,7 @@ _KERNELS_TESTED = tuple(int(p) for p in torch.__version__.split("+")[0].split(".
 
 class IntxLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
-                 symmetric: bool, bias: bool = False, permuted: bool = False) -> None:
+                 symmetric: bool, bias: bool = False, permuted: bool = False, offset: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
@@ -52,6 +55,7 @@ class IntxLinear(torch.nn.Module):
         self.register_buffer("zero_point", None if symmetric else torch.zeros(out_features, ng, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("perm", torch.arange(in_features) if permuted else None)
+        self.register_buffer("offset", torch.zeros(out_features, ng) if offset else None)
         self._kernel: tuple | None = None
         self.use_fast = True
 
@@ -83,7 +87,23 @@ class IntxLinear(torch.nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """W_hat in the stored column order (see `perm`)."""
-        return grids.dequantize(self.codes(), self.scale, self.zero_point, self.bits, self.group_size)
+        w = grids.dequantize(self.codes(), self.scale, self.zero_point, self.bits, self.group_size)
+        if self.offset is not None:
+            w = w + self.offset.repeat_interleave(self.group_size or self.in_features, 1)[:, :self.in_features]
+        return w
+
+    def check_plain(self) -> None:
+        """Refuse a layer whose weights the other formats' layouts cannot hold (a merged offset)."""
+        if self.offset is not None:
+            raise ModelpressError("a layer with a merged QA-LoRA offset has no place in this layout; save it as a "
+                                  "modelpress checkpoint (or merge into a float model and quantize again)")
+
+    def add_offset(self, delta: torch.Tensor) -> None:
+        """Add `delta` (out, n_groups) to every weight of each group (a QA-LoRA merge)."""
+        if self.offset is None:
+            self.offset = torch.zeros_like(self.scale, dtype=torch.float32)
+        self.offset = self.offset + delta.float()
+        self._kernel = None
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,6 +125,8 @@ class IntxLinear(torch.nn.Module):
             s = self.scale.float()[:, 0]
             # asymmetric: (q+128-zp)*s = q*s + (128-zp)*s  -> a per-output offset times sum(x)
             off = None if self.zero_point is None else (128.0 - self.zero_point.float()[:, 0]) * s
+            if self.offset is not None:
+                off = self.offset[:, 0] if off is None else off + self.offset[:, 0]
             # torch's AVX-512 int8pack kernel reads the weights with aligned loads: weights that a
             # checkpoint's loader left at an odd offset crashed it (seen here with torch 2.13 on Zen 5)
             w = self.qdata if ops.aligned(self.qdata, 64) else self.qdata.clone()
@@ -125,6 +147,8 @@ class IntxLinear(torch.nn.Module):
                 codes, z = codes + shift, torch.zeros_like(s)
             else:
                 z = (8.0 - zp) * s
+            if self.offset is not None:
+                z = z + self.offset
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             sz = torch.stack([s.t(), z.t()], -1).contiguous().to(torch.bfloat16)  # (n_groups, out, 2)
             kernel = ("int4", packed, sz, k_pad)
@@ -161,4 +185,5 @@ class IntxLinear(torch.nn.Module):
         """What a checkpoint records to rebuild this module before loading its tensors."""
         return {"class": type(self).__name__, "in_features": self.in_features,
                 "out_features": self.out_features, "bits": self.bits, "group_size": self.group_size,
-                "symmetric": self.symmetric, "bias": self.bias is not None, "permuted": self.perm is not None}
+                "symmetric": self.symmetric, "bias": self.bias is not None, "permuted": self.perm is not None,
+                **({"offset": True} if self.offset is not None else {})}
