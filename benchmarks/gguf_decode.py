@@ -34,13 +34,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import modelpress  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 from benchmarks.gguf_export import compare, llama_quantize  # noqa: E402
-from modelpress.eval.speed import decode_ids_per_s, greedy_ids  # noqa: E402
 from modelpress.data import read_text, tokenize, windows  # noqa: E402
+from modelpress.eval.speed import decode_ids_per_s, greedy_ids  # noqa: E402
 from modelpress.formats.gguf_writer import write_gguf  # noqa: E402
-from modelpress.model.imatrix import compute_imatrix  # noqa: E402
 from modelpress.generate import encode_prompt  # noqa: E402
-from modelpress.serve.runner import ModelRunner, cache_blocks  # noqa: E402
+from modelpress.model.imatrix import compute_imatrix  # noqa: E402
 from modelpress.record import record
+from modelpress.serve.runner import ModelRunner, cache_blocks  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPT = "Explain in a few sentences why the sky is blue."

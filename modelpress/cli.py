@@ -23,6 +23,7 @@ from .eval.compare import DEFAULT_METHODS, compare, method_names
 from .eval.evaluate import evaluate, summary
 from .eval.size import disk_bytes, model_size
 from .finetune.adapters import load_adapter
+from .finetune.gguf_lora import export_gguf_lora
 from .finetune.lora import LoraConfig
 from .finetune.merge import merge_adapters
 from .finetune.train import TrainConfig, finetune
@@ -124,6 +125,11 @@ _FROM_METHOD_HELP = ("awq: AWQ's scales (searched for a 4-bit grid with groups o
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    if a.format == "gguf-lora":
+        return _export_gguf_lora(a)
+    if a.adapter:
+        raise ModelpressError("--adapter goes with --format gguf-lora (llama.cpp's adapter file); to export a model "
+                              "with its adapter in the weights, merge first (modelpress merge)")
     if a.type is not None and a.type not in MIXES:
         raise ModelpressError(f"unknown GGUF type {a.type!r}; choose one of: {', '.join(MIXES)}")
     out = check_file(Path(a.out))
@@ -151,6 +157,17 @@ def cmd_export(a: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
     _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {mix}: {counts}"
          f"{', with an imatrix' if imatrix is not None else ''}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _export_gguf_lora(a: argparse.Namespace) -> int:
+    if not a.adapter:
+        raise ModelpressError("--format gguf-lora writes an adapter: give it with --adapter DIR")
+    out = check_file(Path(a.out))
+    model, _, _ = _load(a.model)
+    export_gguf_lora(_with_adapter(model, a.adapter), out)
+    _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): llama.cpp applies it with --lora {out.name} on a GGUF "
+         "of the base model")
     return 0
 
 
@@ -198,14 +215,30 @@ def cmd_serve(a: argparse.Namespace) -> int:
         c = flags.build(a, ServeConfig)
     except ValueError as e:
         raise ModelpressError(str(e)) from None
+    adapters = _lora_flags(a.lora)
     model, tok, load_s = _load(a.model, keep_blocks=True)  # a GGUF runs on its blocks
-    engine = c.engine(model, tok)
+    engine = c.engine(model, tok, adapters)
     name = c.served_model_name or Path(record(model).source).stem
+    if name in adapters:
+        raise ModelpressError(f"the adapter name {name!r} is the model's own; give the adapter another name")
     _err(f"modelpress: serving {name} (loaded in {load_s:.1f} s; KV cache {c.kv_blocks} blocks of {c.block_size} "
          f"tokens, {engine.runner.bytes_per_block * c.kv_blocks / 1e6:.0f} MB) on http://{c.host}:{c.port}/v1")
     serve(engine, name, c.host, c.port, c.api_key, max_body_bytes=int(c.max_body_mb * (1 << 20)),
           template_seconds=c.template_timeout)
     return 0
+
+
+def _lora_flags(values: list[str] | None) -> dict[str, str]:
+    """{name: folder} of --lora NAME=DIR flags."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, folder = v.partition("=")
+        if not sep or not name or not folder:
+            raise ModelpressError(f"--lora {v!r}: write NAME=DIR (the name clients send as `model`)")
+        if name in out:
+            raise ModelpressError(f"--lora: the name {name!r} is given twice")
+        out[name] = folder
+    return out
 
 
 # -- generate ----------------------------------------------------------------------------------
@@ -322,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder to write (--format gguf: the .gguf file)")
 
     x = command("export", cmd_export, "write a model as a GGUF file llama.cpp runs")
-    x.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (default)")
+    x.add_argument("--format", choices=("gguf", "gguf-lora"), default="gguf",
+                   help="gguf (default); gguf-lora: the --adapter as llama.cpp's LoRA adapter file")
+    x.add_argument("--adapter", help="adapter folder (PEFT's format), for --format gguf-lora")
     x.add_argument("--type",
                    help="llama.cpp's mix: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, Q5_K_S/M, Q6_K, "
                         "Q8_0, F16, BF16, F32 (default: Q4_K_M; a model whose layers hold GGUF blocks, such as "
@@ -357,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API")
     flags.add(s, [ServeConfig], label=False)
+    s.add_argument("--lora", action="append", metavar="NAME=DIR",
+                   help="a LoRA adapter (PEFT's format) served beside the model; requests pick it by `model`: NAME "
+                        "(repeat the flag for more)")
 
     g = command("generate", cmd_generate, "stream a completion")
     g.add_argument("-p", "--prompt", required=True)

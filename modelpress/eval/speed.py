@@ -20,6 +20,7 @@ class _Seq:
 
     def __init__(self, ids: list[int], blocks: int) -> None:
         self.token_ids, self.num_computed, self.block_table = list(ids), 0, list(range(blocks))
+        self.adapter = -1  # the base (serve/sequence.py)
 
 
 def greedy_ids(runner: ModelRunner, ids: torch.Tensor, max_new_tokens: int) -> Iterator[int]:

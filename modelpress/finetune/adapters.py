@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelpressError
+from ..model.walker import replace
 from ..version import __version__
 from .lora import LoraConfig, add_lora, lora_layers
 
@@ -127,3 +128,43 @@ def load_adapter(model: torch.nn.Module, folder: str | Path) -> tuple[torch.nn.M
                                       f"needs {tuple(tensor.shape)}")
             tensor.copy_(state[key])
     return model, config
+
+
+def attach_adapters(model: torch.nn.Module, folders: dict[str, str | Path]) -> list[str]:
+    """Serve several adapters on one base (in place): every layer any of them adapts becomes a
+    MultiLoraLinear (nn/multi_lora.py) holding each adapter's A, B and scaling; returns the names in
+    index order. DoRA adapters are refused (their magnitudes rescale the base's rows)."""
+    from ..nn.multi_lora import MultiLoraLinear
+
+    if lora_layers(model):
+        raise ModelpressError("the model already carries an adapter; serve adapters on the base model")
+    names = list(folders)
+    linear = {fqn: m for fqn, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or hasattr(m, "dequantize") and hasattr(m, "in_features")}
+    for k, (name, folder) in enumerate(folders.items()):
+        config, state = read_adapter(folder)
+        if config.dora:
+            raise ModelpressError(f"adapter {name!r} is DoRA, which the batched serving does not compute; merge it "
+                                  "into a model (modelpress merge) and serve that")
+        state = {re.sub(r"\.default(\.weight)?$", lambda m: m.group(1) or "", key): v for key, v in state.items()}
+        for key, a in state.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            fqn = key[len(PREFIX):-len(".lora_A.weight")]
+            b = state.get(f"{PREFIX}{fqn}.lora_B.weight")
+            base = linear.get(fqn)
+            if base is None or b is None:
+                raise ModelpressError(f"adapter {name!r} ({folder}) does not fit this model: {fqn} "
+                                      + ("is not one of its linear layers" if base is None else "has no lora_B"))
+            layer = model.get_submodule(fqn)
+            if not isinstance(layer, MultiLoraLinear):
+                layer = MultiLoraLinear(base, len(names))
+                replace(model, fqn, layer)
+            if config.qa_lora_group:  # pooled input: A repeated over each group's columns (the same product)
+                g = config.qa_lora_group
+                a = a.float().repeat_interleave(g, dim=1) * (layer.in_features // g) / g
+            if tuple(a.shape) != (config.r, layer.in_features) or tuple(b.shape) != (layer.out_features, config.r):
+                raise ModelpressError(f"adapter {name!r}: {fqn}'s A / B shapes {tuple(a.shape)} / {tuple(b.shape)} do "
+                                      f"not fit the layer ({layer.out_features} x {layer.in_features}, r {config.r})")
+            layer.set_adapter(k, a, b, config.scaling)
+    return names

@@ -43,6 +43,7 @@ from .. import kernels
 from ..errors import ModelpressError
 from ..kernels import ops
 from ..nn import gguf_linear
+from ..nn.multi_lora import row_adapters
 from ..record import record
 from .fused_decode import FusedDecoder
 
@@ -76,10 +77,21 @@ class Batch:
     starts: list[int]
     block_tables: list[list[int]]
     block_size: int
+    adapters: list[int] | None = None  # sequence i's adapter (nn/multi_lora.py), -1: the base; None: all base
 
     def select(self, rows: list[int]) -> "Batch":
         return Batch([self.chunks[i] for i in rows], [self.starts[i] for i in rows],
-                     [self.block_tables[i] for i in rows], self.block_size)
+                     [self.block_tables[i] for i in rows], self.block_size,
+                     None if self.adapters is None else [self.adapters[i] for i in rows])
+
+    def adapted(self, i: int) -> bool:
+        return self.adapters is not None and self.adapters[i] >= 0
+
+    def row_adapters(self) -> torch.Tensor | None:
+        """Each token's adapter, in the order the torch path lays the tokens out (None: none adapted)."""
+        if self.adapters is None or all(a < 0 for a in self.adapters):
+            return None
+        return torch.tensor([a for a, c in zip(self.adapters, self.chunks) for _ in c], dtype=torch.long)
 
     def slots(self, i: int, start: int, end: int) -> torch.Tensor:
         """Cache slots of sequence i's positions start .. end - 1."""
@@ -387,8 +399,9 @@ class Decoder(torch.nn.Module):
         step that prefills others: a sequence's numbers never depend on what else the step holds)."""
         with gguf_linear.int8_activations(self._int8_rows):
             fused = self.fused
-            rows = ([] if fused is None else
-                    [i for i, c in enumerate(batch.chunks) if len(c) == 1 or fused.all_blocks])
+            rows = ([] if fused is None else  # the C path computes the base: adapted sequences take the torch path
+                    [i for i, c in enumerate(batch.chunks) if (len(c) == 1 or fused.all_blocks)
+                     and not batch.adapted(i)])
             if not rows:
                 logits = self.forward_torch(batch)
             elif len(rows) == len(batch.chunks):
@@ -411,7 +424,8 @@ class Decoder(torch.nn.Module):
         for key in {ly.rope_key for ly in self.layers}:
             cos, sin = self.rotary(flat.positions, key)
             rope[key] = cos[:, None, :].to(self.dtype), sin[:, None, :].to(self.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, flat)
+        with row_adapters(batch.row_adapters()):
+            for layer in self.layers:
+                x = layer(x, rope, flat)
         last = torch.tensor(flat.last, device=self.device)
         return self.head(self.norm(x[last])).float()

@@ -35,6 +35,7 @@ from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their block
     BLOCK_KERNELS,
     GGUFLinear,
 )
+from ..nn.multi_lora import MultiLoraLinear
 from .walker import UNIT_OFFSET_NORMS
 
 # symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
@@ -93,18 +94,25 @@ def _split_rows(mod: torch.nn.Module, sizes: list[int]) -> list[torch.nn.Module]
     return None
 
 
+def _base(mod: torch.nn.Module) -> torch.nn.Module:
+    """A layer serving many adapters computes its base here (the engine sends adapted sequences to
+    the torch path)."""
+    return mod.base_layer if isinstance(mod, MultiLoraLinear) else mod
+
+
 def _projections(layer, d_ff: int) -> list[torch.nn.Module] | None:  # noqa: ANN001
     """q, k, v, o, gate, up, down of a decoder layer; phi3's fused qkv and gate_up split by rows."""
     attn, mlp = layer.self_attn, layer.mlp
     if attn.qkv_proj is None:
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        qkv = [_base(attn.q_proj), _base(attn.k_proj), _base(attn.v_proj)]
     else:
         nq, nk = attn.n_heads * attn.head_dim, attn.n_kv * attn.head_dim
-        qkv = _split_rows(attn.qkv_proj, [nq, nk, nk])
-    gate_up = [mlp.gate_proj, mlp.up_proj] if hasattr(mlp, "gate_proj") else _split_rows(mlp.gate_up_proj, [d_ff, d_ff])
+        qkv = _split_rows(_base(attn.qkv_proj), [nq, nk, nk])
+    gate_up = ([_base(mlp.gate_proj), _base(mlp.up_proj)] if hasattr(mlp, "gate_proj")
+               else _split_rows(_base(mlp.gate_up_proj), [d_ff, d_ff]))
     if qkv is None or gate_up is None:
         return None
-    return [*qkv, attn.o_proj, *gate_up, mlp.down_proj]
+    return [*qkv, _base(attn.o_proj), *gate_up, _base(mlp.down_proj)]
 
 
 class FusedDecoder:

@@ -17,6 +17,13 @@ from collections import OrderedDict
 from .sequence import Sequence
 
 
+def _salt(seq: Sequence) -> int | None:
+    """Where the hash chain starts: a LoRA adapter's keys and values differ from the base's, so its
+    prefixes are cached apart (the base's chain starts at None)."""
+    adapter = getattr(seq, "adapter", -1)
+    return None if adapter < 0 else ("adapter", adapter)  # type: ignore[return-value]
+
+
 def chain_hash(prev: int | None, tokens: list[int] | tuple[int, ...]) -> int:
     return hash((prev, tuple(tokens)))
 
@@ -63,7 +70,7 @@ class BlockManager:
         tokens (the last one must run to give logits)."""
         if not self.prefix_caching:
             return []
-        hits, h = [], None
+        hits, h = [], _salt(seq)
         full = (len(seq) - 1) // self.block_size
         for i in range(full):
             tokens = seq.block_tokens(i, self.block_size)
@@ -121,7 +128,7 @@ class BlockManager:
         """After a step: hash every full block whose tokens are now all in the cache."""
         if not self.prefix_caching:
             return
-        h = None
+        h = _salt(seq)
         for i in range(seq.num_computed // self.block_size):
             b = self.blocks[seq.block_table[i]]
             tokens = tuple(seq.block_tokens(i, self.block_size))

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..finetune.adapters import attach_adapters
 from .block_manager import BlockManager
 from .detokenize import TextStream
 from .runner import ModelRunner
@@ -65,7 +66,12 @@ class _Request:
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_num_seqs: int = 32, kv_blocks: int = 1024,
                  block_size: int = 16, max_tokens_per_step: int = 512, prefix_caching: bool = True,
-                 int8_activations: bool = True, kv_dtype: str = "auto", max_kv_blocks: int | None = None) -> None:
+                 int8_activations: bool = True, kv_dtype: str = "auto", max_kv_blocks: int | None = None,
+                 adapters: dict[str, Any] | None = None) -> None:
+        """adapters: {name: LoRA adapter folder (PEFT's format)}, served beside the base; a request
+        names one (add_request(adapter=...)), and requests for different adapters share steps."""
+        # the adapters before the runner: its fast path computes the base of the layers they wrap
+        self.adapter_names = attach_adapters(model, adapters) if adapters else []
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.block_manager = BlockManager(kv_blocks, block_size, prefix_caching)
@@ -83,12 +89,13 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, stream: bool = True) -> str:
+                    request_id: str | None = None, stream: bool = True, adapter: str | None = None) -> str:
         """Queue a request; returns its id. stream=False: `step()` reports it only once finished, and
         its text is decoded then (and each step only where stop strings must be looked for): 32
         requests x 128 tokens through HTTP spent ~10 % of their time decoding texts and handing
         over outputs nobody read."""
         params = params or SamplingParams()
+        index = self.adapter_index(adapter)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
         self.check_request(ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -96,12 +103,22 @@ class Engine:
             raise ValueError(f"request id {rid!r} is in use")
         # everything that can fail is built before the scheduler sees the sequence
         seq = Sequence(ids, params, rid, 0)
+        seq.adapter = index
         gens = [None if params.seed is None else torch.Generator().manual_seed(params.seed + i)
                 for i in range(params.n)]
         req = _Request(rid, ids, params, [seq], gens, time.time(), [""] * params.n, stream)
         self.scheduler.add(seq)
         self.requests[rid] = req
         return rid
+
+    def adapter_index(self, adapter: str | None) -> int:
+        """The index of a served adapter by name (-1: none, the base); ValueError for another name."""
+        if adapter is None:
+            return -1
+        if adapter not in self.adapter_names:
+            known = ", ".join(self.adapter_names) or "none"
+            raise ValueError(f"no adapter named {adapter!r} is served (adapters: {known})")
+        return self.adapter_names.index(adapter)
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
         """ValueError if the request could never run: an empty prompt, a prompt that with max_tokens
@@ -217,6 +234,7 @@ class Engine:
             for k in range(1, p.n):
                 child = Sequence(req.prompt_ids, p, req.request_id, k)
                 child.token_ids = list(seq.token_ids)
+                child.adapter = seq.adapter
                 self._append(req, child, logits)
                 req.seqs.append(child)
                 if child.status is Status.FINISHED:
@@ -271,11 +289,13 @@ class Engine:
         return (req.error is not None or len(req.seqs) == req.params.n) and all(s.status is Status.FINISHED for s in req.seqs)
 
     # -- conveniences ----------------------------------------------------------------------------------
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in the prompts' order."""
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: list[str | None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion (prompt i with adapters[i], None: the base); outputs in the
+        prompts' order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        rids = [self.add_request(p, sp, stream=False) for p, sp in zip(prompts, plist)]
+        alist = adapters or [None] * len(prompts)
+        rids = [self.add_request(p, sp, stream=False, adapter=ad) for p, sp, ad in zip(prompts, plist, alist)]
         done: dict[str, RequestOutput] = {}
         while len(done) < len(rids):
             for o in self.step():

@@ -52,13 +52,14 @@ class EngineLoop:
         self.thread = threading.Thread(target=self._run, name="modelpress-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, ids: list[int], params: SamplingParams, stream: bool = True) -> tuple[str, asyncio.Queue]:
+    def submit(self, ids: list[int], params: SamplingParams, stream: bool = True,
+               adapter: str | None = None) -> tuple[str, asyncio.Queue]:
         self.engine.check_request(ids, params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         q: asyncio.Queue = asyncio.Queue()
         with self.lock:
             self.streams[rid] = (asyncio.get_running_loop(), q)
-        self.commands.put(("add", rid, ids, params, stream))
+        self.commands.put(("add", rid, ids, params, stream, adapter))
         return rid, q
 
     def abort(self, rid: str) -> None:
@@ -68,12 +69,12 @@ class EngineLoop:
 
     def _handle(self, cmd: tuple) -> None:
         if cmd[0] == "add":
-            _, rid, ids, params, stream = cmd
+            _, rid, ids, params, stream, adapter = cmd
             with self.lock:
                 live = rid in self.streams
             if live:
                 try:
-                    self.engine.add_request(ids, params, rid, stream=stream)
+                    self.engine.add_request(ids, params, rid, stream=stream, adapter=adapter)
                 except Exception as err:  # noqa: BLE001 - this request's fault or failure alone, on its stream
                     self._deliver(rid, err)
         elif cmd[0] == "abort":
@@ -269,11 +270,13 @@ class ServeConfig:
         if not (0 < self.max_body_mb < math.inf and 0 < self.template_timeout < math.inf):
             raise ValueError("max-body-mb and template-timeout must be positive numbers")
 
-    def engine(self, model: Any, tokenizer: Any) -> Engine:
-        """The engine these settings describe; a KV type the model cannot take is a ModelpressError."""
+    def engine(self, model: Any, tokenizer: Any, adapters: dict[str, str] | None = None) -> Engine:
+        """The engine these settings describe (with `adapters`, {name: LoRA folder}, served beside the
+        model); a KV type the model cannot take is a ModelpressError."""
         try:
             return Engine(model, tokenizer, max_num_seqs=self.max_num_seqs, kv_blocks=self.kv_blocks,
-                          block_size=self.block_size, max_tokens_per_step=self.max_step_tokens, kv_dtype=self.kv_dtype)
+                          block_size=self.block_size, max_tokens_per_step=self.max_step_tokens, kv_dtype=self.kv_dtype,
+                          adapters=adapters)
         except ValueError as e:
             raise ModelpressError(f"--kv-dtype {self.kv_dtype}: {e}") from None
 
@@ -323,8 +326,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     @app.get("/v1/models")
     async def models() -> Any:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(engine_loop().started),
-                                            "owned_by": "modelpress", "max_model_len": engine.max_model_len}]}
+        created = int(engine_loop().started)
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "modelpress",
+                "max_model_len": engine.max_model_len}
+        # the LoRA adapters served beside the base, as vLLM lists them (parent: the base)
+        return {"object": "list", "data": [base] + [{**base, "id": n, "parent": model_name, "root": model_name}
+                                                     for n in engine.adapter_names]}
 
     @app.get("/metrics")
     async def metrics() -> Any:
@@ -368,10 +375,16 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         name = field(body, "model")
-        if name is not None and name != model_name:
-            raise BadRequest(f"the model '{name}' does not exist; this server has '{model_name}'", "model", 404,
+        if name is not None and name != model_name and name not in engine.adapter_names:
+            has = ", ".join([model_name, *engine.adapter_names])
+            raise BadRequest(f"the model '{name}' does not exist; this server has {has}", "model", 404,
                              "NotFoundError")
         return body
+
+    def adapter_of(body: dict[str, Any]) -> str | None:
+        """The LoRA adapter a request names in its `model` field (vLLM's way), or None: the base."""
+        name = body.get("model")
+        return name if name in engine.adapter_names else None
 
     def check_length(chars: int) -> None:
         if chars > max_prompt_chars:
@@ -400,10 +413,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise BadRequest(f"the chat template cannot render these messages: {e}", "messages") from None
 
-    async def run(ids: list[int], params: SamplingParams, stream: bool) -> AsyncIterator[RequestOutput]:
+    async def run(ids: list[int], params: SamplingParams, stream: bool, adapter: str | None
+                  ) -> AsyncIterator[RequestOutput]:
         el = engine_loop()
         try:
-            rid, q = el.submit(ids, params, stream)
+            rid, q = el.submit(ids, params, stream, adapter)
         except ValueError as e:
             raise BadRequest(str(e), "max_tokens" if "max_tokens" in str(e) else "prompt") from None
         done = False
@@ -440,10 +454,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 "token_logprobs": [lp["logprob"] for lp in c.logprobs],
                 "top_logprobs": [{dec([t]): v for t, v in lp["top"].items()} for lp in c.logprobs]}
 
-    async def respond(ids: list[int], params: SamplingParams, chat: bool, stream: bool) -> Any:
+    async def respond(ids: list[int], params: SamplingParams, chat: bool, stream: bool, adapter: str | None) -> Any:
         created, cid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion" if chat else "text_completion"
-        gen = run(ids, params, stream)
+        served = adapter or model_name
+        gen = run(ids, params, stream, adapter)
         if not stream:
             final = None
             async for out in gen:
@@ -457,7 +472,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                 else:
                     choice["text"] = c.text
                 choices.append(choice)
-            return {"id": cid, "object": kind, "created": created, "model": model_name, "choices": choices,
+            return {"id": cid, "object": kind, "created": created, "model": served, "choices": choices,
                     "usage": usage(len(ids), final)}
         first = await gen.__anext__()  # errors before the first token are a plain 4xx, not a broken stream
 
@@ -484,7 +499,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
                             choice = {"index": c.index, "text": delta, "finish_reason": c.finish_reason, "logprobs": None}
                         started[c.index] = True
                         chunk = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
-                                 "created": created, "model": model_name, "choices": [choice]}
+                                 "created": created, "model": served, "choices": [choice]}
                         yield f"data: {json.dumps(chunk)}\n\n"
                     if out.finished:
                         break
@@ -506,7 +521,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         ids = await prompt_ids(prompt)
-        return await respond(ids, sampling_params(body, chat=False), False, field(body, "stream", False))
+        return await respond(ids, sampling_params(body, chat=False), False, field(body, "stream", False),
+                             adapter_of(body))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -521,7 +537,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             if not isinstance(m.get("content", ""), str):
                 raise BadRequest("a message's 'content' must be a string", "messages")
         ids = await tokenize(await render_chat(messages))
-        return await respond(ids, sampling_params(body, chat=True), True, field(body, "stream", False))
+        return await respond(ids, sampling_params(body, chat=True), True, field(body, "stream", False),
+                             adapter_of(body))
 
     return app
 

@@ -38,6 +38,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[Any] = []
         self.preemptions = 0
+        self.adapter = -1                     # the LoRA adapter it runs with (nn/multi_lora.py); -1: the base
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGUFReader
 
 import modelpress
 from modelpress.errors import ModelpressError
@@ -204,3 +205,7 @@ def test_the_cli_trains_qlora_and_merges(text, tmp_path):
     assert cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["r"] == 16
     assert main(["merge", str(folder), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")]) == 0
     assert (Path(tmp_path / "merged") / "config.json").is_file()
+    assert main(["export", str(folder), "--format", "gguf-lora", "--adapter", str(tmp_path / "ad"), "--out",
+                 str(tmp_path / "a.gguf")]) == 0
+    assert GGUFReader(tmp_path / "a.gguf").fields["adapter.type"].contents() == "lora"
+    assert main(["export", str(folder), "--format", "gguf-lora", "--out", str(tmp_path / "b.gguf")]) == 2

@@ -36,6 +36,7 @@ def build(request, monkeypatch):
 class _Seq:
     def __init__(self, ids, table):
         self.token_ids, self.num_computed, self.block_table = list(ids), 0, table
+        self.adapter = -1
 
     def _at(self, n):
         self.num_computed = n
@@ -290,7 +291,7 @@ def test_int8_activations_are_the_runners_scoped_mode():
     with torch.inference_mode():
         before = layer(x)
         runner = ModelRunner(model, 4, 4)
-        seq = SimpleNamespace(token_ids=[5, 6, 7], num_computed=0, block_table=[0, 1, 2, 3])
+        seq = SimpleNamespace(token_ids=[5, 6, 7], num_computed=0, block_table=[0, 1, 2, 3], adapter=-1)
         runner.run([seq], [3])
         after = layer(x)
         with int8_activations():
