@@ -73,15 +73,15 @@ def run_ours(kind: str, steps: int, ctx: int, batch: int, checkpointing: bool) -
     out = {"losses": [h["loss"] for h in result.history], "seconds": [h["seconds"] for h in result.history],
            "peak_mb": peak}
     if kind == "lora" and not checkpointing:  # perplexity on eval.txt with and without the adapter
-        from modelpress.data import read_text, tokenize
-        from modelpress.eval.perplexity import perplexity_of_windows
+        from modelpress.data import read_text
+        from modelpress.eval.perplexity import perplexity
         from modelpress.finetune.lora import lora_layers
 
-        ids = tokenize(tok, read_text(DATA / "eval.txt"))[:ctx * 24]
-        out["eval_ppl_after"] = perplexity_of_windows(model, ids, ctx=ctx, progress=False).ppl
+        text = read_text(DATA / "eval.txt")
+        out["eval_ppl_after"] = perplexity(model, tok, text, ctx, max_windows=24, progress=False).ppl
         for layer in lora_layers(model).values():
             layer.lora_B.weight.data.zero_()
-        out["eval_ppl_before"] = perplexity_of_windows(model, ids, ctx=ctx, progress=False).ppl
+        out["eval_ppl_before"] = perplexity(model, tok, text, ctx, max_windows=24, progress=False).ppl
     return out
 
 

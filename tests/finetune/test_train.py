@@ -209,3 +209,31 @@ def test_the_cli_trains_qlora_and_merges(text, tmp_path):
                  str(tmp_path / "a.gguf")]) == 0
     assert GGUFReader(tmp_path / "a.gguf").fields["adapter.type"].contents() == "lora"
     assert main(["export", str(folder), "--format", "gguf-lora", "--out", str(tmp_path / "b.gguf")]) == 2
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_the_head_cross_entropy_and_its_gradient_are_torch_s(cap, monkeypatch):
+    """train.loss_sum's fused head + cross-entropy (gradient computed in the forward, in chunks)
+    against logits -> (soft-cap) -> F.cross_entropy through autograd, in fp32."""
+    monkeypatch.setattr(train_mod, "HEAD_CHUNK", 7)  # several chunks and a ragged last one
+    model = tiny_llama()
+    model.config.final_logit_softcapping = cap
+    ids = torch.randint(0, 261, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(3, 12, generator=torch.Generator().manual_seed(2)) > 0.3
+    add_lora(model, LoraConfig(r=4, targets="all-linear"))
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    got = train_mod.loss_sum(model, ids, mask)
+    got.backward()
+    mine = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model.lm_head(model.model(input_ids=ids).last_hidden_state)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    sel = mask[:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1][sel], ids[:, 1:][sel], reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(mine[n], p.grad, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
