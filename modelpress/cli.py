@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -198,7 +199,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
         print("\n".join(method_names()))
         return 0
     methods = [m for m in (a.methods.split(",") if a.methods else DEFAULT_METHODS) if m.strip()]
-    results = compare(a.model, methods, a.out, a.text, a.calib, a.eval_windows, a.samples, a.ctx,
+    source = _merged_source(a) if a.adapter else a.model
+    results = compare(source, methods, a.out, a.text, a.calib, a.eval_windows, a.samples, a.ctx,
                       a.decode_tokens, fresh=a.fresh)
     print((Path(a.out) / "report.md").read_text(), end="")
     _err(f"modelpress: wrote {a.out}/report.md, results.json, pareto.png, report.html")
@@ -209,6 +211,21 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _merged_source(a: argparse.Namespace) -> str:
+    """compare --adapter: the model with its adapter merged (a float checkpoint in the report's
+    folder, made once), which every method then compresses."""
+    merged = Path(a.out) / "model+adapter"
+    if not (merged / "modelpress.json").is_file() or a.fresh:
+        model, tok, _ = _load(a.model)
+        merge_adapters(_with_adapter(model, a.adapter))
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        if merged.exists():
+            shutil.rmtree(merged)
+        save(model, tok, merged)
+        _err(f"modelpress: merged {a.adapter} into {merged}; comparing its compressions")
+    return str(merged)
+
+
 # -- serve -------------------------------------------------------------------------------------
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
@@ -217,6 +234,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ModelpressError(str(e)) from None
     adapters = _lora_flags(a.lora)
     model, tok, load_s = _load(a.model, keep_blocks=True)  # a GGUF runs on its blocks
+    _with_adapter(model, a.adapter)  # one adapter for every request (--lora: several, chosen per request)
     engine = c.engine(model, tok, adapters)
     name = c.served_model_name or Path(record(model).source).stem
     if name in adapters:
@@ -388,10 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-windows", type=flags.positive, default=8, help="evaluation windows (default: 8)")
     c.add_argument("--decode-tokens", type=flags.positive, default=32, help="tokens timed for decode speed (default: 32)")
     c.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse finished rows)")
+    c.add_argument("--adapter", help="a LoRA adapter folder: compare the compressions of the model with it merged")
     c.add_argument("--out", default="results/compare", help="folder for the report (default: results/compare)")
 
     s = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API")
     flags.add(s, [ServeConfig], label=False)
+    s.add_argument("--adapter", help="a LoRA adapter folder (PEFT's format) every request runs with")
     s.add_argument("--lora", action="append", metavar="NAME=DIR",
                    help="a LoRA adapter (PEFT's format) served beside the model; requests pick it by `model`: NAME "
                         "(repeat the flag for more)")

@@ -35,7 +35,7 @@ from .data import Example, batch, examples
 from .lora import LoraConfig, add_lora
 
 COMPUTE = ("auto", "float32", "bfloat16")
-HEAD_CHUNK = 1024  # target positions per output-head chunk (1024 x 49152 fp32 logits: 200 MB)
+HEAD_CHUNK = 512  # target positions per output-head chunk (512 x 49152 fp32 logits: 100 MB)
 
 
 @dataclasses.dataclass(frozen=True)

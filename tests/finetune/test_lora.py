@@ -12,7 +12,7 @@ from modelpress.errors import ModelpressError
 from modelpress.finetune.adapters import load_adapter, save_adapter
 from modelpress.finetune.lora import LoraConfig, LoraLinear, add_lora, lora_layers
 from modelpress.model.walker import dense_weight
-from tests.conftest import tiny_llama
+from tests.conftest import byte_tokenizer, tiny_llama
 
 X = torch.randint(0, 261, (2, 16), generator=torch.Generator().manual_seed(0))
 CASES = {
@@ -91,14 +91,18 @@ def test_we_open_peft_s_adapter_with_its_logits(case, tmp_path):
     torch.testing.assert_close(_logits(model), _logits(theirs), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("base", ["nf4-dq", "rtn-w4", "int8"])
-def test_adapters_on_a_quantized_base(base):
+@pytest.mark.parametrize("base", ["nf4-dq", "rtn-w4", "int8", "gguf-q4_0"])
+def test_adapters_on_a_quantized_base(base, tmp_path):
     """QLoRA and friends: the base stays in its format and the adapter adds exactly s B A x to its
     output; where the base's product is its dequantized weight's (NF4; integers past the decode-sized
     kernels' 32 rows), the model equals the same adapters on those float weights."""
-    config = {"nf4-dq": modelpress.NF4Config(double_quant=True), "rtn-w4": modelpress.RTNConfig(bits=4, group_size=32),
-              "int8": modelpress.LLMInt8Config()}[base]
-    q = modelpress.quantize(tiny_llama(), config)
+    if base.startswith("gguf"):  # LoRA on a GGUF base: the file's blocks stay as they are
+        modelpress.export_gguf(tiny_llama(), byte_tokenizer(), tmp_path / "m.gguf", "Q4_0", progress=False)
+        q, _ = modelpress.load(tmp_path / "m.gguf", keep_blocks=True)
+    else:
+        q = modelpress.quantize(tiny_llama(), {"nf4-dq": modelpress.NF4Config(double_quant=True),
+                                               "rtn-w4": modelpress.RTNConfig(bits=4, group_size=32),
+                                               "int8": modelpress.LLMInt8Config()}[base])
     dense = copy.deepcopy(q)
     for fqn, mod in list(dense.named_modules()):
         if hasattr(mod, "dequantize") and hasattr(mod, "in_features"):

@@ -15,7 +15,7 @@ from gguf import GGUFReader
 import modelpress
 from modelpress.errors import ModelpressError
 from modelpress.finetune import train as train_mod
-from modelpress.finetune.adapters import adapter_state, load_adapter
+from modelpress.finetune.adapters import adapter_state, load_adapter, save_adapter
 from modelpress.finetune.data import examples
 from modelpress.finetune.lora import LoraConfig, add_lora, lora_layers
 from modelpress.finetune.merge import merge_adapters, merge_qa_lora
@@ -237,3 +237,25 @@ def test_the_head_cross_entropy_and_its_gradient_are_torch_s(cap, monkeypatch):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(mine[n], p.grad, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+
+
+def test_adapter_flags_on_compare_and_serve(text, tmp_path):
+    """compare --adapter compares the compressions of the model with the adapter merged; serve
+    --adapter runs every request with it, --lora NAME=DIR names adapters (bad forms refused)."""
+    from modelpress.cli import _lora_flags, main
+
+    folder = tmp_path / "m"
+    tiny_llama().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    model = add_lora(tiny_llama(), LORA)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    save_adapter(model, LORA, tmp_path / "ad")
+    assert main(["compare", str(folder), "--adapter", str(tmp_path / "ad"), "--methods", "fp32", "--eval-windows", "2",
+                 "--ctx", "64", "--decode-tokens", "2", "--out", str(tmp_path / "cmp")]) == 0
+    merged, _ = modelpress.load(tmp_path / "cmp" / "model+adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(X).logits, model(X).logits, rtol=0, atol=1e-5)
+    assert _lora_flags(["a=x", "b=y"]) == {"a": "x", "b": "y"}
+    with pytest.raises(ModelpressError, match="NAME=DIR"):
+        _lora_flags(["nodir"])
