@@ -311,7 +311,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                             compute=a.compute)
     except ValueError as e:
         raise ModelpressError(str(e)) from None
-    model, tok, _ = _load(a.model, a.device)
+    model, tok, _ = _load(a.model, a.device, a.gguf_blocks and not a.qlora)  # --qlora: NF4 from the fp32 weights
     if a.qlora:  # QLoRA's recipe: NF4 with double quantization, bf16 compute
         quantize(model, NF4Config(double_quant=True, compute_dtype="bfloat16"))
     result = finetune(model, tok, a.data, lora, train, out=a.out, resume=a.resume, progress=True)
@@ -458,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the frozen base's matmul dtype (auto: bf16 where the CPU has it natively)")
     f.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
     f.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    f.add_argument("--gguf-blocks", action=argparse.BooleanOptionalAction, default=True,
+                   help="GGUF: train on the file's blocks as they are (LoRA on a GGUF base), not an fp32 copy "
+                        "(default: true)")
 
     mg = command("merge", cmd_merge, "merge an adapter into its base: a float model, saved as a checkpoint")
     mg.add_argument("--adapter", required=True, help="adapter folder (PEFT's format)")

@@ -209,6 +209,9 @@ def test_the_cli_trains_qlora_and_merges(text, tmp_path):
                  str(tmp_path / "a.gguf")]) == 0
     assert GGUFReader(tmp_path / "a.gguf").fields["adapter.type"].contents() == "lora"
     assert main(["export", str(folder), "--format", "gguf-lora", "--out", str(tmp_path / "b.gguf")]) == 2
+    modelpress.export_gguf(tiny_llama(), byte_tokenizer(), tmp_path / "m.gguf", "Q8_0", progress=False)
+    assert main(["finetune", str(tmp_path / "m.gguf"), "--data", str(text), "--steps", "2", "--ctx", "48",
+                 "--out", str(tmp_path / "on-gguf")]) == 0  # LoRA on the GGUF file's Q8_0 blocks
 
 
 @pytest.mark.parametrize("cap", [None, 3.0])
