@@ -15,7 +15,9 @@ vocabulary's fp32 logits for 4 x 512 tokens would be 1.6 GB).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -148,6 +150,18 @@ def loss_sum(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> t
         return _HeadCrossEntropy.apply(h, t, weight, cap, dtype)
 
 
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None elsewhere. A step frees ~1 GB of transient tensors of many sizes
+    (dequantized frozen weights, activations); glibc keeps freed heap pages, so without a trim
+    between steps the resident high-water mark grows with the fragmentation (QLoRA on the default
+    model with checkpointing: 2297 MB over 4 steps, against ~1560 MB for one step from a trimmed heap)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _world() -> tuple[int, int]:
     """(rank, world size); starts torch.distributed under torchrun (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -276,6 +290,8 @@ def finetune(model: torch.nn.Module, tokenizer: Any, data: str | Path | None, lo
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if (trim := _malloc_trim()) is not None:
+                trim(0)
             step += 1
             seconds = time.perf_counter() - t0
             entry = {"step": step, "loss": loss_total, "lr": sched.get_last_lr()[0], "seconds": seconds,
