@@ -8,11 +8,13 @@
     record(model).head          a tied output head kept in GGUF blocks, for the decode kernels
                                 (model/gguf_model.py); not a submodule, so not in the state dict
 
-A leaf module: it imports nothing of modelpress."""
+A leaf module: it imports nothing of modelpress but errors.py (another leaf)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+from .errors import ModelpressError
 
 ATTRIBUTE = "modelpress"  # where the record sits on the model
 
@@ -35,3 +37,11 @@ def record(model: Any) -> Record:
         r = Record()
         object.__setattr__(model, ATTRIBUTE, r)
     return r
+
+
+def check_no_adapter(model: Any, what: str) -> None:
+    """Refuse to write or compress a model that carries LoRA adapters (finetune/): its files would
+    hold the adapters' wrapped layers where the format expects the base's."""
+    if model.__dict__.get(ATTRIBUTE) is not None and record(model).adapter is not None:
+        raise ModelpressError(f"{what}: this model carries LoRA adapters; merge them first (modelpress merge, "
+                              "modelpress.finetune.merge.merge_adapters) or save the adapter alone (save_adapter)")

@@ -10,7 +10,7 @@ from .config import BaseConfig
 from .errors import ModelpressError
 from .model.decoder import FAMILIES
 from .model.walker import use_dense_kernels
-from .record import record
+from .record import check_no_adapter, record
 
 # handler(model, config, calib) -> model, compressing in place
 Handler = Callable[[torch.nn.Module, BaseConfig, "list[torch.Tensor] | None"], torch.nn.Module]
@@ -61,6 +61,7 @@ def quantize(model: torch.nn.Module, config: BaseConfig,
     """
 
     _check_family(model, config)
+    check_no_adapter(model, f"quantizing with {config.method}")
     model = use_dense_kernels(handler_for(config)(model, config, calib))  # what stays dense gets the kernel too
     record(model).config = config
     return model

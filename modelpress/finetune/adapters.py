@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelpressError
 from ..model.walker import replace
+from ..record import record
 from ..version import __version__
 from .lora import LoraConfig, add_lora, lora_layers
 
@@ -167,4 +168,5 @@ def attach_adapters(model: torch.nn.Module, folders: dict[str, str | Path]) -> l
                 raise ModelpressError(f"adapter {name!r}: {fqn}'s A / B shapes {tuple(a.shape)} / {tuple(b.shape)} do "
                                       f"not fit the layer ({layer.out_features} x {layer.in_features}, r {config.r})")
             layer.set_adapter(k, a, b, config.scaling)
+    record(model).adapter = dict(folders)  # the model now carries adapters (save / export refuse it)
     return names

@@ -63,4 +63,5 @@ def merge_qa_lora(model: torch.nn.Module) -> torch.nn.Module:
         delta = layer.delta_weight()[:, ::layer.group]  # (out, groups): constant within a group
         base.add_offset(delta)
         replace(model, fqn, base)
+    record(model).adapter = None
     return model

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core import kquants
 from ..errors import ModelpressError
 from ..model.walker import dense_weight
-from ..record import record
+from ..record import check_no_adapter, record
 from .checkpoint import check_writable
 from .gguf_mixes import MIXES, tensor_types
 from .gguf_names import (
@@ -299,6 +299,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | Path, mix: s
     (its per-tensor types), else the types of layers already on GGUF blocks (an `auto` checkpoint),
     else its config's target_mix, else Q4_K_M. The tokenizer and descriptive metadata come from
     the GGUF the model was loaded from, where it was one."""
+    check_no_adapter(model, "GGUF export (for the adapter itself: export --format gguf-lora)")
     source = Path(record(model).source or "")
     plan = record(model).plan
     if mix is None and types is None:

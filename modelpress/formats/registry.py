@@ -14,7 +14,7 @@ from typing import Any, Callable
 from safetensors import SafetensorError, safe_open
 
 from ..errors import ModelpressError
-from ..record import record
+from ..record import check_no_adapter, record
 
 MANIFEST = "modelpress.json"   # what marks a modelpress checkpoint folder
 
@@ -122,6 +122,7 @@ def save(model: Any, tokenizer: Any, path: str | Path, format: str = "modelpress
     fmt = get_format(format)
     if fmt.save is None:
         raise ModelpressError(f"modelpress reads the {fmt.name} format but does not write it")
+    check_no_adapter(model, f"saving as {fmt.name}")
     config = record(model).config
     method = config.method if config is not None else None
     if not fmt.accepts(method):

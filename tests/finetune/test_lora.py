@@ -169,3 +169,15 @@ def test_clear_errors(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "o_proj"]}))
     with pytest.raises(ModelpressError, match="does not fit this model: no tensor for .*o_proj"):
         load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_a_model_with_adapters_is_not_saved_exported_or_quantized_as_a_base(tmp_path):
+    """Its files would hold the wrapped layers (…q_proj.base_layer.weight) where the format expects the
+    base's: a checkpoint that does not load, a GGUF missing the adapted tensors."""
+    model = add_lora(tiny_llama(), LoraConfig(r=4))
+    for call in (lambda: modelpress.save(model, byte_tokenizer(), tmp_path / "ck"),
+                 lambda: modelpress.export_gguf(model, byte_tokenizer(), tmp_path / "m.gguf", "F32", progress=False),
+                 lambda: modelpress.quantize(model, modelpress.RTNConfig())):
+        with pytest.raises(ModelpressError, match="carries LoRA adapters; merge them first"):
+            call()
+    assert not list(tmp_path.iterdir())
