@@ -102,8 +102,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,  # noqa: ANN001
                 cap: float | None, dtype: torch.dtype) -> torch.Tensor:
         w = weight.detach().to(dtype)
-        grad = torch.empty(hidden.shape, dtype=dtype)
-        total = torch.zeros((), dtype=torch.float64)
+        grad = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         with torch.no_grad():
             for i in range(0, targets.numel(), HEAD_CHUNK):
                 h, t = hidden[i:i + HEAD_CHUNK].to(dtype), targets[i:i + HEAD_CHUNK]
@@ -112,7 +112,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 if cap:  # gemma's final soft-capping: z -> tanh(z / cap) * cap
                     tanh = torch.tanh(z.div_(cap))
                     z = tanh * cap
-                rows = torch.arange(t.numel())
+                rows = torch.arange(t.numel(), device=t.device)
                 picked = z[rows, t]
                 top = z.amax(-1, keepdim=True)
                 p = z.sub_(top).exp_()                                   # in place: no (n, vocab) temporaries
@@ -283,7 +283,7 @@ def finetune(model: torch.nn.Module, tokenizer: Any, data: str | Path | None, lo
             if world > 1:
                 for p in params:
                     dist.all_reduce(p.grad)
-                reduced = torch.tensor([loss_total])
+                reduced = torch.tensor([loss_total], device=params[0].device)  # nccl: on the GPU
                 dist.all_reduce(reduced)
                 loss_total = float(reduced)
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)

@@ -424,7 +424,8 @@ class Decoder(torch.nn.Module):
         for key in {ly.rope_key for ly in self.layers}:
             cos, sin = self.rotary(flat.positions, key)
             rope[key] = cos[:, None, :].to(self.dtype), sin[:, None, :].to(self.dtype)
-        with row_adapters(batch.row_adapters()):
+        adapters = batch.row_adapters()
+        with row_adapters(None if adapters is None else adapters.to(self.device)):
             for layer in self.layers:
                 x = layer(x, rope, flat)
         last = torch.tensor(flat.last, device=self.device)
