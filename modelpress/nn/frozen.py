@@ -23,7 +23,10 @@ class _FrozenProduct(torch.autograd.Function):
         # on a CPU: QLoRA's step 5.3 -> 3.9 s on the default model), else the input's
         ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.no_grad():
-            return module(x)
+            y = module(x)
+        # under autocast an nn.Linear returns the autocast type; so does a frozen quantized layer, so that
+        # what follows it (and what autograd keeps of it) is as small as after a float base
+        return y.to(ctx.dtype) if torch.is_autocast_enabled(device) else y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
