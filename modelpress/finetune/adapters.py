@@ -20,7 +20,7 @@ from ..errors import ModelpressError
 from ..model.walker import replace
 from ..record import record
 from ..version import __version__
-from .lora import LoraConfig, add_lora, lora_layers
+from .lora import LoraConfig, add_lora, linear_like, lora_layers, qa_lora_expand
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -102,7 +102,9 @@ def read_adapter(folder: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor
                               "(PEFT's save_pretrained or modelpress finetune writes them)")
     try:
         config = config_from_peft(json.loads((folder / CONFIG_FILE).read_text()), str(folder / CONFIG_FILE))
-        state = load_file(str(folder / WEIGHTS_FILE))
+        # PEFT writes ".lora_A.weight"; some older files hold ".lora_A.default.weight"
+        state = {re.sub(r"\.default(\.weight)?$", lambda m: m.group(1) or "", k): v
+                 for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
     except (ValueError, KeyError, TypeError, OSError) as e:
         raise ModelpressError(f"{folder} cannot be read as a LoRA adapter ({type(e).__name__}: {e})") from None
     return config, state
@@ -114,8 +116,6 @@ def load_adapter(model: torch.nn.Module, folder: str | Path) -> tuple[torch.nn.M
     config, state = read_adapter(folder)
     add_lora(model, config)
     mine = adapter_parameters(model)
-    # PEFT writes ".lora_A.weight"; some older files hold ".lora_A.default.weight"
-    state = {re.sub(r"\.default(\.weight)?$", lambda m: m.group(1) or "", k): v for k, v in state.items()}
     missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
     if missing or extra:
         raise ModelpressError(f"{folder} does not fit this model: "
@@ -140,14 +140,12 @@ def attach_adapters(model: torch.nn.Module, folders: dict[str, str | Path]) -> l
     if lora_layers(model):
         raise ModelpressError("the model already carries an adapter; serve adapters on the base model")
     names = list(folders)
-    linear = {fqn: m for fqn, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) or hasattr(m, "dequantize") and hasattr(m, "in_features")}
+    linear = {fqn: m for fqn, m in model.named_modules() if linear_like(m)}
     for k, (name, folder) in enumerate(folders.items()):
         config, state = read_adapter(folder)
         if config.dora:
             raise ModelpressError(f"adapter {name!r} is DoRA, which the batched serving does not compute; merge it "
                                   "into a model (modelpress merge) and serve that")
-        state = {re.sub(r"\.default(\.weight)?$", lambda m: m.group(1) or "", key): v for key, v in state.items()}
         for key, a in state.items():
             if not key.endswith(".lora_A.weight"):
                 continue
@@ -161,9 +159,8 @@ def attach_adapters(model: torch.nn.Module, folders: dict[str, str | Path]) -> l
             if not isinstance(layer, MultiLoraLinear):
                 layer = MultiLoraLinear(base, len(names))
                 replace(model, fqn, layer)
-            if config.qa_lora_group:  # pooled input: A repeated over each group's columns (the same product)
-                g = config.qa_lora_group
-                a = a.float().repeat_interleave(g, dim=1) * (layer.in_features // g) / g
+            if config.qa_lora_group:
+                a = qa_lora_expand(a, config.qa_lora_group, layer.in_features)
             if tuple(a.shape) != (config.r, layer.in_features) or tuple(b.shape) != (layer.out_features, config.r):
                 raise ModelpressError(f"adapter {name!r}: {fqn}'s A / B shapes {tuple(a.shape)} / {tuple(b.shape)} do "
                                       f"not fit the layer ({layer.out_features} x {layer.in_features}, r {config.r})")

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ModelpressError
 from ..formats.gguf_writer import _permuted, gguf_arch, gguf_name
-from .lora import lora_layers
+from .lora import lora_layers, qa_lora_expand
 
 
 def lora_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -28,8 +28,8 @@ def lora_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             raise ModelpressError("llama.cpp's LoRA GGUF has no form for DoRA's magnitudes; merge the adapter "
                                   "(modelpress merge) and export the merged model instead")
         a = layer.lora_A.weight.detach().float()
-        if layer.group:  # QA-LoRA: pooled input -> A repeated over each group's columns, same product
-            a = a.repeat_interleave(layer.group, dim=1) * (layer.in_features // layer.group) / layer.group
+        if layer.group:
+            a = qa_lora_expand(a, layer.group, layer.in_features)
         b = layer.lora_B.weight.detach().float()
         name = gguf_name(f"{fqn}.weight", arch)
         out.append((f"{name}.lora_a", a.contiguous()))

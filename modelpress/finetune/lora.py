@@ -78,8 +78,15 @@ class LoraConfig:
         return any(fqn == t or fqn.endswith("." + t) for t in self.targets)
 
 
-def _linear_like(mod: torch.nn.Module) -> bool:
+def linear_like(mod: torch.nn.Module) -> bool:
+    """A linear layer of any storage: nn.Linear or a quantized layer (nn/) that dequantizes."""
     return isinstance(mod, torch.nn.Linear) or hasattr(mod, "dequantize") and hasattr(mod, "in_features")
+
+
+def qa_lora_expand(a: torch.Tensor, group: int, in_features: int) -> torch.Tensor:
+    """QA-LoRA's A (r, in / group), read on pooled input (group mean x in / group), as the (r, in)
+    matrix giving the same product on the full input."""
+    return a.float().repeat_interleave(group, dim=1) * (in_features // group) / group
 
 
 class LoraLinear(torch.nn.Module):
@@ -116,10 +123,10 @@ class LoraLinear(torch.nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A as an (out, in) matrix (QA-LoRA's expanded over each group's columns)."""
-        ba = self.lora_B.weight.float() @ self.lora_A.weight.float()
+        a = self.lora_A.weight.float()
         if self.group:
-            ba = ba.repeat_interleave(self.group, dim=1) * (self.in_features // self.group) / self.group
-        return self.scaling * ba
+            a = qa_lora_expand(a, self.group, self.in_features)
+        return self.scaling * (self.lora_B.weight.float() @ a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -153,9 +160,9 @@ def add_lora(model: torch.nn.Module, config: LoraConfig, base_config: Any = None
         raise ModelpressError("this model already has LoRA adapters; merge them first (modelpress merge)")
     for p in model.parameters():
         p.requires_grad_(False)
-    found = [(fqn, m) for fqn, m in model.named_modules() if _linear_like(m) and config.targeted(fqn)]
+    found = [(fqn, m) for fqn, m in model.named_modules() if linear_like(m) and config.targeted(fqn)]
     if not found:
-        names = sorted({fqn.rpartition(".")[2] for fqn, m in model.named_modules() if _linear_like(m)})
+        names = sorted({fqn.rpartition(".")[2] for fqn, m in model.named_modules() if linear_like(m)})
         raise ModelpressError(f"no linear layer matches the targets {list(config.targets)}; this model's are "
                               f"{', '.join(names)} (or 'all-linear')")
     if config.init in ("pissa", "loftq"):

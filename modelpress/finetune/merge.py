@@ -12,7 +12,7 @@ from ..errors import ModelpressError
 from ..model.walker import dense_weight, replace
 from ..nn.intx_linear import IntxLinear
 from ..record import record
-from .lora import LoraLinear, lora_layers
+from .lora import LoraLinear, linear_like, lora_layers
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def merge_adapters(model: torch.nn.Module) -> torch.nn.Module:
     for fqn, layer in layers.items():
         replace(model, fqn, _float_linear(merged_weight(layer), getattr(layer.base_layer, "bias", None)))
     for fqn, mod in list(model.named_modules()):
-        if hasattr(mod, "dequantize") and hasattr(mod, "in_features"):
+        if linear_like(mod) and not isinstance(mod, torch.nn.Linear):
             replace(model, fqn, _float_linear(dense_weight(mod), getattr(mod, "bias", None)))
     rec = record(model)
     rec.config, rec.plan, rec.head, rec.adapter = None, None, None, None

@@ -102,7 +102,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,  # noqa: ANN001
                 cap: float | None, dtype: torch.dtype) -> torch.Tensor:
         w = weight.detach().to(dtype)
-        grad = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
+        want = ctx.needs_input_grad[0]  # not under eval_loss's no_grad: the loss alone
+        grad = torch.empty(hidden.shape if want else (0,), dtype=dtype, device=hidden.device)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         with torch.no_grad():
             for i in range(0, targets.numel(), HEAD_CHUNK):
@@ -118,6 +119,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 p = z.sub_(top).exp_()                                   # in place: no (n, vocab) temporaries
                 norm = p.sum(-1, keepdim=True)
                 total += (top.squeeze(1) + norm.log().squeeze(1) - picked).double().sum()
+                if not want:
+                    continue
                 p.div_(norm)                                             # softmax
                 p[rows, t] -= 1.0                                        # dL/dlogits
                 if tanh is not None:

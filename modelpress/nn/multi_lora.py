@@ -35,12 +35,11 @@ class MultiLoraLinear(torch.nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.adapters: list[tuple[torch.Tensor, torch.Tensor, float] | None] = [None] * n_adapters
+        self.adapters: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_adapters
 
     def set_adapter(self, k: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         # B pre-scaled and both transposed once: the step multiplies rows by them
-        self.adapters[k] = (a.detach().float().t().contiguous(), (b.detach().float() * scaling).t().contiguous(),
-                            scaling)
+        self.adapters[k] = (a.detach().float().t().contiguous(), (b.detach().float() * scaling).t().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -54,7 +53,7 @@ class MultiLoraLinear(torch.nn.Module):
             adapter = self.adapters[k]
             if adapter is None:
                 continue
-            a_t, b_t, _ = adapter
+            a_t, b_t = adapter
             rows = (ids == k).nonzero().squeeze(1)
             y2 = y2.index_add(0, rows, ((x2[rows].float() @ a_t) @ b_t).to(y2.dtype))
         return y2.reshape(y.shape)

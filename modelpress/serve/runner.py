@@ -57,8 +57,7 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], num_tokens: list[int]) -> torch.Tensor:
         """Compute the scheduled tokens into the cache; returns (len(seqs), vocab) fp32 logits of
         each sequence's last scheduled token (callers use those of sequences now complete)."""
-        adapters = [s.adapter for s in seqs]
         batch = Batch([s.token_ids[s.num_computed:s.num_computed + n] for s, n in zip(seqs, num_tokens)],
                       [s.num_computed for s in seqs], [s.block_table for s in seqs], self.block_size,
-                      adapters if any(a >= 0 for a in adapters) else None)
+                      [s.adapter for s in seqs])
         return self.decoder(batch)
