@@ -6,7 +6,9 @@ set to modelpress' A). The peer runs in a plain training loop (no Trainer overhe
 runs on a CPU by default and also under bf16 autocast (the Trainer's bf16=True on a CPU).
 
 Each configuration runs in its own process: seconds per step (median of the steps after the first),
-peak resident memory of the training loop (VmHWM, reset after loading), the loss of every step. The
+peak resident memory of the training loop (VmHWM, reset after loading; the process's torch runtime,
+~310 MB, included), the model's own resident memory (after loading and quantizing, less what the
+process held before), the loss of every step. The
 QLoRA / LoRA memory pair is also measured with gradient checkpointing, as QLoRA's recipe trains.
 Then modelpress' perplexity on ../shared/data/eval.txt before and after its LoRA run, and the
 loss curves overlaid in benchmarks/results/finetune_loss.png.
@@ -38,11 +40,23 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
 
 
-def _peak_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _peak_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def _resident_mb() -> float:
+    """Resident memory now, after glibc hands back the freed heap it can."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return _status_mb("VmRSS")
 
 
 def _rows(tok, ctx: int, steps: int, batch: int):  # noqa: ANN001
@@ -62,16 +76,18 @@ def run_ours(kind: str, steps: int, ctx: int, batch: int, checkpointing: bool) -
     from modelpress.finetune.lora import LoraConfig
     from modelpress.finetune.train import TrainConfig, finetune
 
+    before = _resident_mb()
     model, tok = modelpress.load()
     if kind == "qlora":
         modelpress.quantize(model, modelpress.NF4Config(double_quant=True, compute_dtype="bfloat16"))
+    model_mb = _resident_mb() - before
     _reset_peak()
     result = finetune(model, tok, DATA / "calib.txt", LoraConfig(r=R, alpha=ALPHA, targets=TARGETS),
                       TrainConfig(steps=steps, batch=batch, ctx=ctx, lr=LR, eval_fraction=0.05, eval_every=10 ** 6,
                                   gradient_checkpointing=checkpointing), progress=False)
     peak = _peak_mb()
     out = {"losses": [h["loss"] for h in result.history], "seconds": [h["seconds"] for h in result.history],
-           "peak_mb": peak}
+           "peak_mb": peak, "model_mb": model_mb}
     if kind == "lora" and not checkpointing:  # perplexity on eval.txt with and without the adapter
         from modelpress.data import read_text
         from modelpress.eval.perplexity import perplexity
@@ -223,6 +239,7 @@ def main() -> None:
         q, f = by.get(("modelpress:qlora", gc)), by.get(("modelpress:lora", gc))
         if q and f:
             summary[f"qlora_over_lora_peak_memory{'_checkpointing' if gc else ''}"] = q["peak_mb"] / f["peak_mb"]
+            summary["qlora_over_lora_model_memory"] = q["model_mb"] / f["model_mb"]
     print(summary)
     from benchmarks.common import write_result
 

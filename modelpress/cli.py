@@ -437,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: q_proj,v_proj)")
     f.add_argument("--rslora", action="store_true", help="scaling alpha / sqrt(r)")
     f.add_argument("--dora", action="store_true", help="DoRA: a trained magnitude per output row")
-    f.add_argument("--init", choices=("kaiming", "gaussian"), default="kaiming", help="A's init (default: kaiming)")
+    f.add_argument("--init", choices=("kaiming", "gaussian", "pissa"), default="kaiming",
+                   help="adapter init (default: kaiming; pissa: the top singular directions of the float base, saved "
+                   "as a rank-2r adapter for the original base)")
     f.add_argument("--qa-lora-group", type=flags.positive, help="QA-LoRA: pool the adapters' input over groups of "
                    "this many columns (the int base's quantization group), so that merge is lossless")
     f.add_argument("--qlora", action="store_true", help="quantize the base to NF4 with double quantization and bf16 "

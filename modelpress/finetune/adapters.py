@@ -8,6 +8,7 @@ and adapter_model.safetensors with PEFT's key names:
 PEFT itself is not needed for either (the format is JSON and safetensors)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -31,12 +32,16 @@ _MUST_BE = {"bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "l
             "exclude_modules": None, "use_bdlora": None}
 
 
+# LoraConfig.init as PEFT's init_lora_weights
+_PEFT_INIT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
+
+
 def peft_config(config: LoraConfig, base_model: str | None = None) -> dict[str, Any]:
     """adapter_config.json for `config`, as PEFT writes it (LORA, CAUSAL_LM)."""
     targets = "all-linear" if config.targets == "all-linear" else list(config.targets)
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": targets,
-            "use_rslora": config.rslora, "use_dora": config.dora, "init_lora_weights": True,
+            "use_rslora": config.rslora, "use_dora": config.dora, "init_lora_weights": _PEFT_INIT[config.init],
             "use_qalora": config.qa_lora_group is not None, "qalora_group_size": config.qa_lora_group or 16,
             "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
             "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
@@ -56,9 +61,11 @@ def config_from_peft(d: dict[str, Any], where: str) -> LoraConfig:
     if isinstance(targets, str) and targets != "all-linear":
         raise ModelpressError(f"{where} names its targets by a regular expression ({targets!r}); modelpress reads a "
                               "list of module names or 'all-linear'")
+    init = d.get("init_lora_weights", True)
+    init = {v: k for k, v in _PEFT_INIT.items()}.get(init if isinstance(init, str) else True, "kaiming")
     return LoraConfig(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=float(d.get("lora_dropout") or 0.0),
                       targets=targets if targets == "all-linear" else tuple(targets or ()),
-                      rslora=bool(d.get("use_rslora")), dora=bool(d.get("use_dora")),
+                      rslora=bool(d.get("use_rslora")), dora=bool(d.get("use_dora")), init=init,
                       qa_lora_group=int(d.get("qalora_group_size", 16)) if d.get("use_qalora") else None)
 
 
@@ -77,11 +84,12 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().contiguous() for k, p in adapter_parameters(model).items()}
 
 
-def save_adapter(model: torch.nn.Module, config: LoraConfig, out: str | Path, base_model: str | None = None) -> Path:
-    """Write the model's adapters into the folder `out` in PEFT's format (each file under a temporary
-    name, renamed when complete; other files in the folder are left alone)."""
+def save_adapter(model: torch.nn.Module, config: LoraConfig, out: str | Path, base_model: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's adapters (or `state`, under PEFT's keys) into the folder `out` in PEFT's
+    format (each file under a temporary name, renamed when complete; other files are left alone)."""
     out = Path(out)
-    state = adapter_state(model)
+    state = adapter_state(model) if state is None else state
     if not state:
         raise ModelpressError("the model has no LoRA adapters to save")
     if out.exists() and not out.is_dir():
@@ -110,11 +118,14 @@ def read_adapter(folder: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor
     return config, state
 
 
-def load_adapter(model: torch.nn.Module, folder: str | Path) -> tuple[torch.nn.Module, LoraConfig]:
+def load_adapter(model: torch.nn.Module, folder: str | Path, base_config: Any = None,
+                 init: bool = False) -> tuple[torch.nn.Module, LoraConfig]:
     """Add the adapters of a PEFT-format folder to `model` (in place); every adapted layer must get
-    its tensors and every tensor a layer, with the shapes the model gives."""
+    its tensors and every tensor a layer, with the shapes the model gives. The adapter's PiSSA /
+    LoftQ init is run on the base only with `init` (resuming a training that started so: the base
+    becomes the residual it trained on); otherwise the base is taken as it is."""
     config, state = read_adapter(folder)
-    add_lora(model, config)
+    add_lora(model, config if init else dataclasses.replace(config, init="kaiming"), base_config)
     mine = adapter_parameters(model)
     missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
     if missing or extra:

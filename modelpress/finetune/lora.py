@@ -66,6 +66,9 @@ class LoraConfig:
             raise ValueError(f"loftq_iter must be at least 1, got {self.loftq_iter}")
         if self.qa_lora_group is not None and (self.dora or self.init in ("pissa", "loftq")):
             raise ValueError("QA-LoRA (qa_lora_group) goes with the plain kaiming / gaussian init, without DoRA")
+        if self.dora and self.init in ("pissa", "loftq"):
+            raise ValueError(f"DoRA goes with the kaiming / gaussian init, not {self.init} (its magnitudes would be "
+                             "those of the changed base)")
 
     @property
     def scaling(self) -> float:
@@ -176,6 +179,25 @@ def add_lora(model: torch.nn.Module, config: LoraConfig, base_config: Any = None
         replace(model, fqn, layer)
     record(model).adapter = config
     return model
+
+
+@torch.no_grad()
+def pissa_to_lora(config: LoraConfig, trained: dict[str, torch.Tensor],
+                  initial: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA adapter as a plain LoRA on the original base (PEFT's conversion on save): PiSSA trains
+    on W - s B0 A0, so the trained model is W + s (B A - B0 A0) = W + s [B, -B0] [A; A0], a rank-2r
+    adapter with the same scaling. `trained` / `initial`: the adapter tensors under PEFT's keys."""
+    r2 = 2 * config.r
+    alpha = config.scaling * (math.sqrt(r2) if config.rslora else r2)
+    out = {}
+    for key, a in trained.items():
+        if key.endswith(".lora_A.weight"):
+            out[key] = torch.cat([a, initial[key]], 0).contiguous()
+        elif key.endswith(".lora_B.weight"):
+            out[key] = torch.cat([a, -initial[key]], 1).contiguous()
+        else:
+            raise ModelpressError(f"{key}: a PiSSA adapter holds only lora_A / lora_B")
+    return dataclasses.replace(config, r=r2, alpha=alpha, init="kaiming"), out
 
 
 def _check_float_bases(found: list, init: str) -> None:

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from ..errors import ModelpressError
 from ..nn.dense_linear import native_half_gemm
-from .adapters import load_adapter, save_adapter
+from .adapters import adapter_state, load_adapter, save_adapter
 from .data import Example, batch, examples
-from .lora import LoraConfig, add_lora
+from .lora import LoraConfig, add_lora, pissa_to_lora
 
 COMPUTE = ("auto", "float32", "bfloat16")
 HEAD_CHUNK = 512  # target positions per output-head chunk (512 x 49152 fp32 logits: 100 MB)
@@ -234,9 +234,10 @@ def finetune(model: torch.nn.Module, tokenizer: Any, data: str | Path | None, lo
         model, tok = modelpress.load()
         finetune(model, tok, "data.jsonl", LoraConfig(r=16), TrainConfig(steps=200), out="adapter")
     """
-    if lora.init in ("pissa", "loftq") and not resume:
-        raise ModelpressError(f"finetune starts adapters with the kaiming or gaussian init; {lora.init} changes the "
-                              "base weights, which the adapter folder does not hold")
+    if lora.init == "loftq":
+        raise ModelpressError("finetune starts adapters with the kaiming, gaussian or pissa init; LoftQ replaces the "
+                              "base by its own quantization, which the adapter folder does not hold (add_lora with "
+                              "init='loftq' gives the model in the library)")
     rank, world = _world()
     if train.batch % world:
         raise ModelpressError(f"--batch {train.batch} does not split over {world} processes; give a multiple")
@@ -250,10 +251,12 @@ def finetune(model: torch.nn.Module, tokenizer: Any, data: str | Path | None, lo
     state: dict[str, Any] = {"step": 0, "history": []}
     if resume:
         state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
-        model, lora = load_adapter(model, out / "checkpoint" / "adapter")
+        model, lora = load_adapter(model, out / "checkpoint" / "adapter", base_config, init=True)
     else:
         torch.manual_seed(train.seed)
         add_lora(model, lora, base_config)
+    # PiSSA: the initial adapter, deterministic from the base (recomputed on resume), for the conversion on save
+    initial = ({k: t.clone() for k, t in adapter_state(model).items()} if lora.init == "pissa" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     warmup = int(train.warmup * total)
@@ -319,7 +322,11 @@ def finetune(model: torch.nn.Module, tokenizer: Any, data: str | Path | None, lo
     bar.close()
     model.eval()
     if out is not None and rank == 0:
-        save_adapter(model, lora, out)
+        if initial is not None:  # the adapter for the original base, as PEFT converts PiSSA on save
+            config, state = pissa_to_lora(lora, adapter_state(model), initial)
+            save_adapter(model, config, out, state=state)
+        else:
+            save_adapter(model, lora, out)
         (out / "training_log.json").write_text(json.dumps({"lora": dataclasses.asdict(lora),
                                                             "train": dataclasses.asdict(train),
                                                             "processes": world, "history": history}, indent=1))

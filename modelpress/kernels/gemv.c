@@ -222,6 +222,39 @@ static inline float mp_affine_dot1(const uint8_t *qo, const float *so, const flo
  * multiply then an add (no fused multiply-add: -ffp-contract=off), the rounding of
  * kquants.dequantize, so the result is bit-identical; for many-row products (prefill, batched
  * decode), which then call the BLAS. */
+/* ---------------------------------------------------------------------------------------------
+ * 4-bit code book (NF4 / FP4, bitsandbytes' layout) to a dense weight, for products of many rows
+ * (prefill, training): w[i] = code[q(i)] * absmax[i / bs] for the n values, written as fp32, or as
+ * bf16 (round to nearest even: torch's .to(torch.bfloat16) of the fp32 product) when bf16 != 0, so
+ * that no fp32 copy and no index tensor are made on the way (a QLoRA step dequantizes every frozen
+ * layer two or three times). Requires bs % 2 == 0 (every block starts on a byte).
+ */
+static inline uint16_t mp_bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+void mp_code4_dequant(const uint8_t *q, const float *absmax, const float *code, int64_t n, int64_t bs,
+                      void *out, int64_t bf16) {
+    const int64_t blocks = (n + bs - 1) / bs;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const float s = absmax[b];
+        float pair[32];  /* the block's code book scaled once: code[c] * s, high nibble then low */
+        for (int c = 0; c < 16; c++) pair[c] = code[c] * s;
+        const int64_t lo = b * bs, hi = lo + bs < n ? lo + bs : n;
+        for (int64_t i = lo; i < hi; i++) {
+            const uint8_t byte = q[i >> 1];
+            const float v = pair[(i & 1) ? (byte & 0xF) : (byte >> 4)];
+            if (bf16) ((uint16_t *)out)[i] = mp_bf16_rne(v);
+            else ((float *)out)[i] = v;
+        }
+    }
+}
+
 void mp_affine_dequant(const uint8_t *q, const float *scale, const float *offset, int64_t n, int64_t k,
                        int64_t g, float *out) {
     const int64_t ng = k / g;

@@ -53,6 +53,16 @@ def code4_gemv(lib: ctypes.CDLL, x: torch.Tensor, q: torch.Tensor, absmax: torch
     return y
 
 
+def code4_dequant(lib: ctypes.CDLL, q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                  shape: tuple[int, int], blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight of 4-bit codes (two per byte, first high) through a code book, absmax per
+    block, as fp32 or bf16 (rounded as torch rounds the fp32 values)."""
+    w = torch.empty(shape, dtype=dtype)
+    lib.mp_code4_dequant(_p(q, U8, "q"), _p(absmax, F32, "absmax"), _p(code, F32, "code"), w.numel(), blocksize,
+                         _p(w, dtype, "w"), int(dtype == torch.bfloat16))
+    return w
+
+
 def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                 threshold: float) -> torch.Tensor:
     """LLM.int8(): x (m, k) against int8 rows cb (n, k) with row scales scb, outlier columns in fp32."""

@@ -88,9 +88,15 @@ class Code4Linear(torch.nn.Module):
                 self._absmax_f32 = self.absmax.float()
         return self._absmax_f32
 
-    def dequantize(self) -> torch.Tensor:
-        return codebook4.dequantize_4bit(self.qdata.reshape(-1), self.absmax_f32(),
-                                         (self.out_features, self.in_features), self.blocksize, self.quant_type)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight in `dtype` (fp32 values, rounded once to bf16 for bf16)."""
+        shape = (self.out_features, self.in_features)
+        lib = kernels.lib() if self.qdata.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        if lib is not None and self.blocksize % 2 == 0:  # the same values without the index temporaries
+            return ops.code4_dequant(lib, self.qdata.reshape(-1), self.absmax_f32(), codebook4.CODES[self.quant_type],
+                                     shape, self.blocksize, dtype)
+        return codebook4.dequantize_4bit(self.qdata.reshape(-1), self.absmax_f32(), shape, self.blocksize,
+                                         self.quant_type).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if wants_input_grad(x):  # a frozen base under a training graph (nn/frozen.py)
@@ -107,7 +113,7 @@ class Code4Linear(torch.nn.Module):
             y = y.to(cd).reshape(*x.shape[:-1], self.out_features)
             out = y if bias is None else y + bias
         else:
-            out = F.linear(xc, self.dequantize().to(cd), bias)
+            out = F.linear(xc, self.dequantize(cd), bias)
         return out.to(x.dtype)
 
     # -- bitsandbytes' serialized layout ---------------------------------------------------

@@ -31,7 +31,7 @@ class _FrozenProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         module = ctx.module
-        w = module.dequantize().to(ctx.dtype)           # (out, in) in the layer's stored column order
+        w = module.dequantize(ctx.dtype)                # (out, in) in the layer's stored column order
         gx = grad.to(ctx.dtype) @ w                     # (..., in)
         perm = getattr(module, "perm", None)            # the layer computes on x[..., perm]
         if perm is not None:

@@ -39,8 +39,8 @@ class Int8LtLinear(torch.nn.Module):
             m.bias = linear.bias.detach().float().clone()
         return m
 
-    def dequantize(self) -> torch.Tensor:
-        return int8_rowwise.dequantize_rows(self.weight, self.SCB)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return int8_rowwise.dequantize_rows(self.weight, self.SCB).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if wants_input_grad(x):  # a frozen base under a training graph (nn/frozen.py)

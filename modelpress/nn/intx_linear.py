@@ -85,12 +85,12 @@ class IntxLinear(torch.nn.Module):
             return (self.qdata.to(torch.int16) + 128).to(torch.uint8)
         return packing.unpack_bits(self.qdata, self.bits, self.in_features)
 
-    def dequantize(self) -> torch.Tensor:
-        """W_hat in the stored column order (see `perm`)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_hat in the stored column order (see `perm`), computed in fp32."""
         w = grids.dequantize(self.codes(), self.scale, self.zero_point, self.bits, self.group_size)
         if self.offset is not None:
             w = w + self.offset.repeat_interleave(self.group_size or self.in_features, 1)[:, :self.in_features]
-        return w
+        return w.to(dtype)
 
     def check_plain(self) -> None:
         """Refuse a layer whose weights the other formats' layouts cannot hold (a merged offset)."""
@@ -116,7 +116,7 @@ class IntxLinear(torch.nn.Module):
             kernel = self._kernel if self._kernel is not None else self._build_kernel()
             if kernel:
                 return self._forward_kernel(x, kernel)
-        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _build_kernel(self) -> tuple:
         """Kernel-layout tensors, or () where no torch kernel fits this shape."""

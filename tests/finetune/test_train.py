@@ -33,9 +33,9 @@ def text(tmp_path):
     return path
 
 
-def _train(text, out=None, **kw):
+def _train(text, out=None, lora=LORA, **kw):
     cfg = TrainConfig(**{"steps": 12, "batch": 4, "ctx": 48, "lr": 3e-3, "eval_every": 6, "compute": "float32", **kw})
-    return finetune(tiny_llama(), byte_tokenizer(), text, LORA, cfg, out=out, progress=False)
+    return finetune(tiny_llama(), byte_tokenizer(), text, lora, cfg, out=out, progress=False)
 
 
 def test_the_loss_falls_on_training_and_held_out_rows(text, tmp_path):
@@ -65,8 +65,12 @@ def test_a_seed_repeats_a_run_and_another_seed_does_not(text):
     assert [h["loss"] for h in a.history] != [h["loss"] for h in c.history]
 
 
-def test_an_interrupted_run_resumes_to_the_same_adapter(text, tmp_path, monkeypatch):
-    whole = _train(text, steps=6)
+PISSA = LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), init="pissa")
+
+
+@pytest.mark.parametrize("lora", [LORA, PISSA], ids=["kaiming", "pissa"])
+def test_an_interrupted_run_resumes_to_the_same_adapter(lora, text, tmp_path, monkeypatch):
+    whole = _train(text, steps=6, lora=lora)
     calls = {"n": 0}
     real = train_mod.loss_sum
 
@@ -78,15 +82,36 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(text, tmp_path, monkeypa
 
     monkeypatch.setattr(train_mod, "loss_sum", interrupting)
     with pytest.raises(ModelpressError, match="interrupted at step 3 of 6.*--resume"):
-        _train(text, out=tmp_path / "run", steps=6, save_every=100)
+        _train(text, out=tmp_path / "run", steps=6, save_every=100, lora=lora)
     assert (tmp_path / "run" / "checkpoint" / "trainer_state.pt").is_file()
     monkeypatch.setattr(train_mod, "loss_sum", real)
-    resumed = finetune(tiny_llama(), byte_tokenizer(), text, LORA,
+    resumed = finetune(tiny_llama(), byte_tokenizer(), text, lora,
                        TrainConfig(steps=6, batch=4, ctx=48, lr=3e-3, eval_every=6, compute="float32"),
                        out=tmp_path / "run", resume=True, progress=False)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
     for k, v in adapter_state(whole.model).items():
         assert torch.equal(adapter_state(resumed.model)[k], v), k
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_pissa_adapter_is_saved_for_the_original_base(rslora, text, tmp_path):
+    """PiSSA trains on the residual W - s B0 A0; the saved adapter is the rank-2r LoRA that gives the
+    trained model on the untouched base (PEFT's conversion), for modelpress and for PEFT."""
+    lora = LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), init="pissa", rslora=rslora)
+    result = _train(text, out=tmp_path / "p", steps=4, lora=lora)
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    with torch.no_grad():
+        trained = result.model(X).logits
+        base = tiny_llama()(X).logits
+        model, _ = load_adapter(tiny_llama(), tmp_path / "p")
+        mine = model(X).logits
+    assert (trained - base).abs().max() > 1e-3  # training moved the model
+    torch.testing.assert_close(mine, trained, rtol=0, atol=2e-5)
+    peft = pytest.importorskip("peft", reason="peft is not installed: PEFT's reading of the adapter is not checked")
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "p")(X).logits
+    torch.testing.assert_close(theirs, trained, rtol=0, atol=2e-5)
 
 
 def test_two_processes_give_one_process_s_losses(text, tmp_path):
@@ -135,6 +160,13 @@ def test_data_errors_are_clear(tmp_path):
         examples(tok, tmp_path / "short.txt", 64)
     with pytest.raises(ModelpressError, match="nothing to resume"):
         finetune(tiny_llama(), tok, None, LORA, TrainConfig(steps=1), out=tmp_path / "none", resume=True)
+    with pytest.raises(ModelpressError, match="LoftQ replaces the base"):
+        finetune(tiny_llama(), tok, None, LoraConfig(init="loftq"), TrainConfig(steps=1))
+    with pytest.raises(ModelpressError, match="pissa initialises from the float weights.*already quantized"):
+        finetune(modelpress.quantize(tiny_llama(), modelpress.NF4Config()), tok, tmp_path / "short.txt",
+                 LoraConfig(init="pissa"), TrainConfig(steps=1, ctx=2))
+    with pytest.raises(ValueError, match="DoRA goes with the kaiming"):
+        LoraConfig(init="pissa", dora=True)
 
 
 def _random_adapters(model, seed=1):

@@ -38,6 +38,24 @@ def test_code4_gemv(lib, quant_type, n, k, bs, m):
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("n,k,bs", [(1536, 576, 64), (33, 41, 64), (7, 4096, 4096), (5, 9, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_code4_dequant_is_bit_identical_to_codebook4(lib, quant_type, n, k, bs, dtype):
+    """The dense weight as core/codebook4 computes it (odd counts and a partial last block included),
+    bf16 as torch rounds those fp32 values; inf and NaN scales too."""
+    from modelpress.kernels import ops
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 40
+    packed, absmax = quantize_4bit(w, bs, quant_type)
+    absmax[0] = float("inf") if absmax.numel() > 1 else absmax[0]
+    absmax[-1] = float("nan") if absmax.numel() > 2 else absmax[-1]
+    out = ops.code4_dequant(lib, packed, absmax, CODES[quant_type], (n, k), bs, dtype)
+    ref = dequantize_4bit(packed, absmax, (n, k), bs, quant_type).to(dtype)
+    assert out.dtype == dtype and torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
 @pytest.mark.parametrize("n,k", [(1536, 576), (576, 1536), (100, 96), (33, 40)])
 @pytest.mark.parametrize("m", [1, 4, 8])
 @pytest.mark.parametrize("threshold", [0.0, 3.0])
