@@ -22,6 +22,7 @@ from .methods import (
     LLMInt8Config,
     NF4Config,
     RTNConfig,
+    W8A8Config,
 )
 from .model.load import load
 from .registry import quantize
@@ -30,5 +31,5 @@ from .serve.sampler import SamplingParams
 from .version import __version__
 
 __all__ = ["AWQConfig", "AutoConfig", "BaseConfig", "Engine", "FP4Config", "GPTQConfig", "LLMInt8Config",
-           "ModelpressError", "NF4Config", "RTNConfig", "SamplingParams", "__version__", "compare", "export_gguf",
+           "ModelpressError", "NF4Config", "RTNConfig", "W8A8Config", "SamplingParams", "__version__", "compare", "export_gguf",
            "load", "perplexity", "quantize", "save"]

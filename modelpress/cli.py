@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = command("quantize", cmd_quantize, "compress a model and save it (a modelpress checkpoint by default)")
     q.add_argument("--method", default="rtn",
                    help="rtn (integers, round to nearest), gptq / awq (calibrated), nf4 / fp4 (bitsandbytes "
-                        "4-bit), int8 (LLM.int8), auto (a GGUF type per layer within --target-bpw); default: rtn")
+                        "4-bit), int8 (LLM.int8), w8a8 (int8 weights and activations, SmoothQuant), auto (a GGUF type per "
+                        "layer within --target-bpw); default: rtn")
     flags.add(q, config_types().values())
     _calibration(q, "for methods that calibrate")
     q.add_argument("--format", choices=[n for n, f in formats().items() if f.save], default="modelpress",

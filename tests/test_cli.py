@@ -138,6 +138,21 @@ def test_quantize_calibrated(tmp_path, capsys, tiny_gguf, method, fmt):
     assert code == 0
 
 
+def test_quantize_w8a8(tmp_path, capsys, tiny_gguf):
+    (tmp_path / "c.txt").write_text("the thing in the winter, then the thing in the spring. " * 80)
+    out = tmp_path / "q"
+    code, _, err = _run(capsys, "quantize", str(tiny_gguf), "--method", "w8a8", "--smoothquant", "search",
+                        "--calibrator", "entropy", "--calib", str(tmp_path / "c.txt"), "--samples", "4", "--ctx", "64",
+                        "--out", str(out))
+    assert code == 0 and "quantized with w8a8 (activations static, granularity tensor, calibrator entropy" in err
+    assert json.loads(_run(capsys, "info", str(out), "--json")[1])["method"] == "w8a8"
+    assert _run(capsys, "generate", str(out), "-p", "the", "-n", "4", "--raw")[0] == 0
+    _one_line_error(*_run(capsys, "quantize", str(tiny_gguf), "--method", "w8a8", "--granularity", "token",
+                          "--calib", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o"))[::2])
+    _one_line_error(*_run(capsys, "quantize", str(tiny_gguf), "--method", "w8a8", "--smoothquant", "lots",
+                          "--calib", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o"))[::2])
+
+
 def test_gptq_layout_refuses_other_methods(tmp_path, capsys, tiny_gguf):
     code, _, err = _run(capsys, "quantize", str(tiny_gguf), "--method", "nf4", "--format", "gptq",
                         "--out", str(tmp_path / "o"))

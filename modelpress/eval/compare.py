@@ -50,6 +50,7 @@ from ..methods import (
     LLMInt8Config,
     NF4Config,
     RTNConfig,
+    W8A8Config,
 )
 from ..methods.auto import AutoConfig, allocate_for
 from ..model.imatrix import compute_imatrix
@@ -87,6 +88,9 @@ def _config_recipes() -> dict[str, Any]:
         "int8": RTNConfig(bits=8, group_size=None, symmetric=True),
         "llm-int8": LLMInt8Config(), "nf4": NF4Config(), "nf4-dq": NF4Config(double_quant=True),
         "fp4": FP4Config(), "fp4-dq": FP4Config(double_quant=True),
+        # W8A8: static per-tensor activation scales, dynamic per-token ones, SmoothQuant's searched alpha
+        "w8a8": W8A8Config(), "w8a8-dyn": W8A8Config(activations="dynamic"),
+        "w8a8-sq": W8A8Config(smoothquant="search"),
     }
     for bits in (2, 3, 4, 8):
         table[f"rtn-w{bits}"] = RTNConfig(bits=bits, group_size=64)

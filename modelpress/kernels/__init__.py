@@ -48,6 +48,8 @@ _SIGNATURES = {
     "mp_affine_gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _P],
     "mp_affine_dequant": [_P, _P, _P, _I, _I, _I, _P],
     "mp_code4_dequant": [_P, _P, _P, _I, _I, _P, _I],
+    "mp_w8a8_pack": [_P, _I, _I, _P, _P],
+    "mp_w8a8_linear": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P],
     "mp_exp_f32": [_P, _I, _P],
     "mp_paged_attention": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P],
     "mp_make_qx_quants": [_P, _P, _I, _I, _I, _P, _P],

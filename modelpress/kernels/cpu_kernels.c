@@ -14,3 +14,4 @@
 #include "quantize.c"
 #include "blocks.c"
 #include "decode.c"
+#include "gemm_int8.c"

@@ -63,6 +63,32 @@ def code4_dequant(lib: ctypes.CDLL, q: torch.Tensor, absmax: torch.Tensor, code:
     return w
 
 
+W8A8_MODES = {"static": 0, "token": 1, "tensor": 2}  # gemm_int8.c's activation scale modes
+
+
+def w8a8_pack(lib: ctypes.CDLL, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed int8 (ceil(n/16), ceil(k/4), 16, 4), colsum int32) of int8 weights w (n, k)."""
+    n, k = w.shape
+    packed = torch.empty((n + 15) // 16 * ((k + 3) // 4) * 64, dtype=I8)
+    colsum = torch.empty((n + 15) // 16 * 16, dtype=torch.int32)
+    lib.mp_w8a8_pack(_p(w, I8, "w"), n, k, _p(packed, I8, "packed"), _p(colsum, torch.int32, "colsum"))
+    return packed, colsum
+
+
+def w8a8_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, ws: torch.Tensor,
+                bias: torch.Tensor | None, n: int, mode: str, xs: torch.Tensor | None = None,
+                with_sums: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x (m, k) fp32 through int8 weights (packed by w8a8_pack) with int8 activations: `mode`
+    'static' (scale xs), 'token' or 'tensor' (dynamic); with_sums: also the int32 sums (m, n)."""
+    m, k = x.shape
+    y = torch.empty(m, n)
+    acc = torch.empty(m, n, dtype=torch.int32) if with_sums else None
+    lib.mp_w8a8_linear(_p(x, F32, "x"), m, k, _p(packed, I8, "packed"), _p(colsum, torch.int32, "colsum"),
+                       _p(ws, F32, "weight_scale"), _p(bias, F32, "bias"), n, W8A8_MODES[mode],
+                       _p(xs, F32, "input_scale"), _p(y, F32, "y"), _p(acc, torch.int32, "sums"))
+    return (y, acc) if with_sums else y
+
+
 def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                 threshold: float) -> torch.Tensor:
     """LLM.int8(): x (m, k) against int8 rows cb (n, k) with row scales scb, outlier columns in fp32."""

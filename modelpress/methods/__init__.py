@@ -5,5 +5,6 @@ from .bnb4 import FP4Config, NF4Config
 from .gptq import GPTQConfig
 from .llm_int8 import LLMInt8Config
 from .rtn import RTNConfig
+from .w8a8 import W8A8Config
 
-__all__ = ["AWQConfig", "AutoConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "RTNConfig"]
+__all__ = ["AWQConfig", "AutoConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "NF4Config", "RTNConfig", "W8A8Config"]

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..core.act_calib import AbsHistogram
 from ..core.hessian import HessianAccumulator
 
 
@@ -147,3 +148,26 @@ class SquareSumCapture(_InputHooks):
     def sums(self, name: str) -> tuple[torch.Tensor, int]:
         key = self.key(name)
         return self.sq_sum[key], self.rows[key]
+
+
+class RangeCapture(_InputHooks):
+    """Per input channel max |x| (SmoothQuant's statistic) and, with `histograms`, a running
+    histogram of |x| over the whole input (core/act_calib.py: the int8 calibrators read it)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], histograms: bool = False) -> None:
+        self.channel_max: dict[str, torch.Tensor] = {}
+        self.hist: dict[str, AbsHistogram] = {}
+        self.histograms = histograms
+        super().__init__(modules, self._accumulate)
+
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        m = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+        self.channel_max[key] = torch.maximum(self.channel_max[key], m) if key in self.channel_max else m
+        if self.histograms:
+            self.hist.setdefault(key, AbsHistogram()).add(x)
+
+    def absmax(self, name: str) -> torch.Tensor:
+        return self.channel_max[self.key(name)]
+
+    def histogram(self, name: str) -> AbsHistogram:
+        return self.hist[self.key(name)]

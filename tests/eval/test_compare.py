@@ -79,3 +79,14 @@ def test_a_row_failing_in_its_process_reports_why(tmp_path):
     data["ids"] = tmp_path / "absent.safetensors"
     err = c._run_row(c.recipe("fp32"), setup, "k", row, data, tmp_path, isolate=True, progress=False)
     assert err.startswith(("FileNotFoundError", "SafetensorError")), err  # a crash: its traceback's last line
+
+
+def test_w8a8_rows(tmp_path, tiny_hf_dir):
+    d, _, _ = tiny_hf_dir
+    assert recipe("w8a8-sq").args["smoothquant"] == "search" and recipe("w8a8-dyn").args["granularity"] == "token"
+    out = compare(str(d), ["fp32", "w8a8", "w8a8-dyn", "w8a8-sq"], out=tmp_path / "c", eval_windows=2, samples=4,
+                  ctx=32, decode_tokens=2, isolate=False, progress=False)
+    rows = {r["method"]: r for r in out["rows"]}
+    for name in ("w8a8", "w8a8-dyn", "w8a8-sq"):
+        assert rows[name]["kl_mean"] < 0.02, rows[name]  # int8 both ways: near the float model (observed 2e-4 to 5e-3)
+        assert rows[name]["size_bytes"] < 0.5 * rows["fp32"]["size_bytes"]

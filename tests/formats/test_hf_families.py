@@ -63,6 +63,44 @@ def test_transformers_opens_a_compressed_tensors_checkpoint(family, method, tmp_
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_transformers_opens_a_w8a8_checkpoint_and_we_read_it_back(family, activations, tmp_path):
+    """int-quantized W8A8 (vLLM's int8 checkpoints): compressed-tensors computes every layer with the
+    int8 weights dequantized and the activations fake-quantized; given the same input, each of its
+    layers gives our layer's output (static scales: ours, stored; dynamic ones it computes as
+    max / 127.5 where vLLM's kernels and ours take max / 127, hence a looser bound). Logits are
+    compared layer by layer because a float difference of 1e-8 in a layer's input can move a value
+    at a rounding midpoint by one int8 step, which later layers carry on. modelpress reads the
+    folder back to the very same layers."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors (transformers needs it for the layout) "
+                                                     "is not installed")
+    model = modelpress.quantize(tiny(family), modelpress.W8A8Config(activations=activations, smoothquant=0.5), CALIB)
+    out = modelpress.save(model, byte_tokenizer(), tmp_path / "ck", format="compressed-tensors")
+    theirs = _transformers(out)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, y):
+            seen.setdefault(name, (args[0], y))
+        return hook
+
+    for name, m in theirs.named_modules():
+        if hasattr(m, "quantization_scheme"):
+            m.register_forward_hook(keep(name))
+    _logits(theirs)
+    ours = dict(model.named_modules())
+    assert len(seen) == 3 * (4 if family == "phi3" else 7)
+    for name, (x, y) in seen.items():
+        with torch.no_grad():
+            mine = ours[name](x)
+        # observed: static <= 3e-7 of the outputs' range, dynamic <= 2e-2
+        bound = 1e-6 if activations == "static" else 4e-2
+        torch.testing.assert_close(mine, y, rtol=0, atol=bound * y.abs().max().item())
+    back, _ = modelpress.load(out)
+    assert torch.equal(_logits(back), _logits(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", ["gptq", "awq"])
 def test_gptq_and_awq_layouts_name_every_linear_layer(family, fmt, tmp_path):
     model = modelpress.quantize(tiny(family), modelpress.AWQConfig(bits=4, group_size=32), CALIB)

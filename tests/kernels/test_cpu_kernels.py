@@ -332,3 +332,36 @@ def test_one_numbering_of_kinds_in_c_and_python():
     source = kernels.HEADER.read_text()
     enum = dict(re.findall(r"MP_(\w+) = (\d+)", source[source.index("enum {"):source.index("};", source.index("enum {"))]))
     assert {name.upper(): int(v) for name, v in enum.items()} == {k.upper(): v for k, v in kernels.KIND.items()}
+
+
+def _w8a8_reference(x, w, ws, bias, mode, xs):
+    """gemm_int8.c's definition in torch: row scales, int8 rows, int64 sums, the fp32 epilogue."""
+    if mode == "static":
+        s = xs.expand(x.shape[0])
+    else:
+        mx = x.abs().amax(-1) if mode == "token" else x.abs().amax().expand(x.shape[0])
+        s = torch.where(mx > 0, mx / 127.0, torch.ones_like(mx))
+    q = torch.round(x / s[:, None]).clamp(-128, 127)
+    acc = q.to(torch.int64) @ w.to(torch.int64).t()
+    y = acc.to(torch.int32).float() * (s[:, None] * ws[None, :])
+    return acc, (y if bias is None else y + bias)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1536, 576), (7, 576, 1536), (37, 40, 33), (130, 100, 96), (5, 3, 5)])
+@pytest.mark.parametrize("mode", ["static", "token", "tensor"])
+def test_w8a8_linear_sums_are_exact_and_its_output_is_the_reference_s(lib, m, n, k, mode):
+    from modelpress.kernels import ops
+
+    gen = torch.Generator().manual_seed(m * n + k)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    w[0, :] = 127  # the extreme sums: 127 * 127 * k
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0] = 0.0 if m > 1 else x[0]  # a zero row: scale 1
+    ws = torch.rand(n, generator=gen) / 100
+    bias = torch.randn(n, generator=gen) if n % 2 == 0 else None
+    xs = torch.tensor([0.02])  # static: clips the tail (|x| > 2.54), -128 included
+    packed, colsum = ops.w8a8_pack(lib, w)
+    y, acc = ops.w8a8_linear(lib, x, packed, colsum, ws, bias, n, mode, xs, with_sums=True)
+    ref_acc, ref_y = _w8a8_reference(x, w, ws, bias, mode, xs)
+    assert torch.equal(acc.to(torch.int64), ref_acc)
+    assert torch.equal(y, ref_y)
