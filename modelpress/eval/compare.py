@@ -62,7 +62,7 @@ from .report import write_reports
 from .size import disk_bytes, model_size
 from .speed import decode_tokens_per_s
 
-DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
+DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "w8a8-dyn", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
                    "q4_k_m", "q5_k_m", "q8_0")
 ROW_FORMAT = 5  # bump when a row's meaning changes: old cached rows no longer match
 

@@ -147,6 +147,16 @@ def _reads_its_output(block: torch.nn.Module, smooth: str, first: torch.nn.Linea
     return out == FUSED.get(smooth, 1) * first.in_features
 
 
+def block_mappings(block: torch.nn.Module, mods: dict[str, torch.nn.Module], model_type: str
+                   ) -> list[tuple[str, list[str], str]]:
+    """The mappings of MAPPINGS[model_type] that apply to this block: every module present, every
+    balance layer among the targets `mods`, and the balance layers reading the smooth operation's
+    output (v -> o only without grouped-query attention). Shared with SmoothQuant (methods/w8a8.py)."""
+    mappings = [(sm, list(bal), par) for sm, bal, par in MAPPINGS[model_type]
+                if _get(block, sm) is not None and _get(block, par) is not None and all(b in mods for b in bal)]
+    return [(sm, bal, par) for sm, bal, par in mappings if _reads_its_output(block, sm, mods[bal[0]])]
+
+
 @register(AWQConfig)
 def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
     targets = block_targets(model, config, calib)
@@ -160,10 +170,7 @@ def quantize_awq(model: torch.nn.Module, config: AWQConfig, calib: list[torch.Te
 
     def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
         mods = targets[id(block)]
-        mappings = [(sm, [b for b in bal if b in mods], par) for sm, bal, par in MAPPINGS[model_type]
-                    if _get(block, sm) is not None and _get(block, par) is not None and all(b in mods for b in bal)]
-        mappings = [(sm, bal, par) for sm, bal, par in mappings  # v -> o needs v's outputs to be o's inputs
-                    if _reads_its_output(block, sm, mods[bal[0]])]
+        mappings = block_mappings(block, mods, model_type)
         parents = {par: _get(block, par) for _, _, par in mappings}
         with InputStatsCapture(mods, keep_rows=4096) as stats, CallCapture(parents, search_batches) as calls:
             run()

@@ -20,17 +20,21 @@ import dataclasses
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import BaseConfig, option
 from ..core import act_calib
+from ..core.fold import fold_batch_norm
+from ..errors import ModelpressError
 from ..model.capture import CallCapture, RangeCapture
 from ..model.sequential import block_targets, run_sequential
-from ..model.walker import replace
+from ..model.walker import iter_targets, replace
 from ..nn import W8A8Linear
-from ..nn.w8a8_linear import activation_scales
+from ..nn.w8a8_conv import W8A8Conv2d
+from ..nn.w8a8_linear import quantize_activations
 from ..record import record
 from ..registry import register
-from .awq import MAPPINGS, _fold, _get, _reads_its_output, _replay
+from .awq import _fold, _get, _replay, block_mappings
 
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # the search's alphas, 0 .. 1
 
@@ -98,9 +102,9 @@ def _w8a8(lin: torch.nn.Module, input_scale: float | None, config: W8A8Config) -
 
 
 def _fake_activations(x: torch.Tensor, input_scale: float | None, config: W8A8Config) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    s = activation_scales(x2, config.granularity, None if input_scale is None else torch.tensor([input_scale]))
-    return (torch.round(x2 / s[:, None]).clamp(-128, 127) * s[:, None]).to(x.dtype).reshape(x.shape)
+    q, s = quantize_activations(x.reshape(-1, x.shape[-1]).float(), config.granularity,
+                                None if input_scale is None else torch.tensor([input_scale]))
+    return (q * s[:, None]).to(x.dtype).reshape(x.shape)
 
 
 @torch.no_grad()
@@ -135,17 +139,94 @@ def _search_alpha(parent: torch.nn.Module, balance: list[torch.nn.Linear], calls
     return best
 
 
+def fuse_conv_bn_relu(model: torch.nn.Module, quantized: set[str]) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Fold every BatchNorm2d that directly follows a Conv2d inside an nn.Sequential into the conv
+    (core/fold.py; the BN becomes an Identity), and return {conv: (container, ReLU's name)} for the
+    convs in `quantized` that a ReLU follows: the quantized conv clamps instead (drop_relus, once
+    calibration has seen the ReLU's outputs). Only nn.Sequential children are fused: elsewhere the
+    order of the children says nothing of the order they run in (PyTorch's fuse_modules asks for
+    the names for the same reason)."""
+    relu: dict[str, tuple[torch.nn.Module, str]] = {}
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        kids = list(seq.named_children())
+        for i, (name, conv) in enumerate(kids):
+            if not isinstance(conv, torch.nn.Conv2d) or i + 1 >= len(kids):
+                continue
+            bn_name, bn = kids[i + 1]
+            j = i + 1
+            if isinstance(bn, torch.nn.BatchNorm2d) and bn.track_running_stats:
+                w, b = fold_batch_norm(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+                                       bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+                conv.weight = torch.nn.Parameter(w, requires_grad=False)
+                conv.bias = torch.nn.Parameter(b, requires_grad=False)
+                setattr(seq, bn_name, torch.nn.Identity())
+                j = i + 2
+            fqn = f"{prefix}.{name}" if prefix else name
+            if j < len(kids) and isinstance(kids[j][1], torch.nn.ReLU) and fqn in quantized:
+                relu[fqn] = (seq, kids[j][0])
+    return relu
+
+
+def _run_inputs(model: torch.nn.Module, calib: list) -> None:
+    with torch.no_grad():
+        for x in calib:
+            if isinstance(x, (tuple, list)):
+                model(*x)
+            else:
+                model(x)
+
+
+def _quantize_network(model: torch.nn.Module, config: W8A8Config, calib: list | None) -> torch.nn.Module:
+    """Any network of Conv2d / Linear layers (PyTorch's PTQ prepare -> calibrate -> convert in one
+    call): Conv-BN-ReLU fused, every targeted layer's input ranges taken over the example inputs
+    `calib`, then each layer W8A8."""
+    if config.smoothquant is not None:
+        raise ModelpressError("SmoothQuant folds scales into a decoder block's norms; this network has no decoder "
+                              "blocks: leave smoothquant unset")
+    if config.static and not calib:
+        raise ModelpressError("static W8A8 needs example inputs to calibrate (calib=[tensor, ...]); or use "
+                              "activations='dynamic'")
+    model.eval()
+    targets = dict(iter_targets(model, config.targets, config.ignore, (torch.nn.Linear, torch.nn.Conv2d)))
+    if not targets:
+        raise ModelpressError("the network has no Linear or Conv2d layer for W8A8")
+    relu = fuse_conv_bn_relu(model, set(targets))
+    scales: dict[str, float | None] = dict.fromkeys(targets)
+    if config.static:
+        with RangeCapture(targets, histograms=True) as ranges:
+            _run_inputs(model, calib)
+        missing = [n for n in targets if ranges.key(n) not in ranges.hist]
+        if missing:
+            raise ModelpressError(f"{missing[0]} saw no input while the example inputs ran: it cannot be calibrated")
+        scales = {n: act_calib.threshold(ranges.histogram(n), config.calibrator, config.percentile) / 127.0
+                  for n in targets}
+    for seq, name in relu.values():
+        setattr(seq, name, torch.nn.Identity())
+    for name, mod in tqdm(targets.items(), desc="w8a8", unit="layer", leave=False):
+        if isinstance(mod, torch.nn.Conv2d):
+            try:
+                new = W8A8Conv2d.from_conv(mod, scales[name], config.granularity, relu=name in relu)
+            except ValueError as e:
+                raise ModelpressError(f"{name}: {e}") from None
+        else:
+            new = _w8a8(mod, scales[name], config)
+        replace(model, name, new)
+    return model
+
+
 @register(W8A8Config)
 def quantize_w8a8(model: torch.nn.Module, config: W8A8Config, calib: list[torch.Tensor] | None) -> torch.nn.Module:
+    if not isinstance(getattr(getattr(model, "model", None), "layers", None), torch.nn.ModuleList):
+        return _quantize_network(model, config, calib)
     targets = block_targets(model, config, calib)
     model_type = model.config.model_type  # one of MAPPINGS' (quantize refuses other families for calibrated methods)
 
     def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
         mods = targets[id(block)]
         if config.smoothquant is not None:
-            mappings = [(sm, [b for b in bal if b in mods], par) for sm, bal, par in MAPPINGS[model_type]
-                        if _get(block, sm) is not None and _get(block, par) is not None and all(b in mods for b in bal)]
-            mappings = [m for m in mappings if _reads_its_output(block, m[0], mods[m[1][0]])]
+            mappings = block_mappings(block, mods, model_type)
             parents = {par: _get(block, par) for _, _, par in mappings}
             search = config.smoothquant == "search"
             with RangeCapture(mods) as ranges, CallCapture(parents if search else {}, 1) as calls:

@@ -31,6 +31,14 @@ def activation_scales(x: torch.Tensor, granularity: str, input_scale: torch.Tens
     return torch.where(mx > 0, mx / 127.0, torch.ones_like(mx))
 
 
+def quantize_activations(x2: torch.Tensor, granularity: str, input_scale: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): the int8 values of x (rows, in) as floats, clamp(round(x / s), -128, 127), and the row
+    scales (rows,)."""
+    s = activation_scales(x2, granularity, input_scale)
+    return torch.round(x2 / s[:, None]).clamp(-128, 127), s
+
+
 class W8A8Linear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, static: bool = True, granularity: str = "tensor",
                  bias: bool = False) -> None:
@@ -76,8 +84,7 @@ class W8A8Linear(torch.nn.Module):
 
     def reference(self, x2: torch.Tensor) -> torch.Tensor:
         """The product without the CPU kernel: (rows, in) fp32 -> (rows, out) fp32."""
-        s = activation_scales(x2, self.granularity, self.input_scale)
-        q = torch.round(x2 / s[:, None]).clamp(-128, 127)
+        q, s = quantize_activations(x2, self.granularity, self.input_scale)
         if x2.is_cuda and x2.shape[0] > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:
             acc = torch._int_mm(q.to(torch.int8), self.weight.t())
         else:  # integers below 2^53: a float64 product sums them exactly
