@@ -65,7 +65,10 @@ def prefill_s(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
 
 def torchao_row(base: torch.nn.Module, ppl) -> dict:  # noqa: ANN001
     try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            quantize_,
+        )
     except ImportError as e:
         return {"method": "torchao int8 dynamic activations", "error": f"torchao is not installed ({e})"}
     m = copy.deepcopy(base)  # the decoder blocks' linear layers, as W8A8 (the head stays float)
