@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -16,6 +17,17 @@ MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
 LIB_NOTE = ("llama.cpp 0.3.36's vendored sources built with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON "
             "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON (AVX2, FMA, F16C, BMI2 on; AMX off: its AMX matmul "
             "segfaults here, llama.cpp #20824), BUILD_SHARED_LIBS=ON")
+
+
+def median_seconds(fn, repeats: int) -> float:  # noqa: ANN001
+    """The median wall time of fn() over `repeats` calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def cpu_name() -> str:

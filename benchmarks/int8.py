@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
+from benchmarks.common import median_seconds  # noqa: E402
 from modelpress import RTNConfig, W8A8Config  # noqa: E402
 from modelpress.data import calibration_windows, read_text  # noqa: E402
 from modelpress.eval.perplexity import perplexity  # noqa: E402
@@ -46,21 +46,11 @@ VARIANTS = {
 }
 
 
-def _median_time(fn, repeats: int) -> float:  # noqa: ANN001
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def prefill_s(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
     """One forward over the prompt with the next token's logits only, as an engine's prefill (and
     llama.cpp's prompt processing) computes them."""
     with torch.no_grad():
-        return _median_time(lambda: model(ids, logits_to_keep=1), repeats)
+        return median_seconds(lambda: model(ids, logits_to_keep=1), repeats)
 
 
 def torchao_row(base: torch.nn.Module, ppl) -> dict:  # noqa: ANN001
@@ -91,7 +81,7 @@ def llama_cpp_prefill_s(base: torch.nn.Module, tok, ids: torch.Tensor, repeats: 
         llm.reset()
         llm.eval(tokens)
 
-    return {"prefill_s": _median_time(run, repeats), "lib": os.environ.get("LLAMA_CPP_LIB_PATH", "the wheel's")}
+    return {"prefill_s": median_seconds(run, repeats), "lib": os.environ.get("LLAMA_CPP_LIB_PATH", "the wheel's")}
 
 
 def main() -> None:
@@ -141,8 +131,8 @@ def main() -> None:
     from benchmarks.common import write_result
 
     write_result(Path(a.out), "int8", rows, speed=speed, calib_windows=a.calib_windows, eval_windows=a.eval_windows,
-                 data="../shared/data/calib.txt -> eval.txt", peers_not_run="ONNX Runtime quantize_static and Intel "
-                 "Neural Compressor's SmoothQuant: not yet (issue 23)")
+                 data="../shared/data/calib.txt -> eval.txt", peers_not_run="ONNX Runtime quantize_static on this model and "
+                 "Intel Neural Compressor's SmoothQuant: not yet (issue 23; the CNN beside ONNX Runtime: int8_cnn.py)")
 
 
 if __name__ == "__main__":

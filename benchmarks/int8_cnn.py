@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,45 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import modelpress  # noqa: E402
+from benchmarks.common import median_seconds, write_result  # noqa: E402
 from modelpress import W8A8Config  # noqa: E402
 from modelpress.formats.onnx_export import export_onnx  # noqa: E402
-
-
-def trained_cnn() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The test's CNN and recipe (tests/methods/test_w8a8_cnn.py)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(d.target)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(15):
-        for i in torch.randperm(1400).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
-            opt.step()
-    return model.eval(), x[:1400], x[1400:], y[1400:]
-
-
-def _median_ms(fn, repeats: int) -> float:  # noqa: ANN001
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+from tests.digits_cnn import trained_cnn  # noqa: E402
 
 
 def _row(name: str, predict, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:  # noqa: ANN001
     acc = 100.0 * float((torch.as_tensor(predict(x)).argmax(-1) == y).float().mean())
-    row = {"method": name, "accuracy": acc, "batch1_ms": _median_ms(lambda: predict(x[:1]), repeats),
-           "batch64_ms": _median_ms(lambda: predict(x[:64]), repeats)}
+    row = {"method": name, "accuracy": acc, "batch1_ms": 1000 * median_seconds(lambda: predict(x[:1]), repeats),
+           "batch64_ms": 1000 * median_seconds(lambda: predict(x[:64]), repeats)}
     print(row, flush=True)
     return row
 
@@ -126,7 +95,6 @@ def main() -> None:
         quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
         rows.append(_row(f"ONNX Runtime quantize_static {method.name}", _ort_predict(out, a.threads), x, y, a.repeats))
-    from benchmarks.common import write_result
 
     write_result(Path(a.out), "int8 cnn", rows, data="scikit-learn digits, 1400 train / 397 test, 8 x 8",
                  calibration="512 training images", np_version=np.__version__)

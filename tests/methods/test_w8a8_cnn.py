@@ -10,34 +10,15 @@ import modelpress
 from modelpress import W8A8Config
 from modelpress.methods.w8a8 import fuse_conv_bn_relu
 from modelpress.nn.w8a8_conv import W8A8Conv2d
+from tests.digits_cnn import trained_cnn
 
 pytest.importorskip("sklearn", reason="scikit-learn (its bundled digits are the CNN's data) is not installed")
-
-
-def _cnn() -> torch.nn.Sequential:
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 10))
 
 
 @pytest.fixture(scope="module")
 def digits():
     """(trained fp32 model, train images, test images, test labels): 8 x 8 digits, 1400 / 397 split."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(d.target)
-    torch.manual_seed(0)
-    model = _cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(15):
-        for i in torch.randperm(1400).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
-            opt.step()
-    return model.eval(), x[:1400], x[1400:], y[1400:]
+    return trained_cnn()
 
 
 def _accuracy(model, x, y) -> float:
