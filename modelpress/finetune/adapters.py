@@ -118,14 +118,19 @@ def read_adapter(folder: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor
     return config, state
 
 
-def load_adapter(model: torch.nn.Module, folder: str | Path, base_config: Any = None,
-                 init: bool = False) -> tuple[torch.nn.Module, LoraConfig]:
+def load_adapter(model: torch.nn.Module, folder: str | Path) -> tuple[torch.nn.Module, LoraConfig]:
     """Add the adapters of a PEFT-format folder to `model` (in place); every adapted layer must get
-    its tensors and every tensor a layer, with the shapes the model gives. The adapter's PiSSA /
-    LoftQ init is run on the base only with `init` (resuming a training that started so: the base
-    becomes the residual it trained on); otherwise the base is taken as it is."""
+    its tensors and every tensor a layer, with the shapes the model gives. The base is taken as it
+    is (an adapter's PiSSA / LoftQ init is not run again on it)."""
     config, state = read_adapter(folder)
-    add_lora(model, config if init else dataclasses.replace(config, init="kaiming"), base_config)
+    add_lora(model, dataclasses.replace(config, init="kaiming"))
+    fill_adapter(model, state, folder)
+    return model, config
+
+
+def fill_adapter(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """Copy `state` (PEFT's keys, read from `folder`) into the model's adapters, checking that every
+    adapted layer gets its tensors and every tensor a layer, with the shapes the model gives."""
     mine = adapter_parameters(model)
     missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
     if missing or extra:
@@ -139,7 +144,6 @@ def load_adapter(model: torch.nn.Module, folder: str | Path, base_config: Any = 
                 raise ModelpressError(f"{folder}: {key} has shape {tuple(state[key].shape)}, this model's layer "
                                       f"needs {tuple(tensor.shape)}")
             tensor.copy_(state[key])
-    return model, config
 
 
 def attach_adapters(model: torch.nn.Module, folders: dict[str, str | Path]) -> list[str]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..errors import ModelpressError
 from ..nn.dense_linear import native_half_gemm
-from .adapters import adapter_state, load_adapter, save_adapter
+from .adapters import adapter_state, fill_adapter, read_adapter, save_adapter
 from .data import Example, batch, examples
 from .lora import LoraConfig, add_lora, pissa_to_lora
 
@@ -249,14 +249,17 @@ def finetune(model: torch.nn.Module, tokenizer: Any, data: str | Path | None, lo
     device = next(model.parameters()).device
     dtype = _compute_dtype(train.compute, device)
     state: dict[str, Any] = {"step": 0, "history": []}
+    saved = None
     if resume:
         state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
-        model, lora = load_adapter(model, out / "checkpoint" / "adapter", base_config, init=True)
+        lora, saved = read_adapter(out / "checkpoint" / "adapter")
     else:
         torch.manual_seed(train.seed)
-        add_lora(model, lora, base_config)
-    # PiSSA: the initial adapter, deterministic from the base (recomputed on resume), for the conversion on save
+    add_lora(model, lora, base_config)  # on resume too: PiSSA's init makes the same residual base again
+    # PiSSA: the initial adapter (deterministic from the base), for the conversion on save
     initial = ({k: t.clone() for k, t in adapter_state(model).items()} if lora.init == "pissa" else None)
+    if saved is not None:
+        fill_adapter(model, saved, out / "checkpoint" / "adapter")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     warmup = int(train.warmup * total)

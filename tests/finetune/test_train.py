@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from gguf import GGUFReader
+from safetensors.torch import load_file
 
 import modelpress
 from modelpress.errors import ModelpressError
@@ -70,7 +71,7 @@ PISSA = LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), init
 
 @pytest.mark.parametrize("lora", [LORA, PISSA], ids=["kaiming", "pissa"])
 def test_an_interrupted_run_resumes_to_the_same_adapter(lora, text, tmp_path, monkeypatch):
-    whole = _train(text, steps=6, lora=lora)
+    whole = _train(text, out=tmp_path / "whole", steps=6, lora=lora)
     calls = {"n": 0}
     real = train_mod.loss_sum
 
@@ -91,6 +92,8 @@ def test_an_interrupted_run_resumes_to_the_same_adapter(lora, text, tmp_path, mo
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
     for k, v in adapter_state(whole.model).items():
         assert torch.equal(adapter_state(resumed.model)[k], v), k
+    saved = [load_file(str(tmp_path / run / "adapter_model.safetensors")) for run in ("whole", "run")]
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
 
 
 @pytest.mark.parametrize("rslora", [False, True])
