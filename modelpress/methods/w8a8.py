@@ -220,6 +220,11 @@ def _quantize_network(model: torch.nn.Module, config: W8A8Config, calib: list | 
 def quantize_w8a8(model: torch.nn.Module, config: W8A8Config, calib: list[torch.Tensor] | None) -> torch.nn.Module:
     if not isinstance(getattr(getattr(model, "model", None), "layers", None), torch.nn.ModuleList):
         return _quantize_network(model, config, calib)
+    if not config.static and config.smoothquant is None:  # nothing to calibrate: no pass over the text
+        for fqn, lin in tqdm(list(iter_targets(model, config.targets, config.ignore)), desc="w8a8", unit="layer",
+                             leave=False):
+            replace(model, fqn, _w8a8(lin, None, config))
+        return model
     targets = block_targets(model, config, calib)
     model_type = model.config.model_type  # one of MAPPINGS' (quantize refuses other families for calibrated methods)
 

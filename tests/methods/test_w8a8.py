@@ -28,6 +28,17 @@ def test_configs_validate():
             W8A8Config(**bad)
     with pytest.raises(modelpress.ModelpressError, match="calibration"):
         modelpress.quantize(tiny_llama(), W8A8Config(), None)
+    with pytest.raises(modelpress.ModelpressError, match="calibration"):
+        modelpress.quantize(tiny_llama(), W8A8Config(activations="dynamic", smoothquant=0.5), None)
+
+
+def test_dynamic_scales_without_smoothing_need_no_calibration():
+    model = tiny_llama()
+    q = modelpress.quantize(copy.deepcopy(model), W8A8Config(activations="dynamic"), None)
+    calibrated = modelpress.quantize(copy.deepcopy(model), W8A8Config(activations="dynamic"), CALIB)
+    assert isinstance(q.model.layers[0].self_attn.q_proj, W8A8Linear) and not q.model.layers[0].mlp.up_proj.static
+    with torch.no_grad():
+        assert torch.equal(q(X).logits, calibrated(X).logits)
 
 
 @pytest.mark.parametrize("static,granularity", [(True, "tensor"), (False, "tensor"), (False, "token")])
