@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections import Counter
@@ -219,9 +218,7 @@ def _merged_source(a: argparse.Namespace) -> str:
         model, tok, _ = _load(a.model)
         merge_adapters(_with_adapter(model, a.adapter))
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        if merged.exists():
-            shutil.rmtree(merged)
-        save(model, tok, merged)
+        save(model, tok, merged)  # replaces an earlier merge only once the new checkpoint is complete
         _err(f"modelpress: merged {a.adapter} into {merged}; comparing its compressions")
     return str(merged)
 

@@ -19,14 +19,15 @@ class _FrozenProduct(torch.autograd.Function):
         ctx.module = module
         ctx.x_dtype = x.dtype
         device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
         # the backward's product in the forward's compute type: bf16 under autocast (AMX / AVX-512 BF16
         # on a CPU: QLoRA's step 5.3 -> 3.9 s on the default model), else the input's
-        ctx.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         with torch.no_grad():
             y = module(x)
         # under autocast an nn.Linear returns the autocast type; so does a frozen quantized layer, so that
         # what follows it (and what autograd keeps of it) is as small as after a float base
-        return y.to(ctx.dtype) if torch.is_autocast_enabled(device) else y
+        return y.to(ctx.dtype) if autocast else y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
