@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from modelpress.kernels import cpu_name  # noqa: F401  (the benchmarks name the CPU in every result)
+
 MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
 # On CPUs with AMX (Sapphire Rapids and later) a llama.cpp built with GGML_NATIVE crashes in its AMX
 # matmul (ggml_backend_amx_mul_mat, llama.cpp issue #20824); the peer then runs a build of the same
@@ -28,18 +30,6 @@ def median_seconds(fn, repeats: int) -> float:  # noqa: ANN001
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    """The processor's model name and the vector extensions the kernels use (from /proc/cpuinfo)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    simd = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx2") if f in flags]
-    return f"{name} ({', '.join(simd) or 'no AVX2'})"
 
 
 def write_result(path: str | Path, benchmark: str, rows: list[dict], **fields: object) -> Path:

@@ -32,11 +32,14 @@ from .formats.gguf_mixes import MIXES
 from .formats.gguf_writer import check_file, default_mix, export_gguf
 from .formats.imatrix import load_imatrix, save_imatrix
 from .generate import speed_line, stream_text
+from .kernels import tune
 from .methods.awq import AWQConfig
 from .methods.bnb4 import NF4Config
 from .methods.gptq import GPTQConfig
 from .model.imatrix import compute_imatrix
 from .model.load import load, resolve
+from .model.walker import iter_targets
+from .nn.w8a8_linear import W8A8Linear
 from .record import record
 from .registry import quantize
 from .serve.http import ServeConfig, serve
@@ -279,14 +282,41 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 # -- info --------------------------------------------------------------------------------------
+def _table(rows: list[dict]) -> str:
+    """Rows of equal keys as aligned text columns."""
+    if not rows:
+        return ""
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in rows[0]}
+    return "\n".join("  ".join(f"{str(r[k]) if r is not None else k:<{w}}" for k, w in widths.items())
+                     for r in [None, *rows])
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    model, _, _ = _load(a.model)
+    shapes = {(m.in_features, m.out_features) for _, m in iter_targets(model, (r".",), (), (torch.nn.Linear, W8A8Linear))}
+    try:
+        table, path = tune.tune(shapes, a.rows, force=a.force, progress=True)
+    except RuntimeError as e:
+        raise ModelpressError(str(e)) from None
+    print(json.dumps(table) if a.json else _table(table))
+    _err(f"modelpress: {sum(r['timed_now'] for r in table)} of {len(table)} shape x rows entries timed now; the "
+         f"choices are in {path} and every W8A8 layer of these shapes uses them")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     path = resolve(a.model)
     info: dict[str, Any] = {"path": str(path), "disk_bytes": disk_bytes(path), **describe(path)}
+    tuned = tune.describe_cache()
+    info["kernel_tuning"] = (f"{len(tuned)} shape x rows choices in {tune.cache_path()}" + ("" if a.tuning else
+                             " (--tuning lists them)") if tuned else "none on this machine (`modelpress tune`)")
     if a.json:
-        print(json.dumps(info))
+        print(json.dumps({**info, **({"kernel_choices": tuned} if a.tuning else {})}))
     else:
         width = max(map(len, info))
         print("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
+        if a.tuning and tuned:
+            print(_table([{k: v for k, v in r.items() if k != "timed_now"} for r in tuned]))
     return 0
 
 
@@ -468,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = command("info", cmd_info, "what a model file or checkpoint holds")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--tuning", action="store_true", help="also list the kernel choices `modelpress tune` made here")
+
+    t = command("tune", cmd_tune, "time the W8A8 kernel variants for the model's layer shapes and keep the fastest")
+    t.add_argument("--rows", type=lambda text: [flags.positive(r) for r in text.split(",")], default=tune.ROW_BUCKETS,
+                   help="row counts to tune for (rounded up to the buckets %s; default: all)" % (tune.ROW_BUCKETS,))
+    t.add_argument("--force", action="store_true", help="time again the shapes the cache already holds")
+    t.add_argument("--json", action="store_true", help="print the table as JSON")
     return p
 
 

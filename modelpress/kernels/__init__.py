@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ HEADER = SOURCE.with_name("mp_kernels.h")
 # ggml's own (ISO C) build; the SIMD loops use explicit FMA intrinsics and keep their speed
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off"]
 _libs: dict[bool | str, ctypes.CDLL | None] = {}  # by `simd`; absent: not tried yet
+_builds: dict[bool | str, str] = {}  # by `simd`: the loaded build's key (source, compiler, flags, CPU)
 # the builds lib(simd) can give: the best this CPU runs, its AVX2 loops only, the plain C loops only
 _VARIANTS = {True: [], "avx2": ["-DMP_NO_AVX512"], False: ["-DMP_NO_SIMD"]}
 
@@ -49,7 +51,7 @@ _SIGNATURES = {
     "mp_affine_dequant": [_P, _P, _P, _I, _I, _I, _P],
     "mp_code4_dequant": [_P, _P, _P, _I, _I, _P, _I],
     "mp_w8a8_pack": [_P, _I, _I, _P, _P],
-    "mp_w8a8_linear": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P],
+    "mp_w8a8_linear": [_P, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _P, _I, _I],
     "mp_exp_f32": [_P, _I, _P],
     "mp_paged_attention": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P],
     "mp_make_qx_quants": [_P, _P, _I, _I, _I, _P, _P],
@@ -69,6 +71,23 @@ def cache_dir() -> Path:
 
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def cpu_name() -> str:
+    """The processor's model name and the vector extensions the kernels use (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    simd = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx2") if f in flags]
+    return f"{name} ({', '.join(simd) or 'no AVX2'})"
+
+
+def build_id(simd: bool | str = True) -> str | None:
+    """The key of the loaded build lib(simd) (a hash of source, compiler, flags and CPU features), or None."""
+    return _builds.get(simd) if lib(simd) is not None else None
 
 
 def _build(cc: str, flags: list[str]) -> Path:
@@ -109,7 +128,8 @@ def lib(simd: bool | str = True) -> ctypes.CDLL | None:
                       "their slower reference path", stacklevel=2)
         return None
     try:
-        so = ctypes.CDLL(str(_build(cc, [*FLAGS, *_VARIANTS[simd]])))
+        path = _build(cc, [*FLAGS, *_VARIANTS[simd]])
+        so = ctypes.CDLL(str(path))
     except OSError as e:
         warnings.warn(f"modelpress: the CPU kernels did not build ({e}); compressed layers run their "
                       "slower reference path", stacklevel=2)
@@ -119,8 +139,9 @@ def lib(simd: bool | str = True) -> ctypes.CDLL | None:
         getattr(so, name).restype = None
     so.mp_max_rows.restype = ctypes.c_int
     so.mp_simd.restype = ctypes.c_int
+    so.mp_w8a8_tiles.restype = ctypes.c_char_p
     so.mp_release_threads.restype = None
-    _libs[simd] = so
+    _libs[simd], _builds[simd] = so, path.stem.split("-")[-1]
     return so
 
 

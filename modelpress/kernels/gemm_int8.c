@@ -18,10 +18,20 @@
  *   y[r, o]   = (float)acc * (s_r * ws[o]) + bias[o]
  * (-ffp-contract=off: the same roundings as the torch expression in the tests).
  */
+int omp_get_max_threads(void);  /* libgomp (omp.h would clash with threads.c's weak declaration) */
 
-#define MP_I8_MR 4   /* rows per tile (AVX2 and plain loops) */
-#define MP_I8_NB 2   /* 16-column blocks per tile */
-#define MP_I8_MR512 8  /* rows per tile of the VNNI loop: 16 accumulators + 2 weight registers of 32 */
+/* Tile shapes (rows x 16-column blocks) the product can run, by index: the auto-tuner (kernels/tune.py) times
+ * them per layer shape. VNNI: accumulators rows * blocks of 32 zmm registers, plus a weight register a block;
+ * AVX2: two ymm accumulators a block, of 16 registers (wider tiles spill, sometimes to advantage). */
+#if defined(MP_VNNI512)
+#define MP_I8_TILES "8x2,4x4,12x2,6x4,1x8,2x4"
+#elif defined(MP_AVX2)
+#define MP_I8_TILES "4x2,2x2,4x1,1x4,3x2"
+#else
+#define MP_I8_TILES "4x2"
+#endif
+#define MP_I8_TMR 12  /* the largest rows and blocks of any tile above */
+#define MP_I8_TNB 8
 
 void mp_w8a8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *packed, int32_t *colsum) {
     const int64_t nb = (n + 15) / 16, k4 = (k + 3) / 4;
@@ -90,42 +100,29 @@ static void w8a8_quantize_rows(const float *x, int64_t m, int64_t k, int64_t kp,
     }
 }
 
-#if defined(MP_VNNI512)
-/* Rows q[0..mr) (unsigned, flipped) against column blocks b0.. (nb <= MP_I8_NB): the sums less
- * colsum (the 128s added), scaled and biased straight from the registers into y (16 columns a store, masked
- * past n); acc_out, when given, receives the integer sums. */
-static void w8a8_tile_vnni(const int8_t *q, int64_t kp, int64_t mr, const int8_t *packed, const int32_t *colsum,
-                           int64_t b0, int64_t nb, const float *s, const float *ws, const float *bias, int64_t n,
-                           float *y, int32_t *acc_out) {
+/* Rows q[0..mr) of int8 activations (VNNI: unsigned, flipped) against 16-column blocks b0 .. b0 + nb: exact
+ * int32 sums (VNNI: less colsum, the 128s added), then y = sums * (s_r * ws[o]) + bias[o] (16 columns a step,
+ * masked past n); acc_out, when given, receives the sums. Inlined with constant mr, nb for each tile shape (the
+ * accumulators then live in registers) and with run-time ones for the edge tiles. */
+static inline __attribute__((always_inline)) void w8a8_tile(
+        const int8_t *q, int64_t kp, const int64_t mr, const int8_t *packed, const int32_t *colsum, int64_t b0,
+        const int64_t nb, const float *s, const float *ws, const float *bias, int64_t n, float *y, int32_t *acc_out) {
     const int64_t k4 = kp / 4;
-    __m512i a[MP_I8_MR512][MP_I8_NB];
-    for (int r = 0; r < MP_I8_MR512; r++)
-        for (int c = 0; c < MP_I8_NB; c++) a[r][c] = _mm512_setzero_si512();
-    if (nb == MP_I8_NB && mr == MP_I8_MR512) {  /* the full tile, unrolled by the compiler */
-        for (int64_t t = 0; t < k4; t++) {
-            const __m512i w0 = _mm512_loadu_si512(packed + (b0 * k4 + t) * 64);
-            const __m512i w1 = _mm512_loadu_si512(packed + ((b0 + 1) * k4 + t) * 64);
-            for (int r = 0; r < MP_I8_MR512; r++) {
-                int32_t four;
-                memcpy(&four, q + r * kp + t * 4, 4);
-                const __m512i xv = _mm512_set1_epi32(four);
-                a[r][0] = _mm512_dpbusd_epi32(a[r][0], xv, w0);
-                a[r][1] = _mm512_dpbusd_epi32(a[r][1], xv, w1);
-            }
-        }
-    } else {
-        for (int64_t t = 0; t < k4; t++) {
-            __m512i wv[MP_I8_NB];
-            for (int c = 0; c < nb; c++) wv[c] = _mm512_loadu_si512(packed + ((b0 + c) * k4 + t) * 64);
-            for (int64_t r = 0; r < mr; r++) {
-                int32_t four;
-                memcpy(&four, q + r * kp + t * 4, 4);
-                const __m512i xv = _mm512_set1_epi32(four);
-                for (int c = 0; c < nb; c++) a[r][c] = _mm512_dpbusd_epi32(a[r][c], xv, wv[c]);
-            }
+#if defined(MP_VNNI512)
+    __m512i a[MP_I8_TMR][MP_I8_TNB];
+    for (int64_t r = 0; r < mr; r++)
+        for (int64_t c = 0; c < nb; c++) a[r][c] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < k4; t++) {
+        __m512i wv[MP_I8_TNB];
+        for (int64_t c = 0; c < nb; c++) wv[c] = _mm512_loadu_si512(packed + ((b0 + c) * k4 + t) * 64);
+        for (int64_t r = 0; r < mr; r++) {
+            int32_t four;
+            memcpy(&four, q + r * kp + t * 4, 4);
+            const __m512i xv = _mm512_set1_epi32(four);
+            for (int64_t c = 0; c < nb; c++) a[r][c] = _mm512_dpbusd_epi32(a[r][c], xv, wv[c]);
         }
     }
-    for (int c = 0; c < nb; c++) {
+    for (int64_t c = 0; c < nb; c++) {
         const int64_t o = (b0 + c) * 16;
         const __mmask16 keep = o + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - o)) - 1u);
         const __m512i cs = _mm512_loadu_si512(colsum + o);
@@ -139,39 +136,32 @@ static void w8a8_tile_vnni(const int8_t *q, int64_t kp, int64_t mr, const int8_t
             if (acc_out) _mm512_mask_storeu_epi32(acc_out + r * n + o, keep, sum);
         }
     }
-}
-#endif
-
-#if !defined(MP_VNNI512)
-/* acc (mr x 16 * nb) of rows q[0..mr) against column blocks b0.. (nb of them): exact int32 sums. */
-static void w8a8_tile(const int8_t *q, int64_t kp, int64_t mr, const int8_t *packed, const int32_t *colsum,
-                      int64_t b0, int64_t nb, int32_t acc[MP_I8_MR][MP_I8_NB * 16]) {
-    const int64_t k4 = kp / 4;
+#else
+    int32_t acc[MP_I8_TMR][MP_I8_TNB * 16];
 #if defined(MP_AVX2)
     /* maddubs multiplies unsigned by signed bytes into saturating int16 pairs: |q| (abs_epi8(-128) is
      * 0x80, read unsigned as 128) times w carrying q's sign (w in -127..127, so negating it cannot
      * overflow) stays within 2 * 128 * 127 < 2^15, so nothing saturates */
-    __m256i a[MP_I8_MR][MP_I8_NB * 2];
+    __m256i a[MP_I8_TMR][MP_I8_TNB * 2];
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int r = 0; r < MP_I8_MR; r++)
-        for (int c = 0; c < MP_I8_NB * 2; c++) a[r][c] = _mm256_setzero_si256();
+    for (int64_t r = 0; r < mr; r++)
+        for (int64_t c = 0; c < nb * 2; c++) a[r][c] = _mm256_setzero_si256();
     for (int64_t t = 0; t < k4; t++) {
-        __m256i wv[MP_I8_NB * 2];
-        for (int c = 0; c < nb * 2; c++)
+        __m256i wv[MP_I8_TNB * 2];
+        for (int64_t c = 0; c < nb * 2; c++)
             wv[c] = _mm256_loadu_si256((const __m256i *)(packed + ((b0 + c / 2) * k4 + t) * 64 + (c % 2) * 32));
         for (int64_t r = 0; r < mr; r++) {
             int32_t four;
             memcpy(&four, q + r * kp + t * 4, 4);
             const __m256i xv = _mm256_set1_epi32(four), xa = _mm256_abs_epi8(xv);
-            for (int c = 0; c < nb * 2; c++) {
+            for (int64_t c = 0; c < nb * 2; c++) {
                 const __m256i p = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv[c], xv));
                 a[r][c] = _mm256_add_epi32(a[r][c], _mm256_madd_epi16(p, ones));
             }
         }
     }
     for (int64_t r = 0; r < mr; r++)
-        for (int c = 0; c < nb * 2; c++) _mm256_storeu_si256((__m256i *)(acc[r] + c * 8), a[r][c]);
-    (void)colsum;
+        for (int64_t c = 0; c < nb * 2; c++) _mm256_storeu_si256((__m256i *)(acc[r] + c * 8), a[r][c]);
 #else
     for (int64_t r = 0; r < mr; r++)
         for (int64_t c = 0; c < nb * 16; c++) {
@@ -181,54 +171,84 @@ static void w8a8_tile(const int8_t *q, int64_t kp, int64_t mr, const int8_t *pac
                 for (int i = 0; i < 4; i++) sum += (int32_t)q[r * kp + t * 4 + i] * wb[t * 64 + i];
             acc[r][c] = sum;
         }
+#endif
     (void)colsum;
+    for (int64_t r = 0; r < mr; r++)
+        for (int64_t c = 0; c < nb * 16; c++) {
+            const int64_t o = b0 * 16 + c;
+            if (o >= n) break;
+            float v = (float)acc[r][c] * (s[r] * ws[o]);
+            if (bias) v = v + bias[o];
+            y[r * n + o] = v;
+            if (acc_out) acc_out[r * n + o] = acc[r][c];
+        }
 #endif
 }
+
+#define W8A8_TILE_ARGS const int8_t *q, int64_t kp, const int8_t *packed, const int32_t *colsum, int64_t b0, \
+    const float *s, const float *ws, const float *bias, int64_t n, float *y, int32_t *acc_out
+#define W8A8_FIXED_TILE(MR, NB) \
+    static void w8a8_tile_##MR##x##NB(W8A8_TILE_ARGS) { \
+        w8a8_tile(q, kp, MR, packed, colsum, b0, NB, s, ws, bias, n, y, acc_out); }
+#if defined(MP_VNNI512)
+W8A8_FIXED_TILE(8, 2) W8A8_FIXED_TILE(4, 4) W8A8_FIXED_TILE(12, 2) W8A8_FIXED_TILE(6, 4) W8A8_FIXED_TILE(1, 8)
+W8A8_FIXED_TILE(2, 4)
+typedef void (*w8a8_tile_fn)(W8A8_TILE_ARGS);
+static const w8a8_tile_fn W8A8_TILE_FNS[] = {w8a8_tile_8x2, w8a8_tile_4x4, w8a8_tile_12x2, w8a8_tile_6x4,
+                                             w8a8_tile_1x8, w8a8_tile_2x4};
+static const int W8A8_TILE_SHAPE[][2] = {{8, 2}, {4, 4}, {12, 2}, {6, 4}, {1, 8}, {2, 4}};
+#elif defined(MP_AVX2)
+W8A8_FIXED_TILE(4, 2) W8A8_FIXED_TILE(2, 2) W8A8_FIXED_TILE(4, 1) W8A8_FIXED_TILE(1, 4) W8A8_FIXED_TILE(3, 2)
+typedef void (*w8a8_tile_fn)(W8A8_TILE_ARGS);
+static const w8a8_tile_fn W8A8_TILE_FNS[] = {w8a8_tile_4x2, w8a8_tile_2x2, w8a8_tile_4x1, w8a8_tile_1x4,
+                                             w8a8_tile_3x2};
+static const int W8A8_TILE_SHAPE[][2] = {{4, 2}, {2, 2}, {4, 1}, {1, 4}, {3, 2}};
+#else
+W8A8_FIXED_TILE(4, 2)
+typedef void (*w8a8_tile_fn)(W8A8_TILE_ARGS);
+static const w8a8_tile_fn W8A8_TILE_FNS[] = {w8a8_tile_4x2};
+static const int W8A8_TILE_SHAPE[][2] = {{4, 2}};
 #endif
+#define W8A8_NTILES ((int64_t)(sizeof(W8A8_TILE_SHAPE) / sizeof(W8A8_TILE_SHAPE[0])))
+
+/* The tile shapes this build has, comma-separated in index order ("8x2,4x4,..."): kernels/tune.py's names. */
+const char *mp_w8a8_tiles(void) { return MP_I8_TILES; }
 
 /* y (m, n) = W8A8 product of x (m, k) fp32; mode 0: static scale xs[0], 1: per token, 2: per tensor.
- * acc_out, when not NULL, receives the int32 sums (m, n) (the tests' exact check). */
+ * variant = tile + W8A8_ROWS_OUTER * order: the tile shape's index in mp_w8a8_tiles(); order 0 runs column
+ * tiles outermost (a thread keeps its weight blocks in cache across the row tiles), 1 row tiles outermost.
+ * threads: the OpenMP threads to use, 0 for all. Every variant gives the same numbers (integer sums, one
+ * epilogue); acc_out, when not NULL, receives the int32 sums (m, n) (the tests' exact check). */
+#define W8A8_ROWS_OUTER 16
 void mp_w8a8_linear(const float *x, int64_t m, int64_t k, const int8_t *packed, const int32_t *colsum,
                     const float *ws, const float *bias, int64_t n, int64_t mode, const float *xs, float *y,
-                    int32_t *acc_out) {
+                    int32_t *acc_out, int64_t variant, int64_t threads) {
     const int64_t kp = (k + 3) / 4 * 4, nb = (n + 15) / 16;
+    const int64_t tile = variant % W8A8_ROWS_OUTER < W8A8_NTILES ? variant % W8A8_ROWS_OUTER : 0;
+    const int rows_outer = variant / W8A8_ROWS_OUTER == 1;
+    const int64_t MR = W8A8_TILE_SHAPE[tile][0], NB = W8A8_TILE_SHAPE[tile][1];
+    const w8a8_tile_fn full = W8A8_TILE_FNS[tile];
     int8_t *q = (int8_t *)malloc((size_t)(m * kp + 64));
     float *s = (float *)malloc(sizeof(float) * (size_t)(m + 1));
 #if defined(MP_VNNI512)
     w8a8_quantize_rows(x, m, k, kp, mode, xs, s, q, 1);
-    const int64_t row_tiles = (m + MP_I8_MR512 - 1) / MP_I8_MR512, col_tiles = (nb + MP_I8_NB - 1) / MP_I8_NB;
-#pragma omp parallel for schedule(static) collapse(2)
-    for (int64_t ct = 0; ct < col_tiles; ct++)
-        for (int64_t rt = 0; rt < row_tiles; rt++) {
-            const int64_t r0 = rt * MP_I8_MR512, mr = m - r0 < MP_I8_MR512 ? m - r0 : MP_I8_MR512;
-            const int64_t b0 = ct * MP_I8_NB, nbt = nb - b0 < MP_I8_NB ? nb - b0 : MP_I8_NB;
-            w8a8_tile_vnni(q + r0 * kp, kp, mr, packed, colsum, b0, nbt, s + r0, ws, bias, n, y + r0 * n,
-                           acc_out ? acc_out + r0 * n : NULL);
-        }
 #else
     w8a8_quantize_rows(x, m, k, kp, mode, xs, s, q, 0);
-    const int64_t row_tiles = (m + MP_I8_MR - 1) / MP_I8_MR, col_tiles = (nb + MP_I8_NB - 1) / MP_I8_NB;
-    /* column tiles outermost: a thread keeps its weight blocks in cache across the row tiles */
-#pragma omp parallel for schedule(static) collapse(2)
-    for (int64_t ct = 0; ct < col_tiles; ct++)
-        for (int64_t rt = 0; rt < row_tiles; rt++) {
-            int32_t acc[MP_I8_MR][MP_I8_NB * 16];
-            const int64_t r0 = rt * MP_I8_MR, mr = m - r0 < MP_I8_MR ? m - r0 : MP_I8_MR;
-            const int64_t b0 = ct * MP_I8_NB, nbt = nb - b0 < MP_I8_NB ? nb - b0 : MP_I8_NB;
-            w8a8_tile(q + r0 * kp, kp, mr, packed, colsum, b0, nbt, acc);
-            for (int64_t r = 0; r < mr; r++) {
-                const float sr = s[r0 + r];
-                for (int64_t c = 0; c < nbt * 16; c++) {
-                    const int64_t o = b0 * 16 + c;
-                    if (o >= n) break;
-                    float v = (float)acc[r][c] * (sr * ws[o]);
-                    if (bias) v = v + bias[o];
-                    y[(r0 + r) * n + o] = v;
-                    if (acc_out) acc_out[(r0 + r) * n + o] = acc[r][c];
-                }
-            }
-        }
 #endif
+    const int64_t row_tiles = (m + MR - 1) / MR, col_tiles = (nb + NB - 1) / NB, tiles = row_tiles * col_tiles;
+    const int nt = threads > 0 ? (int)threads : omp_get_max_threads();
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t i = 0; i < tiles; i++) {
+        const int64_t rt = rows_outer ? i / col_tiles : i % row_tiles;
+        const int64_t ct = rows_outer ? i % col_tiles : i / row_tiles;
+        const int64_t r0 = rt * MR, mr = m - r0 < MR ? m - r0 : MR;
+        const int64_t b0 = ct * NB, nbt = nb - b0 < NB ? nb - b0 : NB;
+        int32_t *acc = acc_out ? acc_out + r0 * n : NULL;
+        if (mr == MR && nbt == NB)
+            full(q + r0 * kp, kp, packed, colsum, b0, s + r0, ws, bias, n, y + r0 * n, acc);
+        else
+            w8a8_tile(q + r0 * kp, kp, mr, packed, colsum, b0, nbt, s + r0, ws, bias, n, y + r0 * n, acc);
+    }
     free(q);
     free(s);
 }

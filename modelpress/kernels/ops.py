@@ -77,16 +77,27 @@ def w8a8_pack(lib: ctypes.CDLL, w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def w8a8_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, ws: torch.Tensor,
                 bias: torch.Tensor | None, n: int, mode: str, xs: torch.Tensor | None = None,
-                with_sums: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                with_sums: bool = False, variant: int = 0, threads: int = 0
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x (m, k) fp32 through int8 weights (packed by w8a8_pack) with int8 activations: `mode`
-    'static' (scale xs), 'token' or 'tensor' (dynamic); with_sums: also the int32 sums (m, n)."""
+    'static' (scale xs), 'token' or 'tensor' (dynamic); with_sums: also the int32 sums (m, n).
+    variant: tile shape (its index in w8a8_tiles(lib)) + W8A8_ROWS_OUTER for row tiles outermost;
+    threads: OpenMP threads, 0 for all. Every variant gives the same numbers."""
     m, k = x.shape
     y = torch.empty(m, n)
     acc = torch.empty(m, n, dtype=torch.int32) if with_sums else None
     lib.mp_w8a8_linear(_p(x, F32, "x"), m, k, _p(packed, I8, "packed"), _p(colsum, torch.int32, "colsum"),
                        _p(ws, F32, "weight_scale"), _p(bias, F32, "bias"), n, W8A8_MODES[mode],
-                       _p(xs, F32, "input_scale"), _p(y, F32, "y"), _p(acc, torch.int32, "sums"))
+                       _p(xs, F32, "input_scale"), _p(y, F32, "y"), _p(acc, torch.int32, "sums"), variant, threads)
     return (y, acc) if with_sums else y
+
+
+W8A8_ROWS_OUTER = 16  # gemm_int8.c: variant = tile + W8A8_ROWS_OUTER * (row tiles outermost)
+
+
+def w8a8_tiles(lib: ctypes.CDLL) -> list[str]:
+    """The tile shapes (rows x 16-column blocks, "8x2") a build has, in variant order."""
+    return lib.mp_w8a8_tiles().decode().split(",")
 
 
 def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,

@@ -8,7 +8,7 @@ State dict, as compressed-tensors' "int-quantized" layers name it (vLLM's W8A8 c
                                         (vLLM's and compressed-tensors' int8 range)
     bias          fp32 (out,)           as the original layer
 Forward: y = (q_x @ weight^T) * (s_x * weight_scale) + bias with exact integer sums: the C kernel
-(kernels/gemm_int8.c, VNNI / AVX2 / plain) on a CPU, torch._int_mm on CUDA, a float64 product of
+(kernels/gemm_int8.c, VNNI / AVX2 / plain; the variant `modelpress tune` chose for the shape) on a CPU, torch._int_mm on CUDA, a float64 product of
 the integers elsewhere (exact below 2^53); the three give the same numbers.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..kernels import ops
+from ..kernels import ops, tune
 from .frozen import frozen_product, wants_input_grad
 
 GRANULARITIES = ("tensor", "token")
@@ -99,11 +99,12 @@ class W8A8Linear(torch.nn.Module):
         lib = kernels.lib() if x.device.type == "cpu" else None
         if lib is None:
             y = self.reference(x2)
-        else:
+        else:  # the variant `modelpress tune` chose for this shape (kernels/tune.py), if any: same numbers
             packed, colsum = self._kernel_weights(lib)
             mode = "static" if self.static else self.granularity
-            y = ops.w8a8_linear(lib, x2, packed, colsum, self.weight_scale.float().reshape(-1).contiguous(),
-                                self.bias, self.out_features, mode, self.input_scale)
+            name = tune.choice(self.in_features, self.out_features, x2.shape[0]) or tune.DEFAULT
+            y = tune.run_variant(name, x2, self.weight, packed, colsum, self.weight_scale.float().reshape(-1),
+                                 self.bias, mode, self.input_scale)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def meta(self) -> dict:

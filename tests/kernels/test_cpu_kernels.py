@@ -365,3 +365,24 @@ def test_w8a8_linear_sums_are_exact_and_its_output_is_the_reference_s(lib, m, n,
     ref_acc, ref_y = _w8a8_reference(x, w, ws, bias, mode, xs)
     assert torch.equal(acc.to(torch.int64), ref_acc)
     assert torch.equal(y, ref_y)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 200, 68), (29, 150, 36), (13, 16 * 9, 8)])
+def test_every_w8a8_tile_loop_order_and_thread_count_gives_the_same_exact_numbers(lib, m, n, k):
+    """The auto-tuner picks among these variants by time alone: each must be the reference, edge tiles included."""
+    from modelpress.kernels import ops
+
+    gen = torch.Generator().manual_seed(m + n + k)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    x, ws, bias = torch.randn(m, k, generator=gen), torch.rand(n, generator=gen) / 100, torch.randn(n, generator=gen)
+    packed, colsum = ops.w8a8_pack(lib, w)
+    ref_acc, ref_y = _w8a8_reference(x, w, ws, bias, "token", None)
+    tiles = ops.w8a8_tiles(lib)
+    assert len(tiles) >= (1 if lib.mp_simd() == 0 else 5) and all(t.count("x") == 1 for t in tiles)
+    for tile in range(len(tiles)):
+        for order in (0, ops.W8A8_ROWS_OUTER):
+            for threads in (0, 1):
+                y, acc = ops.w8a8_linear(lib, x, packed, colsum, ws, bias, n, "token", with_sums=True,
+                                         variant=tile + order, threads=threads)
+                assert torch.equal(acc.to(torch.int64), ref_acc), (tiles[tile], order, threads)
+                assert torch.equal(y, ref_y), (tiles[tile], order, threads)
