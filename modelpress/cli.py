@@ -31,6 +31,7 @@ from .formats import check_destination, describe, formats, save
 from .formats.gguf_mixes import MIXES
 from .formats.gguf_writer import check_file, default_mix, export_gguf
 from .formats.imatrix import load_imatrix, save_imatrix
+from .formats.onnx_export import export_prefill_onnx
 from .generate import speed_line, stream_text
 from .kernels import tune
 from .methods.awq import AWQConfig
@@ -130,6 +131,8 @@ _FROM_METHOD_HELP = ("awq: AWQ's scales (searched for a 4-bit grid with groups o
 def cmd_export(a: argparse.Namespace) -> int:
     if a.format == "gguf-lora":
         return _export_gguf_lora(a)
+    if a.format == "onnx":
+        return _export_onnx(a)
     if a.adapter:
         raise ModelpressError("--adapter goes with --format gguf-lora (llama.cpp's adapter file); to export a model "
                               "with its adapter in the weights, merge first (modelpress merge)")
@@ -160,6 +163,21 @@ def cmd_export(a: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(types.values()).items(), key=lambda kv: -kv[1]))
     _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {mix}: {counts}"
          f"{', with an imatrix' if imatrix is not None else ''}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _export_onnx(a: argparse.Namespace) -> int:
+    given = [f for f, v in (("--type", a.type), ("--imatrix", a.imatrix), ("--calib", a.calib),
+                            ("--from-method", a.from_method), ("--adapter", a.adapter)) if v]
+    if given:
+        raise ModelpressError(f"--format onnx exports the model as it is; {', '.join(given)} go with --format gguf "
+                              "(quantize first: modelpress quantize --method w8a8 --out DIR, then export DIR)")
+    out = check_file(Path(a.out))
+    model, _, _ = _load(a.model)
+    start = time.perf_counter()
+    export_prefill_onnx(model, out, max_len=a.max_len)
+    _err(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): the prefill graph, input_ids (batch, seq <= {a.max_len}) "
+         f"-> logits, static W8A8 layers as QuantizeLinear / DequantizeLinear, in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -400,9 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPTQModel, AutoAWQ and llm-compressor read); gguf (auto only): a .gguf file")
     q.add_argument("--out", required=True, help="folder to write (--format gguf: the .gguf file)")
 
-    x = command("export", cmd_export, "write a model as a GGUF file llama.cpp runs")
-    x.add_argument("--format", choices=("gguf", "gguf-lora"), default="gguf",
-                   help="gguf (default); gguf-lora: the --adapter as llama.cpp's LoRA adapter file")
+    x = command("export", cmd_export, "write a model as a GGUF file llama.cpp runs, or as ONNX")
+    x.add_argument("--format", choices=("gguf", "gguf-lora", "onnx"), default="gguf",
+                   help="gguf (default); gguf-lora: the --adapter as llama.cpp's LoRA adapter file; onnx: the prefill "
+                        "graph (input_ids -> logits) of a float or static W8A8 model, its W8A8 layers as Q/DQ nodes "
+                        "(ONNX Runtime, TensorRT)")
+    x.add_argument("--max-len", type=flags.positive, default=2048,
+                   help="onnx: the longest sequence the graph takes (its rotary table; default: 2048)")
     x.add_argument("--adapter", help="adapter folder (PEFT's format), for --format gguf-lora")
     x.add_argument("--type",
                    help="llama.cpp's mix: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, Q5_K_S/M, Q6_K, "

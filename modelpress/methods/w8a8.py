@@ -107,12 +107,22 @@ def _fake_activations(x: torch.Tensor, input_scale: float | None, config: W8A8Co
     return (q * s[:, None]).to(x.dtype).reshape(x.shape)
 
 
+def _search_scale(x: torch.Tensor, max_scale: float | None, config: W8A8Config) -> float | None:
+    """The static scale a candidate smoothing would get: max over all calibration inputs for the max
+    calibrator, else the calibrator's threshold on the inputs at hand (dynamic: None)."""
+    if max_scale is None or config.calibrator == "max":
+        return max_scale
+    hist = act_calib.AbsHistogram()
+    hist.add(x)
+    return act_calib.threshold(hist, config.calibrator, config.percentile) / 127.0
+
+
 @torch.no_grad()
 def _search_alpha(parent: torch.nn.Module, balance: list[torch.nn.Linear], calls: list, x_absmax: torch.Tensor,
                   config: W8A8Config) -> float:
     """The alpha of ALPHA_GRID whose smoothing gives the parent's outputs closest to the float ones
     with the balance layers computing W8A8 in the smoothed frame: Q(x / s) Q(W s)^T, static scales
-    from the smoothed inputs' max (AWQ's search likewise scales inside the balance layers, so that
+    from the smoothed inputs by the config's calibrator (_search_scale; AWQ's search likewise scales inside the balance layers, so that
     the captured inputs serve every mapping)."""
     reference = _replay(parent, calls)
     originals = [b.weight.detach().clone() for b in balance]
@@ -123,8 +133,8 @@ def _search_alpha(parent: torch.nn.Module, balance: list[torch.nn.Linear], calls
             for b, w in zip(balance, originals):
                 b.weight.copy_(W8A8Linear.from_weight(w * s, None, None).dequantize() / s)
             t = float((x_absmax / s).amax()) / 127.0 if config.static else None
-            hooks = [b.register_forward_pre_hook(lambda m, args, s=s, t=t: (_fake_activations(args[0] / s, t, config) * s,))
-                     for b in balance]
+            hooks = [b.register_forward_pre_hook(lambda m, args, s=s, t=t: (_fake_activations(
+                args[0] / s, _search_scale(args[0] / s, t, config), config) * s,)) for b in balance]
             try:
                 err = sum(torch.nn.functional.mse_loss(o, r, reduction="sum").item()
                           for o, r in zip(_replay(parent, calls), reference))
