@@ -38,8 +38,7 @@ _builds: dict[bool | str, str] = {}  # by `simd`: the loaded build's key (source
 # the builds lib(simd) can give: the best this CPU runs, its AVX2 loops only, the plain C loops only
 _VARIANTS = {True: [], "avx2": ["-DMP_NO_AVX512"], False: ["-DMP_NO_SIMD"]}
 
-# what a layer's weights are, for every kernel that takes a `kind`: mp_kernels.h's enum, mirrored
-KIND = {"F32": 0, "AFFINE": 1, "Q4_0": 2, "Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q8_0x16": 7}
+from .ops import KIND  # noqa: E402  (what a layer's weights are: mp_kernels.h's enum, mirrored)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -61,6 +60,7 @@ _SIGNATURES = {
     "mp_pack_q8_0x16": [_P, _I, _I, _P],
     "mp_llama_decode": [_P, _I, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _I, _I],
     "mp_llama_logits": [_P, _P, ctypes.c_float, _P, _I, _P, _I, _P],
+    "mp_linear_apply": [_P, _P, _I, _P],
 }
 
 

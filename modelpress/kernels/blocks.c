@@ -31,6 +31,8 @@ typedef struct {
     const float *scale, *offset;   /* offset NULL: symmetric codes, offset = zero * scale */
     float zero;
     const float *bias;             /* (n) added to every output row, or NULL (qwen2's q / k / v) */
+    const int64_t *perm;           /* (k) AFFINE / F32: stored column j multiplies x[perm[j]] (GPTQ's act order
+                                    * without static groups), or NULL */
 } mp_linear;
 
 typedef struct {

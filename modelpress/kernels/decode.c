@@ -3,8 +3,183 @@
 
 /* One output of a linear layer for one input row: fp32 row, or affine codes (xsum: x's group sums);
  * block kinds go through mp_block_rows. */
+/* Row o of a CODE4 layer (w: the whole matrix's packed codes, scale: absmax per block of g flattened
+ * values, offset: the 16-value code book) times x: sum_j code[q(o k + j)] * absmax[(o k + j) / g] * x[j],
+ * each block's products summed, then scaled. */
+static inline float mp_code4_row(const mp_linear *l, int64_t o, const float *x) {
+    const int64_t k = l->k, g = l->g, base = o * k;
+    const uint8_t *q = (const uint8_t *)l->w;
+    const float *code = l->offset, *absmax = l->scale;
+    float acc = 0.0f;
+    int64_t j = 0;
+#if defined(MP_VNNI512)
+    if (k % g == 0 && g % 16 == 0 && base % 2 == 0) {  /* whole blocks, 16 values (8 bytes) a step */
+        const __m512 table = _mm512_loadu_ps(code);
+        const __m128i low4 = _mm_set1_epi8(0xF);
+        for (; j < k; j += g) {
+            __m512 part = _mm512_setzero_ps();
+            for (int64_t t = 0; t < g; t += 16) {
+                const __m128i v = _mm_loadl_epi64((const __m128i *)(q + (base + j + t) / 2));
+                const __m128i idx8 = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+                const __m512 w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(idx8), table);
+                part = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + j + t), part);
+            }
+            acc += _mm512_reduce_add_ps(part) * absmax[(base + j) / g];
+        }
+        return acc;
+    }
+#elif defined(MP_AVX2)
+    if (k % g == 0 && g % 8 == 0 && base % 2 == 0) {  /* 8 values (4 bytes) a step; the code book in two halves */
+        const __m256 lo_t = _mm256_loadu_ps(code), hi_t = _mm256_loadu_ps(code + 8);
+        const __m128i low4 = _mm_set1_epi8(0xF);
+        for (; j < k; j += g) {
+            __m256 part = _mm256_setzero_ps();
+            for (int64_t t = 0; t < g; t += 8) {
+                int32_t four;
+                memcpy(&four, q + (base + j + t) / 2, 4);
+                const __m128i v = _mm_cvtsi32_si128(four);
+                const __m128i idx8 = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+                const __m256i idx = _mm256_cvtepu8_epi32(idx8);
+                const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo_t, idx), _mm256_permutevar8x32_ps(hi_t, idx),
+                                                  _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+                part = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + j + t), part);
+            }
+            acc += hsum8(part) * absmax[(base + j) / g];
+        }
+        return acc;
+    }
+#endif
+    for (; j < k; j++) {
+        const int64_t e = base + j;
+        const uint8_t byte = q[e / 2];
+        acc += code[e % 2 ? byte & 0xF : byte >> 4] * absmax[e / g] * x[j];
+    }
+    return acc;
+}
+
+/* Row o of an AFFINE4 layer times x: per group t, scale_t * sum_j q_j x_j + offset_t * xsum_t, the
+ * codes read from their nibbles (code j: byte j / 2, low nibble for even j). */
+static inline float mp_affine4_row(const mp_linear *l, int64_t o, const float *x, const float *xsum) {
+    const int64_t k = l->k, g = l->g, ng = k / g;
+    const uint8_t *qo = (const uint8_t *)l->w + o * (k / 2);
+    const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
+    float acc = 0.0f;
+    for (int64_t t = 0; t < ng; t++) {
+        float dot = 0.0f;
+        int64_t j = 0;
+#if defined(MP_VNNI512)
+        __m512 part = _mm512_setzero_ps();
+        const __m128i low4 = _mm_set1_epi8(0xF);
+        for (; j + 16 <= g; j += 16) {
+            const __m128i v = _mm_loadl_epi64((const __m128i *)(qo + (t * g + j) / 2));
+            const __m128i c8 = _mm_unpacklo_epi8(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+            part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c8)), _mm512_loadu_ps(x + t * g + j), part);
+        }
+        dot = _mm512_reduce_add_ps(part);
+#elif defined(MP_AVX2)
+        __m256 part = _mm256_setzero_ps();
+        const __m128i low4 = _mm_set1_epi8(0xF);
+        for (; j + 8 <= g; j += 8) {
+            int32_t four;
+            memcpy(&four, qo + (t * g + j) / 2, 4);
+            const __m128i v = _mm_cvtsi32_si128(four);
+            const __m128i c8 = _mm_unpacklo_epi8(_mm_and_si128(v, low4), _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+            part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c8)), _mm256_loadu_ps(x + t * g + j), part);
+        }
+        dot = hsum8(part);
+#endif
+        for (; j < g; j++) {
+            const int64_t e = t * g + j;
+            dot += (float)((qo[e / 2] >> (4 * (e % 2))) & 0xF) * x[e];
+        }
+        acc += so[t] * dot + (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+    }
+    return acc;
+}
+
+/* Row o of an AFFINE4_Q8 layer: per group t, scale_t * sum over its 32-blocks b of d_b * (q . xq_b), the
+ * integer dots exact, + offset_t * xsum_t (xsum from the fp32 x); xq, xd: x rounded per 32 (mp_round_q8). */
+static inline float mp_affine4_q8_row(const mp_linear *l, int64_t o, const int8_t *xq, const float *xd,
+                                      const float *xsum) {
+    const int64_t k = l->k, g = l->g, ng = k / g;
+    const uint8_t *qo = (const uint8_t *)l->w + o * (k / 2);
+    const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
+    float off = 0.0f;
+#if defined(MP_VNNI512)
+    if (g % 64 == 0) {  /* 64 codes (32 bytes) a step: two 32-blocks of x, one vpdpbusd */
+        __m512 acc = _mm512_setzero_ps();
+        const __m256i low4 = _mm256_set1_epi8(0xF);
+        /* unpack per 128-bit lane leaves codes 0-15, 32-47, 16-31, 48-63: put them back in order */
+        const __m512i order = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
+        for (int64_t t = 0; t < ng; t++) {
+            for (int64_t j = t * g; j < (t + 1) * g; j += 64) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qo + j / 2));
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi8(lo, hi)),
+                                               _mm256_unpackhi_epi8(lo, hi), 1);
+                c = _mm512_permutexvar_epi64(order, c);
+                const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, _mm512_loadu_si512(xq + j));
+                const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(so[t] * xd[j / 32]),
+                                                       _mm512_set1_ps(so[t] * xd[j / 32 + 1]));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc);
+            }
+            off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+        }
+        return off + _mm512_reduce_add_ps(acc);
+    }
+#endif
+#if defined(MP_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    const __m128i low4 = _mm_set1_epi8(0xF);
+#if !defined(MP_VNNI512)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    for (int64_t t = 0; t < ng; t++) {
+        for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(qo + j / 2));
+            const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+            const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));  /* codes j.. */
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
+#if defined(MP_VNNI512)
+            const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xv);
+#else  /* codes <= 15: the int16 pairs of maddubs cannot saturate */
+            const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones);
+#endif
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(so[t] * xd[j / 32]), acc);
+        }
+        off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+    }
+    return off + hsum8(acc);
+#else
+    float acc = 0.0f;
+    for (int64_t t = 0; t < ng; t++) {
+        for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
+            int32_t dot = 0;
+            for (int64_t i = j; i < j + 32; i++) dot += (int32_t)((qo[i / 2] >> (4 * (i % 2))) & 0xF) * xq[i];
+            acc += (float)dot * (so[t] * xd[j / 32]);
+        }
+        off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+    }
+    return off + acc;
+#endif
+}
+
+/* x (B rows of k, k % 32 == 0) rounded per 32 as llama.cpp's quantize_row_q8_0: d = max |x| / 127,
+ * q = round(x / d) (d = 0: q = 0). */
+static void mp_round_q8(const float *x, int64_t B, int64_t k, int8_t *q, float *d) {
+    for (int64_t b = 0; b < B * k / 32; b++) {
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b * 32 + i]));
+        const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        d[b] = db;
+        for (int i = 0; i < 32; i++) q[b * 32 + i] = (int8_t)roundf(x[b * 32 + i] * id);
+    }
+}
+
 static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum) {
     if (l->kind == MP_F32) return mp_dotf((const float *)l->w + o * l->k, x, l->k);
+    if (l->kind == MP_CODE4) return mp_code4_row(l, o, x);
+    if (l->kind == MP_AFFINE4) return mp_affine4_row(l, o, x, xsum);
     const int64_t g = l->g, ng = l->k / g;
     const uint8_t *qo = (const uint8_t *)l->w + o * l->k;
     const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
@@ -24,7 +199,9 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
  * one parallel loop over all their output rows (fewer thread wake-ups than a loop per layer); row b
  * of layer c goes to ys[c * B + b] (k and v straight into their cache slots). */
 static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x, int64_t B) {
-    float *xs[3] = {NULL, NULL, NULL};
+    float *xs[3] = {NULL, NULL, NULL}, *xp[3] = {NULL, NULL, NULL}, *xd[3] = {NULL, NULL, NULL};
+    int8_t *xq[3] = {NULL, NULL, NULL};  /* AFFINE4_Q8: x rounded per 32, and the 32s' scales */
+    const float *xc[3] = {x, x, x};  /* each layer's input: x, or x's columns in the layer's stored order */
     mp_acts acts[3];  /* x rounded per 32 ([0], Q8_0 / Q5_0; [2] packed for kind 7) and per 256 ([1], Q4_K / Q6_K) */
     int made[3] = {0, 0, 0};
     int64_t start[4] = {0, 0, 0, 0};
@@ -32,17 +209,28 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
     for (int c = 0; c < cnt; c++) {
         const mp_linear *l = ls[c];
         const int r = mp_acts_slot(l->kind);
-        if (l->kind >= MP_Q8_0 && !made[r]) {  /* the layers of one call read the same x: round it once */
+        if (MP_IS_BLOCK(l->kind) && !made[r]) {  /* the layers of one call read the same x: round it once */
             mp_acts_make(l->kind, x, B, k, &acts[r]);
             made[r] = 1;
         }
-        if (l->kind == MP_AFFINE) {
+        if (l->perm && (l->kind == MP_F32 || MP_IS_AFFINE(l->kind))) {
+            xp[c] = malloc(sizeof(float) * (size_t)(B * k));
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = 0; j < k; j++) xp[c][b * k + j] = x[b * k + l->perm[j]];
+            xc[c] = xp[c];
+        }
+        if (l->kind == MP_AFFINE4_Q8) {
+            xq[c] = malloc((size_t)(B * k));
+            xd[c] = malloc(sizeof(float) * (size_t)(B * k / 32));
+            mp_round_q8(xc[c], B, k, xq[c], xd[c]);
+        }
+        if (MP_IS_AFFINE(l->kind)) {
             const int64_t ng = k / l->g;
             xs[c] = malloc(sizeof(float) * (size_t)(B * ng));
             for (int64_t b = 0; b < B; b++)
                 for (int64_t t = 0; t < ng; t++) {
                     float sum = 0.0f;
-                    for (int64_t j = 0; j < l->g; j++) sum += x[b * k + t * l->g + j];
+                    for (int64_t j = 0; j < l->g; j++) sum += xc[c][b * k + t * l->g + j];
                     xs[c][b * ng + t] = sum;
                 }
         }
@@ -54,25 +242,38 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         while (r >= start[c + 1]) c++;
         const mp_linear *l = ls[c];
         const int64_t o0 = (r - start[c]) * MP_RANGE, o1 = o0 + MP_RANGE < l->n ? o0 + MP_RANGE : l->n;
-        const int64_t ng = l->kind == MP_AFFINE ? k / l->g : 0;
-        if (l->kind >= MP_Q8_0) {
+        const int64_t ng = MP_IS_AFFINE(l->kind) ? k / l->g : 0;
+        if (MP_IS_BLOCK(l->kind)) {
             mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[mp_acts_slot(l->kind)], B, ys + c * B);
             continue;
         }
         for (int64_t o = o0; o < o1; o++) {
             if (l->kind == MP_F32 && o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * k * 4, k * 4);
             for (int64_t b = 0; b < B; b++)
-                ys[c * B + b][o] = mp_linear_row(l, o, x + b * k, xs[c] ? xs[c] + b * ng : NULL);
+                ys[c * B + b][o] = l->kind == MP_AFFINE4_Q8
+                    ? mp_affine4_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng)
+                    : mp_linear_row(l, o, xc[c] + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }
     }
     for (int c = 0; c < cnt; c++) {
         free(xs[c]);
+        free(xp[c]);
+        free(xq[c]);
+        free(xd[c]);
         if (ls[c]->bias)  /* after the whole product, as torch adds a bias */
             for (int64_t b = 0; b < B; b++)
                 for (int64_t o = 0; o < ls[c]->n; o++) ys[c * B + b][o] += ls[c]->bias[o];
     }
     for (int r = 0; r < 3; r++)
         if (made[r]) mp_acts_free(&acts[r]);
+}
+
+/* y (B, n) = one layer applied to x (B, k), as the fused decode applies it (the tests check each kind here). */
+void mp_linear_apply(const mp_linear *l, const float *x, int64_t B, float *y) {
+    float **ys = malloc(sizeof(float *) * (size_t)B);
+    for (int64_t b = 0; b < B; b++) ys[b] = y + b * l->n;
+    mp_linears_apply(&l, ys, 1, x, B);
+    free(ys);
 }
 
 static void mp_rms_norm(const float *x, const float *w, int64_t d, float eps, float *y) {

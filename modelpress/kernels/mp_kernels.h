@@ -33,8 +33,18 @@
  *   MP_F32     0  fp32 rows                           MP_Q5_0    4  GGUF Q5_0 blocks (22 bytes / 32)
  *   MP_AFFINE  1  uint8 codes + fp32 scale / offset   MP_Q4_K    5  GGUF Q4_K blocks (144 bytes / 256)
  *   MP_Q4_0    2  GGUF Q4_0 blocks (18 bytes / 32)    MP_Q6_K    6  GGUF Q6_K blocks (210 bytes / 256)
- *   MP_Q8_0    3  GGUF Q8_0 blocks (34 bytes / 32)    MP_Q8_0X16 7  Q8_0 repacked 16 rows at a time */
-enum { MP_F32 = 0, MP_AFFINE = 1, MP_Q4_0 = 2, MP_Q8_0 = 3, MP_Q5_0 = 4, MP_Q4_K = 5, MP_Q6_K = 6, MP_Q8_0X16 = 7 };
+ *   MP_Q8_0    3  GGUF Q8_0 blocks (34 bytes / 32)    MP_Q8_0X16 7  Q8_0 repacked 16 rows at a time
+ *   MP_CODE4   8  NF4 / FP4: 4-bit indices into a 16-value code book, high nibble first, times an fp32
+ *                 absmax per block of g flattened values (bitsandbytes' layout; the fused decode only)
+ *   MP_AFFINE4 9  AFFINE with 4-bit codes packed two a byte, low nibble first (k / 2 bytes a row:
+ *                 IntxLinear's layout; the fused decode only)
+ *   MP_AFFINE4_Q8 10  AFFINE4 multiplied with the activations rounded to int8 per 32 (llama.cpp's Q8_0
+ *                 rounding of x, as its Q4_0 / Q4_1 dots; g a multiple of 32; the fused decode only) */
+enum { MP_F32 = 0, MP_AFFINE = 1, MP_Q4_0 = 2, MP_Q8_0 = 3, MP_Q5_0 = 4, MP_Q4_K = 5, MP_Q6_K = 6, MP_Q8_0X16 = 7,
+       MP_CODE4 = 8, MP_AFFINE4 = 9, MP_AFFINE4_Q8 = 10 };
+/* codes * scale + offset per group of g inputs */
+#define MP_IS_AFFINE(kind) ((kind) == MP_AFFINE || (kind) == MP_AFFINE4 || (kind) == MP_AFFINE4_Q8)
+#define MP_IS_BLOCK(kind) ((kind) >= MP_Q8_0 && (kind) <= MP_Q8_0X16)  /* multiplied on GGUF blocks, int8 x */
 
 
 #define MP_MAX_ROWS 8

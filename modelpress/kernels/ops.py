@@ -8,6 +8,9 @@ import ctypes
 import torch
 
 F32, U8, I8, I64 = torch.float32, torch.uint8, torch.int8, torch.int64
+# what a layer's weights are, for every kernel that takes a `kind`: mp_kernels.h's enum, mirrored
+KIND = {"F32": 0, "AFFINE": 1, "Q4_0": 2, "Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q8_0x16": 7, "CODE4": 8, "AFFINE4": 9,
+        "AFFINE4_Q8": 10}
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -191,7 +194,7 @@ def paged_attention(lib: ctypes.CDLL, q: torch.Tensor, n_kv: int, k_cache: torch
 # -- the fused decoder's structures (blocks.c's mp_linear and mp_layer) -----------------------------
 class Linear(ctypes.Structure):
     _fields_ = [("kind", _I), ("n", _I), ("k", _I), ("g", _I), ("w", _P), ("scale", _P), ("offset", _P),
-                ("zero", ctypes.c_float), ("bias", _P)]
+                ("zero", ctypes.c_float), ("bias", _P), ("perm", _P)]
 
 
 class Layer(ctypes.Structure):
@@ -204,14 +207,25 @@ class Layer(ctypes.Structure):
 
 
 def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.Tensor | None = None,
-           offset: torch.Tensor | None = None, zero: float = 0.0, bias: torch.Tensor | None = None) -> Linear:
+           offset: torch.Tensor | None = None, zero: float = 0.0, bias: torch.Tensor | None = None,
+           perm: torch.Tensor | None = None) -> Linear:
     """An mp_linear over tensors the caller keeps alive: fp32 rows (kinds F32), uint8 codes with scales
     (AFFINE; offset None: symmetric, offset = zero * scale) or GGUF blocks as bytes; a bias (n,) fp32
-    added to its outputs, or None."""
+    added to its outputs, or None; perm (k,) int64 (F32 / AFFINE): stored column j multiplies x[perm[j]]."""
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias: expected ({n},), got {tuple(bias.shape)}")
+    if perm is not None and (perm.shape != (k,) or kind not in (KIND["F32"], KIND["AFFINE"], KIND["AFFINE4"],
+                                                                  KIND["AFFINE4_Q8"])):
+        raise ValueError(f"perm: ({k},) for F32 / AFFINE(4) layers, got {tuple(perm.shape)} for kind {kind}")
     return Linear(kind, n, k, group, _p(w, (F32, U8), "w"), _p(scale, F32, "scale"), _p(offset, F32, "offset"), zero,
-                  _p(bias, F32, "bias"))
+                  _p(bias, F32, "bias"), _p(perm, I64, "perm"))
+
+
+def linear_apply(lib: ctypes.CDLL, lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    """(B, n) = the mp_linear `lin` applied to x (B, k) fp32 as the fused decode applies it."""
+    y = torch.empty(_rows(x, lin.k), lin.n)
+    lib.mp_linear_apply(ctypes.byref(lin), _p(x, F32, "x"), x.shape[0], _p(y, F32, "y"))
+    return y
 
 
 def layer(attn_norm: torch.Tensor, ffn_norm: torch.Tensor, linears: list[Linear], q_norm: torch.Tensor | None = None,

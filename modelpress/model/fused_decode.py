@@ -11,14 +11,19 @@ Q8_0, Q5_0, Q4_K and Q6_K layers multiply on their stored GGUF blocks with activ
 int8 per 32 (per 256 for Q4_K / Q6_K; llama.cpp's own numerics for these types, and fewer bytes
 read per token); other GGUF types on their affine codes (nn/gguf_linear.py) and fp32 layers on
 their weights, with fp32 activations; `build(..., int8_activations=False)` keeps fp32 activations
-everywhere. The embedding row and the rotary cos / sin are the decoder's; so are the final norm and
+everywhere. The other stored formats decode here too, on their own codes with fp32 activations:
+RTN / GPTQ / AWQ integers (IntxLinear: 4-bit codes on their packed bytes, AFFINE4, and with int8
+activations, the default, x rounded per 32 as for GGUF Q4_0 (AFFINE4_Q8); 2, 3 and 8-bit ones a byte
+a code; GPTQ's act-order permutation applied to the input) and LLM.int8 rows (Int8LtLinear: its int8 rows
+and row scales; fp32 activations need no outlier split) as AFFINE codes, NF4 / FP4 (Code4Linear)
+on the packed codes and absmax (CODE4, double-quantized absmax dequantized once). The embedding row and the rotary cos / sin are the decoder's; so are the final norm and
 the output head, except that with int8 activations a head tied to a GGUF embedding multiplies on
 that embedding's blocks (`record(model).head`, the same values; Q8_0 on the default model: ~3 ms a
 token instead of 6.4 ms for the fp32 copy), and then the final norm and that head run in C too
 (mp_llama_logits; the norm's sums in float64, as ggml's rms_norm and the layers' norms here).
 
-Used where the kernels build and the model computes in fp32 on a CPU with block linears that are all
-GGUFLinear or fp32 nn.Linear (biases added after the product, qwen2's); otherwise `FusedDecoder.build` returns None and the
+Used where the kernels build and the model computes in fp32 on a CPU with block linears of those
+classes or fp32 nn.Linear (biases added after the product, qwen2's); otherwise `FusedDecoder.build` returns None and the
 decoder keeps its torch path.
 """
 from __future__ import annotations
@@ -28,13 +33,16 @@ import ctypes
 import torch
 
 from .. import kernels
-from ..core import kquants
+from ..core import codebook4, kquants
 from ..kernels import KIND, ops
+from ..nn.code4_linear import Code4Linear
 from ..nn.dense_linear import DenseLinear
 from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their blocks
     BLOCK_KERNELS,
     GGUFLinear,
 )
+from ..nn.int8lt_linear import Int8LtLinear
+from ..nn.intx_linear import IntxLinear
 from ..nn.multi_lora import MultiLoraLinear
 from .walker import UNIT_OFFSET_NORMS
 
@@ -67,6 +75,20 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None: 
         zero = _ZERO.get(mod.kind)
         return ops.linear(KIND["AFFINE"], mod.out_features, mod.in_features, kquants.GROUP[mod.kind], q, scale,
                           None if zero is not None else offset, zero or 0.0, bias=_bias(mod, keep))
+    if isinstance(mod, IntxLinear):
+        return _intx_linear(mod, keep, int8)
+    if isinstance(mod, Code4Linear):  # NF4 / FP4 on the packed codes, absmax dequantized once (double quant)
+        q, absmax = mod.qdata.reshape(-1), mod.absmax_f32().contiguous()
+        code = codebook4.CODES[mod.quant_type].float().contiguous()
+        keep += [q, absmax, code]
+        return ops.linear(KIND["CODE4"], mod.out_features, mod.in_features, mod.blocksize, q, absmax, code,
+                          bias=_bias(mod, keep))
+    if isinstance(mod, Int8LtLinear):  # LLM.int8's rows with fp32 activations (no outlier split needed)
+        q = (mod.weight.view(torch.uint8) ^ 0x80).contiguous()  # CB + 128
+        scale = (mod.SCB.float() / 127.0).reshape(-1, 1).contiguous()
+        keep += [q, scale]
+        return ops.linear(KIND["AFFINE"], mod.out_features, mod.in_features, mod.in_features, q, scale, None, -128.0,
+                          bias=_bias(mod, keep))
     if type(mod) in (torch.nn.Linear, DenseLinear) and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()
         if not w.is_contiguous():
@@ -74,6 +96,31 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None: 
         keep.append(w)
         return ops.linear(KIND["F32"], mod.out_features, mod.in_features, 1, w, bias=_bias(mod, keep))
     return None
+
+
+def _intx_linear(mod: IntxLinear, keep: list, int8: bool) -> ops.Linear | None:
+    """RTN / GPTQ / AWQ integers as AFFINE codes: W = (code - zero_point) * scale (+ a QA-LoRA offset)
+    = code * scale + offset; 4-bit codes read from the layer's own packed bytes (AFFINE4; with int8
+    activations, groups of 32s: AFFINE4_Q8, x rounded per 32 as llama.cpp rounds it for Q4_0 / Q4_1,
+    integer dots), other widths one byte a code (unpacked once, beside the packed ones); the scales in fp32, GPTQ's act-order permutation applied to the input in C. Groups must divide the
+    input (else None: the torch path)."""
+    g = mod.group_size or mod.in_features
+    if mod.in_features % g:
+        return None
+    packed = mod.bits == 4 and mod.in_features % 8 == 0  # the stored nibbles as they are (AFFINE4)
+    q = mod.qdata.contiguous() if packed else mod.codes().contiguous()
+    scale = mod.scale.float().contiguous()
+    if mod.zero_point is None and mod.offset is None:
+        offset, zero = None, -float(2 ** (mod.bits - 1))
+    else:
+        zp = torch.full_like(scale, 2 ** (mod.bits - 1)) if mod.zero_point is None else mod.zero_point.float()
+        offset = -zp * scale + (0.0 if mod.offset is None else mod.offset.float())
+        offset, zero = offset.contiguous(), 0.0
+    perm = None if mod.perm is None else mod.perm.to(torch.int64).contiguous()
+    keep += [t for t in (q, scale, offset, perm) if t is not None]
+    kind = "AFFINE" if not packed else "AFFINE4_Q8" if int8 and g % 32 == 0 else "AFFINE4"
+    return ops.linear(KIND[kind], mod.out_features, mod.in_features, g, q, scale, offset, zero, bias=_bias(mod, keep),
+                      perm=perm)
 
 
 def _split_rows(mod: torch.nn.Module, sizes: list[int]) -> list[torch.nn.Module] | None:
@@ -167,7 +214,7 @@ class FusedDecoder:
             if any(x is None for x in (*w, *lins)):
                 return None
             keep += w
-            all_blocks = all_blocks and all(x.kind >= KIND["Q8_0"] for x in lins)
+            all_blocks = all_blocks and all(KIND["Q8_0"] <= x.kind <= KIND["Q8_0x16"] for x in lins)
             qk = dict(q_norm=w[-2], k_norm=w[-1]) if head_norms else {}
             gemma = dict(post_attn_norm=w[2], post_ffw_norm=w[3]) if sandwich else {}
             scale = 0.0 if attn.sdpa_scale is None else attn.sdpa_scale  # 0: 1 / sqrt(head_dim), as before
