@@ -164,6 +164,62 @@ static inline float mp_affine4_q8_row(const mp_linear *l, int64_t o, const int8_
 #endif
 }
 
+/* Row o of an AFFINE_Q8 layer: AFFINE4_Q8's sums over byte codes (k bytes a row). */
+static inline float mp_affine8_q8_row(const mp_linear *l, int64_t o, const int8_t *xq, const float *xd,
+                                      const float *xsum) {
+    const int64_t k = l->k, g = l->g, ng = k / g;
+    const uint8_t *qo = (const uint8_t *)l->w + o * k;
+    const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
+    float off = 0.0f;
+#if defined(MP_VNNI512)
+    if (g % 64 == 0) {  /* 64 codes a step: two 32-blocks of x, one vpdpbusd (unsigned codes, signed x) */
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t t = 0; t < ng; t++) {
+            for (int64_t j = t * g; j < (t + 1) * g; j += 64) {
+                const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(qo + j),
+                                                         _mm512_loadu_si512(xq + j));
+                const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(so[t] * xd[j / 32]),
+                                                       _mm512_set1_ps(so[t] * xd[j / 32 + 1]));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc);
+            }
+            off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+        }
+        return off + _mm512_reduce_add_ps(acc);
+    }
+#endif
+#if defined(MP_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < ng; t++) {
+        for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
+#if defined(MP_VNNI512)
+            const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)(qo + j)),
+                                                     _mm256_loadu_si256((const __m256i *)(xq + j)));
+#else  /* codes up to 255 would saturate maddubs' int16 pairs: widen both to int16, madd into int32 */
+            const __m128i c0 = _mm_loadu_si128((const __m128i *)(qo + j)), c1 = _mm_loadu_si128((const __m128i *)(qo + j + 16));
+            const __m128i x0 = _mm_loadu_si128((const __m128i *)(xq + j)), x1 = _mm_loadu_si128((const __m128i *)(xq + j + 16));
+            const __m256i p0 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(c0), _mm256_cvtepi8_epi16(x0));
+            const __m256i p1 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(c1), _mm256_cvtepi8_epi16(x1));
+            const __m256i isum = _mm256_add_epi32(p0, p1);
+#endif
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(so[t] * xd[j / 32]), acc);
+        }
+        off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+    }
+    return off + hsum8(acc);
+#else
+    float acc = 0.0f;
+    for (int64_t t = 0; t < ng; t++) {
+        for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
+            int32_t dot = 0;
+            for (int64_t i = j; i < j + 32; i++) dot += (int32_t)qo[i] * xq[i];
+            acc += (float)dot * (so[t] * xd[j / 32]);
+        }
+        off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+    }
+    return off + acc;
+#endif
+}
+
 /* x (B rows of k, k % 32 == 0) rounded per 32 as llama.cpp's quantize_row_q8_0: d = max |x| / 127,
  * q = round(x / d) (d = 0: q = 0). */
 static void mp_round_q8(const float *x, int64_t B, int64_t k, int8_t *q, float *d) {
@@ -219,7 +275,7 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
                 for (int64_t j = 0; j < k; j++) xp[c][b * k + j] = x[b * k + l->perm[j]];
             xc[c] = xp[c];
         }
-        if (l->kind == MP_AFFINE4_Q8) {
+        if (MP_ROUNDS_X(l->kind)) {
             xq[c] = malloc((size_t)(B * k));
             xd[c] = malloc(sizeof(float) * (size_t)(B * k / 32));
             mp_round_q8(xc[c], B, k, xq[c], xd[c]);
@@ -252,6 +308,7 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
             for (int64_t b = 0; b < B; b++)
                 ys[c * B + b][o] = l->kind == MP_AFFINE4_Q8
                     ? mp_affine4_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng)
+                    : l->kind == MP_AFFINE_Q8 ? mp_affine8_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng)
                     : mp_linear_row(l, o, xc[c] + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }
     }

@@ -39,11 +39,14 @@
  *   MP_AFFINE4 9  AFFINE with 4-bit codes packed two a byte, low nibble first (k / 2 bytes a row:
  *                 IntxLinear's layout; the fused decode only)
  *   MP_AFFINE4_Q8 10  AFFINE4 multiplied with the activations rounded to int8 per 32 (llama.cpp's Q8_0
- *                 rounding of x, as its Q4_0 / Q4_1 dots; g a multiple of 32; the fused decode only) */
+ *                 rounding of x, as its Q4_0 / Q4_1 dots; g a multiple of 32; the fused decode only)
+ *   MP_AFFINE_Q8 11  AFFINE (a byte a code) multiplied with x rounded to int8 per 32, as AFFINE4_Q8 */
 enum { MP_F32 = 0, MP_AFFINE = 1, MP_Q4_0 = 2, MP_Q8_0 = 3, MP_Q5_0 = 4, MP_Q4_K = 5, MP_Q6_K = 6, MP_Q8_0X16 = 7,
-       MP_CODE4 = 8, MP_AFFINE4 = 9, MP_AFFINE4_Q8 = 10 };
+       MP_CODE4 = 8, MP_AFFINE4 = 9, MP_AFFINE4_Q8 = 10, MP_AFFINE_Q8 = 11 };
 /* codes * scale + offset per group of g inputs */
-#define MP_IS_AFFINE(kind) ((kind) == MP_AFFINE || (kind) == MP_AFFINE4 || (kind) == MP_AFFINE4_Q8)
+#define MP_IS_AFFINE(kind) ((kind) == MP_AFFINE || (kind) == MP_AFFINE4 || (kind) == MP_AFFINE4_Q8 || \
+                            (kind) == MP_AFFINE_Q8)
+#define MP_ROUNDS_X(kind) ((kind) == MP_AFFINE4_Q8 || (kind) == MP_AFFINE_Q8)  /* x rounded per 32 first */
 #define MP_IS_BLOCK(kind) ((kind) >= MP_Q8_0 && (kind) <= MP_Q8_0X16)  /* multiplied on GGUF blocks, int8 x */
 
 

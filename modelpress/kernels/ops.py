@@ -10,7 +10,7 @@ import torch
 F32, U8, I8, I64 = torch.float32, torch.uint8, torch.int8, torch.int64
 # what a layer's weights are, for every kernel that takes a `kind`: mp_kernels.h's enum, mirrored
 KIND = {"F32": 0, "AFFINE": 1, "Q4_0": 2, "Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q8_0x16": 7, "CODE4": 8, "AFFINE4": 9,
-        "AFFINE4_Q8": 10}
+        "AFFINE4_Q8": 10, "AFFINE_Q8": 11}
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -215,7 +215,7 @@ def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias: expected ({n},), got {tuple(bias.shape)}")
     if perm is not None and (perm.shape != (k,) or kind not in (KIND["F32"], KIND["AFFINE"], KIND["AFFINE4"],
-                                                                  KIND["AFFINE4_Q8"])):
+                                                                  KIND["AFFINE4_Q8"], KIND["AFFINE_Q8"])):
         raise ValueError(f"perm: ({k},) for F32 / AFFINE(4) layers, got {tuple(perm.shape)} for kind {kind}")
     return Linear(kind, n, k, group, _p(w, (F32, U8), "w"), _p(scale, F32, "scale"), _p(offset, F32, "offset"), zero,
                   _p(bias, F32, "bias"), _p(perm, I64, "perm"))

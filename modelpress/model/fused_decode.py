@@ -83,12 +83,12 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None: 
         keep += [q, absmax, code]
         return ops.linear(KIND["CODE4"], mod.out_features, mod.in_features, mod.blocksize, q, absmax, code,
                           bias=_bias(mod, keep))
-    if isinstance(mod, Int8LtLinear):  # LLM.int8's rows with fp32 activations (no outlier split needed)
-        q = (mod.weight.view(torch.uint8) ^ 0x80).contiguous()  # CB + 128
+    if isinstance(mod, Int8LtLinear):  # LLM.int8's rows (CB + 128 as codes), x as for the other byte codes
+        q = (mod.weight.view(torch.uint8) ^ 0x80).contiguous()
         scale = (mod.SCB.float() / 127.0).reshape(-1, 1).contiguous()
         keep += [q, scale]
-        return ops.linear(KIND["AFFINE"], mod.out_features, mod.in_features, mod.in_features, q, scale, None, -128.0,
-                          bias=_bias(mod, keep))
+        return ops.linear(KIND[_byte_kind(mod.in_features, mod.in_features, int8)], mod.out_features, mod.in_features,
+                          mod.in_features, q, scale, None, -128.0, bias=_bias(mod, keep))
     if type(mod) in (torch.nn.Linear, DenseLinear) and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()
         if not w.is_contiguous():
@@ -96,6 +96,12 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None: 
         keep.append(w)
         return ops.linear(KIND["F32"], mod.out_features, mod.in_features, 1, w, bias=_bias(mod, keep))
     return None
+
+
+def _byte_kind(k: int, g: int, int8: bool) -> str:
+    """Byte codes: with int8 activations (groups of whole 32s) x rounded per 32 and integer dots (AFFINE_Q8),
+    else fp32 activations (AFFINE)."""
+    return "AFFINE_Q8" if int8 and g % 32 == 0 and k % 32 == 0 else "AFFINE"
 
 
 def _intx_linear(mod: IntxLinear, keep: list, int8: bool) -> ops.Linear | None:
@@ -118,7 +124,7 @@ def _intx_linear(mod: IntxLinear, keep: list, int8: bool) -> ops.Linear | None:
         offset, zero = offset.contiguous(), 0.0
     perm = None if mod.perm is None else mod.perm.to(torch.int64).contiguous()
     keep += [t for t in (q, scale, offset, perm) if t is not None]
-    kind = "AFFINE" if not packed else "AFFINE4_Q8" if int8 and g % 32 == 0 else "AFFINE4"
+    kind = _byte_kind(mod.in_features, g, int8) if not packed else "AFFINE4_Q8" if int8 and g % 32 == 0 else "AFFINE4"
     return ops.linear(KIND[kind], mod.out_features, mod.in_features, g, q, scale, offset, zero, bias=_bias(mod, keep),
                       perm=perm)
 

@@ -106,20 +106,29 @@ def test_every_integer_format_decodes_fused_with_its_dequantized_weights_numbers
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
 
 
-def _affine4_q8_reference(self, x):
-    """AFFINE4_Q8's numbers in torch: x rounded per 32 as llama.cpp's quantize_row_q8_0, times the codes
-    scaled per group, plus each group's offset times the fp32 sum of its inputs."""
+def _q8_reference(codes, scale, zero_point, g, x):
+    """AFFINE4_Q8 / AFFINE_Q8 in torch: x rounded per 32 as llama.cpp's quantize_row_q8_0, times the codes
+    scaled per group (codes, scale, zero_point: (out, in), (out, groups), (out, groups)), plus each
+    group's offset (-zero_point * scale) times the fp32 sum of its inputs."""
     import torch.nn.functional as F
 
-    x = x if self.perm is None else x.index_select(-1, self.perm)
     xb = x.reshape(*x.shape[:-1], -1, 32)
     d = xb.abs().amax(-1, keepdim=True) / 127.0
     xq = torch.round(xb * torch.where(d != 0, 1.0 / d, torch.zeros_like(d))) * d
-    g = self.group_size or self.in_features
-    s = self.scale.float().repeat_interleave(g, 1)
-    zp = torch.full_like(self.scale.float(), 8.0) if self.zero_point is None else self.zero_point.float()
-    y = F.linear(xq.reshape(x.shape), self.codes().float() * s)
-    y = y + F.linear(x.reshape(*x.shape[:-1], -1, g).sum(-1), -zp * self.scale.float())
+    y = F.linear(xq.reshape(x.shape), codes.float() * scale.repeat_interleave(g, 1))
+    return y + F.linear(x.reshape(*x.shape[:-1], -1, g).sum(-1), -zero_point * scale)
+
+
+def _rounded_x_reference(self, x):
+    """_q8_reference for an IntxLinear (its permutation first) or an Int8LtLinear (codes CB + 128)."""
+    if hasattr(self, "SCB"):
+        s = (self.SCB.float() / 127.0)[:, None]
+        y = _q8_reference(self.weight.to(torch.int16) + 128, s, torch.full_like(s, 128.0), self.in_features, x)
+    else:
+        x = x if self.perm is None else x.index_select(-1, self.perm)
+        s = self.scale.float()
+        zp = torch.full_like(s, 2.0 ** (self.bits - 1)) if self.zero_point is None else self.zero_point.float()
+        y = _q8_reference(self.codes(), s, zp, self.group_size or self.in_features, x)
     return y if self.bias is None else y + self.bias
 
 
@@ -129,7 +138,7 @@ def _affine4_q8_reference(self, x):
 def test_each_layer_kind_applies_as_its_torch_reference(kind, int8, build):
     """Layer by layer, as the fused decode applies them (mp_linear_apply): fp32 activations give the
     dequantized weights' product; int8 ones (4-bit integer layers: AFFINE4_Q8) give x rounded per 32
-    as llama.cpp rounds it, times the codes, in torch (_affine4_q8_reference)."""
+    as llama.cpp rounds it, times the codes, in torch (_rounded_x_reference)."""
     import torch.nn.functional as F
 
     from modelpress.kernels import KIND, ops
@@ -146,19 +155,22 @@ def test_each_layer_kind_applies_as_its_torch_reference(kind, int8, build):
         kinds.add(lin.kind)
         xi = x[:, :mod.in_features].contiguous()
         got = ops.linear_apply(build, lin, xi)
-        if lin.kind == KIND["AFFINE4_Q8"]:
-            ref = _affine4_q8_reference(mod, xi)
+        if lin.kind in (KIND["AFFINE4_Q8"], KIND["AFFINE_Q8"]):
+            ref = _rounded_x_reference(mod, xi)
         else:
             xp = xi if getattr(mod, "perm", None) is None else xi.index_select(-1, mod.perm)
             ref = F.linear(xp, mod.dequantize(), mod.bias)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())  # sums reordered
-    want = {"rtn-w8": "AFFINE", "llm-int8": "AFFINE", "nf4-b32": "CODE4", "fp4-dq": "CODE4"}.get(
+    byte = "AFFINE_Q8" if int8 else "AFFINE"
+    want = {"rtn-w8": byte, "llm-int8": byte, "nf4-b32": "CODE4", "fp4-dq": "CODE4"}.get(
         kind, "AFFINE4_Q8" if int8 else "AFFINE4")
     assert kinds == {KIND[want]}
 
 
-@pytest.mark.parametrize("group,symmetric,permuted", [(64, True, False), (128, False, True), (32, False, False)])
-def test_wide_int4_groups_apply_as_their_reference(group, symmetric, permuted, build):
+@pytest.mark.parametrize("bits,group,symmetric,permuted", [(4, 64, True, False), (4, 128, False, True),
+                                                          (4, 32, False, False), (8, None, True, False),
+                                                          (8, 64, False, True)])
+def test_wide_groups_apply_as_their_reference(bits, group, symmetric, permuted, build):
     """Groups of 64 and more take the AVX-512 build's 64-code steps (the tiny model's widths do not divide
     by 64): both activation choices against their references, a permutation too."""
     import torch.nn.functional as F
@@ -168,14 +180,14 @@ def test_wide_int4_groups_apply_as_their_reference(group, symmetric, permuted, b
     from modelpress.nn import IntxLinear
 
     torch.manual_seed(0)
-    mod = IntxLinear.from_linear(torch.nn.Linear(384, 48), 4, group, symmetric)
+    mod = IntxLinear.from_linear(torch.nn.Linear(384, 48), bits, group, symmetric)
     if permuted:
         mod.perm = torch.randperm(384)
     x = torch.randn(5, 384) * torch.rand(384) * 4
     for int8 in (False, True):
         keep = []  # the layer's tensors, alive while C reads them
         got = ops.linear_apply(build, _linear(mod, keep, int8), x)
-        ref = (_affine4_q8_reference(mod, x) if int8 else
+        ref = (_rounded_x_reference(mod, x) if int8 else
                F.linear(x if mod.perm is None else x.index_select(-1, mod.perm), mod.dequantize(), mod.bias))
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
