@@ -11,16 +11,15 @@ Q8_0, Q5_0, Q4_K and Q6_K layers multiply on their stored GGUF blocks with activ
 int8 per 32 (per 256 for Q4_K / Q6_K; llama.cpp's own numerics for these types, and fewer bytes
 read per token); other GGUF types on their affine codes (nn/gguf_linear.py) and fp32 layers on
 their weights, with fp32 activations; `build(..., int8_activations=False)` keeps fp32 activations
-everywhere. The other stored formats decode here too, on their own codes with fp32 activations:
-RTN / GPTQ / AWQ integers (IntxLinear: 4-bit codes on their packed bytes, AFFINE4, and with int8
-activations, the default, x rounded per 32 as for GGUF Q4_0 (AFFINE4_Q8); 2, 3 and 8-bit ones a byte
-a code; GPTQ's act-order permutation applied to the input) and LLM.int8 rows (Int8LtLinear: its int8 rows
-and row scales; fp32 activations need no outlier split) as AFFINE codes, NF4 / FP4 (Code4Linear)
-on the packed codes and absmax (CODE4, double-quantized absmax dequantized once). The embedding row and the rotary cos / sin are the decoder's; so are the final norm and
-the output head, except that with int8 activations a head tied to a GGUF embedding multiplies on
-that embedding's blocks (`record(model).head`, the same values; Q8_0 on the default model: ~3 ms a
-token instead of 6.4 ms for the fp32 copy), and then the final norm and that head run in C too
-(mp_llama_logits; the norm's sums in float64, as ggml's rms_norm and the layers' norms here).
+everywhere. The other stored formats decode here too, on their own codes: RTN / GPTQ / AWQ
+integers (IntxLinear; GPTQ's act-order permutation applied to the input in C) and LLM.int8 rows
+(Int8LtLinear: CB + 128 as codes, SCB / 127 as scales) as codes * scale + offset per group, 4-bit
+codes on their packed nibbles (AFFINE4), other widths a byte a code (AFFINE, unpacked once beside
+the packed copy); with int8 activations (groups of whole 32s) x is rounded per 32 as llama.cpp
+rounds it for Q4_0 / Q8_0 and the dots are integer (AFFINE4_Q8, AFFINE_Q8; LLM.int8's own outlier
+split is not made: its rows are read like any int8 codes), else fp32. NF4 / FP4 (Code4Linear)
+multiply their packed indices and absmax (double quantization dequantized once) with fp32
+activations (CODE4: the code book's values are not integers).
 
 Used where the kernels build and the model computes in fp32 on a CPU with block linears of those
 classes or fp32 nn.Linear (biases added after the product, qwen2's); otherwise `FusedDecoder.build` returns None and the

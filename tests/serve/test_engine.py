@@ -165,8 +165,8 @@ def test_every_format_runs_through_its_own_layers(kind, monkeypatch):
     """Greedy tokens of the engine (batched, paged) equal modelpress' plain generate loop on the
     same compressed model through transformers' own forward over the same layers; GGUF blocks with
     fp32 activations here (the int8 ones, llama.cpp's numerics, are tested in test_fused_decode).
-    LLM.int8 decodes fused with fp32 activations (its rows, no outlier split: model/fused_decode.py),
-    so both sides here compute its layers so."""
+    LLM.int8 decodes fused on its rows without its outlier split (model/fused_decode.py; fp32
+    activations here), so both sides here compute its layers so."""
     import torch.nn.functional as F
 
     from modelpress.nn import QUANT_LINEAR_CLASSES, Int8LtLinear
