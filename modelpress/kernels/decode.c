@@ -97,86 +97,66 @@ static inline float mp_affine4_row(const mp_linear *l, int64_t o, const float *x
     return acc;
 }
 
-/* Row o of an AFFINE4_Q8 layer: per group t, scale_t * sum over its 32-blocks b of d_b * (q . xq_b), the
- * integer dots exact, + offset_t * xsum_t (xsum from the fp32 x); xq, xd: x rounded per 32 (mp_round_q8). */
-static inline float mp_affine4_q8_row(const mp_linear *l, int64_t o, const int8_t *xq, const float *xd,
-                                      const float *xsum) {
-    const int64_t k = l->k, g = l->g, ng = k / g;
-    const uint8_t *qo = (const uint8_t *)l->w + o * (k / 2);
-    const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
-    float off = 0.0f;
-#if defined(MP_VNNI512)
-    if (g % 64 == 0) {  /* 64 codes (32 bytes) a step: two 32-blocks of x, one vpdpbusd */
-        __m512 acc = _mm512_setzero_ps();
-        const __m256i low4 = _mm256_set1_epi8(0xF);
-        /* unpack per 128-bit lane leaves codes 0-15, 32-47, 16-31, 48-63: put them back in order */
-        const __m512i order = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
-        for (int64_t t = 0; t < ng; t++) {
-            for (int64_t j = t * g; j < (t + 1) * g; j += 64) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qo + j / 2));
-                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi8(lo, hi)),
-                                               _mm256_unpackhi_epi8(lo, hi), 1);
-                c = _mm512_permutexvar_epi64(order, c);
-                const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, _mm512_loadu_si512(xq + j));
-                const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(so[t] * xd[j / 32]),
-                                                       _mm512_set1_ps(so[t] * xd[j / 32 + 1]));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc);
-            }
-            off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
-        }
-        return off + _mm512_reduce_add_ps(acc);
-    }
-#endif
-#if defined(MP_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    const __m128i low4 = _mm_set1_epi8(0xF);
-#if !defined(MP_VNNI512)
-    const __m256i ones = _mm256_set1_epi16(1);
-#endif
-    for (int64_t t = 0; t < ng; t++) {
-        for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
-            const __m128i v = _mm_loadu_si128((const __m128i *)(qo + j / 2));
-            const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-            const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));  /* codes j.. */
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
-#if defined(MP_VNNI512)
-            const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xv);
-#else  /* codes <= 15: the int16 pairs of maddubs cannot saturate */
-            const __m256i isum = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones);
-#endif
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(so[t] * xd[j / 32]), acc);
-        }
-        off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
-    }
-    return off + hsum8(acc);
-#else
-    float acc = 0.0f;
-    for (int64_t t = 0; t < ng; t++) {
-        for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
-            int32_t dot = 0;
-            for (int64_t i = j; i < j + 32; i++) dot += (int32_t)((qo[i / 2] >> (4 * (i % 2))) & 0xF) * xq[i];
-            acc += (float)dot * (so[t] * xd[j / 32]);
-        }
-        off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
-    }
-    return off + acc;
-#endif
+/* AFFINE4_Q8 / AFFINE_Q8 (packed: 4-bit nibbles, code j in byte j / 2, low nibble first; else a byte a code). */
+static inline int32_t mp_code_at(const uint8_t *qo, int64_t i, int packed) {
+    return packed ? (qo[i / 2] >> (4 * (i % 2))) & 0xF : qo[i];
 }
 
-/* Row o of an AFFINE_Q8 layer: AFFINE4_Q8's sums over byte codes (k bytes a row). */
-static inline float mp_affine8_q8_row(const mp_linear *l, int64_t o, const int8_t *xq, const float *xd,
-                                      const float *xsum) {
+#if defined(MP_AVX2)
+/* codes j .. j + 31 as 32 bytes, in order */
+static inline __m256i mp_codes32(const uint8_t *qo, int64_t j, int packed) {
+    if (!packed) return _mm256_loadu_si256((const __m256i *)(qo + j));
+    const __m128i v = _mm_loadu_si128((const __m128i *)(qo + j / 2)), low4 = _mm_set1_epi8(0xF);
+    const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+    return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+}
+
+/* the 32 codes from j times x's 32 int8 values, int32 sums in 8 lanes (exact) */
+static inline __m256i mp_codes32_dot(const uint8_t *qo, const int8_t *xq, int64_t j, int packed) {
+    const __m256i c = mp_codes32(qo, j, packed), xv = _mm256_loadu_si256((const __m256i *)(xq + j));
+#if defined(MP_VNNI512)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xv);  /* unsigned codes times signed x */
+#else
+    if (packed)  /* codes <= 15: maddubs' int16 pairs cannot saturate */
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), _mm256_set1_epi16(1));
+    /* codes up to 255 would saturate them: widen both halves to int16, madd into int32 */
+    const __m256i p0 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(c)),
+                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv)));
+    const __m256i p1 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1)),
+                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(xv, 1)));
+    return _mm256_add_epi32(p0, p1);
+#endif
+}
+#endif
+
+#if defined(MP_VNNI512)
+/* codes j .. j + 63 as 64 bytes, in order (unpacking nibbles per 128-bit lane leaves 0-15, 32-47, 16-31,
+ * 48-63: a qword permute puts them back) */
+static inline __m512i mp_codes64(const uint8_t *qo, int64_t j, int packed) {
+    if (!packed) return _mm512_loadu_si512(qo + j);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(qo + j / 2)), low4 = _mm256_set1_epi8(0xF);
+    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_unpacklo_epi8(lo, hi)),
+                                         _mm256_unpackhi_epi8(lo, hi), 1);
+    return _mm512_permutexvar_epi64(_mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0), c);
+}
+#endif
+
+/* Row o of an AFFINE4_Q8 / AFFINE_Q8 layer: per group t, scale_t * sum over its 32-blocks b of
+ * d_b * (codes . xq_b), the integer dots exact, + offset_t * xsum_t (xsum from the fp32 x); xq, xd: x
+ * rounded per 32 (mp_round_q8). */
+static inline __attribute__((always_inline)) float mp_affine_q8_row(const mp_linear *l, int64_t o, const int8_t *xq,
+                                                                      const float *xd, const float *xsum, int packed) {
     const int64_t k = l->k, g = l->g, ng = k / g;
-    const uint8_t *qo = (const uint8_t *)l->w + o * k;
+    const uint8_t *qo = (const uint8_t *)l->w + o * (packed ? k / 2 : k);
     const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
     float off = 0.0f;
 #if defined(MP_VNNI512)
-    if (g % 64 == 0) {  /* 64 codes a step: two 32-blocks of x, one vpdpbusd (unsigned codes, signed x) */
+    if (g % 64 == 0) {  /* 64 codes a step: two 32-blocks of x, one vpdpbusd */
         __m512 acc = _mm512_setzero_ps();
         for (int64_t t = 0; t < ng; t++) {
             for (int64_t j = t * g; j < (t + 1) * g; j += 64) {
-                const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(qo + j),
+                const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), mp_codes64(qo, j, packed),
                                                          _mm512_loadu_si512(xq + j));
                 const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(so[t] * xd[j / 32]),
                                                        _mm512_set1_ps(so[t] * xd[j / 32 + 1]));
@@ -190,19 +170,9 @@ static inline float mp_affine8_q8_row(const mp_linear *l, int64_t o, const int8_
 #if defined(MP_AVX2)
     __m256 acc = _mm256_setzero_ps();
     for (int64_t t = 0; t < ng; t++) {
-        for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
-#if defined(MP_VNNI512)
-            const __m256i isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)(qo + j)),
-                                                     _mm256_loadu_si256((const __m256i *)(xq + j)));
-#else  /* codes up to 255 would saturate maddubs' int16 pairs: widen both to int16, madd into int32 */
-            const __m128i c0 = _mm_loadu_si128((const __m128i *)(qo + j)), c1 = _mm_loadu_si128((const __m128i *)(qo + j + 16));
-            const __m128i x0 = _mm_loadu_si128((const __m128i *)(xq + j)), x1 = _mm_loadu_si128((const __m128i *)(xq + j + 16));
-            const __m256i p0 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(c0), _mm256_cvtepi8_epi16(x0));
-            const __m256i p1 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(c1), _mm256_cvtepi8_epi16(x1));
-            const __m256i isum = _mm256_add_epi32(p0, p1);
-#endif
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(so[t] * xd[j / 32]), acc);
-        }
+        for (int64_t j = t * g; j < (t + 1) * g; j += 32)
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mp_codes32_dot(qo, xq, j, packed)),
+                                  _mm256_set1_ps(so[t] * xd[j / 32]), acc);
         off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
     }
     return off + hsum8(acc);
@@ -211,7 +181,7 @@ static inline float mp_affine8_q8_row(const mp_linear *l, int64_t o, const int8_
     for (int64_t t = 0; t < ng; t++) {
         for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
             int32_t dot = 0;
-            for (int64_t i = j; i < j + 32; i++) dot += (int32_t)qo[i] * xq[i];
+            for (int64_t i = j; i < j + 32; i++) dot += mp_code_at(qo, i, packed) * xq[i];
             acc += (float)dot * (so[t] * xd[j / 32]);
         }
         off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
@@ -307,8 +277,8 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
             if (l->kind == MP_F32 && o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * k * 4, k * 4);
             for (int64_t b = 0; b < B; b++)
                 ys[c * B + b][o] = l->kind == MP_AFFINE4_Q8
-                    ? mp_affine4_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng)
-                    : l->kind == MP_AFFINE_Q8 ? mp_affine8_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng)
+                    ? mp_affine_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng, 1)
+                    : l->kind == MP_AFFINE_Q8 ? mp_affine_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng, 0)
                     : mp_linear_row(l, o, xc[c] + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }
     }
