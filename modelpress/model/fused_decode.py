@@ -107,8 +107,9 @@ def _intx_linear(mod: IntxLinear, keep: list, int8: bool) -> ops.Linear | None:
     """RTN / GPTQ / AWQ integers as AFFINE codes: W = (code - zero_point) * scale (+ a QA-LoRA offset)
     = code * scale + offset; 4-bit codes read from the layer's own packed bytes (AFFINE4; with int8
     activations, groups of 32s: AFFINE4_Q8, x rounded per 32 as llama.cpp rounds it for Q4_0 / Q4_1,
-    integer dots), other widths one byte a code (unpacked once, beside the packed ones); the scales in fp32, GPTQ's act-order permutation applied to the input in C. Groups must divide the
-    input (else None: the torch path)."""
+    integer dots), other widths one byte a code (unpacked once, beside the packed ones); the scales
+    in fp32; GPTQ's act-order permutation applied to the input in C. Groups must divide the input
+    (else None: the torch path)."""
     g = mod.group_size or mod.in_features
     if mod.in_features % g:
         return None
