@@ -32,7 +32,6 @@ from modelpress.data import calibration_windows  # noqa: E402
 from modelpress.eval.speed import decode_ids_per_s  # noqa: E402
 from modelpress.formats.gguf_writer import write_gguf  # noqa: E402
 from modelpress.generate import encode_prompt  # noqa: E402
-from modelpress.model.fused_decode import FusedDecoder  # noqa: E402
 from modelpress.record import record  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -73,12 +72,7 @@ def main() -> None:
             ours.append(decode_ids_per_s(model, prompt, a.tokens))
             for mix in peers:
                 theirs[mix].append(llama_greedy(ggufs[mix], prompt[0].tolist(), a.tokens)[1])
-        build = FusedDecoder.build
-        FusedDecoder.build = classmethod(lambda cls, decoder, int8_activations=True: None)  # the torch path
-        try:
-            torch_path.append(decode_ids_per_s(model, prompt, min(a.tokens, 32)))
-        finally:
-            FusedDecoder.build = build
+        torch_path.append(decode_ids_per_s(model, prompt, min(a.tokens, 32), fused=False))
         row = {"format": name, "quantize_s": quantize_s, "modelpress_tokens_per_s": float(np.median(ours)),
                "modelpress_torch_path_tokens_per_s": torch_path[0], "modelpress_runs": ours}
         for mix in peers:

@@ -88,3 +88,12 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None, symmetric: 
     """Round-to-nearest: (codes, scale, zero_point)."""
     scale, zero_point = choose_qparams(w, bits, group_size, symmetric)
     return quantize(w, scale, zero_point, bits, group_size), scale, zero_point
+
+
+def activation_scales(x: torch.Tensor, granularity: str, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """W8A8's per-row activation scales (rows,) of x (rows, in): the static scale, or max |x| / 127 per
+    token or per tensor (a zero max gives 1)."""
+    if input_scale is not None:
+        return input_scale.float().reshape(1).expand(x.shape[0])
+    mx = x.abs().amax(-1) if granularity == "token" else x.abs().amax().expand(x.shape[0])
+    return torch.where(mx > 0, mx / 127.0, torch.ones_like(mx))

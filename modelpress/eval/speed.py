@@ -53,11 +53,11 @@ def decode_tokens_per_s(model: torch.nn.Module, tokenizer, new_tokens: int = 64,
 
 
 def decode_ids_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 64, warmup: int = 4,
-                     progress: bool = False) -> float:
+                     progress: bool = False, fused: bool = True) -> float:
     """Greedy decode of `new_tokens` tokens after the (1, T) prompt `ids`; the prefill and the
     `warmup` first steps are not timed. Each step reads its token id back, so the timing also
-    holds on an asynchronous device."""
-    runner = ModelRunner(model, cache_blocks(ids.shape[1] + new_tokens + warmup, 16), 16)
+    holds on an asynchronous device. fused=False: the decoder's torch path only."""
+    runner = ModelRunner(model, cache_blocks(ids.shape[1] + new_tokens + warmup, 16), 16, fused_decode=fused)
     it = greedy_ids(runner, ids, new_tokens + warmup)
     for _ in range(warmup):
         next(it)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelpressError
+from ..model.decoder import _rotary
 from ..model.walker import replace
 from ..nn import W8A8Linear
 from ..nn.w8a8_conv import W8A8Conv2d
@@ -56,11 +57,6 @@ class _QDQ(torch.nn.Module):
 
 
 PREFILL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 class PrefillGraph(torch.nn.Module):
@@ -95,7 +91,7 @@ class PrefillGraph(torch.nn.Module):
         if getattr(attn, "q_norm", None) is not None:  # qwen3: RMSNorm per head
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self.cos[:t][None, :, None, :], self.sin[:t][None, :, None, :]
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
         rep = self.n_heads // self.n_kv
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)           # (B, heads, T, D)
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from ..core.grids import activation_scales
 from . import build_id, cache_dir, cpu_name, lib, ops
 
 ROW_BUCKETS = (1, 8, 64, 512)
@@ -133,11 +134,7 @@ def run_variant(name: str, x: torch.Tensor, w: torch.Tensor, packed: torch.Tenso
     if parsed is not None:
         return ops.w8a8_linear(lib(), x, packed, colsum, ws.contiguous(), bias, w.shape[0], mode, xs,
                                variant=parsed[0], threads=parsed[1])
-    if mode == "static":
-        s = xs.expand(x.shape[0])
-    else:
-        mx = x.abs().amax(-1) if mode == "token" else x.abs().amax().expand(x.shape[0])
-        s = torch.where(mx > 0, mx / 127.0, torch.ones_like(mx))
+    s = activation_scales(x, mode, xs if mode == "static" else None)
     q = torch.round(x / s[:, None]).clamp(-128, 127).to(torch.int8)
     y = torch._int_mm(q, w.t()).float() * (s[:, None] * ws[None, :])
     return y if bias is None else y + bias

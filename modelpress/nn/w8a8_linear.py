@@ -16,19 +16,11 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..core.grids import activation_scales
 from ..kernels import ops, tune
 from .frozen import frozen_product, wants_input_grad
 
 GRANULARITIES = ("tensor", "token")
-
-
-def activation_scales(x: torch.Tensor, granularity: str, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """Per-row scales (rows,) of x (rows, in): the static scale, or max |x| / 127 per token or per
-    tensor (a zero max gives 1)."""
-    if input_scale is not None:
-        return input_scale.float().reshape(1).expand(x.shape[0])
-    mx = x.abs().amax(-1) if granularity == "token" else x.abs().amax().expand(x.shape[0])
-    return torch.where(mx > 0, mx / 127.0, torch.ones_like(mx))
 
 
 def quantize_activations(x2: torch.Tensor, granularity: str, input_scale: torch.Tensor | None

@@ -192,19 +192,6 @@ def test_wide_groups_apply_as_their_reference(bits, group, symmetric, permuted, 
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["rtn-w4", "gptq-act"])
-def test_int4_formats_decode_with_int8_activations_close_to_fp32(kind):
-    """The engine's default (int8 activations) on 4-bit integers, fed the fp32 path's tokens: close logits
-    (the tiny random model turns any difference at a rounding step into ~2 % of its logits: a 1e-6
-    perturbation of x alone does, so the exact check is the layer test above)."""
-    model = _quantized(kind)
-    tokens, ref = _decode(model, False, 30)
-    _, got = _decode(model, True, 30, int8=True, forced=tokens)
-    assert not torch.equal(got, ref)                           # the rounding of x shows
-    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert top1 >= 0.9 and (got - ref).abs().max() < 0.1 * ref.abs().max(), top1
-
-
 @pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
 def test_a_fused_prefill_computes_what_decoding_token_by_token_computes(kind):
     """Where every layer is on GGUF blocks the runner prefills through the fused path too (each
@@ -228,15 +215,18 @@ def test_a_fused_prefill_computes_what_decoding_token_by_token_computes(kind):
     assert torch.equal(chunked.k_cache[1], one.k_cache[1]) and torch.equal(chunked.v_cache[0], one.v_cache[0])
 
 
-@pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
-def test_int8_activations_stay_close_to_the_torch_path(kind):
-    """Q8_0 / Q5_0 layers on their blocks with int8 activations, fed the torch path's tokens."""
+@pytest.mark.parametrize("kind,tol", [("gguf-Q4_K_M", 0.05), ("gguf-Q8_0", 0.05), ("rtn-w4", 0.1), ("gptq-act", 0.1)])
+def test_int8_activations_stay_close_to_the_torch_path(kind, tol):
+    """Q8_0 / Q5_0 layers on their blocks, and 4-bit integers (AFFINE4_Q8), with int8 activations, fed the
+    torch path's tokens: close logits (the tiny random model turns any difference at a rounding step into
+    ~2 % of its logits: a 1e-6 perturbation of x alone does, so the exact check of AFFINE4_Q8 is the layer
+    test)."""
     model = _quantized(kind)
     tokens, ref = _decode(model, False, 30)
     _, got = _decode(model, True, 30, int8=True, forced=tokens)
     assert not torch.equal(got, ref)                           # the rounding of x shows
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert top1 >= 0.9 and (got - ref).abs().max() < 0.05 * ref.abs().max(), top1
+    assert top1 >= 0.9 and (got - ref).abs().max() < tol * ref.abs().max(), top1
 
 
 @pytest.mark.parametrize("kind", ["fp32", "gguf-Q4_K_M", "gguf-Q8_0"])
