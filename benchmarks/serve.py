@@ -284,11 +284,13 @@ def main() -> None:
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary (throughput peer)")
     p.add_argument("--parts", default="decode,throughput,load")
     p.add_argument("--serve-mix", default="Q8_0", help="the GGUF the servers run in the throughput part")
+    p.add_argument("--serve-model", help="what `modelpress serve` runs in the throughput part instead of that GGUF "
+                                         "(a checkpoint folder: AWQ, GPTQ, ...); llama-server keeps the GGUF")
     p.add_argument("--out", default="benchmarks/results/serve.json")
     a = p.parse_args()
     parts = a.parts.split(",")
     work = Path(tempfile.mkdtemp(prefix="mp-serve-"))
-    files = gguf_files(work, ["Q4_K_M", "Q8_0"])
+    files = gguf_files(work, sorted({"Q4_K_M", "Q8_0", a.serve_mix}))
     rows: list[dict] = []
 
     def emit(row: dict) -> None:
@@ -308,7 +310,8 @@ def main() -> None:
     if "throughput" in parts:
         prompts = eval_prompts(a.clients)
         gguf = files[a.serve_mix]
-        servers = [("modelpress serve", ours(str(gguf), port := free_port(),
+        mine = a.serve_model or str(gguf)
+        servers = [("modelpress serve", ours(mine, port := free_port(),
                                              ["--max-num-seqs", str(a.clients), "--kv-blocks", "1024"]))]
         if a.llama_server:
             servers.append(("llama-server", Server([a.llama_server, "-m", str(gguf), "-np", str(a.clients), "-t", "2",
@@ -317,6 +320,7 @@ def main() -> None:
         for tool, server in servers:
             with server as url:
                 emit({"part": "throughput", "tool": tool, "mix": a.serve_mix,
+                      "model": Path(mine).name if tool == "modelpress serve" else gguf.name,
                       **throughput(url, "m", prompts, a.new_tokens)})
         emit({"part": "throughput", "tool": "transformers generate (fp32, one batch)",
               **transformers_throughput(prompts, a.new_tokens)})

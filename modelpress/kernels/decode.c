@@ -111,9 +111,9 @@ static inline __m256i mp_codes32(const uint8_t *qo, int64_t j, int packed) {
     return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
 }
 
-/* the 32 codes from j times x's 32 int8 values, int32 sums in 8 lanes (exact) */
-static inline __m256i mp_codes32_dot(const uint8_t *qo, const int8_t *xq, int64_t j, int packed) {
-    const __m256i c = mp_codes32(qo, j, packed), xv = _mm256_loadu_si256((const __m256i *)(xq + j));
+/* 32 codes c (mp_codes32) times x's 32 int8 values, int32 sums in 8 lanes (exact) */
+static inline __m256i mp_codes32_dot(__m256i c, const int8_t *xq, int packed) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)xq);
 #if defined(MP_VNNI512)
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, xv);  /* unsigned codes times signed x */
 #else
@@ -142,63 +142,125 @@ static inline __m512i mp_codes64(const uint8_t *qo, int64_t j, int packed) {
 }
 #endif
 
-/* Row o of an AFFINE4_Q8 / AFFINE_Q8 layer: per group t, scale_t * sum over its 32-blocks b of
- * d_b * (codes . xq_b), the integer dots exact, + offset_t * xsum_t (xsum from the fp32 x); xq, xd: x
- * rounded per 32 (mp_round_q8). */
-static inline __attribute__((always_inline)) float mp_affine_q8_row(const mp_linear *l, int64_t o, const int8_t *xq,
-                                                                      const float *xd, const float *xsum, int packed) {
-    const int64_t k = l->k, g = l->g, ng = k / g;
+/* Row o of an AFFINE4_Q8 / AFFINE_Q8 layer against nr (1 .. 4) rows of x, into res[0 .. nr): per
+ * group t, scale_t * sum over its 32-blocks b of d_b * (codes . xq_b), the integer dots exact, +
+ * offset_t * xsum_t (xsum from the fp32 x); xq, xd: x rounded per 32 (mp_round_q8), row r at xq + r * k,
+ * xd + r * k / 32, xsum + r * ng; xdv (AVX-512, groups of 64s): xd spread as each 64 codes' dpbusd lanes
+ * read them (16 floats: 8 of its first 32's d, 8 of its second's), row r at xdv + r * k / 4. The codes are unpacked once for all nr rows; each row's sum is made
+ * in the same order whatever nr is (a sequence's numbers do not depend on the batch). */
+static inline __attribute__((always_inline)) void mp_affine_q8_rows(const mp_linear *l, int64_t o, const int8_t *xq,
+                                                                    const float *xd, const float *xdv, const float *xsum,
+                                                                    int nr, int packed, float *res) {
+    const int64_t k = l->k, g = l->g, ng = k / g, nd = k / 32;
     const uint8_t *qo = (const uint8_t *)l->w + o * (packed ? k / 2 : k);
     const float *so = l->scale + o * ng, *oo = l->offset ? l->offset + o * ng : NULL;
-    float off = 0.0f;
+    float off[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #if defined(MP_VNNI512)
-    if (g % 64 == 0) {  /* 64 codes a step: two 32-blocks of x, one vpdpbusd */
-        __m512 acc = _mm512_setzero_ps();
+    if (g % 64 == 0) {  /* 64 codes a step: two 32-blocks of x, one vpdpbusd a row */
+        __m512 acc[8];
+        for (int r = 0; r < 8; r++) acc[r] = _mm512_setzero_ps();
         for (int64_t t = 0; t < ng; t++) {
+            const __m512 st = _mm512_set1_ps(so[t]);
             for (int64_t j = t * g; j < (t + 1) * g; j += 64) {
-                const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), mp_codes64(qo, j, packed),
-                                                         _mm512_loadu_si512(xq + j));
-                const __m512 sc = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(so[t] * xd[j / 32]),
-                                                       _mm512_set1_ps(so[t] * xd[j / 32 + 1]));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc);
+                const __m512i c = mp_codes64(qo, j, packed);
+                for (int r = 0; r < nr; r++) {
+                    const __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
+                                                             _mm512_loadu_si512(xq + r * k + j));
+                    const __m512 sc = _mm512_mul_ps(st, _mm512_loadu_ps(xdv + (((uint64_t)(r * k + j)) >> 2)));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[r]);
+                }
             }
-            off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+            for (int r = 0; r < nr; r++) off[r] += (oo ? oo[t] : l->zero * so[t]) * xsum[r * ng + t];
         }
-        return off + _mm512_reduce_add_ps(acc);
+        for (int r = 0; r < nr; r++) res[r] = off[r] + _mm512_reduce_add_ps(acc[r]);
+        return;
     }
 #endif
 #if defined(MP_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t t = 0; t < ng; t++) {
-        for (int64_t j = t * g; j < (t + 1) * g; j += 32)
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mp_codes32_dot(qo, xq, j, packed)),
-                                  _mm256_set1_ps(so[t] * xd[j / 32]), acc);
-        off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
-    }
-    return off + hsum8(acc);
-#else
-    float acc = 0.0f;
+    __m256 acc[8];
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t t = 0; t < ng; t++) {
         for (int64_t j = t * g; j < (t + 1) * g; j += 32) {
-            int32_t dot = 0;
-            for (int64_t i = j; i < j + 32; i++) dot += mp_code_at(qo, i, packed) * xq[i];
-            acc += (float)dot * (so[t] * xd[j / 32]);
+            const __m256i c = mp_codes32(qo, j, packed);
+            for (int r = 0; r < nr; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mp_codes32_dot(c, xq + r * k + j, packed)),
+                                         _mm256_set1_ps(so[t] * xd[r * nd + j / 32]), acc[r]);
         }
-        off += (oo ? oo[t] : l->zero * so[t]) * xsum[t];
+        for (int r = 0; r < nr; r++) off[r] += (oo ? oo[t] : l->zero * so[t]) * xsum[r * ng + t];
     }
-    return off + acc;
+    for (int r = 0; r < nr; r++) res[r] = off[r] + hsum8(acc[r]);
+#else
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t t = 0; t < ng; t++) {
+        for (int64_t j = t * g; j < (t + 1) * g; j += 32)
+            for (int r = 0; r < nr; r++) {
+                int32_t dot = 0;
+                for (int64_t i = j; i < j + 32; i++) dot += mp_code_at(qo, i, packed) * xq[r * k + i];
+                acc[r] += (float)dot * (so[t] * xd[r * nd + j / 32]);
+            }
+        for (int r = 0; r < nr; r++) off[r] += (oo ? oo[t] : l->zero * so[t]) * xsum[r * ng + t];
+    }
+    for (int r = 0; r < nr; r++) res[r] = off[r] + acc[r];
 #endif
+}
+
+/* AFFINE4_Q8 / AFFINE_Q8 rows [o0, o1) against B rows of x into ys[b][o]: x rows in groups of MP_GROUP
+ * (their codes stay in L1 while the range's weight rows pass), four x rows per weight row read. */
+static void mp_affine_q8_range(const mp_linear *l, int64_t o0, int64_t o1, const int8_t *xq, const float *xd,
+                               const float *xdv, const float *xsum, int64_t B, float *const *ys) {
+    const int64_t k = l->k, ng = k / l->g, nd = k / 32;
+    const int packed = l->kind == MP_AFFINE4_Q8;
+    float res[8];
+    for (int64_t b0 = 0; b0 < B; b0 += MP_GROUP) {
+        const int64_t b1 = B - b0 < MP_GROUP ? B : b0 + MP_GROUP;
+        for (int64_t o = o0; o < o1; o++) {
+            int64_t b = b0;
+            for (; b + 8 <= b1; b += 8) {
+                if (packed) mp_affine_q8_rows(l, o, xq + b * k, xd + b * nd, xdv ? xdv + b * k / 4 : NULL, xsum + b * ng, 8, 1, res);
+                else mp_affine_q8_rows(l, o, xq + b * k, xd + b * nd, xdv ? xdv + b * k / 4 : NULL, xsum + b * ng, 8, 0, res);
+                for (int r = 0; r < 8; r++) ys[b + r][o] = res[r];
+            }
+            for (; b + 4 <= b1; b += 4) {
+                if (packed) mp_affine_q8_rows(l, o, xq + b * k, xd + b * nd, xdv ? xdv + b * k / 4 : NULL, xsum + b * ng, 4, 1, res);
+                else mp_affine_q8_rows(l, o, xq + b * k, xd + b * nd, xdv ? xdv + b * k / 4 : NULL, xsum + b * ng, 4, 0, res);
+                for (int r = 0; r < 4; r++) ys[b + r][o] = res[r];
+            }
+            for (; b < b1; b++) {
+                if (packed) mp_affine_q8_rows(l, o, xq + b * k, xd + b * nd, xdv ? xdv + b * k / 4 : NULL, xsum + b * ng, 1, 1, res);
+                else mp_affine_q8_rows(l, o, xq + b * k, xd + b * nd, xdv ? xdv + b * k / 4 : NULL, xsum + b * ng, 1, 0, res);
+                ys[b][o] = res[0];
+            }
+        }
+    }
 }
 
 /* x (B rows of k, k % 32 == 0) rounded per 32 as llama.cpp's quantize_row_q8_0: d = max |x| / 127,
  * q = round(x / d) (d = 0: q = 0). */
 static void mp_round_q8(const float *x, int64_t B, int64_t k, int8_t *q, float *d) {
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
     for (int64_t b = 0; b < B * k / 32; b++) {
         float amax = 0.0f;
-        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b * 32 + i]));
+        for (int i = 0; i < 32; i++) {
+            const float a = fabsf(x[b * 32 + i]);
+            amax = a > amax ? a : amax;
+        }
         const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
         d[b] = db;
+#if defined(MP_AVX2)
+        /* roundf (halves away from zero) exactly: t = trunc(v), plus sign(v) where |v - t| >= 0.5 */
+        const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f), sign = _mm256_set1_ps(-0.0f);
+        for (int i = 0; i < 32; i += 8) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + b * 32 + i), vid);
+            const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(v, t)), half, _CMP_GE_OQ);
+            const __m256 r = _mm256_add_ps(t, _mm256_and_ps(up, _mm256_or_ps(_mm256_and_ps(v, sign), _mm256_set1_ps(1.0f))));
+            const __m256i n = _mm256_cvttps_epi32(r);  /* |r| <= 127 */
+            const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+            _mm_storel_epi64((__m128i *)(q + b * 32 + i), _mm_packs_epi16(h, h));
+        }
+#else
         for (int i = 0; i < 32; i++) q[b * 32 + i] = (int8_t)roundf(x[b * 32 + i] * id);
+#endif
     }
 }
 
@@ -226,6 +288,7 @@ static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x,
  * of layer c goes to ys[c * B + b] (k and v straight into their cache slots). */
 static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int cnt, const float *x, int64_t B) {
     float *xs[3] = {NULL, NULL, NULL}, *xp[3] = {NULL, NULL, NULL}, *xd[3] = {NULL, NULL, NULL};
+    float *xdv[3] = {NULL, NULL, NULL};  /* AVX-512: xd as the 64-code steps read it (mp_affine_q8_rows) */
     int8_t *xq[3] = {NULL, NULL, NULL};  /* AFFINE4_Q8: x rounded per 32, and the 32s' scales */
     const float *xc[3] = {x, x, x};  /* each layer's input: x, or x's columns in the layer's stored order */
     mp_acts acts[3];  /* x rounded per 32 ([0], Q8_0 / Q5_0; [2] packed for kind 7) and per 256 ([1], Q4_K / Q6_K) */
@@ -249,10 +312,17 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
             xq[c] = malloc((size_t)(B * k));
             xd[c] = malloc(sizeof(float) * (size_t)(B * k / 32));
             mp_round_q8(xc[c], B, k, xq[c], xd[c]);
+#if defined(MP_VNNI512)
+            if (l->g % 64 == 0) {
+                xdv[c] = malloc(sizeof(float) * (size_t)(B * k / 4));
+                for (int64_t i = 0; i < B * k / 4; i++) xdv[c][i] = xd[c][i / 8];
+            }
+#endif
         }
         if (MP_IS_AFFINE(l->kind)) {
             const int64_t ng = k / l->g;
             xs[c] = malloc(sizeof(float) * (size_t)(B * ng));
+#pragma omp parallel for schedule(static) if (B >= MP_PAR_ROWS)
             for (int64_t b = 0; b < B; b++)
                 for (int64_t t = 0; t < ng; t++) {
                     float sum = 0.0f;
@@ -273,13 +343,13 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
             mp_block_range(l->kind, (const uint8_t *)l->w, k, o0, o1, &acts[mp_acts_slot(l->kind)], B, ys + c * B);
             continue;
         }
+        if (MP_ROUNDS_X(l->kind)) {
+            mp_affine_q8_range(l, o0, o1, xq[c], xd[c], xdv[c], xs[c], B, ys + c * B);
+            continue;
+        }
         for (int64_t o = o0; o < o1; o++) {
             if (l->kind == MP_F32 && o + 2 < l->n) mp_prefetch_nta((const uint8_t *)l->w + (o + 2) * k * 4, k * 4);
-            for (int64_t b = 0; b < B; b++)
-                ys[c * B + b][o] = l->kind == MP_AFFINE4_Q8
-                    ? mp_affine_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng, 1)
-                    : l->kind == MP_AFFINE_Q8 ? mp_affine_q8_row(l, o, xq[c] + b * k, xd[c] + b * k / 32, xs[c] + b * ng, 0)
-                    : mp_linear_row(l, o, xc[c] + b * k, xs[c] ? xs[c] + b * ng : NULL);
+            for (int64_t b = 0; b < B; b++) ys[c * B + b][o] = mp_linear_row(l, o, xc[c] + b * k, xs[c] ? xs[c] + b * ng : NULL);
         }
     }
     for (int c = 0; c < cnt; c++) {
@@ -287,6 +357,7 @@ static void mp_linears_apply(const mp_linear *const *ls, float *const *ys, int c
         free(xp[c]);
         free(xq[c]);
         free(xd[c]);
+        free(xdv[c]);
         if (ls[c]->bias)  /* after the whole product, as torch adds a bias */
             for (int64_t b = 0; b < B; b++)
                 for (int64_t o = 0; o < ls[c]->n; o++) ys[c * B + b][o] += ls[c]->bias[o];

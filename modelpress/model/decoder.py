@@ -22,7 +22,7 @@ its own causal SDPA against its cached prefix plus itself.
 Fast path (model/fused_decode.py): on a CPU with the kernels built, where every block linear is fp32
 or GGUF (and the blocks are Llama's or what qwen2, qwen3, mistral and gemma add to them), whole
 decode steps run in one C call (mp_llama_decode) on the same weights and the same cache. Sequences that decode one token go there; where every layer multiplies on GGUF blocks
-(`fused.all_blocks`) prefill chunks too, each token a row, so a prefill, a decode and the recompute
+(`fused.all_int8`) prefill chunks too, each token a row, so a prefill, a decode and the recompute
 of a preempted sequence give the cache the same bits. With `int8_activations` (the default) GGUF
 Q8_0 / Q5_0 / Q4_K / Q6_K layers multiply on their blocks with activations rounded to int8 in both
 paths (llama.cpp's numerics; nn/gguf_linear.py's scoped `int8_activations()`), and a tied head kept
@@ -313,12 +313,12 @@ class Decoder(torch.nn.Module):
         reads), else the model's own type; "float32", "float16": that (fp16 only on the fused path)."""
         fused = self.fused
         if name == "auto":
-            return torch.float16 if fused is not None and fused.all_blocks and self.int8_activations else self.dtype
+            return torch.float16 if fused is not None and fused.all_int8 and self.int8_activations else self.dtype
         if name == "float16":
             if fused is None:
                 raise ValueError("an fp16 KV cache needs the fused CPU decode (a Llama-family fp32 model on a CPU "
                                  "whose layers it can take); leave the KV type to auto")
-            if not fused.all_blocks:
+            if not fused.all_int8:
                 raise ValueError("an fp16 KV cache needs every layer on GGUF blocks (the prefill runs fused too); "
                                  "leave the KV type to auto")
             return torch.float16
@@ -400,7 +400,7 @@ class Decoder(torch.nn.Module):
         with gguf_linear.int8_activations(self._int8_rows):
             fused = self.fused
             rows = ([] if fused is None else  # the C path computes the base: adapted sequences take the torch path
-                    [i for i, c in enumerate(batch.chunks) if (len(c) == 1 or fused.all_blocks)
+                    [i for i, c in enumerate(batch.chunks) if (len(c) == 1 or fused.all_int8)
                      and not batch.adapted(i)])
             if not rows:
                 logits = self.forward_torch(batch)

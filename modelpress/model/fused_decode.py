@@ -47,6 +47,8 @@ from .walker import UNIT_OFFSET_NORMS
 
 # symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
 _ZERO = {"Q4_0": -8.0, "Q5_0": -16.0, "Q8_0": -128.0}
+# integer codes multiplied with x rounded to int8 per 32 (RTN / GPTQ / AWQ, LLM.int8's rows)
+_INT8_CODES = (KIND["AFFINE4_Q8"], KIND["AFFINE_Q8"])
 
 
 def _bias(mod: torch.nn.Module, keep: list) -> torch.Tensor | None:
@@ -173,10 +175,10 @@ class FusedDecoder:
     structs, bound to the decoder's caches."""
 
     def __init__(self, lib: ctypes.CDLL, layers: ctypes.Array, keep: list, eps: float, d_ff: int,
-                 all_blocks: bool, fused_head: tuple | None, embed_scale: torch.Tensor | None = None,
+                 all_int8: bool, fused_head: tuple | None, embed_scale: torch.Tensor | None = None,
                  rope_types: list | None = None) -> None:
         self.lib, self.layers, self.keep, self.eps, self.d_ff = lib, layers, keep, eps, d_ff
-        self.all_blocks = all_blocks    # every layer multiplies on GGUF blocks: prefill chunks come here too
+        self.all_int8 = all_int8  # every layer multiplies with int8 activations: prefill chunks come here too
         self.fused_head = fused_head    # (head, norm weight, eps) run in C after the last layer, or None
         self.embed_scale = embed_scale  # gemma: the embedding rows times sqrt(hidden), as its module
         self.rope_types = rope_types or [None]  # the rotary tables the layers read (gemma3: two)
@@ -201,7 +203,7 @@ class FusedDecoder:
         if decoder.rotary(torch.tensor([1]), types[0])[0].shape[-1] != decoder.head_dim:
             return None  # partial rotary (Phi-4-mini's 0.75)
         keep: list = []
-        all_blocks = True
+        all_int8 = True
         layers = (ops.Layer * len(decoder.layers))()
         eps = _eps(decoder.layers[0].input_layernorm)
         d_ff = decoder.layers[0].mlp.down_proj.in_features
@@ -220,7 +222,7 @@ class FusedDecoder:
             if any(x is None for x in (*w, *lins)):
                 return None
             keep += w
-            all_blocks = all_blocks and all(KIND["Q8_0"] <= x.kind <= KIND["Q8_0x16"] for x in lins)
+            all_int8 = all_int8 and all(KIND["Q8_0"] <= x.kind <= KIND["Q8_0x16"] or x.kind in _INT8_CODES for x in lins)
             qk = dict(q_norm=w[-2], k_norm=w[-1]) if head_norms else {}
             gemma = dict(post_attn_norm=w[2], post_ffw_norm=w[3]) if sandwich else {}
             scale = 0.0 if attn.sdpa_scale is None else attn.sdpa_scale  # 0: 1 / sqrt(head_dim), as before
@@ -228,7 +230,7 @@ class FusedDecoder:
                                   rope=types.index(layer.rope_key),
                                   attn_scale=scale, softcap=attn.softcap or 0.0)  # caches: bind()
         scale = getattr(emb, "embed_scale", None)
-        return cls(lib, layers, keep, float(eps), d_ff, all_blocks, _fused_head(decoder.head, decoder.norm, keep, int8_activations),
+        return cls(lib, layers, keep, float(eps), d_ff, all_int8, _fused_head(decoder.head, decoder.norm, keep, int8_activations),
                    None if scale is None else scale.float(), types)
 
     def bind(self, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]) -> None:

@@ -172,7 +172,9 @@ def test_each_layer_kind_applies_as_its_torch_reference(kind, int8, build):
                                                           (8, 64, False, True)])
 def test_wide_groups_apply_as_their_reference(bits, group, symmetric, permuted, build):
     """Groups of 64 and more take the AVX-512 build's 64-code steps (the tiny model's widths do not divide
-    by 64): both activation choices against their references, a permutation too."""
+    by 64): both activation choices against their references, a permutation too. 37 rows: the int8
+    kernels' groups of 16 rows and 4 rows a weight row, with remainders; each row's numbers are the
+    same bits as that row alone (a sequence's arithmetic does not depend on its batch)."""
     import torch.nn.functional as F
 
     from modelpress.kernels import ops
@@ -183,13 +185,16 @@ def test_wide_groups_apply_as_their_reference(bits, group, symmetric, permuted, 
     mod = IntxLinear.from_linear(torch.nn.Linear(384, 48), bits, group, symmetric)
     if permuted:
         mod.perm = torch.randperm(384)
-    x = torch.randn(5, 384) * torch.rand(384) * 4
+    x = torch.randn(37, 384) * torch.rand(384) * 4
     for int8 in (False, True):
         keep = []  # the layer's tensors, alive while C reads them
-        got = ops.linear_apply(build, _linear(mod, keep, int8), x)
+        lin = _linear(mod, keep, int8)
+        got = ops.linear_apply(build, lin, x)
         ref = (_rounded_x_reference(mod, x) if int8 else
                F.linear(x if mod.perm is None else x.index_select(-1, mod.perm), mod.dequantize(), mod.bias))
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+        for i in (0, 5, 18, 36):
+            assert torch.equal(ops.linear_apply(build, lin, x[i:i + 1].contiguous())[0], got[i])
 
 
 @pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
@@ -202,7 +207,7 @@ def test_a_fused_prefill_computes_what_decoding_token_by_token_computes(kind):
     model = _quantized(kind)
     ids = torch.randint(1, 261, (75,), generator=torch.Generator().manual_seed(3)).tolist()
     chunked = ModelRunner(model, 20, 4)
-    assert chunked.fused().all_blocks and chunked.kv_dtype == torch.float16   # fp16 keys and values too
+    assert chunked.fused().all_int8 and chunked.kv_dtype == torch.float16   # fp16 keys and values too
     a = _Seq(ids, list(range(20)))
     got = torch.cat([chunked.run([a], [5]), chunked.run([_Seq(ids, list(range(20)))._at(5)], [70])])
     one = ModelRunner(model, 20, 4)
@@ -414,3 +419,26 @@ def test_int8_activations_are_the_runners_scoped_mode():
     assert torch.equal(before, after)
     assert not torch.equal(rounded, before)  # the mode does change the numbers (int8 rounding)
     torch.testing.assert_close(rounded, before, rtol=0, atol=0.05 * before.abs().max().item())
+
+
+def test_int8_activations_round_halves_away_from_zero(build):
+    """x rounded per 32 as roundf does (halves away from zero, 0.49999997 down), on every build: through
+    an identity LLM.int8 layer (W = I), a 32 whose max is 127 (d = 1) comes back as its rounded values
+    (plus one shift common to the 32)."""
+    from modelpress.kernels import ops
+    from modelpress.model.fused_decode import _linear
+    from modelpress.nn import Int8LtLinear
+
+    mod = Int8LtLinear.from_linear(torch.nn.Linear(32, 32, bias=False))
+    with torch.no_grad():
+        mod.weight.copy_(torch.eye(32, dtype=torch.int8) * 127)
+        mod.SCB.fill_(1.0)  # W = CB * SCB / 127 = I
+    vals = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, -0.49999997, 3.4999998, 100.5, -126.5]
+    x = torch.tensor(vals + [0.0] * (32 - len(vals)))[None]
+    keep = []
+    got = ops.linear_apply(build, _linear(mod, keep, True), x)[0, :len(vals)]
+    rounded = torch.tensor([127.0, 1, 2, 3, -1, -2, -3, 0, 0, 3, 101, -127])
+    # codes CB + 128 times the rounded x, minus 128 times the fp32 x's sum (the offset's term): each
+    # output is its rounded x plus 128 / 127 of the 32's summed rounding (that is not a tie's size)
+    drift = (rounded.double().sum() - x.double().sum()) * 128 / 127
+    torch.testing.assert_close(got.double(), rounded.double() + drift, rtol=0, atol=1e-3)
