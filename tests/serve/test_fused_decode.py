@@ -197,10 +197,10 @@ def test_wide_groups_apply_as_their_reference(bits, group, symmetric, permuted, 
             assert torch.equal(ops.linear_apply(build, lin, x[i:i + 1].contiguous())[0], got[i])
 
 
-@pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0"])
+@pytest.mark.parametrize("kind", ["gguf-Q4_K_M", "gguf-Q8_0", "rtn-w4", "gptq-act", "awq", "llm-int8"])
 def test_a_fused_prefill_computes_what_decoding_token_by_token_computes(kind):
-    """Where every layer is on GGUF blocks the runner prefills through the fused path too (each
-    chunk token a row): bit for bit the logits and cache of feeding the prompt one token at a time.
+    """Where every layer multiplies with int8 activations (GGUF blocks; integer codes, AFFINE4_Q8 /
+    AFFINE_Q8) the runner prefills through the fused path too (each chunk token a row): bit for bit the logits and cache of feeding the prompt one token at a time.
     (int8 rounding turns any difference in the order of sums into a jump of one step, so only the
     same code for both keeps a preempted, recomputed sequence on its course.) The second chunk, 70
     rows, goes through the kernels' row tiles (32, 32 and 6 rows)."""
@@ -234,7 +234,7 @@ def test_int8_activations_stay_close_to_the_torch_path(kind, tol):
     assert top1 >= 0.9 and (got - ref).abs().max() < tol * ref.abs().max(), top1
 
 
-@pytest.mark.parametrize("kind", ["fp32", "gguf-Q4_K_M", "gguf-Q8_0"])
+@pytest.mark.parametrize("kind", ["fp32", "gguf-Q4_K_M", "gguf-Q8_0", "awq", "llm-int8"])
 def test_batched_fused_decode_equals_each_sequence_alone(kind, build):
     """Four sequences of different lengths, blocks scattered over the cache: decoded together
     (one fused call per step) and one at a time, the same tokens and, where the head multiplies
