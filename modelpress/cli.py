@@ -21,6 +21,7 @@ from .data import calibration_windows, load_text
 from .errors import ModelpressError, one_line
 from .eval.compare import DEFAULT_METHODS, compare, method_names
 from .eval.evaluate import evaluate, summary
+from .eval.perplexity import COMPUTE_DTYPES
 from .eval.size import disk_bytes, model_size
 from .finetune.adapters import load_adapter
 from .finetune.gguf_lora import export_gguf_lora
@@ -207,7 +208,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     text = load_text(a.text, "eval")
     model, tok, load_s = _load(a.model, a.device, a.gguf_blocks)
     _with_adapter(model, a.adapter)
-    result = evaluate(model, tok, text, a.ctx, a.max_windows, a.decode_tokens, progress=not a.json)
+    result = evaluate(model, tok, text, a.ctx, a.max_windows, a.decode_tokens, progress=not a.json,
+                      compute_dtype=a.compute_dtype)
     result["load_seconds"] = load_s
     print(json.dumps(result) if a.json else summary(result))
     return 0
@@ -444,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ctx", type=flags.positive, default=512, help="window length in tokens (default: 512)")
     e.add_argument("--max-windows", type=flags.positive, help="score at most N windows")
     e.add_argument("--decode-tokens", type=int, default=64, help="tokens for the decode-speed run (0: skip)")
+    e.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
+                   help="the perplexity's products: float32 (the model's own numbers, default) or bfloat16 "
+                        "(autocast: AMX / AVX512-BF16 tiles where the CPU has them, ~1.5x; ppl moves ~0.1 %%)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _runtime(e, blocks=False)
 

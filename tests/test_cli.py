@@ -59,7 +59,11 @@ def test_quantize_eval_info_generate(tmp_path, capsys, tiny_gguf):
                            "--max-windows", "4", "--decode-tokens", "8", "--json")
     r = json.loads(stdout)
     assert code == 0 and {"ppl", "windows", "size_bytes", "bits_per_weight", "tokens_per_s"} <= set(r)
-    assert r["windows"] == 4 and r["ppl"] > 1 and r["tokens_per_s"] > 0
+    assert r["windows"] == 4 and r["ppl"] > 1 and r["tokens_per_s"] > 0 and r["compute_dtype"] == "float32"
+    code, stdout, _ = _run(capsys, "eval", str(out), "--text", str(tmp_path / "t.txt"), "--ctx", "64",
+                           "--max-windows", "4", "--decode-tokens", "0", "--compute-dtype", "bfloat16", "--json")
+    bf16 = json.loads(stdout)
+    assert code == 0 and bf16["compute_dtype"] == "bfloat16" and abs(bf16["ppl"] / r["ppl"] - 1) < 0.02
     code, stdout, _ = _run(capsys, "info", str(out), "--json")
     info = json.loads(stdout)
     assert info["method"] == "rtn" and info["bits"] == 4 and info["quantized_modules"] == 14

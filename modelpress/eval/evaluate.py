@@ -12,14 +12,16 @@ from .speed import decode_tokens_per_s
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, text: str, ctx: int = 512, max_windows: int | None = None,
-             decode_tokens: int = 64, progress: bool = True) -> dict[str, Any]:
-    """ppl over windows of `ctx` tokens of `text`, the model's size, and (decode_tokens > 0) its
-    batch-1 decode speed, as one flat dict (what `eval --json` prints)."""
-    r = perplexity(model, tokenizer, text, ctx=ctx, max_windows=max_windows, progress=progress)
+             decode_tokens: int = 64, progress: bool = True, compute_dtype: str = "float32") -> dict[str, Any]:
+    """ppl over windows of `ctx` tokens of `text` (products in `compute_dtype`: eval/perplexity.py), the
+    model's size, and (decode_tokens > 0) its batch-1 decode speed, as one flat dict (what `eval --json`
+    prints)."""
+    r = perplexity(model, tokenizer, text, ctx=ctx, max_windows=max_windows, progress=progress,
+                   compute_dtype=compute_dtype)
     size = model_size(model)
     speed = decode_tokens_per_s(model, tokenizer, new_tokens=decode_tokens, progress=progress) if decode_tokens else None
     source = record(model).source
-    return {"ppl": r.ppl, "windows": r.windows, "ctx": r.ctx, "size_bytes": size.size_bytes,
+    return {"ppl": r.ppl, "windows": r.windows, "ctx": r.ctx, "compute_dtype": compute_dtype, "size_bytes": size.size_bytes,
             "bits_per_weight": size.bits_per_weight, "linear_bits_per_weight": size.linear_bits_per_weight,
             "tokens_per_s": speed, "eval_tokens_per_s": r.tokens_per_s, "source": source,
             "source_disk_bytes": disk_bytes(source) if source else None}

@@ -61,13 +61,22 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> float:
     return total
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 @torch.inference_mode()
 def perplexity_of_windows(model: torch.nn.Module, wins: torch.Tensor, batch_size: int = 8,
-                          progress: bool = True) -> PerplexityResult:
+                          progress: bool = True, compute_dtype: str = "float32") -> PerplexityResult:
+    """compute_dtype "bfloat16": the products in bf16 under torch's autocast (AMX / AVX512-BF16 tiles where
+    the CPU has them: ~1.5x on this protocol; the perplexity moves by ~0.1 %), losses in fp32; "float32":
+    the model's own numbers."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
     n, ctx = wins.shape
     device = device_of(model)
     nll, start = 0.0, time.perf_counter()
-    with tqdm(total=n, desc="perplexity", unit="window", disable=not progress, leave=False) as bar:
+    cast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16")
+    with tqdm(total=n, desc="perplexity", unit="window", disable=not progress, leave=False) as bar, cast:
         for i in range(0, n, batch_size):
             nll += window_nll(model, wins[i:i + batch_size].to(device))
             bar.update(min(batch_size, n - i))
@@ -76,11 +85,11 @@ def perplexity_of_windows(model: torch.nn.Module, wins: torch.Tensor, batch_size
 
 def perplexity(model: torch.nn.Module, tokenizer, text: str | None = None, ctx: int = 512,  # noqa: ANN001
                max_windows: int | None = None, batch_size: int = 8,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, compute_dtype: str = "float32") -> PerplexityResult:
     """Perplexity of `model` on `text` (default: the standard library's evaluation text)."""
     text = load_text(None, "eval") if text is None else text
     wins = windows(tokenize(tokenizer, text), ctx, max_windows)
-    return perplexity_of_windows(model, wins, batch_size, progress)
+    return perplexity_of_windows(model, wins, batch_size, progress, compute_dtype)
 
 
 @torch.no_grad()

@@ -37,6 +37,20 @@ def test_matches_transformers_and_manual_protocol(tiny):
     assert abs(one.ppl / ours.ppl - 1) < 1e-6
 
 
+def test_bfloat16_products_stay_close_and_bad_dtypes_are_refused(tiny):
+    """compute_dtype="bfloat16" runs the products under autocast: a different number (it is not the fp32
+    path renamed), within 1 % of fp32's on the tiny model; an unknown dtype is a clear error."""
+    import pytest
+
+    model, tok = tiny
+    wins = windows(tokenize(tok, "the thing in the winter " * 40), 64)
+    f32 = perplexity_of_windows(model, wins, progress=False)
+    bf16 = perplexity_of_windows(model, wins, progress=False, compute_dtype="bfloat16")
+    assert bf16.ppl != f32.ppl and abs(bf16.ppl / f32.ppl - 1) < 0.01
+    with pytest.raises(ValueError, match="bfloat16"):
+        perplexity_of_windows(model, wins, progress=False, compute_dtype="float16")
+
+
 def test_default_text_and_max_windows(tiny):
     model, tok = tiny
     r = perplexity(model, tok, ctx=32, max_windows=3, progress=False)
