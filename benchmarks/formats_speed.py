@@ -83,9 +83,10 @@ def main() -> None:
         print(row, flush=True)
         del model
     write_result(Path(a.out), "formats_speed", rows, tokens=a.tokens, repeats=a.repeats, prompt=PROMPT,
-                 note="fused decode: integer formats as one byte per code (AFFINE) with fp32 activations, NF4 / FP4 "
-                      "on the packed codes (CODE4); llama.cpp files exported by modelpress (byte-exact with llama.cpp's "
-                      "quantizer for these types: benchmarks/gguf_export.py)")
+                 note="fused decode: 4-bit integers on their packed nibbles and int8 codes a byte each, with x "
+                      "rounded to int8 per 32 (AFFINE4_Q8 / AFFINE_Q8), NF4 / FP4 on the packed codes with fp32 x "
+                      "(CODE4); llama.cpp files exported by modelpress (byte-exact with llama.cpp's quantizer for "
+                      "these types: benchmarks/gguf_export.py)")
 
 
 if __name__ == "__main__":
