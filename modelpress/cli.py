@@ -38,6 +38,7 @@ from .kernels import tune
 from .methods.awq import AWQConfig
 from .methods.bnb4 import NF4Config
 from .methods.gptq import GPTQConfig
+from .methods.qat import QATTrainConfig, qat
 from .model.imatrix import compute_imatrix
 from .model.load import load, resolve
 from .model.walker import iter_targets
@@ -324,6 +325,35 @@ def cmd_tune(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qat(a: argparse.Namespace) -> int:
+    """Train against a format's rounding (methods/qat.py), then write that format with its own quantizer."""
+    if (a.type is None) == (a.method is None):
+        raise ModelpressError("give --type (a GGUF mix: Q4_0, Q4_K_M, ...) or --method (rtn, nf4, fp4), not both")
+    if a.type is not None and a.type.upper() not in MIXES:
+        raise ModelpressError(f"unknown GGUF type {a.type!r}; choose one of: {', '.join(MIXES)}")
+    target = a.type if a.type is not None else _config_from_args(a)
+    gguf = Path(a.out).suffix.lower() == ".gguf"
+    if a.type is None and gguf:
+        raise ModelpressError("--method rtn / nf4 / fp4 writes a checkpoint folder; a .gguf goes with --type")
+    out = check_file(Path(a.out)) if gguf else check_destination(a.format, getattr(target, "method", None), a.out)
+    if a.calib is not None:
+        load_text(a.calib, "calib")
+    model, tok, _ = _load(a.model)
+    train = QATTrainConfig(steps=a.steps, batch=a.batch, ctx=a.ctx, windows=a.samples, lr=a.lr)
+    hist = qat(model, tok, target, a.calib, train)
+    _err(f"qat: {train.steps} steps in {sum(h['seconds'] for h in hist):.0f} s, KL {hist[0]['kl']:.4f} -> "
+         f"{hist[-1]['kl']:.4f}")
+    if gguf:
+        export_gguf(model, tok, out, a.type)
+    elif a.type is None:
+        quantize(model, target)
+        save(model, tok, out, format=a.format)
+    else:  # the trained float model, for export --type (with --calib: an imatrix) or a calibrated method
+        save(model, tok, out, format="modelpress")
+    _err(f"wrote {out}")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     path = resolve(a.model)
     info: dict[str, Any] = {"path": str(path), "disk_bytes": disk_bytes(path), **describe(path)}
@@ -526,6 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
     i = command("info", cmd_info, "what a model file or checkpoint holds")
     i.add_argument("--json", action="store_true")
     i.add_argument("--tuning", action="store_true", help="also list the kernel choices `modelpress tune` made here")
+
+    a = command("qat", cmd_qat, "quantization-aware training against a format's exact rounding, then that format")
+    a.add_argument("--type", help="a GGUF mix to train for (Q4_0, Q4_K_M, ...): --out x.gguf writes it, a folder the "
+                                  "trained float model")
+    a.add_argument("--method", choices=("rtn", "nf4", "fp4"), help="train for these codes instead (with --bits, "
+                                                                   "--group-size, --symmetric; --blocksize, --double-quant)")
+    flags.add(a, [config_types()[m] for m in ("rtn", "nf4", "fp4")])
+    _calibration(a, "to train on (distillation from the model as it was)")
+    a.add_argument("--steps", type=flags.positive, default=100, help="optimizer steps (default: 100)")
+    a.add_argument("--batch", type=flags.positive, default=4, help="windows a step (default: 4)")
+    a.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
+    a.add_argument("--format", choices=("modelpress", "gptq", "compressed-tensors"), default="modelpress",
+                   help="--method's checkpoint layout (rtn: gptq is the HF GPTQ layout vLLM reads)")
+    a.add_argument("--out", required=True, help="a .gguf file (--type) or a folder")
 
     t = command("tune", cmd_tune, "time the W8A8 kernel variants for the model's layer shapes and keep the fastest")
     t.add_argument("--rows", type=lambda text: [flags.positive(r) for r in text.split(",")], default=tune.ROW_BUCKETS,

@@ -363,3 +363,30 @@ def test_a_new_config_field_is_a_new_flag(tmp_path, capsys):
             _config_from_args(a)
     finally:
         config_module._CONFIG_TYPES.pop("toy")
+
+
+def test_qat_writes_the_format_it_trained_for(tmp_path, capsys, tiny_gguf):
+    """qat --type Q4_0 --out x.gguf: a GGUF whose blocks are Q4_0; --method rtn --format gptq: the GPTQ
+    layout; a float folder for --type with a folder; bad combinations: one-line errors, nothing written."""
+    from gguf import GGUFReader
+
+    text = tmp_path / "t.txt"
+    text.write_text("the thing in the winter " * 80)
+    common = ["--calib", str(text), "--ctx", "32", "--samples", "4", "--steps", "2", "--batch", "2"]
+    code, _, err = _run(capsys, "qat", str(tiny_gguf), "--type", "Q4_0", *common, "--out", str(tmp_path / "q.gguf"))
+    assert code == 0 and "qat: 2 steps" in err
+    kinds = {t.tensor_type.name for t in GGUFReader(tmp_path / "q.gguf").tensors if t.name.startswith("blk.")}
+    assert "Q4_0" in kinds
+    code, _, _ = _run(capsys, "qat", str(tiny_gguf), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                      "--format", "gptq", *common, "--out", str(tmp_path / "gptq"))
+    assert code == 0 and json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"][
+        "quant_method"] == "gptq"
+    code, _, _ = _run(capsys, "qat", str(tiny_gguf), "--type", "Q4_K_M", *common, "--out", str(tmp_path / "float"))
+    assert code == 0 and (tmp_path / "float").is_dir()
+    _one_line_error(*_run(capsys, "qat", str(tiny_gguf), "--type", "Q4_0", "--method", "rtn", "--out",
+                          str(tmp_path / "o.gguf"))[::2])
+    _one_line_error(*_run(capsys, "qat", str(tiny_gguf), "--out", str(tmp_path / "o.gguf"))[::2])
+    _one_line_error(*_run(capsys, "qat", str(tiny_gguf), "--method", "nf4", "--out", str(tmp_path / "o.gguf"))[::2])
+    _one_line_error(*_run(capsys, "qat", str(tiny_gguf), "--type", "Q9_9", *common, "--out",
+                          str(tmp_path / "o.gguf"))[::2])
+    assert not (tmp_path / "o.gguf").exists()

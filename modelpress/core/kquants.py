@@ -700,3 +700,13 @@ def dequantize(data: torch.Tensor, kind: str, cols: int) -> torch.Tensor:
     rows = q.shape[0]
     w = q.reshape(rows, cols // g, g).to(F32) * scale[..., None] + offset[..., None]
     return w.reshape(rows, cols)
+
+
+def rounded(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """w (rows, cols) as a GGUF tensor of type `kind` holds it, back in fp32: the reference quantizer's
+    blocks dequantized (what llama.cpp computes with), or F16 / BF16 / F32 values."""
+    if kind in BLOCK:
+        return dequantize(quantize(w, kind), kind, w.shape[1]).reshape(w.shape)
+    if kind == "F32":
+        return w.detach().float().clone()
+    return w.detach().to({"F16": torch.float16, "BF16": torch.bfloat16}[kind]).float()

@@ -174,7 +174,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor at `step`: linear warmup over `warmup` steps, then cosine decay to zero."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
@@ -263,7 +264,7 @@ def finetune(model: torch.nn.Module, tokenizer: Any, data: str | Path | None, lo
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     warmup = int(train.warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
     if resume:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -113,13 +113,6 @@ def type_bytes(kind: str, shape: tuple[int, ...]) -> int:
     return n * {"F32": 4, "F16": 2, "BF16": 2}[kind]
 
 
-def rounded(w: torch.Tensor, kind: str) -> torch.Tensor:
-    """w as type `kind` stores it, back in fp32."""
-    if kind in kquants.BLOCK:
-        return kquants.dequantize(kquants.quantize(w, kind), kind, w.shape[1])
-    return w.to({"F16": torch.float16, "BF16": torch.bfloat16}[kind]).float()
-
-
 def fisher_diagonal(model: torch.nn.Module, names: list[str], windows: list[torch.Tensor],
                     progress: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
     """{parameter name: diagonal Fisher information per token} for the named weights, so that
@@ -182,7 +175,7 @@ def allocate_for(model: torch.nn.Module, config: AutoConfig, calib: list[torch.T
         options = [k for k in config.formats if k not in kquants.BLOCK or w.shape[1] % kquants.BLOCK[k][0] == 0]
         if not options or not quantizable(names[fqn], tuple(w.shape)):
             raise ModelpressError(f"{fqn}: none of the formats {config.formats} fits rows of {w.shape[1]}")
-        costs.append({k: 0.5 * (f * (w - rounded(w, k)).pow(2)).sum().item() for k in options})
+        costs.append({k: 0.5 * (f * (w - kquants.rounded(w, k)).pow(2)).sum().item() for k in options})
         sizes.append({k: 8 * type_bytes(k, tuple(w.shape)) for k in options})
         order.append(names[fqn])
     try:
@@ -212,6 +205,6 @@ def _auto(model: torch.nn.Module, config: AutoConfig, calib: list[torch.Tensor] 
         if kind in kquants.BLOCK:
             replace(model, fqn, GGUFLinear.from_blocks(kquants.quantize(w, kind), kind, w.shape[1]))
         else:
-            m.weight.data = rounded(w, kind)  # F16 / BF16: the rounded values, kept as fp32
+            m.weight.data = kquants.rounded(w, kind)  # F16 / BF16: the rounded values, kept as fp32
     record(model).plan = plan
     return model

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import modelpress
+from modelpress.core.kquants import rounded
 from modelpress.methods.auto import (
     AutoConfig,
     allocate_for,
     fisher_diagonal,
-    rounded,
     type_bytes,
 )
 from modelpress.nn.gguf_linear import GGUFLinear
@@ -118,8 +118,8 @@ def test_fisher_proxy_ranks_like_the_measured_kl():
 def test_quantize_save_load_and_export_keep_the_types_and_bytes(tmp_path, tiny):
     from gguf import GGUFReader
 
+    from modelpress.core.kquants import rounded as stored
     from modelpress.formats.gguf_writer import write_gguf
-    from modelpress.methods.auto import rounded as stored
 
     model, tok = tiny
     ref = copy.deepcopy(model)
