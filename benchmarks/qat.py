@@ -4,7 +4,7 @@ rounding (imatrix for the GGUF types, GPTQ for the integers); llama.cpp's perple
 on the same windows; seconds and peak memory per training step beside torchao's QAT (prepare API,
 int4 weights in groups of 64, the same distillation loop).
 
-    LLAMA_CPP_LIB_PATH=<llama.cpp build> .venv/bin/python benchmarks/qat.py [--steps 25,100]
+    LLAMA_CPP_LIB_PATH=<llama.cpp build> .venv/bin/python benchmarks/qat.py [--steps 25,75]
 
 Every ppl here is modelpress' protocol (eval/perplexity.py) on --eval-windows windows of 512 tokens;
 a GGUF is loaded back from the file the exporter wrote (its own token embedding type included).
@@ -109,10 +109,10 @@ def step_cost(which: str, steps: int, batch: int, ctx: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", default="25,100", help="QAT step counts (comma-separated)")
+    p.add_argument("--steps", default="25,75", help="QAT step counts (comma-separated)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--ctx", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--step-cost", choices=("modelpress", "torchao"), help=argparse.SUPPRESS)

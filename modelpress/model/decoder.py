@@ -19,10 +19,11 @@ attention against the cache. A batch is flattened to its N tokens: the linears r
 mp_paged_attention on a CPU, else one masked SDPA over its gathered keys); each prefill chunk runs
 its own causal SDPA against its cached prefix plus itself.
 
-Fast path (model/fused_decode.py): on a CPU with the kernels built, where every block linear is fp32
-or GGUF (and the blocks are Llama's or what qwen2, qwen3, mistral and gemma add to them), whole
-decode steps run in one C call (mp_llama_decode) on the same weights and the same cache. Sequences that decode one token go there; where every layer multiplies on GGUF blocks
-(`fused.all_int8`) prefill chunks too, each token a row, so a prefill, a decode and the recompute
+Fast path (model/fused_decode.py): on a CPU with the kernels built, where every block linear is fp32,
+GGUF or another stored format (and the blocks are Llama's or what qwen2, qwen3, mistral and gemma add
+to them), whole decode steps run in one C call (mp_llama_decode) on the same weights and the same
+cache. Sequences that decode one token go there; where every layer multiplies with int8 activations
+(GGUF blocks, integer codes: `fused.all_int8`) prefill chunks too, each token a row, so a prefill, a decode and the recompute
 of a preempted sequence give the cache the same bits. With `int8_activations` (the default) GGUF
 Q8_0 / Q5_0 / Q4_K / Q6_K layers multiply on their blocks with activations rounded to int8 in both
 paths (llama.cpp's numerics; nn/gguf_linear.py's scoped `int8_activations()`), and a tied head kept
@@ -308,8 +309,8 @@ class Decoder(torch.nn.Module):
 
     # -- the cache -------------------------------------------------------------------------------------
     def kv_dtype(self, name: str = "auto") -> torch.dtype:
-        """The cache's type. "auto": fp16 where every step runs fused on GGUF blocks with int8
-        activations (llama.cpp's default cache type for its CPU path; half the bytes attention
+        """The cache's type. "auto": fp16 where every step runs fused with int8 activations
+        (GGUF blocks, integer codes) (llama.cpp's default cache type for its CPU path; half the bytes attention
         reads), else the model's own type; "float32", "float16": that (fp16 only on the fused path)."""
         fused = self.fused
         if name == "auto":
@@ -319,7 +320,8 @@ class Decoder(torch.nn.Module):
                 raise ValueError("an fp16 KV cache needs the fused CPU decode (a Llama-family fp32 model on a CPU "
                                  "whose layers it can take); leave the KV type to auto")
             if not fused.all_int8:
-                raise ValueError("an fp16 KV cache needs every layer on GGUF blocks (the prefill runs fused too); "
+                raise ValueError("an fp16 KV cache needs every layer multiplying with int8 activations (GGUF blocks, "
+                                 "integer codes: the prefill runs fused too); "
                                  "leave the KV type to auto")
             return torch.float16
         if name == "float32":

@@ -1,5 +1,6 @@
-"""The fast path of the decoder model (model/decoder.py): decode steps (and, for models all on GGUF
-blocks, prefill chunks) in one C call (kernels/decode.c, mp_llama_decode), for one sequence or many.
+"""The fast path of the decoder model (model/decoder.py): decode steps (and, for models whose every
+layer multiplies with int8 activations, prefill chunks) in one C call (kernels/decode.c,
+mp_llama_decode), for one sequence or many.
 
 A decode step through the modules costs ~1500 small torch operations (norms, rotary, cache indexing,
 SDPA with its mask, residuals), more on 2 cores than the weight products themselves. The decoder

@@ -257,8 +257,9 @@ class ServeConfig:
     max_num_seqs: int = option(32, "sequences running at once")
     kv_blocks: int = option(1024, "KV-cache blocks")
     block_size: int = option(16, "tokens per KV-cache block")
-    kv_dtype: str = option("auto", "KV-cache type: auto (fp16 for a model all on GGUF blocks, as llama.cpp; "
-                           "else the model's own)", choices=("auto", "float32", "float16"))
+    kv_dtype: str = option("auto", "KV-cache type: auto (fp16 for a model whose every layer multiplies "
+                           "with int8 activations: GGUF blocks, RTN / GPTQ / AWQ / LLM.int8 codes; as llama.cpp; else "
+                           "the model's own)", choices=("auto", "float32", "float16"))
     max_step_tokens: int = option(512, "tokens computed per engine step, prefill chunks included")
     max_body_mb: float = option(MAX_BODY_BYTES / (1 << 20), "largest request body accepted, in MiB (413 past it)")
     template_timeout: float = option(TEMPLATE_SECONDS, "seconds a chat template may take to render a request")

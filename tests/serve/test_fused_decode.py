@@ -322,7 +322,7 @@ def test_fp16_cache_holds_the_fp32_caches_keys_rounded(kind, build):
 
 
 def test_kv_dtype_the_model_cannot_take_is_a_clear_error():
-    with pytest.raises(ValueError, match="every layer on GGUF blocks"):
+    with pytest.raises(ValueError, match="every layer multiplying with int8 activations"):
         ModelRunner(tiny_llama(), 4, 4, kv_dtype="float16")
     with pytest.raises(ValueError, match="needs the fused CPU decode"):
         ModelRunner(tiny_llama(), 4, 4, fused_decode=False, kv_dtype="float16")
