@@ -336,10 +336,13 @@ def cmd_qat(a: argparse.Namespace) -> int:
     if a.type is None and gguf:
         raise ModelpressError("--method rtn / nf4 / fp4 writes a checkpoint folder; a .gguf goes with --type")
     out = check_file(Path(a.out)) if gguf else check_destination(a.format, getattr(target, "method", None), a.out)
+    try:
+        train = QATTrainConfig(a.steps, a.batch, a.ctx, a.samples, a.lr, lora_rank=a.lora_rank)
+    except ValueError as e:
+        raise ModelpressError(str(e)) from None
     if a.calib is not None:
         load_text(a.calib, "calib")
     model, tok, _ = _load(a.model)
-    train = QATTrainConfig(steps=a.steps, batch=a.batch, ctx=a.ctx, windows=a.samples, lr=a.lr)
     hist = qat(model, tok, target, a.calib, train)
     _err(f"qat: {train.steps} steps in {sum(h['seconds'] for h in hist):.0f} s, KL {hist[0]['kl']:.4f} -> "
          f"{hist[-1]['kl']:.4f}")
@@ -567,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", type=flags.positive, default=100, help="optimizer steps (default: 100)")
     a.add_argument("--batch", type=flags.positive, default=4, help="windows a step (default: 4)")
     a.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
+    a.add_argument("--lora-rank", type=int, default=0, help="> 0: QAT + LoRA, a low-rank update of each weight trains")
     a.add_argument("--format", choices=("modelpress", "gptq", "compressed-tensors"), default="modelpress",
                    help="--method's checkpoint layout (rtn: gptq is the HF GPTQ layout vLLM reads)")
     a.add_argument("--out", required=True, help="a .gguf file (--type) or a folder")

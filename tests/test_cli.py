@@ -389,4 +389,6 @@ def test_qat_writes_the_format_it_trained_for(tmp_path, capsys, tiny_gguf):
     _one_line_error(*_run(capsys, "qat", str(tiny_gguf), "--method", "nf4", "--out", str(tmp_path / "o.gguf"))[::2])
     _one_line_error(*_run(capsys, "qat", str(tiny_gguf), "--type", "Q9_9", *common, "--out",
                           str(tmp_path / "o.gguf"))[::2])
+    _one_line_error(*_run(capsys, "qat", str(tiny_gguf), "--type", "Q4_0", "--lora-rank", "-1", "--out",
+                          str(tmp_path / "o.gguf"))[::2])
     assert not (tmp_path / "o.gguf").exists()

@@ -7,7 +7,9 @@ integers (RTNConfig: the codes IntxLinear stores, GPTQ's layout on export) or NF
 Code4Linear codes, double quantization included). The forward multiplies by the rounded weights,
 the backward passes through the rounding (straight-through estimator, nn/fake_quant.py); the loss
 is the distillation KL(teacher || student) of the next-token distributions at every position, the
-teacher being the model as it was (its logits computed on the fly, no grad). Embeddings, norms and
+teacher being the model as it was (its logits computed on the fly, no grad). Full QAT trains the
+layers' weights; QAT + LoRA (`lora_rank`) freezes them and trains a low-rank update of each, rounded
+merged (the memory of AdamW's state for ~1 % of the weights). Embeddings, norms and
 the output head do not train (the head is the tied embedding in the default model; the exporter
 rounds them as the format says).
 
@@ -53,7 +55,8 @@ Target = str | RTNConfig | NF4Config  # a GGUF mix, or the weight-only config th
 class QATTrainConfig:
     """`steps` AdamW steps on `batch` windows of `ctx` tokens each, from the first `windows` windows of
     the training text (shuffled, cycled), lr with a linear warmup over `warmup` of the steps then
-    cosine decay to zero."""
+    cosine decay to zero; `lora_rank` > 0 trains a low-rank update of each weight instead of the
+    weights (nn/fake_quant.py: the merged weight is what is rounded)."""
 
     steps: int = 100
     batch: int = 4
@@ -64,8 +67,11 @@ class QATTrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    lora_rank: int = 0  # > 0: QAT + LoRA (the weights frozen, a low-rank update of each trains)
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be 0 (full QAT) or positive, got {self.lora_rank}")
         for name in ("steps", "batch", "ctx", "windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -120,13 +126,14 @@ def roundings(model: torch.nn.Module, target: Target) -> dict[str, tuple[Roundin
     raise ModelpressError(f"QAT trains against a GGUF mix, RTN integers or NF4 / FP4; not {kind}")
 
 
-def prepare(model: torch.nn.Module, target: Target) -> torch.nn.Module:
-    """The decoder's linear layers as FakeQuantLinear for `target` (in place); every other parameter frozen."""
+def prepare(model: torch.nn.Module, target: Target, lora_rank: int = 0) -> torch.nn.Module:
+    """The decoder's linear layers as FakeQuantLinear for `target` (in place); every other parameter
+    frozen. lora_rank > 0: their weights frozen too, a rank-`lora_rank` update of each trains (QAT + LoRA)."""
     plan = roundings(model, target)
     for p in model.parameters():
         p.requires_grad_(False)
     for fqn, (rounding, label) in plan.items():
-        replace(model, fqn, FakeQuantLinear(model.get_submodule(fqn), rounding, label))
+        replace(model, fqn, FakeQuantLinear(model.get_submodule(fqn), rounding, label, rank=lora_rank))
     return model
 
 
@@ -156,7 +163,7 @@ def qat(model: torch.nn.Module, tokenizer: Any, target: Target, text: str | Path
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    prepare(model, target)
+    prepare(model, target, train.lora_rank)
     wins = calibration_windows(tokenizer, text, train.ctx, train.windows)
     if not wins:
         raise ModelpressError(f"the training text holds fewer than {train.ctx} tokens; give a longer --calib or a "

@@ -121,6 +121,32 @@ def test_qat_lowers_the_kl_of_the_exported_q4_0_model(tmp_path):
     assert after < 0.6 * before, (before, after)
 
 
+def test_qat_with_lora_trains_the_update_and_rounds_the_merged_weight(tmp_path):
+    """lora_rank: only A and B train, the forward rounds W + s B A (not W's rounding plus an adapter), and
+    convert leaves the merged weight; the Q4_0 KL to the original still drops."""
+    from modelpress.core.kquants import rounded
+    from tests.conftest import byte_tokenizer
+
+    model = prepare(tiny_llama(), "Q4_0", lora_rank=4)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith(("lora_A", "lora_B")) for n in trained)
+    lin = model.model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        lin.lora_B.normal_(0, 0.05)
+    x = torch.randn(3, 96)
+    merged = lin.weight + lin.scaling * lin.lora_B @ lin.lora_A
+    assert torch.equal(lin(x), F.linear(x, rounded(merged.detach(), "Q4_0")))
+    assert torch.equal(convert(model).model.layers[0].mlp.up_proj.weight, merged.detach())
+
+    tok = byte_tokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"the {w} in the winter of {i}" for i, w in enumerate(["cat", "tree", "stone"] * 80)))
+    model = tiny_llama()
+    hist = qat(model, tok, "Q4_0", text, QATTrainConfig(steps=20, batch=4, ctx=48, lr=3e-3, lora_rank=4),
+               progress=False)
+    assert hist[-1]["kl"] < 0.7 * hist[0]["kl"], (hist[0]["kl"], hist[-1]["kl"])
+
+
 def test_unsupported_targets_and_models_are_clear_errors():
     model = tiny_llama()
     with pytest.raises(ModelpressError, match="GGUF mix, RTN integers or NF4"):
