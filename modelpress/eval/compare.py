@@ -53,6 +53,7 @@ from ..methods import (
     W8A8Config,
 )
 from ..methods.auto import AutoConfig, allocate_for
+from ..methods.qat import QATTrainConfig, qat_windows
 from ..model.imatrix import compute_imatrix
 from ..model.load import load, resolve
 from ..model.walker import use_dense_kernels
@@ -77,6 +78,8 @@ class Recipe:
 
     @property
     def calibrated(self) -> bool:
+        if self.kind == "qat":  # trains on the calibration windows
+            return True
         if self.kind == "config":
 
             return BaseConfig.from_dict(self.args).calibrated
@@ -104,11 +107,17 @@ def _config_recipes() -> dict[str, Any]:
     return table
 
 
+# QAT rows: 25 steps of 2 calibration windows against the target's rounding (~7 s a step on the default
+# model, 2 cores), then the target's own quantizer
+QAT_ROWS: dict[str, Any] = {"qat-q4_0": "Q4_0", "qat-q4_k_m": "Q4_K_M", "qat-w4": RTNConfig(bits=4, group_size=64)}
+
+
 def method_names() -> list[str]:
     """Every name `recipe` accepts (GGUF mixes also with '-imat': an imatrix from the calibration text)."""
 
     mixes = [m.lower() for m in MIXES if m not in ("F32",)]
     return (["fp32"] + list(_config_recipes()) + mixes + [f"{m}-imat" for m in mixes if m[0] == "q"]
+            + list(QAT_ROWS)
             + ["auto-<bpw>", "auto-<gguf mix>", "auto-<bpw or mix>@<type>+<type>+..."])
 
 
@@ -123,6 +132,10 @@ def recipe(name: str) -> Recipe:
     configs = _config_recipes()
     if name in configs:
         return Recipe(name, "config", configs[name].to_dict())
+    if name in QAT_ROWS:  # QAT (methods/qat.py) on the calibration windows, then the target's quantizer
+        target = QAT_ROWS[name]
+        return Recipe(name, "qat", {"target": target if isinstance(target, str) else target.to_dict(),
+                                    "steps": 25, "batch": 2, "lr": 5e-5})
     mix, _, imat = name.partition("-imat")
     if mix.upper() in MIXES and imat == "":
         return Recipe(name, "gguf", {"mix": mix.upper(), "imatrix": name.endswith("-imat")})
@@ -210,6 +223,16 @@ def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor]
     allocation, not saving or reloading)."""
 
     start = time.perf_counter()
+    if r.kind == "qat":
+        target = r.args["target"]
+        target = target if isinstance(target, str) else BaseConfig.from_dict(target)
+        qat_windows(model, target, calib, QATTrainConfig(steps=r.args["steps"], batch=r.args["batch"], lr=r.args["lr"]),
+                    progress=False)
+        if isinstance(target, str):  # written and measured as the GGUF row of that mix
+            r = Recipe(r.name, "gguf", {"mix": target, "imatrix": False})
+        else:
+            r = Recipe(r.name, "config", target.to_dict())
+            calib = None  # RTN: the trained weights rounded as they trained
     if r.kind in ("gguf", "auto"):
         path = work / f"{r.name}.gguf"
         _write_gguf_row(r, model, tok, calib, path)

@@ -160,14 +160,20 @@ def qat(model: torch.nn.Module, tokenizer: Any, target: Target, text: str | Path
     model as it was, on windows of `text` (default: the standard library's text); returns the
     per-step history. The model comes back float (nn.Linear layers): quantize or export it with
     `target`'s own quantizer to get the codes it trained against."""
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    prepare(model, target, train.lora_rank)
     wins = calibration_windows(tokenizer, text, train.ctx, train.windows)
     if not wins:
         raise ModelpressError(f"the training text holds fewer than {train.ctx} tokens; give a longer --calib or a "
                               "smaller --ctx")
+    return qat_windows(model, target, wins, train, progress)
+
+
+def qat_windows(model: torch.nn.Module, target: Target, wins: list[torch.Tensor],
+                train: QATTrainConfig = QATTrainConfig(), progress: bool = True) -> list[dict[str, Any]]:
+    """`qat` on these token windows (each of one length; `train.ctx` and `train.windows` are not used)."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    prepare(model, target, train.lora_rank)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(train.seed)
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)

@@ -90,3 +90,18 @@ def test_w8a8_rows(tmp_path, tiny_hf_dir):
     for name in ("w8a8", "w8a8-dyn", "w8a8-sq"):
         assert rows[name]["kl_mean"] < 0.02, rows[name]  # int8 both ways: near the float model (observed 2e-4 to 5e-3)
         assert rows[name]["size_bytes"] < 0.5 * rows["fp32"]["size_bytes"]
+
+
+def test_qat_rows(tmp_path, tiny_hf_dir):
+    """qat-q4_0 / qat-w4: trained on the calibration windows, then written by the target's own quantizer
+    (a Q4_0 GGUF; RTN w4 g64 codes): the rows' sizes are those of the plain rows, their time includes
+    the training."""
+    d, _, _ = tiny_hf_dir
+    assert recipe("qat-q4_0").args["target"] == "Q4_0" and recipe("qat-w4").args["target"]["bits"] == 4
+    out = compare(str(d), ["fp32", "q4_0", "qat-q4_0", "rtn-w4", "qat-w4"], out=tmp_path / "c", eval_windows=2,
+                  samples=4, ctx=32, decode_tokens=2, isolate=False, progress=False)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert rows["qat-q4_0"]["size_bytes"] == rows["q4_0"]["size_bytes"]
+    assert rows["qat-w4"]["bits_per_weight"] == rows["rtn-w4"]["bits_per_weight"]
+    assert rows["qat-q4_0"]["ppl"] != rows["q4_0"]["ppl"] and rows["qat-w4"]["ppl"] != rows["rtn-w4"]["ppl"]
+    assert rows["qat-q4_0"]["quantize_seconds"] > rows["q4_0"]["quantize_seconds"]
