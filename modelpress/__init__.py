@@ -20,9 +20,12 @@ from .methods import (
     FP4Config,
     GPTQConfig,
     LLMInt8Config,
+    MagnitudeConfig,
     NF4Config,
     RTNConfig,
+    SparseGPTConfig,
     W8A8Config,
+    WandaConfig,
 )
 from .model.load import load
 from .registry import quantize
@@ -31,5 +34,6 @@ from .serve.sampler import SamplingParams
 from .version import __version__
 
 __all__ = ["AWQConfig", "AutoConfig", "BaseConfig", "Engine", "FP4Config", "GPTQConfig", "LLMInt8Config",
-           "ModelpressError", "NF4Config", "RTNConfig", "W8A8Config", "SamplingParams", "__version__", "compare", "export_gguf",
+           "MagnitudeConfig", "ModelpressError", "NF4Config", "RTNConfig", "SparseGPTConfig", "W8A8Config",
+           "WandaConfig", "SamplingParams", "__version__", "compare", "export_gguf",
            "load", "perplexity", "quantize", "save"]

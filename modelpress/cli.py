@@ -22,6 +22,7 @@ from .errors import ModelpressError, one_line
 from .eval.compare import DEFAULT_METHODS, compare, method_names
 from .eval.evaluate import evaluate, summary
 from .eval.perplexity import COMPUTE_DTYPES
+from .eval.report import text_table
 from .eval.size import disk_bytes, model_size
 from .finetune.adapters import load_adapter
 from .finetune.gguf_lora import export_gguf_lora
@@ -253,7 +254,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         c = flags.build(a, ServeConfig)
     except ValueError as e:
         raise ModelpressError(str(e)) from None
-    adapters = _lora_flags(a.lora)
+    adapters = flags.name_dir_pairs(a.lora, "--lora")
     model, tok, load_s = _load(a.model, keep_blocks=True)  # a GGUF runs on its blocks
     _with_adapter(model, a.adapter)  # one adapter for every request (--lora: several, chosen per request)
     engine = c.engine(model, tok, adapters)
@@ -265,19 +266,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     serve(engine, name, c.host, c.port, c.api_key, max_body_bytes=int(c.max_body_mb * (1 << 20)),
           template_seconds=c.template_timeout)
     return 0
-
-
-def _lora_flags(values: list[str] | None) -> dict[str, str]:
-    """{name: folder} of --lora NAME=DIR flags."""
-    out: dict[str, str] = {}
-    for v in values or []:
-        name, sep, folder = v.partition("=")
-        if not sep or not name or not folder:
-            raise ModelpressError(f"--lora {v!r}: write NAME=DIR (the name clients send as `model`)")
-        if name in out:
-            raise ModelpressError(f"--lora: the name {name!r} is given twice")
-        out[name] = folder
-    return out
 
 
 # -- generate ----------------------------------------------------------------------------------
@@ -303,15 +291,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 # -- info --------------------------------------------------------------------------------------
-def _table(rows: list[dict]) -> str:
-    """Rows of equal keys as aligned text columns."""
-    if not rows:
-        return ""
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in rows[0]}
-    return "\n".join("  ".join(f"{str(r[k]) if r is not None else k:<{w}}" for k, w in widths.items())
-                     for r in [None, *rows])
-
-
 def cmd_tune(a: argparse.Namespace) -> int:
     model, _, _ = _load(a.model)
     shapes = {(m.in_features, m.out_features) for _, m in iter_targets(model, (r".",), (), (torch.nn.Linear, W8A8Linear))}
@@ -319,7 +298,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
         table, path = tune.tune(shapes, a.rows, force=a.force, progress=True)
     except RuntimeError as e:
         raise ModelpressError(str(e)) from None
-    print(json.dumps(table) if a.json else _table(table))
+    print(json.dumps(table) if a.json else text_table(table))
     _err(f"modelpress: {sum(r['timed_now'] for r in table)} of {len(table)} shape x rows entries timed now; the "
          f"choices are in {path} and every W8A8 layer of these shapes uses them")
     return 0
@@ -369,7 +348,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         width = max(map(len, info))
         print("\n".join(f"{k:<{width}}  {v}" for k, v in info.items()))
         if a.tuning and tuned:
-            print(_table([{k: v for k, v in r.items() if k != "timed_now"} for r in tuned]))
+            print(text_table([{k: v for k, v in r.items() if k != "timed_now"} for r in tuned]))
     return 0
 
 
@@ -574,6 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--format", choices=("modelpress", "gptq", "compressed-tensors"), default="modelpress",
                    help="--method's checkpoint layout (rtn: gptq is the HF GPTQ layout vLLM reads)")
     a.add_argument("--out", required=True, help="a .gguf file (--type) or a folder")
+
+    r = command("prune", cmd_quantize, "zero weights by magnitude, Wanda or SparseGPT (a sparsity or N:M) and save")
+    r.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt",
+                   help="the criterion (default: sparsegpt); sparsegpt --bits 4: pruned and quantized in one sweep")
+    flags.add(r, [config_types()[m] for m in ("magnitude", "wanda", "sparsegpt")])
+    _calibration(r, "for wanda / sparsegpt")
+    r.add_argument("--format", choices=("modelpress", "gptq"), default="modelpress", help="checkpoint layout")
+    r.add_argument("--out", required=True, help="folder to write")
 
     t = command("tune", cmd_tune, "time the W8A8 kernel variants for the model's layer shapes and keep the fastest")
     t.add_argument("--rows", type=lambda text: [flags.positive(r) for r in text.split(",")], default=tune.ROW_BUCKETS,

@@ -87,3 +87,16 @@ def given(args: argparse.Namespace, cls: type, what: str, classes: Iterable[type
 def build(args: argparse.Namespace, cls: type) -> Any:
     """An instance of `cls` from its flags (defaults where left out)."""
     return cls(**{n: v for n, v in ((n, getattr(args, n, UNSET)) for n in field_names(cls)) if v is not UNSET})
+
+
+def name_dir_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    """{name: folder} of repeated `flag NAME=DIR` values (serve's --lora)."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, folder = v.partition("=")
+        if not sep or not name or not folder:
+            raise ModelpressError(f"{flag} {v!r}: write NAME=DIR (the name clients send as `model`)")
+        if name in out:
+            raise ModelpressError(f"{flag}: the name {name!r} is given twice")
+        out[name] = folder
+    return out

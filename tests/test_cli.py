@@ -392,3 +392,19 @@ def test_qat_writes_the_format_it_trained_for(tmp_path, capsys, tiny_gguf):
     _one_line_error(*_run(capsys, "qat", str(tiny_gguf), "--type", "Q4_0", "--lora-rank", "-1", "--out",
                           str(tmp_path / "o.gguf"))[::2])
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_prune_writes_a_pruned_checkpoint(tmp_path, capsys, tiny_gguf):
+    """prune --method wanda --pattern 2:4: a checkpoint whose decoder linears are 2:4; a bad pattern: one line."""
+    import modelpress
+    from modelpress.methods.prune import weight_sparsity
+
+    text = tmp_path / "t.txt"
+    text.write_text("the thing in the winter " * 80)
+    code, _, err = _run(capsys, "prune", str(tiny_gguf), "--method", "wanda", "--pattern", "2:4", "--calib",
+                        str(text), "--ctx", "32", "--samples", "4", "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    model, _ = modelpress.load(tmp_path / "p")
+    assert weight_sparsity(model) == 0.5
+    _one_line_error(*_run(capsys, "prune", str(tiny_gguf), "--pattern", "x", "--out", str(tmp_path / "q"))[::2])
+    assert not (tmp_path / "q").exists()

@@ -48,9 +48,12 @@ from ..methods import (
     FP4Config,
     GPTQConfig,
     LLMInt8Config,
+    MagnitudeConfig,
     NF4Config,
     RTNConfig,
+    SparseGPTConfig,
     W8A8Config,
+    WandaConfig,
 )
 from ..methods.auto import AutoConfig, allocate_for
 from ..methods.qat import QATTrainConfig, qat_windows
@@ -95,6 +98,10 @@ def _config_recipes() -> dict[str, Any]:
         "w8a8": W8A8Config(), "w8a8-dyn": W8A8Config(activations="dynamic"),
         "w8a8-sq": W8A8Config(smoothquant="search"),
     }
+    # pruning (methods/prune.py): 50 % unstructured, 2:4, and 2:4 with int4 codes in the same sweep
+    table.update({"magnitude-50": MagnitudeConfig(), "wanda-50": WandaConfig(), "sparsegpt-50": SparseGPTConfig(),
+                  "wanda-2:4": WandaConfig(pattern="2:4"), "sparsegpt-2:4": SparseGPTConfig(pattern="2:4"),
+                  "sparsegpt-2:4-w4": SparseGPTConfig(pattern="2:4", bits=4, group_size=64)})
     for bits in (2, 3, 4, 8):
         table[f"rtn-w{bits}"] = RTNConfig(bits=bits, group_size=64)
     for bits in (2, 3, 4, 8):  # GPTQ as llm-compressor runs it by default: act order, static groups

@@ -132,3 +132,12 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
     if results["rows"]:
         plot(results["rows"], out / "pareto.png")
         _atomic(out / "report.html", page(results, (out / "pareto.png").read_bytes()))
+
+
+def text_table(rows: list[dict]) -> str:
+    """Rows of equal keys as aligned text columns (the CLI's tables)."""
+    if not rows:
+        return ""
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in rows[0]}
+    return "\n".join("  ".join(f"{str(r[k]) if r is not None else k:<{w}}" for k, w in widths.items())
+                     for r in [None, *rows])

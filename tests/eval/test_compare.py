@@ -105,3 +105,12 @@ def test_qat_rows(tmp_path, tiny_hf_dir):
     assert rows["qat-w4"]["bits_per_weight"] == rows["rtn-w4"]["bits_per_weight"]
     assert rows["qat-q4_0"]["ppl"] != rows["q4_0"]["ppl"] and rows["qat-w4"]["ppl"] != rows["rtn-w4"]["ppl"]
     assert rows["qat-q4_0"]["quantize_seconds"] > rows["q4_0"]["quantize_seconds"]
+
+
+def test_prune_rows(tmp_path, tiny_hf_dir):
+    d, _, _ = tiny_hf_dir
+    out = compare(str(d), ["fp32", "magnitude-50", "sparsegpt-50", "sparsegpt-2:4-w4"], out=tmp_path / "c",
+                  eval_windows=2, samples=4, ctx=32, decode_tokens=2, isolate=False, progress=False)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert rows["sparsegpt-50"]["kl_mean"] < rows["magnitude-50"]["kl_mean"]
+    assert rows["sparsegpt-2:4-w4"]["size_bytes"] < 0.5 * rows["fp32"]["size_bytes"]

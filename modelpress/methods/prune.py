@@ -1,0 +1,149 @@
+"""Pruning (issue 26): magnitude, Wanda and SparseGPT on the decoder blocks' linear layers, at an
+unstructured sparsity or an N:M pattern (core/sparsity.py holds the criteria).
+
+    modelpress.quantize(model, WandaConfig(sparsity=0.5), calib)
+    modelpress.quantize(model, SparseGPTConfig(pattern="2:4"), calib)
+    modelpress.quantize(model, SparseGPTConfig(pattern="2:4", bits=4), calib)   # joint: IntxLinear codes
+
+Wanda and SparseGPT calibrate one block at a time on the sequential pipeline (model/sequential.py), as
+their reference code does: every layer of a block from the block's inputs (the previous blocks
+already pruned), then the pruned block's outputs feed the next. The pruned layers stay nn.Linear
+with zeros (SparseGPT with `bits`: IntxLinear holding the codes, a pruned weight on its zero point),
+so every format, exporter and runtime takes them; the zeros are the mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import GROUP_SIZE_HELP, BaseConfig, option
+from ..core import sparsity
+from ..model.capture import HessianCapture
+from ..model.sequential import block_targets, run_sequential
+from ..model.walker import iter_targets, replace
+from ..nn import IntxLinear
+from ..record import record
+from ..registry import register
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int]:
+    """"2:4" -> (2, 4); None -> (0, 0) (unstructured)."""
+    if pattern is None:
+        return 0, 0
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"pattern is N:M (N zeros in every M inputs), e.g. 2:4; got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern N:M needs 0 < N < M, got {pattern!r}")
+    return n, m
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeConfig(BaseConfig):
+    """sparsity: the fraction of each layer's weights set to zero (smallest |w| over the layer), or
+    pattern "N:M": N zeros in every M consecutive inputs of a row (2:4: sparse tensor cores' format)."""
+
+    method = "magnitude"
+    sparsity: float = option(0.5, "fraction of the weights set to zero")
+    pattern: str | None = option(None, "N:M instead of a sparsity: N zeros in every M inputs (2:4, 4:8)",
+                                 none="unstructured")
+
+    def __post_init__(self) -> None:
+        n, m = parse_pattern(self.pattern)
+        if not m and not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity is a fraction in [0, 1), got {self.sparsity}")
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        return parse_pattern(self.pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class WandaConfig(MagnitudeConfig):
+    """Wanda: |w| times its input's calibration norm, compared within each output row (or N:M group)."""
+
+    method = "wanda"
+    calibrated = True
+    batch_size: int = option(8, "calibration windows per forward")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGPTConfig(WandaConfig):
+    """SparseGPT: the mask and an OBS update of the remaining weights per lazy block of `blocksize`
+    columns, from the layer's Hessian (damped by `damp` of its mean diagonal); `bits`: round the kept
+    weights in the same sweep (asymmetric, groups of `group_size`), stored as integer codes."""
+
+    method = "sparsegpt"
+    blocksize: int = option(128, "columns per lazy block")
+    damp: float = option(0.01, "Hessian damping, a fraction of its mean diagonal")
+    bits: int | None = option(None, "also quantize the kept weights to this many bits (2, 3, 4, 8)", none="none")
+    group_size: int | None = option(64, GROUP_SIZE_HELP, none="channel")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits is not None and self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8 (or none), got {self.bits}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp is a fraction of the mean Hessian diagonal in [0, 1), got {self.damp}")
+
+
+@register(MagnitudeConfig)
+def prune_magnitude(model: torch.nn.Module, config: MagnitudeConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
+    n, m = config.nm
+    for fqn, lin in iter_targets(model, config.targets, config.ignore):
+        mask = sparsity.magnitude_mask(lin.weight, config.sparsity, n, m)
+        with torch.no_grad():
+            lin.weight.masked_fill_(mask, 0.0)
+    return model
+
+
+def _codes_module(lin: torch.nn.Linear, r: sparsity.SparseGPTResult, config: SparseGPTConfig) -> IntxLinear:
+    mod = IntxLinear(lin.in_features, lin.out_features, config.bits, config.group_size, False,
+                     bias=lin.bias is not None)
+    mod.set_codes(r.codes, r.scale, r.zero_point)
+    if lin.bias is not None:
+        mod.bias = lin.bias.detach().float().clone()
+    return mod
+
+
+@register(WandaConfig)
+@register(SparseGPTConfig)
+def prune_calibrated(model: torch.nn.Module, config: WandaConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
+    targets = block_targets(model, config, calib)
+    n, m = config.nm
+
+    def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
+        mods = targets[id(block)]
+        with HessianCapture(mods) as cap:
+            run()
+        for name, lin in mods.items():
+            H = cap.hessian(name)
+            if isinstance(config, SparseGPTConfig):
+                r = sparsity.sparsegpt(lin.weight, H, config.sparsity, n, m, config.blocksize, config.damp,
+                                       config.bits, config.group_size)
+                if config.bits is not None:
+                    replace(block, name, _codes_module(lin, r, config))
+                else:
+                    with torch.no_grad():
+                        lin.weight.copy_(r.weight.to(lin.weight.dtype))
+            else:  # Wanda: ||X_j|| is sqrt(n / 2 * H_jj); the scale does not change a row's order
+                mask = sparsity.wanda_mask(lin.weight, torch.diag(H).clamp(min=0).sqrt(), config.sparsity, n, m)
+                with torch.no_grad():
+                    lin.weight.masked_fill_(mask, 0.0)
+
+    record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc=config.method)
+    return model
+
+
+def weight_sparsity(model: torch.nn.Module) -> float:
+    """The fraction of zeros among the decoder blocks' linear weights (dequantized where quantized)."""
+    from ..model.walker import dense_weight
+
+    zeros = total = 0
+    for fqn, mod in model.named_modules():
+        if fqn.startswith("model.layers.") and (isinstance(mod, torch.nn.Linear) or hasattr(mod, "dequantize")):
+            w = dense_weight(mod)
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    return zeros / max(1, total)

@@ -1,0 +1,72 @@
+"""methods/prune.py on a model: every decoder linear pruned to the pattern (the head and embeddings
+left alone), the calibrated criteria closer to the original than magnitude, the joint SparseGPT + int4
+checkpoint round trip, and the compare rows."""
+import copy
+
+import pytest
+import torch
+
+import modelpress
+from modelpress.eval.divergence import divergence, reference
+from modelpress.methods.prune import parse_pattern, weight_sparsity
+from modelpress.nn import IntxLinear
+from tests.conftest import tiny_llama
+
+
+def _windows(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 261, (48,), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("config", [modelpress.MagnitudeConfig(pattern="2:4"), modelpress.WandaConfig(),
+                                    modelpress.SparseGPTConfig(pattern="4:8")], ids=lambda c: c.describe())
+def test_every_decoder_linear_gets_the_pattern(config):
+    base = tiny_llama()
+    model = modelpress.quantize(copy.deepcopy(base), config, _windows(8, 0))
+    n, m = parse_pattern(config.pattern)
+    for fqn, mod in model.named_modules():
+        if fqn.startswith("model.layers.") and isinstance(mod, torch.nn.Linear):
+            zero = mod.weight == 0
+            if m:
+                assert (zero.reshape(zero.shape[0], -1, m).sum(-1) >= n).all(), fqn
+            else:
+                assert abs(zero.float().mean().item() - config.sparsity) < 0.02, fqn
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert abs(weight_sparsity(model) - 0.5) < 0.01
+
+
+def test_calibrated_criteria_stay_closer_to_the_model():
+    """KL from the original on held-out windows: SparseGPT and Wanda below magnitude at 50 %."""
+    base = tiny_llama()
+    held = torch.stack(_windows(4, 9))
+    ref = reference(base, held, progress=False)
+    kl = {}
+    for name, cfg in (("magnitude", modelpress.MagnitudeConfig()), ("wanda", modelpress.WandaConfig()),
+                      ("sparsegpt", modelpress.SparseGPTConfig())):
+        m = modelpress.quantize(copy.deepcopy(base), cfg, _windows(16, 1))
+        kl[name] = divergence(m, held, ref, progress=False).kl_mean
+    assert kl["sparsegpt"] < kl["magnitude"] and kl["wanda"] < kl["magnitude"], kl
+
+
+def test_joint_sparsegpt_int4_checkpoint_round_trip(tmp_path):
+    model = modelpress.quantize(tiny_llama(), modelpress.SparseGPTConfig(pattern="2:4", bits=4, group_size=32),
+                                _windows(8, 2))
+    lin = model.model.layers[0].mlp.up_proj
+    assert isinstance(lin, IntxLinear)
+    w = lin.dequantize()
+    assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all()
+    from tests.conftest import byte_tokenizer
+
+    modelpress.save(model, byte_tokenizer(), tmp_path / "ckpt")
+    back, _ = modelpress.load(tmp_path / "ckpt")
+    assert torch.equal(back.model.layers[0].mlp.up_proj.dequantize(), w)
+
+
+def test_bad_patterns_are_clear_errors():
+    for bad in ("2-4", "4:4", "0:4", "x"):
+        with pytest.raises(ValueError, match="N:M"):
+            modelpress.WandaConfig(pattern=bad)
+    with pytest.raises(ValueError, match="sparsity"):
+        modelpress.MagnitudeConfig(sparsity=1.0)
+    with pytest.raises(ValueError, match="bits"):
+        modelpress.SparseGPTConfig(bits=5)
