@@ -24,6 +24,7 @@ from .methods import (
     NF4Config,
     RTNConfig,
     SparseGPTConfig,
+    StructuredConfig,
     W8A8Config,
     WandaConfig,
 )
@@ -34,6 +35,6 @@ from .serve.sampler import SamplingParams
 from .version import __version__
 
 __all__ = ["AWQConfig", "AutoConfig", "BaseConfig", "Engine", "FP4Config", "GPTQConfig", "LLMInt8Config",
-           "MagnitudeConfig", "ModelpressError", "NF4Config", "RTNConfig", "SparseGPTConfig", "W8A8Config",
+           "MagnitudeConfig", "ModelpressError", "NF4Config", "RTNConfig", "SparseGPTConfig", "StructuredConfig", "W8A8Config",
            "WandaConfig", "SamplingParams", "__version__", "compare", "export_gguf",
            "load", "perplexity", "quantize", "save"]

@@ -409,6 +409,9 @@ def _runtime(p: argparse.ArgumentParser, blocks: bool) -> None:
                    help=f"GGUF: run the quantized layers on their blocks, not on an fp32 copy (default: {blocks})")
 
 
+PRUNERS = ("magnitude", "wanda", "sparsegpt", "structured")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="modelpress", description="Compress models and run what was compressed.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -555,9 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="a .gguf file (--type) or a folder")
 
     r = command("prune", cmd_quantize, "zero weights by magnitude, Wanda or SparseGPT (a sparsity or N:M) and save")
-    r.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt",
-                   help="the criterion (default: sparsegpt); sparsegpt --bits 4: pruned and quantized in one sweep")
-    flags.add(r, [config_types()[m] for m in ("magnitude", "wanda", "sparsegpt")])
+    r.add_argument("--method", choices=PRUNERS, default="sparsegpt", help="the criterion (default: sparsegpt); "
+                   "sparsegpt --bits 4: pruned and quantized in one sweep; structured --mlp 0.25: narrower MLPs")
+    flags.add(r, [config_types()[m] for m in PRUNERS])
     _calibration(r, "for wanda / sparsegpt")
     r.add_argument("--format", choices=("modelpress", "gptq"), default="modelpress", help="checkpoint layout")
     r.add_argument("--out", required=True, help="folder to write")

@@ -52,6 +52,7 @@ from ..methods import (
     NF4Config,
     RTNConfig,
     SparseGPTConfig,
+    StructuredConfig,
     W8A8Config,
     WandaConfig,
 )
@@ -101,7 +102,8 @@ def _config_recipes() -> dict[str, Any]:
     # pruning (methods/prune.py): 50 % unstructured, 2:4, and 2:4 with int4 codes in the same sweep
     table.update({"magnitude-50": MagnitudeConfig(), "wanda-50": WandaConfig(), "sparsegpt-50": SparseGPTConfig(),
                   "wanda-2:4": WandaConfig(pattern="2:4"), "sparsegpt-2:4": SparseGPTConfig(pattern="2:4"),
-                  "sparsegpt-2:4-w4": SparseGPTConfig(pattern="2:4", bits=4, group_size=64)})
+                  "sparsegpt-2:4-w4": SparseGPTConfig(pattern="2:4", bits=4, group_size=64),
+                  "prune-mlp25": StructuredConfig(mlp=0.25)})
     for bits in (2, 3, 4, 8):
         table[f"rtn-w{bits}"] = RTNConfig(bits=bits, group_size=64)
     for bits in (2, 3, 4, 8):  # GPTQ as llm-compressor runs it by default: act order, static groups

@@ -4,9 +4,9 @@ from .awq import AWQConfig
 from .bnb4 import FP4Config, NF4Config
 from .gptq import GPTQConfig
 from .llm_int8 import LLMInt8Config
-from .prune import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from .prune import MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig
 from .rtn import RTNConfig
 from .w8a8 import W8A8Config
 
 __all__ = ["AWQConfig", "AutoConfig", "FP4Config", "GPTQConfig", "LLMInt8Config", "MagnitudeConfig", "NF4Config",
-           "RTNConfig", "SparseGPTConfig", "W8A8Config", "WandaConfig"]
+           "RTNConfig", "SparseGPTConfig", "StructuredConfig", "W8A8Config", "WandaConfig"]

@@ -10,6 +10,11 @@ their reference code does: every layer of a block from the block's inputs (the p
 already pruned), then the pruned block's outputs feed the next. The pruned layers stay nn.Linear
 with zeros (SparseGPT with `bits`: IntxLinear holding the codes, a pruned weight on its zero point),
 so every format, exporter and runtime takes them; the zeros are the mask.
+
+Structured (`StructuredConfig`): each MLP's intermediate channels ranked by mean |h_j| (h: down_proj's
+input on the calibration text) times ||down_proj[:, j]||, the lowest `mlp` fraction removed from
+gate / up (rows) and down (columns) in every block alike, and `config.intermediate_size` set to what
+is left: a standard, smaller model that transformers, the GGUF export and llama.cpp take as it is.
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ import torch
 
 from ..config import GROUP_SIZE_HELP, BaseConfig, option
 from ..core import sparsity
-from ..model.capture import HessianCapture
-from ..model.sequential import block_targets, run_sequential
+from ..errors import ModelpressError
+from ..model.capture import HessianCapture, InputStatsCapture
+from ..model.sequential import block_targets, blocks_of, run_sequential
 from ..model.walker import iter_targets, replace
 from ..nn import IntxLinear
 from ..record import record
@@ -147,3 +153,62 @@ def weight_sparsity(model: torch.nn.Module) -> float:
             w = dense_weight(mod)
             zeros, total = zeros + int((w == 0).sum()), total + w.numel()
     return zeros / max(1, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredConfig(BaseConfig):
+    """mlp: the fraction of every MLP's intermediate channels removed (the same count in each block,
+    rounded so that a multiple of `multiple` channels is kept: 32 for GGUF's blocks, 256 for the K
+    types at full width)."""
+
+    method = "structured"
+    calibrated = True
+    mlp: float = option(0.25, "fraction of each MLP's intermediate channels removed")
+    multiple: int = option(64, "keep a multiple of this many channels")
+    batch_size: int = option(8, "calibration windows per forward")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mlp < 1:
+            raise ValueError(f"mlp is the fraction of intermediate channels removed, in (0, 1); got {self.mlp}")
+        if self.multiple < 1:
+            raise ValueError(f"multiple must be at least 1, got {self.multiple}")
+
+
+def _rows(lin: torch.nn.Linear, keep: torch.Tensor, dim: int) -> torch.nn.Linear:
+    """lin with only the output rows (dim 0) or input columns (dim 1) in `keep`."""
+    w = lin.weight.detach().index_select(dim, keep).clone()
+    out = torch.nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if lin.bias is not None:
+            out.bias.copy_(lin.bias.detach() if dim == 1 else lin.bias.detach()[keep])
+    return out
+
+
+@register(StructuredConfig)
+def prune_structured(model: torch.nn.Module, config: StructuredConfig, calib: list[torch.Tensor] | None
+                     ) -> torch.nn.Module:
+    if not calib:
+        raise ModelpressError("structured pruning ranks channels on calibration text (windows of token ids)")
+    mlps = [b.mlp for b in blocks_of(model)]
+    if not all(isinstance(getattr(m, n, None), torch.nn.Linear) for m in mlps for n in ("gate_proj", "up_proj",
+                                                                                      "down_proj")):
+        raise ModelpressError("structured pruning takes MLPs of float gate_proj / up_proj / down_proj layers (Llama, "
+                              "Mistral, Qwen, Gemma); prune before quantizing, and not phi3's fused gate_up_proj")
+    d_ff = mlps[0].down_proj.in_features
+    keep_n = max(config.multiple, int(d_ff * (1 - config.mlp)) // config.multiple * config.multiple)
+
+    def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
+        mlp = block.mlp
+        with InputStatsCapture({"down": mlp.down_proj}) as cap:
+            run()
+        score = cap.mean_abs("down") * mlp.down_proj.weight.detach().float().norm(dim=0)
+        keep = torch.sort(torch.topk(score, keep_n).indices).values
+        mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, keep, 0), _rows(mlp.up_proj, keep, 0)
+        mlp.down_proj = _rows(mlp.down_proj, keep, 1)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = keep_n
+
+    record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc="structured")
+    model.config.intermediate_size = keep_n
+    return model

@@ -70,3 +70,37 @@ def test_bad_patterns_are_clear_errors():
         modelpress.MagnitudeConfig(sparsity=1.0)
     with pytest.raises(ValueError, match="bits"):
         modelpress.SparseGPTConfig(bits=5)
+
+
+def test_structured_pruning_removes_the_least_important_channels(tmp_path):
+    """Channels whose down_proj columns are zero score 0 and go first: the narrower model computes what
+    the original did (up to the order of sums); config.intermediate_size follows; transformers reloads
+    the saved folder and the GGUF export holds the narrower tensors."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama()
+    dead = torch.arange(0, 160, 3)[:40]  # 40 of 160 channels contribute nothing
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.mlp.down_proj.weight[:, dead] = 0
+    ids = torch.randint(1, 261, (1, 24), generator=torch.Generator().manual_seed(4))
+    ref = base(ids).logits
+    model = modelpress.quantize(copy.deepcopy(base), modelpress.StructuredConfig(mlp=0.25, multiple=8), _windows(8, 3))
+    assert model.config.intermediate_size == 120
+    for layer, orig in zip(model.model.layers, base.model.layers):
+        assert layer.mlp.gate_proj.weight.shape == (120, 96) and layer.mlp.down_proj.weight.shape == (96, 120)
+        alive = [j for j in range(160) if j not in set(dead.tolist())]
+        assert torch.equal(layer.mlp.up_proj.weight, orig.mlp.up_proj.weight[alive])  # the live ones, in order
+    torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(again(ids).logits, ref, rtol=0, atol=1e-5)
+    from gguf import GGUFReader
+
+    from tests.conftest import byte_tokenizer
+
+    modelpress.export_gguf(model, byte_tokenizer(), tmp_path / "m.gguf", "Q8_0", progress=False)
+    shapes = {t.name: tuple(int(v) for v in t.shape) for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert shapes["blk.0.ffn_down.weight"] == (120, 96)
+    with pytest.raises(ValueError, match="fraction"):
+        modelpress.StructuredConfig(mlp=1.0)
