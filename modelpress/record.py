@@ -25,6 +25,7 @@ class Record:
     config: Any = None
     plan: Any = None
     calibration: Any = None
+    recovery: Any = None        # a pruned model's distillation history (methods/prune.py)
     head: Any = None
     adapter: Any = None
 

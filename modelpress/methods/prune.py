@@ -14,10 +14,13 @@ so every format, exporter and runtime takes them; the zeros are the mask.
 Structured (`StructuredConfig`): each MLP's intermediate channels ranked by mean |h_j| (h: down_proj's
 input on the calibration text) times ||down_proj[:, j]||, the lowest `mlp` fraction removed from
 gate / up (rows) and down (columns) in every block alike, and `config.intermediate_size` set to what
-is left: a standard, smaller model that transformers, the GGUF export and llama.cpp take as it is.
+is left: a standard, smaller model that transformers, the GGUF export and llama.cpp take as it is;
+`recover` steps of distillation from the unpruned model (methods/qat.py's loop, every decoder linear
+training) may follow.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -31,6 +34,7 @@ from ..model.walker import iter_targets, replace
 from ..nn import IntxLinear
 from ..record import record
 from ..registry import register
+from .qat import QATTrainConfig, distill
 
 
 def parse_pattern(pattern: str | None) -> tuple[int, int]:
@@ -166,8 +170,12 @@ class StructuredConfig(BaseConfig):
     mlp: float = option(0.25, "fraction of each MLP's intermediate channels removed")
     multiple: int = option(64, "keep a multiple of this many channels")
     batch_size: int = option(8, "calibration windows per forward")
+    recover: int = option(0, "then distillation steps (2 calibration windows each) from the unpruned model")
+    recover_lr: float = option(5e-5, "the recovery's AdamW learning rate")
 
     def __post_init__(self) -> None:
+        if self.recover < 0 or not self.recover_lr > 0:
+            raise ValueError("recover is a number of steps (0: none) and recover_lr a positive learning rate")
         if not 0 < self.mlp < 1:
             raise ValueError(f"mlp is the fraction of intermediate channels removed, in (0, 1); got {self.mlp}")
         if self.multiple < 1:
@@ -209,6 +217,14 @@ def prune_structured(model: torch.nn.Module, config: StructuredConfig, calib: li
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = keep_n
 
+    teacher = copy.deepcopy(model) if config.recover else None
     record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc="structured")
     model.config.intermediate_size = keep_n
+    if teacher is not None:  # every decoder linear trains towards the unpruned model's distributions
+        for fqn, p in model.named_parameters():
+            p.requires_grad_(fqn.startswith("model.layers.") and fqn.endswith("proj.weight"))
+        record(model).recovery = distill(model, teacher, calib, QATTrainConfig(steps=config.recover, batch=2,
+                                                                               lr=config.recover_lr), desc="recover")
+        for p in model.parameters():
+            p.requires_grad_(False)
     return model

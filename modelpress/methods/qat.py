@@ -171,10 +171,24 @@ def qat_windows(model: torch.nn.Module, target: Target, wins: list[torch.Tensor]
                 train: QATTrainConfig = QATTrainConfig(), progress: bool = True) -> list[dict[str, Any]]:
     """`qat` on these token windows (each of one length; `train.ctx` and `train.windows` are not used)."""
     teacher = copy.deepcopy(model).eval()
+    prepare(model, target, train.lora_rank)
+    try:
+        return distill(model, teacher, wins, train, progress, desc="qat")
+    finally:
+        convert(model)
+
+
+def distill(model: torch.nn.Module, teacher: torch.nn.Module, wins: list[torch.Tensor], train: QATTrainConfig,
+            progress: bool = True, desc: str = "distill") -> list[dict[str, Any]]:
+    """Train `model`'s parameters that require grad to match `teacher`'s next-token distributions
+    (distill_loss) on `wins`, `train.batch` windows a step; returns the per-step history. QAT's loop,
+    and the recovery of a pruned model (methods/prune.py) from the model before pruning."""
     for p in teacher.parameters():
         p.requires_grad_(False)
-    prepare(model, target, train.lora_rank)
+    teacher.eval()
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelpressError("nothing to train: no parameter of the model requires grad")
     torch.manual_seed(train.seed)
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     warmup = int(train.warmup * train.steps)
@@ -183,7 +197,7 @@ def qat_windows(model: torch.nn.Module, target: Target, wins: list[torch.Tensor]
     history: list[dict[str, Any]] = []
     model.train()
     try:
-        with tqdm(total=train.steps, desc="qat", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(total=train.steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True) as bar:
             for step in range(train.steps):
                 t0 = time.perf_counter()
                 ids = torch.stack([wins[order[(step * train.batch + i) % len(wins)]] for i in range(train.batch)])
@@ -200,5 +214,4 @@ def qat_windows(model: torch.nn.Module, target: Target, wins: list[torch.Tensor]
                 bar.update(1)
     finally:
         model.eval()
-        convert(model)
     return history
