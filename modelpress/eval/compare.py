@@ -69,7 +69,7 @@ from .speed import decode_tokens_per_s
 
 DEFAULT_METHODS = ("fp32", "bf16", "int8", "llm-int8", "w8a8-dyn", "nf4", "nf4-dq", "gptq-w4", "awq-w4",
                    "q4_k_m", "q5_k_m", "q8_0")
-ROW_FORMAT = 5  # bump when a row's meaning changes: old cached rows no longer match
+ROW_FORMAT = 6  # bump when a row's meaning changes: old cached rows no longer match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +294,8 @@ def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Te
     d = divergence(model, eval_ids, ref, progress=progress)
     ref_nll = ref.nll
     tps = decode_tokens_per_s(model, tok, setup.decode_tokens, progress=False)
-    return {"method": r.name, "recipe": dataclasses.asdict(r), **facts, "ppl": d.ppl, "kl_mean": d.kl_mean,
+    return {"method": r.name, "recipe": dataclasses.asdict(r), **facts, "ppl": d.ppl, "ppl_stderr": d.ppl_stderr,
+            "kl_mean": d.kl_mean, "kl_stderr": d.kl_stderr,
             "kl_p99": d.kl_p99, "top1_agreement": d.top1_agreement, "tokens_scored": d.tokens_scored,
             "decode_tokens_per_s": tps, "peak_rss_bytes": peak,
             "eval_seconds": d.seconds, "reference_ppl": perplexity(ref_nll, d.tokens_scored),

@@ -33,6 +33,8 @@ class Divergence:
     top1_agreement: float   # share of scored tokens whose most likely next token is the reference's
     tokens_scored: int
     seconds: float
+    ppl_stderr: float = 0.0  # ppl x the standard error of the mean token loss (llama-perplexity's "+/-")
+    kl_stderr: float = 0.0   # the standard error of kl_mean (tokens taken as independent, as llama.cpp)
 
 
 def _batch_chunks(model: torch.nn.Module, batch: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -113,17 +115,20 @@ def divergence(model: torch.nn.Module, wins: torch.Tensor, ref: Reference, progr
         raise ValueError(f"the reference {tuple(ref.probs.shape)} does not match {wins.shape[0]} windows of "
                          f"{wins.shape[1]}")
     start = time.perf_counter()
-    nll, same = 0.0, 0
+    same = 0
     kl = torch.empty(ref.neg_entropy.shape, dtype=torch.float64)
+    nll = torch.empty(ref.neg_entropy.shape, dtype=torch.float64)
     for w, pos, lp in _all_chunks(model, wins, "ppl + KL", progress, batch_size):
         end = pos + lp.shape[0]
         p = ref.probs[w, pos:end]
         if lp.shape != p.shape:
             raise ValueError(f"vocabulary {lp.shape[-1]} differs from the reference's {p.shape[-1]}")
-        nll -= lp.gather(-1, wins[w, pos + 1:end + 1, None]).double().sum().item()
+        nll[w, pos:end] = -lp.gather(-1, wins[w, pos + 1:end + 1, None]).double().squeeze(-1)
         kl[w, pos:end] = ref.neg_entropy[w, pos:end] - (p * lp).sum(-1).double()
         same += (lp.argmax(-1) == ref.top1[w, pos:end]).sum().item()
-    kl = kl.flatten()
+    kl, nll = kl.flatten(), nll.flatten()
     n = kl.numel()
-    return Divergence(ppl_from_nll(nll, n), kl.mean().item(), torch.quantile(kl, 0.99).item(), same / n, n,
-                      time.perf_counter() - start)
+    ppl = ppl_from_nll(nll.sum().item(), n)
+    sem = (lambda t: (t.var(unbiased=True) / n).sqrt().item() if n > 1 else 0.0)
+    return Divergence(ppl, kl.mean().item(), torch.quantile(kl, 0.99).item(), same / n, n,
+                      time.perf_counter() - start, ppl * sem(nll), sem(kl))

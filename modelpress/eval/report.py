@@ -20,11 +20,27 @@ COLUMNS = (("method", "method", "{}"), ("size MB", "size_bytes", "{:.1f}"),
 _SCALE = {"size_bytes": 1e-6, "peak_rss_bytes": 1e-6}
 
 
+_STDERR = {"ppl": "{:.2f}", "kl_mean": "{:.5f}"}  # shown as value +- its standard error where the row has one
+
+
 def cell(row: dict[str, Any], key: str, fmt: str) -> str:
     v = row.get(key)
     if v is None:
         return "-"
-    return fmt.format(v * _SCALE.get(key, 1))
+    text = fmt.format(v * _SCALE.get(key, 1))
+    se = row.get(key.replace("_mean", "") + "_stderr")
+    return f"{text} ± {_STDERR[key].format(se)}" if key in _STDERR and se else text
+
+
+def within_noise(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """{method: the next-better row by ppl} where the two ppls differ by less than their standard errors
+    combined (sqrt(se1^2 + se2^2)): a difference the evaluation cannot tell from chance."""
+    ranked = sorted((r for r in rows if r.get("ppl_stderr")), key=lambda r: r["ppl"])
+    out = {}
+    for better, r in zip(ranked, ranked[1:]):
+        if r["ppl"] - better["ppl"] < (r["ppl_stderr"] ** 2 + better["ppl_stderr"] ** 2) ** 0.5:
+            out[r["method"]] = better["method"]
+    return out
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
@@ -51,10 +67,15 @@ def markdown(results: dict[str, Any]) -> str:
              f"{s['eval_text'] or 'the default text (pydoc topics)'}; calibration (GPTQ, AWQ, imatrix, auto): "
              f"{s['samples']} windows of {s['calib_text'] or 'the default text'}. KL: mean KL(original || method) "
              f"of the next-token distribution per token, nats. Decode: {s['decode_tokens']} greedy tokens, "
-             f"batch 1. Peak MB: the row's process, load and quantize. Quantize s: the method alone (GGUF rows: writing the file, imatrix or allocation included). * on the Pareto front (size, ppl).", "",
+             f"batch 1. Peak MB: the row's process, load and quantize. Quantize s: the method alone (GGUF rows: writing the file, imatrix or allocation included). * on the Pareto front (size, ppl). "
+             "± : the standard error of the mean over scored tokens (as llama-perplexity reports it; tokens taken as "
+             "independent, so it understates the noise); ≈ X: within the combined error of the next-better row X.", "",
              "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    noise = within_noise(rows)
     for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
         cells[0] = f"{cells[0]} *" if r["method"] in front else cells[0]
+        if r["method"] in noise:
+            cells[COLUMNS.index(("ppl", "ppl", "{:.4f}"))] += f" (≈ {noise[r['method']]})"
         lines.append("| " + " | ".join(cells) + " |")
     for name, err in results.get("failed", {}).items():
         lines.append(f"\n{name}: failed ({err})")

@@ -28,6 +28,23 @@ def test_divergence_against_a_direct_computation(tiny):
     assert abs(d.kl_mean - kl.mean().item()) < 1e-5 * kl.mean().item() + 1e-7
     assert abs(d.top1_agreement - (p.argmax(-1) == q.argmax(-1)).double().mean().item()) < 1e-12
     assert torch.allclose(token_kl(p, q), kl)
+    # +- as llama-perplexity: ppl x sqrt(var(token loss) / n), and the KL's standard error
+    loss = -q.gather(-1, wins[:, 1:, None]).squeeze(-1).flatten()
+    n = loss.numel()
+    assert abs(d.ppl_stderr / (d.ppl * (loss.var() / n).sqrt().item()) - 1) < 1e-4
+    assert abs(d.kl_stderr / (kl.flatten().var() / n).sqrt().item() - 1) < 1e-4
+
+
+def test_the_report_shows_errors_and_rows_within_noise():
+    from modelpress.eval.report import markdown, within_noise
+
+    rows = [{"method": "a", "size_bytes": 3e6, "ppl": 10.0, "ppl_stderr": 0.3, "kl_mean": 0.01, "kl_stderr": 0.001},
+            {"method": "b", "size_bytes": 2e6, "ppl": 10.2, "ppl_stderr": 0.3, "kl_mean": 0.02, "kl_stderr": 0.002},
+            {"method": "c", "size_bytes": 1e6, "ppl": 12.0, "ppl_stderr": 0.4, "kl_mean": 0.05, "kl_stderr": 0.003}]
+    assert within_noise(rows) == {"b": "a"}  # 0.2 < 0.42; c is 1.8 past b (0.5)
+    md = markdown({"model": "m", "rows": rows, "settings": {"eval_windows": 2, "ctx": 8, "eval_text": None,
+                                                          "samples": 1, "calib_text": None, "decode_tokens": 1}})
+    assert "10.2000 ± 0.30 (≈ a)" in md and "12.0000 ± 0.40 |" in md and "0.05000 ± 0.00300" in md
 
 
 def test_pareto_front():
