@@ -224,10 +224,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
         return 0
     methods = [m for m in (a.methods.split(",") if a.methods else DEFAULT_METHODS) if m.strip()]
     source = _merged_source(a) if a.adapter else a.model
-    results = compare(source, methods, a.out, a.text, a.calib, a.eval_windows, a.samples, a.ctx,
-                      a.decode_tokens, fresh=a.fresh)
+    windows, samples = (max(a.eval_windows, 40), max(a.samples, 128)) if a.thorough else (a.eval_windows, a.samples)
+    results = compare(source, methods, a.out, a.text, a.calib, windows, samples, a.ctx, a.decode_tokens, fresh=a.fresh)
     print((Path(a.out) / "report.md").read_text(), end="")
-    _err(f"modelpress: wrote {a.out}/report.md, results.json, pareto.png, report.html")
+    _err(f"modelpress: wrote {a.out}/report.md, results.json, pareto.png, speed.png, report.html")
     if results["failed"]:
         _err(f"modelpress: {len(results['failed'])} method(s) failed: {', '.join(results['failed'])}; "
              "rerun the same command to retry them (finished rows are reused)")
@@ -476,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-windows", type=flags.positive, default=8, help="evaluation windows (default: 8)")
     c.add_argument("--decode-tokens", type=flags.positive, default=32, help="tokens timed for decode speed (default: 32)")
     c.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse finished rows)")
+    c.add_argument("--thorough", action="store_true", help="for decisions: 40 evaluation and 128 calibration windows")
     c.add_argument("--adapter", help="a LoRA adapter folder: compare the compressions of the model with it merged")
     c.add_argument("--out", default="results/compare", help="folder for the report (default: results/compare)")
 

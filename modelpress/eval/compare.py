@@ -321,7 +321,7 @@ def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEF
             eval_windows: int = 8, samples: int = 16, ctx: int = 512, decode_tokens: int = 32,
             fresh: bool = False, isolate: bool = True, progress: bool = True) -> dict[str, Any]:
     """Measure every method in `methods` on `model` (default: the embedded default model) and write
-    OUT/results.json, OUT/report.md, OUT/pareto.png and OUT/report.html. Returns the results."""
+    OUT/results.json, OUT/report.md, OUT/pareto.png, OUT/speed.png and OUT/report.html. Returns the results."""
 
     recipes = [recipe(m) for m in methods]
     if len({r.name for r in recipes}) != len(recipes):

@@ -1,5 +1,6 @@
 """The comparison's outputs: results.json, report.md (the table, sorted by size), pareto.png (size
-against ppl, the Pareto front marked) and report.html (table and plot in one page). Each file is
+against ppl, the Pareto front marked), speed.png (decode speed against ppl, its own front) and
+report.html (table and plots in one page). Each file is
 written under a temporary name and renamed when complete."""
 from __future__ import annotations
 
@@ -43,12 +44,22 @@ def within_noise(rows: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
-def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
-    """Methods that no other row beats on both size and ppl (smaller and lower, one strictly)."""
+# the plots: x key, its axis label, whether more is better, the file
+AXES = {"size": ("size_bytes", "size on disk (MB)", False, "pareto.png"),
+        "speed": ("decode_tokens_per_s", "decode tokens/s, batch 1 (higher is better)", True, "speed.png")}
+
+
+def pareto_front(rows: list[dict[str, Any]], axis: str = "size") -> list[str]:
+    """Methods that no other row beats on both the axis (size: smaller; speed: faster) and ppl (lower),
+    one strictly."""
+    key, _, more, _ = AXES[axis]
+    sign = -1.0 if more else 1.0
+    rows = [r for r in rows if r.get(key) is not None]
     front = []
     for r in rows:
-        dominated = any(o is not r and o["size_bytes"] <= r["size_bytes"] and o["ppl"] <= r["ppl"]
-                        and (o["size_bytes"] < r["size_bytes"] or o["ppl"] < r["ppl"]) for o in rows)
+        x = sign * r[key]
+        dominated = any(o is not r and sign * o[key] <= x and o["ppl"] <= r["ppl"]
+                        and (sign * o[key] < x or o["ppl"] < r["ppl"]) for o in rows)
         if not dominated:
             front.append(r["method"])
     return front
@@ -82,16 +93,19 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Size (MB) against ppl, log ppl axis, the Pareto front joined."""
+def plot(rows: list[dict[str, Any]], path: Path, axis: str = "size") -> None:
+    """Size (MB) or decode speed against ppl, log ppl axis, the Pareto front joined."""
     import matplotlib  # here, not at the top: only the plot needs it, and its import is slow
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    front = set(pareto_front(rows))
+    key, label, _, _ = AXES[axis]
+    scale = _SCALE.get(key, 1)
+    rows = [r for r in rows if r.get(key) is not None]
+    front = set(pareto_front(rows, axis))
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    xs, ys = [r["size_bytes"] / 1e6 for r in rows], [r["ppl"] for r in rows]
+    xs, ys = [r[key] * scale for r in rows], [r["ppl"] for r in rows]
     dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     placed: list[tuple[float, float]] = []
     for r, x, y in sorted(zip(rows, xs, ys), key=lambda t: t[1]):
@@ -100,11 +114,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         near = sum(abs(x - px) < 0.06 * dx and abs(y - py) < 0.04 * dy for px, py in placed)
         ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4 - 13 * near), fontsize=9)
         placed.append((x, y))
-    pts = sorted((r["size_bytes"] / 1e6, r["ppl"]) for r in rows if r["method"] in front)
+    pts = sorted((r[key] * scale, r["ppl"]) for r in rows if r["method"] in front)
     if len(pts) > 1:
         ax.plot(*zip(*pts), color="tab:red", lw=1, ls="--", label="Pareto front", zorder=2)
         ax.legend()
-    ax.set_xlabel("size on disk (MB)")
+    ax.set_xlabel(label)
     ax.set_ylabel("perplexity (lower is better)")
     ppls = [r["ppl"] for r in rows]
     if max(ppls) > 3 * min(ppls):  # a wide range: log scale, plain numbers on the axis
@@ -114,7 +128,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title("size against perplexity")
+    ax.set_title(f"{axis} against perplexity")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".part.png")
     fig.savefig(tmp)
@@ -122,7 +136,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def page(results: dict[str, Any], png: bytes) -> str:
+def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
     rows = results["rows"]
     front = set(pareto_front(rows))
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
@@ -137,8 +151,9 @@ def page(results: dict[str, Any], png: bytes) -> str:
             "tr.front td:first-child{font-weight:bold;color:#b00}</style></head><body>"
             f"<h1>modelpress compare: {html.escape(results['model'])}</h1><p>{note}</p>"
             f"<table><tr>{head}</tr>\n{body}</table>"
-            f"<p><img alt='size against perplexity' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>"
-            "</body></html>\n")
+            + "".join(f"<p><img alt='{html.escape(name)} against perplexity' "
+                      f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>" for name, png in pngs.items())
+            + "</body></html>\n")
 
 
 def _atomic(path: Path, text: str) -> None:
@@ -150,9 +165,12 @@ def _atomic(path: Path, text: str) -> None:
 def write_reports(out: Path, results: dict[str, Any]) -> None:
     _atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     _atomic(out / "report.md", markdown(results))
-    if results["rows"]:
-        plot(results["rows"], out / "pareto.png")
-        _atomic(out / "report.html", page(results, (out / "pareto.png").read_bytes()))
+    rows = results["rows"]
+    axes = {axis: name for axis, (key, _, _, name) in AXES.items() if any(r.get(key) is not None for r in rows)}
+    for axis, name in axes.items():
+        plot(rows, out / name, axis)
+    if rows:
+        _atomic(out / "report.html", page(results, {axis: (out / name).read_bytes() for axis, name in axes.items()}))
 
 
 def text_table(rows: list[dict]) -> str:

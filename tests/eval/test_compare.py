@@ -42,6 +42,10 @@ def test_the_report_shows_errors_and_rows_within_noise():
             {"method": "b", "size_bytes": 2e6, "ppl": 10.2, "ppl_stderr": 0.3, "kl_mean": 0.02, "kl_stderr": 0.002},
             {"method": "c", "size_bytes": 1e6, "ppl": 12.0, "ppl_stderr": 0.4, "kl_mean": 0.05, "kl_stderr": 0.003}]
     assert within_noise(rows) == {"b": "a"}  # 0.2 < 0.42; c is 1.8 past b (0.5)
+    speeds = {"a": 50.0, "b": 80.0, "c": 60.0}
+    for r in rows:
+        r["decode_tokens_per_s"] = speeds[r["method"]]
+    assert pareto_front(rows) == ["a", "b", "c"] and pareto_front(rows, "speed") == ["a", "b"]  # c: slower, worse
     md = markdown({"model": "m", "rows": rows, "settings": {"eval_windows": 2, "ctx": 8, "eval_text": None,
                                                           "samples": 1, "calib_text": None, "decode_tokens": 1}})
     assert "10.2000 ± 0.30 (≈ a)" in md and "12.0000 ± 0.40 |" in md and "0.05000 ± 0.00300" in md
