@@ -22,6 +22,7 @@ from .errors import ModelpressError, one_line
 from .eval.compare import DEFAULT_METHODS, compare, method_names
 from .eval.evaluate import evaluate, summary
 from .eval.perplexity import COMPUTE_DTYPES
+from .eval.recommend import RUNTIMES
 from .eval.report import text_table
 from .eval.size import disk_bytes, model_size
 from .finetune.adapters import load_adapter
@@ -225,7 +226,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
     methods = [m for m in (a.methods.split(",") if a.methods else DEFAULT_METHODS) if m.strip()]
     source = _merged_source(a) if a.adapter else a.model
     windows, samples = (max(a.eval_windows, 40), max(a.samples, 128)) if a.thorough else (a.eval_windows, a.samples)
-    results = compare(source, methods, a.out, a.text, a.calib, windows, samples, a.ctx, a.decode_tokens, fresh=a.fresh)
+    limits = dict(max_size_mb=a.max_size, max_ppl_increase=a.max_ppl_increase, min_tokens_per_s=a.min_tokens_per_s,
+                  runtime=a.runtime)
+    results = compare(source, methods, a.out, a.text, a.calib, windows, samples, a.ctx, a.decode_tokens, fresh=a.fresh,
+                      limits=limits)
     print((Path(a.out) / "report.md").read_text(), end="")
     _err(f"modelpress: wrote {a.out}/report.md, results.json, pareto.png, speed.png, report.html")
     if results["failed"]:
@@ -477,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decode-tokens", type=flags.positive, default=32, help="tokens timed for decode speed (default: 32)")
     c.add_argument("--fresh", action="store_true", help="recompute every row (default: reuse finished rows)")
     c.add_argument("--thorough", action="store_true", help="for decisions: 40 evaluation and 128 calibration windows")
+    c.add_argument("--max-size", type=float, help="recommend: at most this many MB on disk")
+    c.add_argument("--max-ppl-increase", type=float, help="recommend: ppl at most this %% above the original (10)")
+    c.add_argument("--min-tokens-per-s", type=float, help="recommend: at least this batch-1 decode speed")
+    c.add_argument("--runtime", choices=RUNTIMES, help="recommend: a row this runtime loads")
     c.add_argument("--adapter", help="a LoRA adapter folder: compare the compressions of the model with it merged")
     c.add_argument("--out", default="results/compare", help="folder for the report (default: results/compare)")
 

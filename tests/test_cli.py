@@ -291,6 +291,7 @@ def test_compare_runs_resumes_and_reports(tmp_path, capsys, tiny_gguf):
     fp32 = res["rows"][0]
     assert fp32["kl_mean"] < 1e-6 and fp32["top1_agreement"] == 1.0 and abs(fp32["ppl"] / res["reference_ppl"] - 1) < 1e-5
     assert "| q8_0" in stdout and "2 to run" in err
+    assert stdout.splitlines()[2] == "## Recommendation" and "Make it: `modelpress" in stdout
     code, _, err = _run(capsys, *args[:3], "fp32,q8_0,rtn-w4", *args[4:])  # one more method: only it runs
     assert code == 0 and "2 reused" in err and "1 to run" in err and "rtn-w4: running" in err
     _one_line_error(*_run(capsys, "compare", str(tiny_gguf), "--methods", "fp32,bogus", "--out", str(out))[::2])

@@ -63,6 +63,7 @@ from ..model.load import load, resolve
 from ..model.walker import use_dense_kernels
 from ..registry import quantize
 from .divergence import Reference, divergence, reference
+from .recommend import recommend
 from .report import write_reports
 from .size import disk_bytes, model_size
 from .speed import decode_tokens_per_s
@@ -319,9 +320,12 @@ def _worker(job_path: str) -> int:
 def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEFAULT_METHODS,
             out: str | Path = "compare", text: str | None = None, calib: str | None = None,
             eval_windows: int = 8, samples: int = 16, ctx: int = 512, decode_tokens: int = 32,
-            fresh: bool = False, isolate: bool = True, progress: bool = True) -> dict[str, Any]:
+            fresh: bool = False, isolate: bool = True, progress: bool = True,
+            limits: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure every method in `methods` on `model` (default: the embedded default model) and write
-    OUT/results.json, OUT/report.md, OUT/pareto.png, OUT/speed.png and OUT/report.html. Returns the results."""
+    OUT/results.json, OUT/report.md, OUT/pareto.png, OUT/speed.png and OUT/report.html. Returns the results.
+    `limits` (eval/recommend.py: max_size_mb, max_ppl_increase, min_tokens_per_s, runtime) choose the
+    recommendation the report opens with."""
 
     recipes = [recipe(m) for m in methods]
     if len({r.name for r in recipes}) != len(recipes):
@@ -362,6 +366,7 @@ def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEF
     results = {"model": str(model or "default: SmolLM2-135M-Instruct"), "settings": dataclasses.asdict(setup),
                "key": skey, "reference_ppl": rows[0]["reference_ppl"] if rows else None, "rows": rows,
                "failed": failed}
+    results["recommendation"] = recommend(rows, model, **(limits or {})) if rows else []
     write_reports(out, results)
     if not failed:
         shutil.rmtree(work, ignore_errors=True)  # the reference log-probs are large; rows are kept

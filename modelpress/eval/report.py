@@ -74,6 +74,8 @@ def markdown(results: dict[str, Any]) -> str:
     rows = results["rows"]
     front = set(pareto_front(rows))
     lines = [f"# modelpress compare: {results['model']}", "",
+             *(["## Recommendation", "", *(f"- {t}" for t in results["recommendation"]), ""]
+               if results.get("recommendation") else []),
              f"Evaluation: {s['eval_windows']} windows of {s['ctx']} tokens of "
              f"{s['eval_text'] or 'the default text (pydoc topics)'}; calibration (GPTQ, AWQ, imatrix, auto): "
              f"{s['samples']} windows of {s['calib_text'] or 'the default text'}. KL: mean KL(original || method) "
