@@ -280,7 +280,8 @@ def test_the_head_cross_entropy_and_its_gradient_are_torch_s(cap, monkeypatch):
 def test_adapter_flags_on_compare_and_serve(text, tmp_path):
     """compare --adapter compares the compressions of the model with the adapter merged; serve
     --adapter runs every request with it, --lora NAME=DIR names adapters (bad forms refused)."""
-    from modelpress.cli import _lora_flags, main
+    from modelpress.cli import main
+    from modelpress.flags import name_dir_pairs
 
     folder = tmp_path / "m"
     tiny_llama().save_pretrained(folder)
@@ -294,6 +295,6 @@ def test_adapter_flags_on_compare_and_serve(text, tmp_path):
     merged, _ = modelpress.load(tmp_path / "cmp" / "model+adapter")
     with torch.no_grad():
         torch.testing.assert_close(merged(X).logits, model(X).logits, rtol=0, atol=1e-5)
-    assert _lora_flags(["a=x", "b=y"]) == {"a": "x", "b": "y"}
+    assert name_dir_pairs(["a=x", "b=y"], "--lora") == {"a": "x", "b": "y"}
     with pytest.raises(ModelpressError, match="NAME=DIR"):
-        _lora_flags(["nodir"])
+        name_dir_pairs(["nodir"], "--lora")
