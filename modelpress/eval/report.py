@@ -138,6 +138,16 @@ def plot(rows: list[dict[str, Any]], path: Path, axis: str = "size") -> None:
     os.replace(tmp, path)
 
 
+# click a header: sort the table's rows by that column (numbers as numbers), again: the other way
+_SORT_JS = ("document.querySelectorAll('#rows th').forEach((th, i) => th.onclick = () => {"
+            "const t = document.getElementById('rows'), rows = [...t.rows].slice(1), up = th.dataset.up !== '1';"
+            "th.dataset.up = up ? '1' : '0';"
+            "rows.sort((a, b) => { const x = a.cells[i].textContent, y = b.cells[i].textContent,"
+            " nx = parseFloat(x), ny = parseFloat(y);"
+            " const c = isNaN(nx) || isNaN(ny) ? x.localeCompare(y) : nx - ny; return up ? c : -c; });"
+            "rows.forEach(r => t.appendChild(r)); });")
+
+
 def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
     rows = results["rows"]
     front = set(pareto_front(rows))
@@ -146,16 +156,19 @@ def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
     for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
         style = ' class="front"' if r["method"] in front else ""
         body += f"<tr{style}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>\n"
-    note = html.escape(markdown(results).split("\n\n")[1])
+    note = html.escape(next(p for p in markdown(results).split("\n\n") if p.startswith("Evaluation:")))
+    advice = "".join(f"<li>{html.escape(t).replace('**', '')}</li>" for t in results.get("recommendation") or [])
     return ("<!doctype html><html><head><meta charset='utf-8'><title>modelpress compare</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-            "tr.front td:first-child{font-weight:bold;color:#b00}</style></head><body>"
-            f"<h1>modelpress compare: {html.escape(results['model'])}</h1><p>{note}</p>"
-            f"<table><tr>{head}</tr>\n{body}</table>"
+            "tr.front td:first-child{font-weight:bold;color:#b00}th{cursor:pointer}</style></head><body>"
+            f"<h1>modelpress compare: {html.escape(results['model'])}</h1>"
+            + (f"<h2>Recommendation</h2><ul>{advice}</ul>" if advice else "")
+            + f"<p>{note}</p><p>Click a column's header to sort by it.</p>"
+            f"<table id='rows'><tr>{head}</tr>\n{body}</table>"
             + "".join(f"<p><img alt='{html.escape(name)} against perplexity' "
                       f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>" for name, png in pngs.items())
-            + "</body></html>\n")
+            + f"<script>{_SORT_JS}</script></body></html>\n")
 
 
 def _atomic(path: Path, text: str) -> None:

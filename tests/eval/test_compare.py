@@ -135,3 +135,30 @@ def test_prune_rows(tmp_path, tiny_hf_dir):
     rows = {r["method"]: r for r in out["rows"]}
     assert rows["sparsegpt-50"]["kl_mean"] < rows["magnitude-50"]["kl_mean"]
     assert rows["sparsegpt-2:4-w4"]["size_bytes"] < 0.5 * rows["fp32"]["size_bytes"]
+
+
+def test_the_html_table_sorts_by_a_clicked_column(tmp_path):
+    """report.html's script (run in node against a minimal stand-in for the page's table): a click on a
+    header sorts the rows by that column, numbers as numbers; a second click reverses them."""
+    import shutil
+    import subprocess
+
+    from modelpress.eval.report import _SORT_JS
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (Debian's nodejs); the script is not run")
+    harness = """
+const rows = [['head', ''], ['q8_0', '145.2'], ['q4_k_m', '99.5'], ['nf4', '1000.0']].map(
+  ([a, b]) => ({cells: [{textContent: a}, {textContent: b}]}));
+const table = {get rows() { return rows; }, appendChild(r) { rows.splice(rows.indexOf(r), 1); rows.push(r); }};
+const ths = [{dataset: {}}, {dataset: {}}];
+global.document = {querySelectorAll: () => ths, getElementById: () => table};
+""" + _SORT_JS + """
+ths[1].onclick(); const up = rows.slice(1).map(r => r.cells[0].textContent).join(',');
+ths[1].onclick(); const down = rows.slice(1).map(r => r.cells[0].textContent).join(',');
+console.log(up + ' ' + down);
+"""
+    (tmp_path / "t.js").write_text(harness)
+    out = subprocess.run([node, str(tmp_path / "t.js")], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["q4_k_m,q8_0,nf4", "nf4,q8_0,q4_k_m"]  # 99.5 < 145.2 < 1000 (not as text: "1000" < "145")
