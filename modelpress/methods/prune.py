@@ -99,8 +99,15 @@ class SparseGPTConfig(WandaConfig):
             raise ValueError(f"damp is a fraction of the mean Hessian diagonal in [0, 1), got {self.damp}")
 
 
+def _check_float(model: torch.nn.Module, config: MagnitudeConfig) -> None:
+    if not any(True for _ in iter_targets(model, config.targets, config.ignore)):
+        raise ModelpressError(f"{config.method} prunes float linear layers; this model has none (already quantized? "
+                              "prune the float model, then quantize; sparsegpt --bits does both in one sweep)")
+
+
 @register(MagnitudeConfig)
 def prune_magnitude(model: torch.nn.Module, config: MagnitudeConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
+    _check_float(model, config)
     n, m = config.nm
     for fqn, lin in iter_targets(model, config.targets, config.ignore):
         mask = sparsity.magnitude_mask(lin.weight, config.sparsity, n, m)
@@ -121,6 +128,7 @@ def _codes_module(lin: torch.nn.Linear, r: sparsity.SparseGPTResult, config: Spa
 @register(WandaConfig)
 @register(SparseGPTConfig)
 def prune_calibrated(model: torch.nn.Module, config: WandaConfig, calib: list[torch.Tensor] | None) -> torch.nn.Module:
+    _check_float(model, config)
     targets = block_targets(model, config, calib)
     n, m = config.nm
 

@@ -70,6 +70,12 @@ def test_bad_patterns_are_clear_errors():
         modelpress.MagnitudeConfig(sparsity=1.0)
     with pytest.raises(ValueError, match="bits"):
         modelpress.SparseGPTConfig(bits=5)
+    from modelpress.errors import ModelpressError
+
+    quantized = modelpress.quantize(tiny_llama(), modelpress.RTNConfig(bits=4, group_size=32))
+    for cfg in (modelpress.MagnitudeConfig(), modelpress.WandaConfig()):
+        with pytest.raises(ModelpressError, match="already quantized"):
+            modelpress.quantize(quantized, cfg, _windows(2, 0))
 
 
 def test_structured_pruning_removes_the_least_important_channels(tmp_path):
