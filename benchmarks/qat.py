@@ -115,6 +115,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, of: " + ", ".join(TARGETS))
+    p.add_argument("--lora-rank", type=int, default=0, help="> 0: QAT + LoRA rows (the weights frozen)")
+    p.add_argument("--no-baselines", action="store_true", help="only the QAT rows (and no step cost)")
     p.add_argument("--step-cost", choices=("modelpress", "torchao"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/qat.json")
     a = p.parse_args()
@@ -137,8 +140,10 @@ def main() -> None:
         return perplexity_of_windows(m, wins, progress=False).ppl
 
     emit({"target": "fp32", "how": "float", "ppl": ppl(base)})
-    for name, target in TARGETS.items():
-        for how, cal in (("plain", None), ("imatrix" if isinstance(target, str) else "gptq", calib)):
+    for name in a.targets.split(","):
+        target = TARGETS[name]
+        for how, cal in () if a.no_baselines else (("plain", None), ("imatrix" if isinstance(target, str) else "gptq",
+                                                                                        calib)):
             t0 = time.process_time()
             m, path = written(copy.deepcopy(base), tok, target, work, f"{name}-{how}", cal)
             emit({"target": name, "how": how, "ppl": ppl(m), "cpu_s": time.process_time() - t0})
@@ -146,16 +151,17 @@ def main() -> None:
             model = copy.deepcopy(base)
             t0, w0 = time.process_time(), time.perf_counter()
             hist = qat(model, tok, target, DATA / "calib.txt",
-                       QATTrainConfig(steps=steps, batch=a.batch, ctx=a.ctx, lr=a.lr, windows=max(64, a.batch * steps)),
-                       progress=False)
+                       QATTrainConfig(steps=steps, batch=a.batch, ctx=a.ctx, lr=a.lr, windows=max(64, a.batch * steps),
+                                      lora_rank=a.lora_rank), progress=False)
             cpu, wall = time.process_time() - t0, time.perf_counter() - w0
             m, path = written(model, tok, target, work, f"{name}-qat{steps}")
-            row = {"target": name, "how": f"qat {steps} steps (full)", "ppl": ppl(m), "cpu_s": cpu, "wall_s": wall,
+            how = f"qat + LoRA r{a.lora_rank} {steps} steps" if a.lora_rank else f"qat {steps} steps (full)"
+            row = {"target": name, "how": how, "ppl": ppl(m), "cpu_s": cpu, "wall_s": wall,
                    "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"]}
             if path is not None:
                 row["llama.cpp ppl (same windows)"] = llama_cpp_ppl(path, wins)
             emit(row)
-    for tool in ("modelpress", "torchao"):
+    for tool in () if a.no_baselines else ("modelpress", "torchao"):
         out = subprocess.run([sys.executable, __file__, "--step-cost", tool, "--batch", str(a.batch), "--ctx",
                               str(a.ctx)], capture_output=True, text=True)
         line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else None
