@@ -47,3 +47,16 @@ def write_result(path: str | Path, benchmark: str, rows: list[dict], **fields: o
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def emitter(path: str | Path, benchmark: str, **fields: object):  # noqa: ANN201
+    """(rows, emit): emit(row) appends the row, prints it as a JSON line and rewrites the result file, so
+    a run stopped midway keeps what it measured."""
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_result(path, benchmark, rows, **fields)
+
+    return rows, emit

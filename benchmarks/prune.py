@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import emitter  # noqa: E402
 from benchmarks.gguf_decode import PROMPT, llama_greedy  # noqa: E402
 from modelpress import MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig  # noqa: E402
 from modelpress.data import calibration_windows, read_text, tokenize, windows  # noqa: E402
@@ -55,13 +54,8 @@ def main() -> None:
     wins = windows(tokenize(tok, read_text(DATA / "eval.txt")), 512, a.eval_windows)
     calib = calibration_windows(tok, DATA / "calib.txt", 512, a.calib_windows)
     work = Path(tempfile.mkdtemp(prefix="mp-prune-"))
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        write_result(a.out, "prune", rows, eval_windows=a.eval_windows, calib_windows=a.calib_windows,
-                     train_text="calib.txt", eval_text="eval.txt")
+    _, emit = emitter(a.out, "prune", eval_windows=a.eval_windows, calib_windows=a.calib_windows,
+                      train_text="calib.txt", eval_text="eval.txt")
 
     def ppl(m: torch.nn.Module) -> float:
         return perplexity_of_windows(m, wins, progress=False).ppl

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import emitter  # noqa: E402
 from modelpress.data import read_text  # noqa: E402
 from modelpress.serve.engine import Engine  # noqa: E402
 from modelpress.serve.sampler import SamplingParams  # noqa: E402
@@ -291,12 +291,7 @@ def main() -> None:
     parts = a.parts.split(",")
     work = Path(tempfile.mkdtemp(prefix="mp-serve-"))
     files = gguf_files(work, sorted({"Q4_K_M", "Q8_0", a.serve_mix}))
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        write_result(a.out, "serving", rows)
+    _, emit = emitter(a.out, "serving")
 
     if "decode" in parts:  # the tools alternate, --repeats times: the median of each, all runs kept
         for mix, path in files.items():

@@ -21,7 +21,8 @@ COLUMNS = (("method", "method", "{}"), ("size MB", "size_bytes", "{:.1f}"),
 _SCALE = {"size_bytes": 1e-6, "peak_rss_bytes": 1e-6}
 
 
-_STDERR = {"ppl": "{:.2f}", "kl_mean": "{:.5f}"}  # shown as value +- its standard error where the row has one
+# shown as value +- its standard error where the row has one: column key -> (its error's key, format)
+_STDERR = {"ppl": ("ppl_stderr", "{:.2f}"), "kl_mean": ("kl_stderr", "{:.5f}")}
 
 
 def cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -29,8 +30,9 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
     if v is None:
         return "-"
     text = fmt.format(v * _SCALE.get(key, 1))
-    se = row.get(key.replace("_mean", "") + "_stderr")
-    return f"{text} ± {_STDERR[key].format(se)}" if key in _STDERR and se else text
+    se_key, se_fmt = _STDERR.get(key, (None, ""))
+    se = row.get(se_key) if se_key else None
+    return f"{text} ± {se_fmt.format(se)}" if se else text
 
 
 def within_noise(rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -88,7 +90,7 @@ def markdown(results: dict[str, Any]) -> str:
     for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
         cells[0] = f"{cells[0]} *" if r["method"] in front else cells[0]
         if r["method"] in noise:
-            cells[COLUMNS.index(("ppl", "ppl", "{:.4f}"))] += f" (≈ {noise[r['method']]})"
+            cells[[k for _, k, _ in COLUMNS].index("ppl")] += f" (≈ {noise[r['method']]})"
         lines.append("| " + " | ".join(cells) + " |")
     for name, err in results.get("failed", {}).items():
         lines.append(f"\n{name}: failed ({err})")

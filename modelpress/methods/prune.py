@@ -30,7 +30,7 @@ from ..core import sparsity
 from ..errors import ModelpressError
 from ..model.capture import HessianCapture, InputStatsCapture
 from ..model.sequential import block_targets, blocks_of, run_sequential
-from ..model.walker import iter_targets, replace
+from ..model.walker import dense_weight, iter_targets, replace
 from ..nn import IntxLinear
 from ..record import record
 from ..registry import register
@@ -134,22 +134,22 @@ def prune_calibrated(model: torch.nn.Module, config: WandaConfig, calib: list[to
 
     def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
         mods = targets[id(block)]
-        with HessianCapture(mods) as cap:
+        sgpt = isinstance(config, SparseGPTConfig)
+        with HessianCapture(mods) if sgpt else InputStatsCapture(mods) as cap:  # Wanda: ||X_j|| only
             run()
         for name, lin in mods.items():
-            H = cap.hessian(name)
-            if isinstance(config, SparseGPTConfig):
-                r = sparsity.sparsegpt(lin.weight, H, config.sparsity, n, m, config.blocksize, config.damp,
-                                       config.bits, config.group_size)
-                if config.bits is not None:
-                    replace(block, name, _codes_module(lin, r, config))
-                else:
-                    with torch.no_grad():
-                        lin.weight.copy_(r.weight.to(lin.weight.dtype))
-            else:  # Wanda: ||X_j|| is sqrt(n / 2 * H_jj); the scale does not change a row's order
-                mask = sparsity.wanda_mask(lin.weight, torch.diag(H).clamp(min=0).sqrt(), config.sparsity, n, m)
+            if not sgpt:
+                mask = sparsity.wanda_mask(lin.weight, cap.norm(name), config.sparsity, n, m)
                 with torch.no_grad():
                     lin.weight.masked_fill_(mask, 0.0)
+                continue
+            r = sparsity.sparsegpt(lin.weight, cap.hessian(name), config.sparsity, n, m, config.blocksize, config.damp,
+                                   config.bits, config.group_size)
+            if config.bits is not None:
+                replace(block, name, _codes_module(lin, r, config))
+            else:
+                with torch.no_grad():
+                    lin.weight.copy_(r.weight.to(lin.weight.dtype))
 
     record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc=config.method)
     return model
@@ -157,8 +157,6 @@ def prune_calibrated(model: torch.nn.Module, config: WandaConfig, calib: list[to
 
 def weight_sparsity(model: torch.nn.Module) -> float:
     """The fraction of zeros among the decoder blocks' linear weights (dequantized where quantized)."""
-    from ..model.walker import dense_weight
-
     zeros = total = 0
     for fqn, mod in model.named_modules():
         if fqn.startswith("model.layers.") and (isinstance(mod, torch.nn.Linear) or hasattr(mod, "dequantize")):

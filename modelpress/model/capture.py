@@ -71,11 +71,13 @@ class HessianCapture(_InputHooks):
 
 
 class InputStatsCapture(_InputHooks):
-    """Running mean |x| per input channel (AWQ's activation statistic) and a few input rows kept
-    for searches that must run the layer (`keep_rows` in total per module, first come first kept)."""
+    """Running mean |x| per input channel (AWQ's activation statistic), the l2 norm per channel (Wanda's
+    and structured pruning's) and a few input rows kept for searches that must run the layer
+    (`keep_rows` in total per module, first come first kept)."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], keep_rows: int = 0) -> None:
         self.abs_sum: dict[str, torch.Tensor] = {}
+        self.sq_sum: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
         self.kept: dict[str, list[torch.Tensor]] = {}
         self.keep_rows = keep_rows
@@ -85,8 +87,10 @@ class InputStatsCapture(_InputHooks):
         x2 = x.reshape(-1, x.shape[-1]).float()
         if key not in self.abs_sum:
             self.abs_sum[key] = torch.zeros(x2.shape[-1], dtype=torch.float64, device=x.device)
+            self.sq_sum[key] = torch.zeros_like(self.abs_sum[key])
             self.rows[key], self.kept[key] = 0, []
         self.abs_sum[key] += x2.abs().sum(0).double()
+        self.sq_sum[key] += x2.double().pow(2).sum(0)
         self.rows[key] += x2.shape[0]
         have = sum(t.shape[0] for t in self.kept[key])
         if have < self.keep_rows:
@@ -95,6 +99,10 @@ class InputStatsCapture(_InputHooks):
     def mean_abs(self, name: str) -> torch.Tensor:
         key = self.key(name)
         return (self.abs_sum[key] / self.rows[key]).float()
+
+    def norm(self, name: str) -> torch.Tensor:
+        """||X_j||_2 over every calibration row, per input channel."""
+        return self.sq_sum[self.key(name)].sqrt().float()
 
     def inputs(self, name: str) -> torch.Tensor:
         return torch.cat(self.kept[self.key(name)])
