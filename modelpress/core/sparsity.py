@@ -135,3 +135,47 @@ def sparsegpt(w: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 
         out.scale, out.zero_point = scale.to(grids.SCALE_DTYPE), zero.to(torch.uint8)
         out.codes = grids.quantize(W, out.scale, out.zero_point, bits, group_size)
     return out
+
+
+# ---- 2:4 storage: the kept half of the values and a 2-bit position for each --------------------------
+# Per row, each group of 4 inputs keeps 2 values (ascending positions i0 < i1 in 0..3); the values are
+# stored in order, (out, in / 2), and the positions as the metadata of sparse tensor cores
+# (cuSPARSELt / torch's semi-structured layout, before its hardware-specific interleaving): 4 bits a
+# group, i0 | i1 << 2, two groups a byte, the lower group in the low nibble: (out, in / 8) uint8.
+# A group with fewer than 2 non-zeros keeps zeros at its first free positions, so any 2:4-sparse
+# weight (including one with extra zeros) round-trips exactly.
+
+def is_24(w: torch.Tensor) -> bool:
+    """Whether every run of 4 inputs of every row of w holds at most 2 non-zeros."""
+    return w.shape[-1] % 8 == 0 and bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+
+
+def pack_24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (out, in / 2) in w's dtype, meta (out, in / 8) uint8) of a 2:4-sparse w (out, in);
+    ValueError where w is not 2:4 sparse or in is not a multiple of 8."""
+    rows, cols = w.shape
+    if cols % 8:
+        raise ValueError(f"2:4 storage needs a multiple of 8 input columns, got {cols}")
+    g = w.reshape(rows, cols // 4, 4)
+    nz = g != 0
+    if bool((nz.sum(-1) > 2).any()):
+        raise ValueError("the weight is not 2:4 sparse (a group of 4 inputs holds more than 2 non-zeros); "
+                         "prune it with --pattern 2:4 first")
+    # the non-zeros first, then the first free positions; of these the first two, in ascending order
+    key = (~nz).to(torch.int64) * 4 + torch.arange(4)
+    pos = torch.sort(torch.sort(key, dim=-1).values[..., :2] % 4, dim=-1).values       # (rows, groups, 2)
+    values = torch.gather(g, -1, pos).reshape(rows, cols // 2).contiguous()
+    nib = (pos[..., 0] | (pos[..., 1] << 2)).reshape(rows, cols // 8, 2)
+    meta = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8)
+    return values, meta
+
+
+def unpack_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense (out, in) weight that pack_24 stored."""
+    rows, half = values.shape
+    m = meta.to(torch.int64)
+    nib = torch.stack([m & 15, m >> 4], -1).reshape(rows, half // 2)                  # one nibble a group
+    pos = torch.stack([nib & 3, nib >> 2], -1)                                        # (rows, groups, 2)
+    out = torch.zeros(rows, half // 2, 4, dtype=values.dtype, device=values.device)
+    out.scatter_(-1, pos, values.reshape(rows, half // 2, 2))
+    return out.reshape(rows, half * 2)

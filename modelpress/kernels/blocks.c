@@ -33,6 +33,7 @@ typedef struct {
     const float *bias;             /* (n) added to every output row, or NULL (qwen2's q / k / v) */
     const int64_t *perm;           /* (k) AFFINE / F32: stored column j multiplies x[perm[j]] (GPTQ's act order
                                     * without static groups), or NULL */
+    const uint8_t *idx;            /* SPARSE24: (n, k / 8) the kept values' 2-bit positions (w: the values) */
 } mp_linear;
 
 typedef struct {

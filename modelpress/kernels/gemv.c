@@ -335,3 +335,61 @@ void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, cons
     }
     free(xsum);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * 2:4-sparse fp32: y (m, n) = x (m, k) @ W (n, k)^T with W stored as core/sparsity.py's pack_24
+ * writes it: values (n, k / 2) fp32, the kept two of every four inputs, and meta (n, k / 8) bytes,
+ * a 2-bit position per value (group t's two in bits 4t .. 4t + 3 of its row's bit stream). Written
+ * by hand: torch's semi-structured sparse tensors run on CUDA only. Half the values plus 1/16 of
+ * a bit a weight in positions: 17/32 of the dense rows' traffic. k a multiple of 8.
+ * AVX-512: 32 inputs a step, their 16 kept values multiply x picked by one two-register permute
+ * (lane l's position: bits 2l, 2l + 1 of the step's 32 meta bits, plus 4 * (l / 2)); AVX2: 16 inputs
+ * a step through a gather of x; the plain loop everywhere else.
+ */
+static inline float mp_sparse24_dot(const float *v, const uint8_t *meta, const float *x, int64_t k) {
+    int64_t j = 0;  /* input column */
+    float acc = 0.0f;
+#if defined(MP_VNNI512)
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i base = _mm512_slli_epi32(_mm512_srli_epi32(lane, 1), 2), shift = _mm512_slli_epi32(lane, 1);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; j + 64 <= k; j += 64) {
+        uint32_t m0, m1;
+        memcpy(&m0, meta + j / 8, 4);
+        memcpy(&m1, meta + j / 8 + 4, 4);
+        const __m512i i0 = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)m0), shift),
+                                                                    _mm512_set1_epi32(3)));
+        const __m512i i1 = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)m1), shift),
+                                                                    _mm512_set1_epi32(3)));
+        const __m512 x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + j), i0, _mm512_loadu_ps(x + j + 16));
+        const __m512 x1 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + j + 32), i1, _mm512_loadu_ps(x + j + 48));
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j / 2), x0, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j / 2 + 16), x1, a1);
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(MP_AVX2)
+    const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m256i base = _mm256_slli_epi32(_mm256_srli_epi32(lane, 1), 2), shift = _mm256_slli_epi32(lane, 1);
+    __m256 a0 = _mm256_setzero_ps();
+    for (; j + 16 <= k; j += 16) {
+        uint16_t m0;
+        memcpy(&m0, meta + j / 8, 2);
+        const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m0), shift),
+                                                                     _mm256_set1_epi32(3)));
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j / 2), _mm256_i32gather_ps(x + j, idx, 4), a0);
+    }
+    acc = hsum8(a0);
+#endif
+    for (; j < k; j += 8) {  /* 8 inputs: 4 values, one meta byte */
+        const uint8_t b = meta[j / 8];
+        acc += v[j / 2] * x[j + (b & 3)] + v[j / 2 + 1] * x[j + ((b >> 2) & 3)];
+        acc += v[j / 2 + 2] * x[j + 4 + ((b >> 4) & 3)] + v[j / 2 + 3] * x[j + 4 + (b >> 6)];
+    }
+    return acc;
+}
+
+void mp_sparse24_gemv(const float *x, int64_t m, int64_t k, const float *v, const uint8_t *meta, int64_t n, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_sparse24_dot(v + o * (k / 2), meta + o * (k / 8), x + r * k, k);
+}

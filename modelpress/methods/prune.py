@@ -31,7 +31,7 @@ from ..errors import ModelpressError
 from ..model.capture import HessianCapture, InputStatsCapture
 from ..model.sequential import block_targets, blocks_of, run_sequential
 from ..model.walker import dense_weight, iter_targets, replace
-from ..nn import IntxLinear
+from ..nn import IntxLinear, Sparse24Linear
 from ..record import record
 from ..registry import register
 from .qat import QATTrainConfig, distill
@@ -59,11 +59,15 @@ class MagnitudeConfig(BaseConfig):
     sparsity: float = option(0.5, "fraction of the weights set to zero")
     pattern: str | None = option(None, "N:M instead of a sparsity: N zeros in every M inputs (2:4, 4:8)",
                                  none="unstructured")
+    pack: bool = option(False, "store 2:4 layers packed: the kept half and a 2-bit position each (17/32 of the fp32 "
+                               "bytes; the CPU kernel reads them as they are)")
 
     def __post_init__(self) -> None:
         n, m = parse_pattern(self.pattern)
         if not m and not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity is a fraction in [0, 1), got {self.sparsity}")
+        if self.pack and (n, m) != (2, 4):
+            raise ValueError("pack stores the 2:4 pattern; give --pattern 2:4 with it")
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -95,6 +99,8 @@ class SparseGPTConfig(WandaConfig):
         super().__post_init__()
         if self.bits is not None and self.bits not in (2, 3, 4, 8):
             raise ValueError(f"bits must be 2, 3, 4 or 8 (or none), got {self.bits}")
+        if self.pack and self.bits is not None:
+            raise ValueError("pack stores float 2:4 layers; with bits the kept weights are integer codes already")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp is a fraction of the mean Hessian diagonal in [0, 1), got {self.damp}")
 
@@ -113,6 +119,14 @@ def prune_magnitude(model: torch.nn.Module, config: MagnitudeConfig, calib: list
         mask = sparsity.magnitude_mask(lin.weight, config.sparsity, n, m)
         with torch.no_grad():
             lin.weight.masked_fill_(mask, 0.0)
+    return packed(model, config)
+
+
+def packed(model: torch.nn.Module, config: MagnitudeConfig) -> torch.nn.Module:
+    """With config.pack, every pruned layer as a Sparse24Linear (values + 2-bit positions)."""
+    if config.pack:
+        for fqn, lin in list(iter_targets(model, config.targets, config.ignore)):
+            replace(model, fqn, Sparse24Linear.from_linear(lin))
     return model
 
 
@@ -152,7 +166,7 @@ def prune_calibrated(model: torch.nn.Module, config: WandaConfig, calib: list[to
                     lin.weight.copy_(r.weight.to(lin.weight.dtype))
 
     record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc=config.method)
-    return model
+    return packed(model, config)
 
 
 def weight_sparsity(model: torch.nn.Module) -> float:

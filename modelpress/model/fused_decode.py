@@ -44,6 +44,7 @@ from ..nn.gguf_linear import (  # BLOCK_KERNELS: types multiplied on their block
 from ..nn.int8lt_linear import Int8LtLinear
 from ..nn.intx_linear import IntxLinear
 from ..nn.multi_lora import MultiLoraLinear
+from ..nn.sparse24_linear import Sparse24Linear
 from .walker import UNIT_OFFSET_NORMS
 
 # symmetric block types: offset = ZERO * scale exactly, so the decode reads no offsets (10 % fewer bytes)
@@ -91,6 +92,10 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None: 
         keep += [q, scale]
         return ops.linear(KIND[_byte_kind(mod.in_features, mod.in_features, int8)], mod.out_features, mod.in_features,
                           mod.in_features, q, scale, None, -128.0, bias=_bias(mod, keep))
+    if isinstance(mod, Sparse24Linear) and mod.values.dtype == torch.float32:  # the packed values as they are
+        keep += [mod.values, mod.indices]
+        return ops.linear(KIND["SPARSE24"], mod.out_features, mod.in_features, 1, mod.values, bias=_bias(mod, keep),
+                          idx=mod.indices)
     if type(mod) in (torch.nn.Linear, DenseLinear) and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()
         if not w.is_contiguous():

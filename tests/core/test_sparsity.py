@@ -6,7 +6,14 @@ import torch
 
 from modelpress.core import grids
 from modelpress.core.hessian import HessianAccumulator
-from modelpress.core.sparsity import magnitude_mask, sparsegpt, wanda_mask
+from modelpress.core.sparsity import (
+    is_24,
+    magnitude_mask,
+    pack_24,
+    sparsegpt,
+    unpack_24,
+    wanda_mask,
+)
 
 
 def _nm_ok(mask: torch.Tensor, n: int, m: int) -> bool:
@@ -101,3 +108,25 @@ def test_sparsegpt_joint_rounding_stores_what_it_computed():
     assert not torch.equal(plain.weight, r.weight)
     with pytest.raises(ValueError, match="divide"):
         sparsegpt(w, _hessian(x), n=2, m=4, blocksize=64, bits=4, group_size=48)
+
+
+def test_pack_24_layout_and_round_trip():
+    """Two kept values a group of 4, positions i0 | i1 << 2 a nibble, the lower group in the low nibble;
+    groups with fewer non-zeros keep zeros at their first free positions; unpack restores w exactly."""
+    w = torch.tensor([[0.0, 5.0, 0.0, 7.0, 0.0, 0.0, 0.0, 3.0],      # (1, 3) and (0, 3): one non-zero
+                      [1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])     # (0, 1) and (0, 1): none
+    values, idx = pack_24(w)
+    assert values.tolist() == [[5.0, 7.0, 0.0, 3.0], [1.0, 2.0, 0.0, 0.0]]
+    assert idx.tolist() == [[(1 | 3 << 2) | (0 | 3 << 2) << 4], [(0 | 1 << 2) | (0 | 1 << 2) << 4]]
+    torch.testing.assert_close(unpack_24(values, idx), w, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(64, 256, generator=g)
+    big[magnitude_mask(big, 0, 2, 4)] = 0
+    assert is_24(big) and torch.equal(unpack_24(*pack_24(big)), big)
+    assert torch.equal(unpack_24(*pack_24(big.bfloat16())), big.bfloat16())
+    big[0, :3] = 1.0
+    assert not is_24(big)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        pack_24(big)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_24(torch.zeros(2, 12))

@@ -8,6 +8,7 @@ import torch
 from modelpress import kernels
 from modelpress.core import int8_rowwise
 from modelpress.core.codebook4 import CODES, dequantize_4bit, quantize_4bit
+from modelpress.kernels import ops
 
 
 @pytest.fixture(params=[True, "avx2", False], ids=["simd", "avx2", "plain"])
@@ -386,3 +387,22 @@ def test_every_w8a8_tile_loop_order_and_thread_count_gives_the_same_exact_number
                                          variant=tile + order, threads=threads)
                 assert torch.equal(acc.to(torch.int64), ref_acc), (tiles[tile], order, threads)
                 assert torch.equal(y, ref_y), (tiles[tile], order, threads)
+
+
+@pytest.mark.parametrize("n,k", [(1536, 576), (576, 1536), (37, 8), (33, 72), (5, 4096)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_sparse24_gemv_multiplies_the_packed_weight(lib, n, k, m):
+    """The kept values times x at their stored positions (k: whole 64-steps, 16-steps and the 8-wide tail),
+    including groups with extra zeros; the packed bytes are 17/32 of the dense ones."""
+    from modelpress.core import sparsity
+
+    g = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=g)
+    w[sparsity.magnitude_mask(w, 0, 2, 4)] = 0
+    w[::3, ::5] = 0  # some groups keep fewer than two
+    values, idx = sparsity.pack_24(w)
+    assert values.numel() * 4 + idx.numel() == 17 / 32 * w.numel() * 4
+    x = torch.randn(m, k, generator=g)
+    y = ops.sparse24_gemv(lib, x, values, idx)
+    ref = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * k ** 0.5)

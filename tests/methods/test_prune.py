@@ -130,3 +130,32 @@ def test_structured_recovery_lowers_the_kl():
         m = modelpress.quantize(copy.deepcopy(base), cfg, calib)
         kl[steps] = divergence(m, held, ref, progress=False).kl_mean
     assert kl[30] < 0.92 * kl[0], kl  # tiny model, 30 steps: 0.0362 -> 0.0315
+
+
+def test_packed_2_4_layers_compute_the_pruned_model_and_round_trip(tmp_path):
+    """pack: every pruned layer a Sparse24Linear holding the same weights in 17/32 of the bytes; decode-sized
+    inputs (the kernel) and prefill (the dense rebuild) match the unpacked model; the checkpoint reloads
+    bit for bit."""
+    from modelpress.nn import Sparse24Linear
+    from tests.conftest import byte_tokenizer
+
+    base = tiny_llama()
+    dense = modelpress.quantize(copy.deepcopy(base), modelpress.WandaConfig(pattern="2:4"), _windows(8, 5))
+    packed = modelpress.quantize(copy.deepcopy(base), modelpress.WandaConfig(pattern="2:4", pack=True), _windows(8, 5))
+    lin, ref = packed.model.layers[1].self_attn.q_proj, dense.model.layers[1].self_attn.q_proj
+    assert isinstance(lin, Sparse24Linear) and torch.equal(lin.dequantize(), ref.weight)
+    assert lin.values.numel() * 4 + lin.indices.numel() == 17 / 32 * ref.weight.numel() * 4
+    ids = torch.randint(1, 261, (1, 24), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+        x = torch.randn(3, lin.in_features)
+        torch.testing.assert_close(lin(x), ref(x), rtol=1e-5, atol=1e-5)
+    modelpress.save(packed, byte_tokenizer(), tmp_path / "ckpt")
+    back, _ = modelpress.load(tmp_path / "ckpt")
+    assert torch.equal(back.model.layers[1].self_attn.q_proj.values, lin.values)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, packed(ids).logits)
+    with pytest.raises(ValueError, match="2:4"):
+        modelpress.WandaConfig(pack=True)
+    with pytest.raises(ValueError, match="integer codes"):
+        modelpress.SparseGPTConfig(pattern="2:4", bits=4, pack=True)

@@ -442,3 +442,28 @@ def test_int8_activations_round_halves_away_from_zero(build):
     # output is its rounded x plus 128 / 127 of the 32's summed rounding (that is not a tie's size)
     drift = (rounded.double().sum() - x.double().sum()) * 128 / 127
     torch.testing.assert_close(got.double(), rounded.double() + drift, rtol=0, atol=1e-3)
+
+
+def test_packed_2_4_layers_decode_fused_on_their_values_and_positions(build):
+    """SPARSE24: the fused decode reads the kept values at their positions; layer by layer the dense product
+    of the unpacked weight, and decoding gives the torch path's tokens and logits."""
+    import torch.nn.functional as F
+
+    from modelpress.kernels import KIND, ops
+    from modelpress.model.fused_decode import _linear
+    from modelpress.nn import Sparse24Linear
+
+    model = _quantized("sparse24")
+    layers = [m for m in model.modules() if isinstance(m, Sparse24Linear)]
+    assert len(layers) == 14
+    x = torch.randn(3, 160, generator=torch.Generator().manual_seed(0))
+    for mod in layers:
+        lin = _linear(mod, [], False)
+        assert lin.kind == KIND["SPARSE24"]
+        xi = x[:, :mod.in_features].contiguous()
+        ref = F.linear(xi, mod.dequantize())
+        torch.testing.assert_close(ops.linear_apply(build, lin, xi), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    tokens, got = _decode(model, True, 30)
+    ref_tokens, ref = _decode(model, False, 30)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5 * ref.abs().max().item())
