@@ -8,6 +8,7 @@ import torch
 
 from .config import BaseConfig
 from .errors import ModelpressError
+from .model import torch_prune
 from .model.decoder import FAMILIES
 from .model.walker import use_dense_kernels
 from .record import check_no_adapter, record
@@ -62,6 +63,7 @@ def quantize(model: torch.nn.Module, config: BaseConfig,
 
     _check_family(model, config)
     check_no_adapter(model, f"quantizing with {config.method}")
+    torch_prune.make_permanent(model)  # torch's pruning hooks would rewrite the weights at the next forward
     model = use_dense_kernels(handler_for(config)(model, config, calib))  # what stays dense gets the kernel too
     record(model).config = config
     return model

@@ -17,6 +17,9 @@ gate / up (rows) and down (columns) in every block alike, and `config.intermedia
 is left: a standard, smaller model that transformers, the GGUF export and llama.cpp take as it is;
 `recover` steps of distillation from the unpruned model (methods/qat.py's loop, every decoder linear
 training) may follow.
+
+torch.nn.utils.prune's form (weight_orig / weight_mask): model/torch_prune.py writes it
+(`to_torch_prune`), `load` reads it and `quantize` makes its hooks permanent before a method runs.
 """
 from __future__ import annotations
 

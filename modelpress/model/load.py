@@ -18,6 +18,7 @@ from ..default_model import (  # noqa: F401 (re-exported)
 from ..errors import ModelpressError, one_line
 from ..formats import checkpoint, registry
 from ..record import record
+from . import torch_prune
 from .build import build_causal_lm
 from .gguf_model import load_gguf
 
@@ -82,7 +83,7 @@ def _load_transformers(path: Path) -> tuple[torch.nn.Module, Any]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(checkpoint.read_safetensors(f))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = torch_prune.fold_state({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     qc = getattr(config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict) and not hasattr(qc, "to_dict"):
         raise ModelpressError(f"{path}/config.json: quantization_config is a {type(qc).__name__}, not an object")

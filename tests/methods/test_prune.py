@@ -159,3 +159,36 @@ def test_packed_2_4_layers_compute_the_pruned_model_and_round_trip(tmp_path):
         modelpress.WandaConfig(pack=True)
     with pytest.raises(ValueError, match="integer codes"):
         modelpress.SparseGPTConfig(pattern="2:4", bits=4, pack=True)
+
+
+def test_torch_prune_form_is_written_and_read(tmp_path):
+    """to_torch_prune: each pruned decoder linear reparametrized by torch.nn.utils.prune with its non-zeros'
+    mask (weight_orig / weight_mask in the state dict; torch's own methods prune on from there). A folder
+    saved from such a model (weight_orig / weight_mask keys, no weight) loads with weight = orig * mask, and
+    quantize makes torch's hooks permanent first, so a method's writes are not undone at the next forward."""
+    from torch.nn.utils import prune
+
+    from modelpress.model.torch_prune import to_torch_prune
+    from tests.conftest import byte_tokenizer
+
+    model = modelpress.quantize(tiny_llama(), modelpress.MagnitudeConfig(pattern="2:4"))
+    ids = torch.randint(1, 261, (1, 16), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(ids).logits
+    to_torch_prune(model)
+    up = model.model.layers[0].mlp.up_proj
+    assert prune.is_pruned(up) and torch.equal(up.weight_mask, (up.weight_orig != 0).float())
+    sd = model.state_dict()
+    assert "model.layers.0.mlp.up_proj.weight_mask" in sd and "model.layers.0.mlp.up_proj.weight" not in sd
+    prune.l1_unstructured(up, "weight", amount=0.75)  # torch prunes on: the earlier zeros stay zeros
+    assert float((up.weight == 0).float().mean()) >= 0.75
+    with torch.no_grad():
+        up.weight_orig.add_(1.0)  # the mask, not the stored values, decides what is zero
+    model.save_pretrained(tmp_path / "hf")
+    byte_tokenizer().save_pretrained(tmp_path / "hf")
+    back, _ = modelpress.load(tmp_path / "hf")
+    assert torch.equal(back.model.layers[0].mlp.up_proj.weight, up.weight_orig * up.weight_mask)
+    modelpress.quantize(model, modelpress.MagnitudeConfig(sparsity=0.9))  # hooks removed, then pruned
+    assert not prune.is_pruned(up) and float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) > 0.89
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, ref)
