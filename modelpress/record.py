@@ -26,6 +26,7 @@ class Record:
     plan: Any = None
     calibration: Any = None
     recovery: Any = None        # a pruned model's distillation history (methods/prune.py)
+    dropped: Any = None         # structured pruning's dropped blocks and every block's influence
     head: Any = None
     adapter: Any = None
 

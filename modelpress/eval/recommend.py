@@ -10,7 +10,10 @@ increase (DEFAULT_PPL_INCREASE).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+from ..config import BaseConfig
 
 DEFAULT_PPL_INCREASE = 10.0
 RUNTIMES = ("llama.cpp", "vllm", "transformers", "modelpress")
@@ -28,6 +31,8 @@ def runtimes_of(row: dict[str, Any]) -> set[str]:
     if kind == "float":
         return set(RUNTIMES)
     method = args.get("method") if kind == "config" else (args.get("target") or {}).get("method")
+    if args.get("pack"):  # 2:4 packed values and positions: modelpress' own layer
+        return {"modelpress"}
     if method in _FLOAT or (method == "sparsegpt" and args.get("bits") is None):
         return set(RUNTIMES)
     out = {"modelpress"}
@@ -36,6 +41,26 @@ def runtimes_of(row: dict[str, Any]) -> set[str]:
     if method in _TRANSFORMERS:
         out.add("transformers")
     return out
+
+
+def config_flags(args: dict[str, Any]) -> str:
+    """The command-line flags of a method config's to_dict(): bits, group size and sparsity, and the other
+    options that differ from the defaults (None as the option's own word: channel, none, unstructured;
+    booleans as --x / --no-x)."""
+    cfg = BaseConfig.from_dict(args)
+    default = type(cfg)()
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in ("targets", "ignore", "batch_size", "search_samples") or (
+                v == getattr(default, f.name) and f.name not in ("bits", "group_size", "sparsity")):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        else:
+            out.append(f"{flag} {f.metadata.get('none', 'none') if v is None else v}")
+    return " ".join(out)
 
 
 def command(row: dict[str, Any], model: str | None) -> str:
@@ -55,10 +80,7 @@ def command(row: dict[str, Any], model: str | None) -> str:
         target = f"--target-mix {args['target_mix']}" if args.get("target_mix") else f"--target-bpw {args['target_bpw']}"
         return f"modelpress quantize {src}--method auto {target} --format gguf --calib my.txt --out {name}.gguf"
     if kind == "config":
-        skip = {"method", "version", "targets", "ignore", "batch_size", "search_samples"}
-        flags = " ".join(f"--{k.replace('_', '-')} {'channel' if v is None else v}" for k, v in args.items()
-                         if k not in skip and not isinstance(v, bool))
-        flags += "".join(f" --{k.replace('_', '-')}" for k, v in args.items() if v is True and k not in skip)
+        flags = config_flags(args)
         verb = "prune" if args.get("method") in ("magnitude", "wanda", "sparsegpt", "structured") else "quantize"
         return f"modelpress {verb} {src}--method {args.get('method')} {flags} --out {name}".replace("  ", " ")
     return f"modelpress eval {src}(the original, {name})"

@@ -35,6 +35,7 @@ from ..model.capture import HessianCapture, InputStatsCapture
 from ..model.sequential import block_targets, blocks_of, run_sequential
 from ..model.walker import dense_weight, iter_targets, replace
 from ..nn import IntxLinear, Sparse24Linear
+from ..nn.dense_linear import DenseLinear
 from ..record import record
 from ..registry import register
 from .qat import QATTrainConfig, distill
@@ -78,12 +79,29 @@ class MagnitudeConfig(BaseConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class WandaConfig(MagnitudeConfig):
+class RecoverOptions(BaseConfig):
+    """A short distillation from the unpruned model after the cut (the calibrated methods)."""
+
+    recover: int = option(0, "then distillation steps (2 calibration windows each) from the unpruned model "
+                             "(unstructured / N:M: the pruned weights stay zero)")
+    recover_lr: float = option(5e-5, "the recovery's AdamW learning rate")
+
+    def check_recover(self) -> None:
+        if self.recover < 0 or not self.recover_lr > 0:
+            raise ValueError("recover is a number of steps (0: none) and recover_lr a positive learning rate")
+
+
+@dataclasses.dataclass(frozen=True)
+class WandaConfig(MagnitudeConfig, RecoverOptions):
     """Wanda: |w| times its input's calibration norm, compared within each output row (or N:M group)."""
 
     method = "wanda"
     calibrated = True
     batch_size: int = option(8, "calibration windows per forward")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_recover()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +122,9 @@ class SparseGPTConfig(WandaConfig):
             raise ValueError(f"bits must be 2, 3, 4 or 8 (or none), got {self.bits}")
         if self.pack and self.bits is not None:
             raise ValueError("pack stores float 2:4 layers; with bits the kept weights are integer codes already")
+        if self.recover and self.bits is not None:
+            raise ValueError("recover trains float weights; with bits the kept weights are integer codes (recover "
+                             "without --bits, then quantize)")
         if not 0 <= self.damp < 1:
             raise ValueError(f"damp is a fraction of the mean Hessian diagonal in [0, 1), got {self.damp}")
 
@@ -168,8 +189,32 @@ def prune_calibrated(model: torch.nn.Module, config: WandaConfig, calib: list[to
                 with torch.no_grad():
                     lin.weight.copy_(r.weight.to(lin.weight.dtype))
 
+    teacher = copy.deepcopy(model) if config.recover else None
     record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc=config.method)
+    if teacher is not None:
+        recover(model, teacher, calib, config, keep_zeros=True)
     return packed(model, config)
+
+
+def recover(model: torch.nn.Module, teacher: torch.nn.Module, calib: list[torch.Tensor], config: RecoverOptions,
+            keep_zeros: bool) -> None:
+    """config.recover steps of distillation from `teacher` (methods/qat.py's loop), every decoder linear
+    weight training; keep_zeros: their zeros' gradients masked, so that (AdamW: no gradient, no moment,
+    no step, and decay of 0 is 0) the pruned weights stay exactly 0."""
+    hooks = []
+    for fqn, p in model.named_parameters():
+        train = fqn.startswith("model.layers.") and fqn.endswith("proj.weight")
+        p.requires_grad_(train)
+        if train and keep_zeros:
+            hooks.append(p.register_hook(lambda g, keep=(p.detach() != 0): g * keep))
+    try:
+        record(model).recovery = distill(model, teacher, calib, QATTrainConfig(steps=config.recover, batch=2,
+                                                                               lr=config.recover_lr), desc="recover")
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(False)
 
 
 def weight_sparsity(model: torch.nn.Module) -> float:
@@ -183,24 +228,31 @@ def weight_sparsity(model: torch.nn.Module) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class StructuredConfig(BaseConfig):
+class StructuredConfig(RecoverOptions):
     """mlp: the fraction of every MLP's intermediate channels removed (the same count in each block,
     rounded so that a multiple of `multiple` channels is kept: 32 for GGUF's blocks, 256 for the K
-    types at full width)."""
+    types at full width); heads: the fraction of attention heads removed, as whole key / value groups
+    (grouped-query attention: a kv head and the query heads reading it), the same groups' count in
+    each block; layers: whole blocks dropped, those that change their input least."""
 
     method = "structured"
     calibrated = True
     mlp: float = option(0.25, "fraction of each MLP's intermediate channels removed")
+    heads: float = option(0.0, "fraction of each block's attention heads removed, whole key / value groups "
+                               "(rounded to groups; 0: none)")
+    layers: int = option(0, "whole decoder blocks dropped, the least important by 1 - cos(block input, output) "
+                            "on the calibration text")
     multiple: int = option(64, "keep a multiple of this many channels")
     batch_size: int = option(8, "calibration windows per forward")
-    recover: int = option(0, "then distillation steps (2 calibration windows each) from the unpruned model")
-    recover_lr: float = option(5e-5, "the recovery's AdamW learning rate")
 
     def __post_init__(self) -> None:
-        if self.recover < 0 or not self.recover_lr > 0:
-            raise ValueError("recover is a number of steps (0: none) and recover_lr a positive learning rate")
-        if not 0 < self.mlp < 1:
-            raise ValueError(f"mlp is the fraction of intermediate channels removed, in (0, 1); got {self.mlp}")
+        self.check_recover()
+        if not 0 <= self.mlp < 1 or not 0 <= self.heads < 1:
+            raise ValueError(f"mlp and heads are the fractions removed, in [0, 1); got {self.mlp}, {self.heads}")
+        if self.layers < 0:
+            raise ValueError(f"layers is a number of blocks to drop, got {self.layers}")
+        if not (self.mlp or self.heads or self.layers):
+            raise ValueError("structured pruning needs something to remove: mlp, heads or layers")
         if self.multiple < 1:
             raise ValueError(f"multiple must be at least 1, got {self.multiple}")
 
@@ -216,38 +268,124 @@ def _rows(lin: torch.nn.Linear, keep: torch.Tensor, dim: int) -> torch.nn.Linear
     return out
 
 
+def block_influence(model: torch.nn.Module, calib: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Each block's 1 - mean cos(input, output) over the calibration tokens (ShortGPT's block influence:
+    a block that barely turns its input matters least)."""
+    blocks = blocks_of(model)
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
+    count = 0
+
+    def hook(i: int):  # noqa: ANN202
+        def grab(mod, args, kwargs, out) -> None:  # noqa: ANN001
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            sums[i] += (1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)).double().sum()
+        return grab
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for a in range(0, len(calib), batch_size):
+                ids = torch.stack(calib[a:a + batch_size])
+                model(ids)
+                count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(1, count)).float()
+
+
+def drop_blocks(model: torch.nn.Module, drop: list[int]) -> None:
+    """The blocks `drop` removed; the rest renumbered (their attention's cache index) and the config's
+    layer count (and per-layer lists) follow."""
+    blocks = blocks_of(model)
+    keep = [i for i in range(len(blocks)) if i not in set(drop)]
+    model.model.layers = torch.nn.ModuleList(blocks[i] for i in keep)
+    for new, block in enumerate(model.model.layers):
+        if hasattr(getattr(block, "self_attn", None), "layer_idx"):
+            block.self_attn.layer_idx = new
+    model.config.num_hidden_layers = len(keep)
+    for key in ("layer_types",):
+        if isinstance(getattr(model.config, key, None), list):
+            setattr(model.config, key, [getattr(model.config, key)[i] for i in keep])
+
+
+def _head_groups(block: torch.nn.Module, o_abs: torch.Tensor, n_heads: int, n_kv: int, keep_g: int) -> torch.Tensor:
+    """The kept key / value groups (sorted): each group scored by the sum over its query heads' o_proj
+    input channels of mean |a_j| * ||o_proj[:, j]||."""
+    o = block.self_attn.o_proj.weight.detach().float()
+    score = (o_abs * o.norm(dim=0)).reshape(n_kv, -1).sum(1)  # heads of a group are consecutive
+    return torch.sort(torch.topk(score, keep_g).indices).values
+
+
+def _cut_heads(attn: torch.nn.Module, groups: torch.Tensor, n_heads: int, n_kv: int, hd: int) -> None:
+    per = n_heads // n_kv
+    q_rows = torch.cat([torch.arange(g * per * hd, (g + 1) * per * hd) for g in groups.tolist()])
+    kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in groups.tolist()])
+    attn.q_proj, attn.o_proj = _rows(attn.q_proj, q_rows, 0), _rows(attn.o_proj, q_rows, 1)
+    attn.k_proj, attn.v_proj = _rows(attn.k_proj, kv_rows, 0), _rows(attn.v_proj, kv_rows, 0)
+
+
+def _check_structured(model: torch.nn.Module, config: StructuredConfig) -> None:
+    blocks = blocks_of(model)
+    names = (["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] if config.mlp else []) + (
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] if config.heads else [])
+    for b in blocks:
+        for n in names:
+            try:
+                lin = b.get_submodule(n)
+            except AttributeError:
+                lin = None
+            if type(lin) not in (torch.nn.Linear, DenseLinear):
+                raise ModelpressError(f"structured pruning takes float {n} layers (Llama, Mistral, Qwen, Gemma); prune "
+                                      "before quantizing, and not phi3's fused qkv_proj / gate_up_proj")
+    if config.layers >= len(blocks):
+        raise ModelpressError(f"layers={config.layers} would drop every one of the model's {len(blocks)} blocks")
+
+
 @register(StructuredConfig)
 def prune_structured(model: torch.nn.Module, config: StructuredConfig, calib: list[torch.Tensor] | None
                      ) -> torch.nn.Module:
     if not calib:
         raise ModelpressError("structured pruning ranks channels on calibration text (windows of token ids)")
-    mlps = [b.mlp for b in blocks_of(model)]
-    if not all(isinstance(getattr(m, n, None), torch.nn.Linear) for m in mlps for n in ("gate_proj", "up_proj",
-                                                                                      "down_proj")):
-        raise ModelpressError("structured pruning takes MLPs of float gate_proj / up_proj / down_proj layers (Llama, "
-                              "Mistral, Qwen, Gemma); prune before quantizing, and not phi3's fused gate_up_proj")
-    d_ff = mlps[0].down_proj.in_features
+    _check_structured(model, config)
+    cfg = model.config
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    keep_g = n_kv - round(config.heads * n_kv) if config.heads else n_kv
+    if config.heads and not 0 < keep_g < n_kv:
+        raise ModelpressError(f"heads={config.heads} of {n_kv} key / value groups removes {n_kv - keep_g} of them; "
+                              f"choose a fraction that removes between 1 and {n_kv - 1}")
+    d_ff = blocks_of(model)[0].mlp.down_proj.in_features if config.mlp else 0
     keep_n = max(config.multiple, int(d_ff * (1 - config.mlp)) // config.multiple * config.multiple)
+    teacher = copy.deepcopy(model) if config.recover else None
+    if config.layers:
+        bi = block_influence(model, calib, config.batch_size)
+        drop = sorted(torch.topk(bi, config.layers, largest=False).indices.tolist())
+        drop_blocks(model, drop)
+        record(model).dropped = {"blocks": drop, "influence": [round(float(v), 5) for v in bi]}
 
     def compress(i: int, block: torch.nn.Module, run) -> None:  # noqa: ANN001
-        mlp = block.mlp
-        with InputStatsCapture({"down": mlp.down_proj}) as cap:
+        mlp, attn = block.mlp, block.self_attn
+        with InputStatsCapture({"down": mlp.down_proj, "o": attn.o_proj}) as cap:
             run()
-        score = cap.mean_abs("down") * mlp.down_proj.weight.detach().float().norm(dim=0)
-        keep = torch.sort(torch.topk(score, keep_n).indices).values
-        mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, keep, 0), _rows(mlp.up_proj, keep, 0)
-        mlp.down_proj = _rows(mlp.down_proj, keep, 1)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = keep_n
+        if config.mlp:
+            score = cap.mean_abs("down") * mlp.down_proj.weight.detach().float().norm(dim=0)
+            keep = torch.sort(torch.topk(score, keep_n).indices).values
+            mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, keep, 0), _rows(mlp.up_proj, keep, 0)
+            mlp.down_proj = _rows(mlp.down_proj, keep, 1)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = keep_n
+        if config.heads:
+            _cut_heads(attn, _head_groups(block, cap.mean_abs("o"), n_heads, n_kv, keep_g), n_heads, n_kv, hd)
 
-    teacher = copy.deepcopy(model) if config.recover else None
-    record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc="structured")
-    model.config.intermediate_size = keep_n
-    if teacher is not None:  # every decoder linear trains towards the unpruned model's distributions
-        for fqn, p in model.named_parameters():
-            p.requires_grad_(fqn.startswith("model.layers.") and fqn.endswith("proj.weight"))
-        record(model).recovery = distill(model, teacher, calib, QATTrainConfig(steps=config.recover, batch=2,
-                                                                               lr=config.recover_lr), desc="recover")
-        for p in model.parameters():
-            p.requires_grad_(False)
+    if config.mlp or config.heads:
+        record(model).calibration = run_sequential(model, calib, compress, config.batch_size, desc="structured")
+    if config.mlp:
+        cfg.intermediate_size = keep_n
+    if config.heads:
+        cfg.head_dim = hd
+        cfg.num_attention_heads, cfg.num_key_value_heads = n_heads // n_kv * keep_g, keep_g
+    if teacher is not None:
+        recover(model, teacher, calib, config, keep_zeros=False)
     return model

@@ -112,9 +112,9 @@ def test_structured_pruning_removes_the_least_important_channels(tmp_path):
         modelpress.StructuredConfig(mlp=1.0)
 
 
-def test_structured_recovery_lowers_the_kl():
-    """recover: distillation steps from the unpruned model after the cut; the KL on held-out text (of the
-    training text's kind: random tokens teach nothing that carries over) drops."""
+def _worded_text():
+    """(calibration windows, held-out windows) of a small worded text: random tokens teach nothing that
+    carries over to held-out text."""
     from modelpress.data import tokenize, windows
     from tests.conftest import byte_tokenizer
 
@@ -122,6 +122,12 @@ def test_structured_recovery_lowers_the_kl():
     calib = list(windows(tokenize(tok, " ".join(f"the {w} in the winter of {i}" for i, w in enumerate(words * 40))),
                          48, 32))
     held = windows(tokenize(tok, " ".join(f"a {w} by the summer {i}" for i, w in enumerate(words * 10))), 48, 4)
+    return calib, held
+
+
+def test_structured_recovery_lowers_the_kl():
+    """recover: distillation steps from the unpruned model after the cut; the KL on held-out text drops."""
+    calib, held = _worded_text()
     base = tiny_llama()
     ref = reference(base, held, progress=False)
     kl = {}
@@ -130,6 +136,25 @@ def test_structured_recovery_lowers_the_kl():
         m = modelpress.quantize(copy.deepcopy(base), cfg, calib)
         kl[steps] = divergence(m, held, ref, progress=False).kl_mean
     assert kl[30] < 0.92 * kl[0], kl  # tiny model, 30 steps: 0.0362 -> 0.0315
+
+
+def test_unstructured_recovery_keeps_the_mask_and_lowers_the_kl():
+    """Wanda 2:4 then 30 recovery steps: exactly the same weights are zero (the pruned ones' gradients are
+    masked), the kept ones moved, and the KL on held-out text drops."""
+    calib, held = _worded_text()
+    base = tiny_llama()
+    ref = reference(base, held, progress=False)
+    out = {s: modelpress.quantize(copy.deepcopy(base), modelpress.WandaConfig(pattern="2:4", recover=s, recover_lr=3e-4),
+                                  calib) for s in (0, 30)}
+    for fqn, mod in out[0].named_modules():
+        if fqn.startswith("model.layers.") and isinstance(mod, torch.nn.Linear):
+            after = out[30].get_submodule(fqn).weight
+            assert torch.equal(after == 0, mod.weight == 0), fqn
+            assert not torch.equal(after, mod.weight), fqn
+    kl = {s: divergence(m, held, ref, progress=False).kl_mean for s, m in out.items()}
+    assert kl[30] < 0.92 * kl[0], kl
+    with pytest.raises(ValueError, match="integer codes"):
+        modelpress.SparseGPTConfig(pattern="2:4", bits=4, recover=5)
 
 
 def test_packed_2_4_layers_compute_the_pruned_model_and_round_trip(tmp_path):
@@ -192,3 +217,53 @@ def test_torch_prune_form_is_written_and_read(tmp_path):
     assert not prune.is_pruned(up) and float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) > 0.89
     with torch.no_grad():
         assert not torch.equal(model(ids).logits, ref)
+
+
+def test_structured_heads_and_depth_give_a_standard_smaller_model(tmp_path):
+    """heads: whole key / value groups go (a group whose o_proj columns are zero scores 0 and goes first),
+    config heads / kv heads / head_dim follow and the model computes what it did (that group added
+    nothing); layers: the block that leaves its input most unchanged goes (an identity block: all its
+    output projections zero), the rest renumbered. transformers reloads the folder and the engine decodes it."""
+    from transformers import AutoModelForCausalLM
+
+    from modelpress.methods.prune import block_influence
+
+    base = tiny_llama()
+    base.config.num_hidden_layers = 3
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    base.model.layers.append(LlamaDecoderLayer(base.config, 2))
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.o_proj.weight[:, 48:] = 0      # kv group 1 (query heads 3..5) contributes nothing
+        ident = base.model.layers[1]
+        ident.self_attn.o_proj.weight.zero_()
+        ident.mlp.down_proj.weight.zero_()                  # block 1 returns its input
+    calib = _windows(8, 6)
+    assert int(block_influence(base, calib, 4).argmin()) == 1
+    ids = torch.randint(1, 261, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = base(ids).logits
+    model = modelpress.quantize(copy.deepcopy(base), modelpress.StructuredConfig(mlp=0, heads=0.5, layers=1), calib)
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 3, 1, 16)
+    assert len(model.model.layers) == 2 and [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
+    attn = model.model.layers[1].self_attn
+    assert attn.q_proj.weight.shape == (48, 96) and attn.k_proj.weight.shape == (16, 96)
+    assert torch.equal(attn.o_proj.weight, base.model.layers[2].self_attn.o_proj.weight[:, :48])
+    assert torch.equal(attn.v_proj.weight, base.model.layers[2].self_attn.v_proj.weight[:16])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "hf")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ref, rtol=0, atol=1e-5)
+    from tests.conftest import byte_tokenizer, hf_greedy_ids
+
+    sp = modelpress.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = modelpress.Engine(model, byte_tokenizer()).generate([ids[0].tolist()], sp)[0].outputs[0].token_ids
+    assert got == hf_greedy_ids(model, ids, 12)
+    with pytest.raises(ValueError, match="something to remove"):
+        modelpress.StructuredConfig(mlp=0)
+    with pytest.raises(modelpress.ModelpressError, match="key / value groups"):
+        modelpress.quantize(copy.deepcopy(base), modelpress.StructuredConfig(mlp=0, heads=0.2), calib)
