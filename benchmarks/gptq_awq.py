@@ -118,13 +118,15 @@ def ours(model, name: str, bits: int, group: int, calib: torch.Tensor, ev: torch
             "ppl": ppl, "ppl_change_pct": 100 * (ppl / base - 1)}
 
 
-def peer(python: str, method: str, bits: int, group: int, fp32_dir: Path, work: Path, ev: torch.Tensor,
-         base: float) -> dict:
-    """llm-compressor in its own venv; then its checkpoint loaded in modelpress, ppl again."""
-    out = work / f"lc-{method}-{bits}"
+def peer(python: str, method: str, bits: int | None, group: int, fp32_dir: Path, work: Path, ev: torch.Tensor,
+         base: float, extra: tuple[str, ...] = ()) -> dict:
+    """llm-compressor in its own venv (`extra`: more flags of peers/llmcompressor_run.py; the calibration
+    and evaluation windows as work/calib.pt, work/eval.pt); then its checkpoint loaded in modelpress,
+    ppl again."""
+    out = work / f"lc-{method}-{bits}-{'-'.join(extra).replace(':', '_')}"
     res = subprocess.run([python, str(PEER_SCRIPT), "--model", str(fp32_dir), "--calib-ids",
                           str(work / "calib.pt"), "--eval-ids", str(work / "eval.pt"), "--method", method,
-                          "--bits", str(bits), "--group-size", str(group), "--out", str(out)],
+                          "--bits", str(bits or 0), "--group-size", str(group), "--out", str(out), *extra],
                          capture_output=True, text=True)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:

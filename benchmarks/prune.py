@@ -1,13 +1,20 @@
-"""Pruning (issue 26), one run on the default model, calibrated on calib.txt, evaluated on eval.txt:
-ppl at 50 % unstructured and 2:4 for magnitude, Wanda and SparseGPT (and SparseGPT 2:4 with int4
-codes in the same sweep); structured MLP pruning (25 % of the intermediate channels) before and after
-a short distillation recovery, with the decode speed of its Q4_K_M GGUF in llama.cpp and in
-modelpress' engine beside the unpruned model's.
+"""Pruning (issue 26), one run on the default model, calibrated on calib.txt, evaluated on eval.txt.
 
-    LLAMA_CPP_LIB_PATH=<llama.cpp build> .venv/bin/python benchmarks/prune.py
+    LLAMA_CPP_LIB_PATH=<llama.cpp build> .venv/bin/python benchmarks/prune.py [--peer <llm-compressor venv>/bin/python]
 
-The Wanda and SparseGPT reference repositories are not on PyPI (nothing else can be fetched here), so
-no side-by-side with their code. Nothing here asserts a timing."""
+Parts (--parts, all by default):
+    criteria    50 % and 2:4 for magnitude, Wanda, SparseGPT; SparseGPT 2:4 + int4 in one sweep
+    reference   llm-compressor's SparseGPT and Wanda (--peer: its venv's python) on the same model and
+                calibration windows, right after modelpress' (the authors' repositories are not on PyPI;
+                llm-compressor's modifiers carry their implementations on)
+    recover     SparseGPT 2:4 and Wanda 50 %, then --recover distillation steps with the masks kept
+    structured  MLP 25 %, attention heads (1 of 3 kv groups), depth (2 blocks), each before and after
+                recovery: size, ppl, and the recovered model's Q4_K_M GGUF decode in llama.cpp and in the
+                engine against the unpruned model's
+    storage     2:4 packed (values + 2-bit positions): bytes on disk, each layer shape's CPU kernel time
+                against the dense fp32 kernel on the same layer (every kernel build the CPU runs), and
+                the engine's decode of the packed model against the same weights dense
+Nothing here asserts a timing."""
 from __future__ import annotations
 
 import argparse
@@ -44,9 +51,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--recover", type=int, default=40, help="distillation steps after structured pruning")
+    p.add_argument("--recover", type=int, default=40, help="distillation steps after pruning")
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--parts", default="criteria,reference,recover,structured,storage")
+    p.add_argument("--peer", help="python of llm-compressor's venv (../shared/PEERS.md); omitted: no reference rows")
     p.add_argument("--out", default="benchmarks/results/prune.json")
     a = p.parse_args()
     torch.set_num_threads(2)
@@ -55,12 +64,34 @@ def main() -> None:
     calib = calibration_windows(tok, DATA / "calib.txt", 512, a.calib_windows)
     work = Path(tempfile.mkdtemp(prefix="mp-prune-"))
     _, emit = emitter(a.out, "prune", eval_windows=a.eval_windows, calib_windows=a.calib_windows,
-                      train_text="calib.txt", eval_text="eval.txt")
+                      train_text="calib.txt", eval_text="eval.txt", parts=a.parts)
 
     def ppl(m: torch.nn.Module) -> float:
         return perplexity_of_windows(m, wins, progress=False).ppl
 
-    emit({"method": "fp32", "ppl": ppl(base), "size_bytes": model_size(base).size_bytes})
+    parts = a.parts.split(",")
+    base_ppl = ppl(base)
+    emit({"method": "fp32", "ppl": base_ppl, "size_bytes": model_size(base).size_bytes})
+    if "criteria" in parts:
+        criteria(base, calib, ppl, emit)
+    if "reference" in parts and a.peer:
+        reference(a.peer, base, tok, calib, wins, work, base_ppl, ppl, emit)
+    if "recover" in parts:
+        for cfg in (SparseGPTConfig(pattern="2:4", recover=a.recover), WandaConfig(recover=a.recover)):
+            t0 = time.perf_counter()
+            m = modelpress.quantize(copy.deepcopy(base), cfg, calib)
+            rec = record(m).recovery
+            emit({"method": cfg.method, "pattern": cfg.pattern or "50 % unstructured", "recover_steps": a.recover,
+                  "ppl": ppl(m), "sparsity": weight_sparsity(m), "seconds": time.perf_counter() - t0,
+                  "kl_first": rec[0]["kl"], "kl_last": rec[-1]["kl"]})
+    if "structured" in parts:
+        structured(base, tok, calib, ppl, emit, work, a)
+    if "storage" in parts:
+        storage(base, tok, calib, emit, work, a)
+    print(f"wrote {a.out}")
+
+
+def criteria(base, calib, ppl, emit) -> None:  # noqa: ANN001
     for pattern in (None, "2:4"):
         for cfg in (MagnitudeConfig(pattern=pattern), WandaConfig(pattern=pattern), SparseGPTConfig(pattern=pattern)):
             t0 = time.perf_counter()
@@ -73,29 +104,126 @@ def main() -> None:
     emit({"method": "sparsegpt + int4 g64 (one sweep)", "pattern": "2:4", "ppl": ppl(m),
           "seconds": time.perf_counter() - t0, "sparsity": weight_sparsity(m), "size_bytes": model_size(m).size_bytes})
 
+
+def reference(python, base, tok, calib, wins, work, base_ppl, ppl, emit) -> None:  # noqa: ANN001
+    """llm-compressor's SparseGPT / Wanda right after modelpress' on the same windows (timings side by side)."""
+    from benchmarks.gptq_awq import peer
+
+    fp32_dir = modelpress.save(base, tok, work / "fp32")
+    torch.save(torch.stack(calib).clone(), work / "calib.pt")
+    torch.save(wins.clone(), work / "eval.pt")
+    for structure in ("0:0", "2:4"):
+        pattern = None if structure == "0:0" else structure
+        for cfg in (WandaConfig(pattern=pattern), SparseGPTConfig(pattern=pattern)):
+            t0 = time.perf_counter()
+            m = modelpress.quantize(copy.deepcopy(base), cfg, calib)
+            emit({"method": cfg.method, "tool": "modelpress", "pattern": pattern or "50 % unstructured",
+                  "ppl": ppl(m), "seconds": time.perf_counter() - t0, "sparsity": weight_sparsity(m)})
+            row = peer(python, cfg.method, None, 64, fp32_dir, work, wins, base_ppl,
+                       ("--sparsity", "0.5", "--mask-structure", structure))
+            if "error" not in row:
+                theirs = modelpress.load(row["out"])[0]
+                row["sparsity_loaded"] = weight_sparsity(theirs)
+                same = total = 0  # the masks: where both zeroed the same weights
+                for f, mod in m.named_modules():
+                    if f.startswith("model.layers.") and isinstance(mod, torch.nn.Linear):
+                        same += int(((mod.weight == 0) == (theirs.get_submodule(f).weight == 0)).sum())
+                        total += mod.weight.numel()
+                row["mask_agreement_with_modelpress"] = same / total
+            emit({**row, "pattern": pattern or "50 % unstructured"})
+
+
+def gguf_speed(model, tok, work, a, prompt) -> dict:  # noqa: ANN001
+    """The Q4_K_M GGUF of `model`: its bytes and decode tokens/s in the engine and in llama.cpp."""
+    path = work / "q4km.gguf"
+    modelpress.export_gguf(model, tok, path, "Q4_K_M", progress=False)
+    gguf_model, _ = modelpress.load(path, keep_blocks=True)
+    ours, theirs = [], []
+    for _ in range(a.repeats):
+        ours.append(decode_ids_per_s(gguf_model, prompt, a.decode_tokens))
+        theirs.append(llama_greedy(path, prompt[0].tolist(), a.decode_tokens)[1])
+    return {"gguf": "Q4_K_M", "gguf_bytes": path.stat().st_size,
+            "modelpress engine tokens_per_s": float(np.median(ours)), "llama.cpp tokens_per_s": float(np.median(theirs)),
+            "modelpress runs": ours, "llama.cpp runs": theirs}
+
+
+def structured(base, tok, calib, ppl, emit, work, a) -> None:  # noqa: ANN001
     prompt = encode_prompt(tok, PROMPT, True)
-    variants = {"unpruned": base}
-    for steps in (0, a.recover):
-        t0 = time.perf_counter()
-        m = modelpress.quantize(copy.deepcopy(base), StructuredConfig(mlp=0.25, recover=steps), calib)
-        rec = record(m).recovery
-        emit({"method": "structured mlp 25 %", "recover_steps": steps, "ppl": ppl(m),
-              "intermediate_size": m.config.intermediate_size, "size_bytes": model_size(m).size_bytes,
-              "seconds": time.perf_counter() - t0, **({"kl_first": rec[0]["kl"], "kl_last": rec[-1]["kl"]} if rec else {})})
-        variants[f"structured mlp 25 % (recover {steps})"] = m
-    for name in ("unpruned", f"structured mlp 25 % (recover {a.recover})"):
-        path = work / "q4km.gguf"
-        modelpress.export_gguf(variants[name], tok, path, "Q4_K_M", progress=False)
-        gguf_model, _ = modelpress.load(path, keep_blocks=True)
-        ours, theirs = [], []
-        for _ in range(a.repeats):
-            ours.append(decode_ids_per_s(gguf_model, prompt, a.decode_tokens))
-            theirs.append(llama_greedy(path, prompt[0].tolist(), a.decode_tokens)[1])
-        emit({"method": name, "gguf": "Q4_K_M", "gguf_bytes": path.stat().st_size,
-              "gguf ppl (modelpress, dequantized)": ppl(modelpress.load(path)[0]),
-              "modelpress engine tokens_per_s": float(np.median(ours)), "llama.cpp tokens_per_s": float(np.median(theirs)),
-              "modelpress runs": ours, "llama.cpp runs": theirs})
-    print(f"wrote {a.out}")
+    emit({"method": "unpruned", **gguf_speed(base, tok, work, a, prompt)})
+    for name, kw in (("structured mlp 25 %", {"mlp": 0.25}), ("structured heads: 1 of 3 kv groups",
+                                                              {"mlp": 0, "heads": 0.25}),
+                     ("structured depth: 2 of 30 blocks", {"mlp": 0, "layers": 2})):
+        for steps in (0, a.recover):
+            cfg = StructuredConfig(**kw, recover=steps)
+            t0 = time.perf_counter()
+            m = modelpress.quantize(copy.deepcopy(base), cfg, calib)
+            seconds = time.perf_counter() - t0
+            rec, c = record(m).recovery, m.config
+            emit({"method": name, "recover_steps": steps, "ppl": ppl(m), "size_bytes": model_size(m).size_bytes,
+                  "seconds": seconds, "config": {"intermediate_size": c.intermediate_size,
+                                                 "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+                                                 "layers": c.num_hidden_layers},
+                  **({"dropped": record(m).dropped} if cfg.layers else {}),
+                  **({"kl_first": rec[0]["kl"], "kl_last": rec[-1]["kl"]} if rec else {}),
+                  **(gguf_speed(m, tok, work, a, prompt) if steps else {})})
+
+
+def _kernel_times(lib, n: int, k: int) -> dict[str, float]:  # noqa: ANN001
+    """Median microseconds of one row through the dense fp32 kernel and the 2:4 one, on the same weights."""
+    from modelpress.core import sparsity
+    from modelpress.kernels import ops
+
+    w = torch.randn(n, k)
+    w[sparsity.magnitude_mask(w, 0, 2, 4)] = 0
+    values, idx = sparsity.pack_24(w)
+    x = torch.randn(1, k)
+    times = {}
+    for name, fn in (("dense", lambda: ops.f32_gemv(lib, x, w)), ("2:4", lambda: ops.sparse24_gemv(lib, x, values, idx))):
+        for _ in range(20):
+            fn()
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(100):
+                fn()
+            runs.append((time.perf_counter() - t0) / 100 * 1e6)
+        times[name] = float(np.median(runs))
+    return times
+
+
+def storage(base, tok, calib, emit, work, a) -> None:  # noqa: ANN001
+    """2:4 packed against dense: the checkpoint's bytes, each layer shape's kernel, the engine's decode."""
+    from modelpress import kernels
+
+    dense = modelpress.quantize(copy.deepcopy(base), SparseGPTConfig(pattern="2:4"), calib)
+    packed = modelpress.quantize(copy.deepcopy(base), SparseGPTConfig(pattern="2:4", pack=True), calib)
+    sizes = {name: (modelpress.save(m, tok, work / f"ckpt-{name}") / "model.safetensors").stat().st_size
+             for name, m in (("dense", dense), ("packed", packed))}
+    linears = [mod for f, mod in dense.named_modules() if f.startswith("model.layers.") and isinstance(mod, torch.nn.Linear)]
+    emit({"part": "storage", "what": "model.safetensors bytes of SparseGPT 2:4 (the fp32 embedding in both)",
+          "dense_bytes": sizes["dense"], "packed_bytes": sizes["packed"],
+          "decoder_linears_dense_bytes": sum(mod.weight.numel() * 4 for mod in linears),
+          "decoder_linears_packed_bytes": sum(mod.values.numel() * 4 + mod.indices.numel()
+                                              for mod in packed.modules() if hasattr(mod, "indices"))})
+    builds = [b for b in (True, "avx2", False) if kernels.lib(b) is not None]
+    if kernels.lib().mp_simd() < 2:  # no AVX-512: the best build is the AVX2 one
+        builds = [b for b in builds if b != "avx2"]
+    shapes = sorted({(mod.out_features, mod.in_features) for mod in linears}) + [(4096, 4096)]  # one beyond the caches
+    for build in builds:
+        lib = kernels.lib(build)
+        label = {True: f"best (mp_simd={lib.mp_simd()})", "avx2": "avx2", False: "plain C"}[build]
+        for n, k in shapes:
+            t = _kernel_times(lib, n, k)
+            emit({"part": "kernel", "build": label, "shape": [n, k], "rows": 1, "dense_us": t["dense"],
+                  "sparse24_us": t["2:4"], "speedup": t["dense"] / t["2:4"]})
+    prompt = encode_prompt(tok, PROMPT, True)
+    runs = {"dense": [], "packed": []}
+    for _ in range(a.repeats):  # alternated, so that both see the machine's same moods
+        for name, m in (("dense", dense), ("packed", packed)):
+            runs[name].append(decode_ids_per_s(m, prompt, a.decode_tokens))
+    emit({"part": "engine decode", "what": "SparseGPT 2:4 fp32: F32 rows against SPARSE24 in the fused decode",
+          "dense tokens_per_s": float(np.median(runs["dense"])), "packed tokens_per_s": float(np.median(runs["packed"])),
+          "dense runs": runs["dense"], "packed runs": runs["packed"]})
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
     """The importance matrix of `model` on --calib (or the default text): --samples windows of --ctx."""
     start = time.perf_counter()
     wins = calibration_windows(tok, a.calib, a.ctx, a.samples)
-    dataset = Path(a.calib).name if a.calib else "pydoc_data topics (modelpress default text)"
+    dataset = Path(a.calib).name if a.calib else "pydoc topics + module docstrings (modelpress default text)"
     im = compute_imatrix(model, wins, dataset=dataset)
     _err(f"imatrix: {len(im.sums)} tensors from {len(wins)} windows of {a.ctx} tokens "
          f"in {time.perf_counter() - start:.1f} s")
@@ -229,7 +229,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     limits = dict(max_size_mb=a.max_size, max_ppl_increase=a.max_ppl_increase, min_tokens_per_s=a.min_tokens_per_s,
                   runtime=a.runtime)
     results = compare(source, methods, a.out, a.text, a.calib, windows, samples, a.ctx, a.decode_tokens, fresh=a.fresh,
-                      limits=limits)
+                      limits=limits, other_text=a.other_text)
     print((Path(a.out) / "report.md").read_text(), end="")
     _err(f"modelpress: wrote {a.out}/report.md, results.json, pareto.png, speed.png, report.html")
     if results["failed"]:
@@ -401,7 +401,7 @@ def _model(p: argparse.ArgumentParser) -> None:
 
 
 def _calibration(p: argparse.ArgumentParser, what: str, samples: int = 128) -> None:
-    p.add_argument("--calib", help=f".txt or .jsonl text {what} (default: Python's pydoc topics)")
+    p.add_argument("--calib", help=f".txt or .jsonl text {what} (default: Python's pydoc topics and module docstrings)")
     p.add_argument("--samples", type=flags.positive, default=samples, help=f"calibration windows (default: {samples})")
     p.add_argument("--ctx", type=flags.positive, default=512, help="window length in tokens (default: 512)")
 
@@ -476,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                    + "); --list shows every name")
     c.add_argument("--list", action="store_true", help="print every method name compare accepts")
     c.add_argument("--text", help=".txt or .jsonl evaluation text (default: Python's pydoc topics)")
+    c.add_argument("--other-text", help="a text unlike the calibration, every row's ppl on it too (out of domain)")
     _calibration(c, "for gptq, awq, imatrix and auto", samples=16)
     c.add_argument("--eval-windows", type=flags.positive, default=8, help="evaluation windows (default: 8)")
     c.add_argument("--decode-tokens", type=flags.positive, default=32, help="tokens timed for decode speed (default: 32)")
@@ -506,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = command("finetune", cmd_finetune, "train LoRA / QLoRA adapters (PEFT's format) on a text or chat file")
     f.add_argument("--data", help=".txt (packed windows) or .jsonl of {\"text\"} or chat {\"messages\"} lines "
-                   "(default: Python's pydoc topics)")
+                   "(default: Python's pydoc topics and module docstrings)")
     f.add_argument("--out", required=True, help="folder for the adapter (and its checkpoint while training)")
     f.add_argument("--r", "--rank", dest="r", type=flags.positive, default=16,
                    help="adapter rank (default: 16; under torchrun write --rank, which its options do not shadow)")

@@ -1,13 +1,21 @@
 """Text for calibration and evaluation: user files, or a default every Python install has.
 
 A file is .txt (used whole) or .jsonl (one {"text": ...} object per line, joined by blank lines).
-The default is the standard library's `pydoc_data.topics` (the help() topic texts): topics sorted
-by name, every fourth topic (index % 4 == 0) to calibration, the rest to evaluation, so the two
-parts are disjoint and the same on every machine with the same Python minor version.
+The default comes from the standard library, the same on every machine with the same Python minor
+version. Evaluation: the `pydoc_data.topics` help() texts (sorted by name) whose index % 4 != 0.
+Calibration, more varied than one source (issue 28: calibration fitted to one kind of text
+generalizes worse): the other topics (the language reference's prose) interleaved one for one with
+the module docstrings of the standard library's top-level modules (API documentation; read from
+their sources with `ast`, never imported; sorted by module name), so that every window mixes both
+kinds. Where the sources are absent (an install without them) the topics alone.
 """
 from __future__ import annotations
 
+import ast
+import functools
+import itertools
 import json
+import sysconfig
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -42,13 +50,31 @@ def read_text(path: str | Path) -> str:
     return raw
 
 
+@functools.cache
+def module_docstrings() -> tuple[str, ...]:
+    """The docstrings of the standard library's top-level modules (Lib/*.py), sorted by module name."""
+    docs = []
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(f.read_text(encoding="utf-8")))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        if doc and len(doc) > 200:
+            docs.append(doc.strip())
+    return tuple(docs)
+
+
 def default_text(split: str) -> str:
-    """'calib' or 'eval' part of the standard library's pydoc topics."""
+    """The 'calib' or 'eval' default text (see the module docstring)."""
     if split not in ("calib", "eval"):
         raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
     names = sorted(topics)
-    keep = [n for i, n in enumerate(names) if (i % 4 == 0) == (split == "calib")]
-    return "\n\n".join(topics[n].strip() for n in keep)
+    keep = [topics[n].strip() for i, n in enumerate(names) if (i % 4 == 0) == (split == "calib")]
+    if split == "calib":
+        docs = module_docstrings()
+        mixed = [t for pair in itertools.zip_longest(keep, docs) for t in pair if t]
+        keep = mixed
+    return "\n\n".join(keep)
 
 
 def load_text(path: str | Path | None, split: str) -> str:

@@ -91,7 +91,8 @@ def gptq_act_order(model, bits: int = 4, group_size: int = 32):
     import modelpress
 
     calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    return modelpress.quantize(model, modelpress.GPTQConfig(bits=bits, group_size=group_size, act_order=True), calib)
+    return modelpress.quantize(model, modelpress.GPTQConfig(bits=bits, group_size=group_size, act_order=True,
+                                                            static_groups=False), calib)
 
 
 @contextlib.contextmanager

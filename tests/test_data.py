@@ -36,3 +36,22 @@ def test_windows_drop_the_partial_last_one():
     assert windows(ids, 3, max_windows=2).tolist() == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(ModelpressError, match="fewer than one window"):
         windows(ids, 11)
+
+
+def test_default_calibration_interleaves_reference_prose_and_module_docstrings():
+    """Issue 28: the default calibration text mixes two kinds (help() topics and the standard library's module
+    docstrings, one for one from the start), so that even its first windows are not one kind of text; the
+    docstrings are read from the sources, not imported, and none of them is in the evaluation text."""
+    import argparse
+    from pydoc_data.topics import topics
+
+    from modelpress.data import module_docstrings
+
+    docs = module_docstrings()
+    assert len(docs) > 50 and argparse.__doc__.strip() in docs
+    calib = default_text("calib")
+    first_topic = topics[sorted(topics)[0]].strip()
+    assert calib.startswith(first_topic + "\n\n" + docs[0])
+    assert calib.index(docs[1]) < calib.index(topics[sorted(topics)[8]].strip())
+    ev = default_text("eval")
+    assert not any(d in ev for d in docs[:20])

@@ -1,5 +1,6 @@
-"""llm-compressor's GPTQ or AWQ on a transformers folder, timed, its own ppl measured, and the
-compressed-tensors checkpoint saved. Runs in llm-compressor's own virtual environment (it pins
+"""llm-compressor's GPTQ or AWQ (or its SparseGPT / Wanda pruning: --sparsity, --mask-structure) on a
+transformers folder, timed, its own ppl measured, and the compressed-tensors (pruned: dense) checkpoint
+saved. Runs in llm-compressor's own virtual environment (it pins
 transformers <= 5.17; see ../shared/PEERS.md):
 
     peer/bin/python benchmarks/peers/llmcompressor_run.py --model DIR --calib-ids calib.pt \
@@ -35,7 +36,9 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--calib-ids", required=True)
     p.add_argument("--eval-ids", required=True)
-    p.add_argument("--method", choices=("gptq", "awq"), required=True)
+    p.add_argument("--method", choices=("gptq", "awq", "sparsegpt", "wanda"), required=True)
+    p.add_argument("--sparsity", type=float, default=0.5, help="sparsegpt / wanda")
+    p.add_argument("--mask-structure", default="0:0", help="sparsegpt / wanda: 0:0 (unstructured) or N:M, e.g. 2:4")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--symmetric", action="store_true")
@@ -55,7 +58,15 @@ def main() -> None:
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=a.bits, type="int", symmetric=a.symmetric, strategy="group", group_size=a.group_size))
-    if a.method == "gptq":
+    if a.method in ("sparsegpt", "wanda"):  # the decoder blocks' linears, as modelpress prunes them
+        from llmcompressor.modifiers.pruning import (
+            SparseGPTModifier,
+            WandaPruningModifier,
+        )
+
+        cls = SparseGPTModifier if a.method == "sparsegpt" else WandaPruningModifier
+        recipe = cls(sparsity=a.sparsity, mask_structure=a.mask_structure, targets=["Linear"], ignore=["re:.*lm_head"])
+    elif a.method == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
@@ -79,14 +90,16 @@ def main() -> None:
     except Exception as e:  # the checkpoint is still worth keeping: modelpress evaluates it again
         print(f"evaluation failed: {e!r}", file=sys.stderr)
         ppl = None
-    model.save_pretrained(a.out, save_compressed=True)
+    model.save_pretrained(a.out, save_compressed=a.method in ("gptq", "awq"))
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(a.model).save_pretrained(a.out)
     import llmcompressor
 
     print(json.dumps({"tool": f"llm-compressor {llmcompressor.__version__}", "method": a.method, "bits": a.bits,
-                      "group_size": a.group_size, "symmetric": a.symmetric, "batch_size": a.batch_size, "device": a.device, "quantize_seconds": seconds,
+                      "group_size": a.group_size, "symmetric": a.symmetric,
+                      **({"sparsity": a.sparsity, "mask_structure": a.mask_structure} if a.method in ("sparsegpt", "wanda")
+                         else {}), "batch_size": a.batch_size, "device": a.device, "quantize_seconds": seconds,
                       "ppl": ppl, "calib_windows": calib.shape[0], "eval_windows": int(torch.load(a.eval_ids).shape[0]),
                       "out": a.out}), flush=True)
 

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import BaseConfig
 from ..core.metrics import perplexity
-from ..data import load_text, tokenize, windows
+from ..data import load_text, read_text, tokenize, windows
 from ..errors import ModelpressError
 from ..formats.checkpoint import save
 from ..formats.gguf_mixes import MIXES
@@ -63,6 +63,7 @@ from ..model.load import load, resolve
 from ..model.walker import use_dense_kernels
 from ..registry import quantize
 from .divergence import Reference, divergence, reference
+from .perplexity import perplexity_of_windows
 from .recommend import recommend
 from .report import write_reports
 from .size import disk_bytes, model_size
@@ -181,6 +182,7 @@ class Setup:
     samples: int = 16          # calibration windows (GPTQ, AWQ, imatrix, auto)
     ctx: int = 512
     decode_tokens: int = 32
+    other_text: str | None = None  # a file: every row's ppl on it too (out of domain: unlike the calibration)
 
     def key_fields(self) -> dict[str, Any]:
         def digest(text: str) -> str:
@@ -188,7 +190,8 @@ class Setup:
 
         return {"model": _file_identity(resolve(self.model)), "eval": digest(load_text(self.eval_text, "eval")),
                 "calib": digest(load_text(self.calib_text, "calib")), "eval_windows": self.eval_windows,
-                "samples": self.samples, "ctx": self.ctx, "decode_tokens": self.decode_tokens}
+                "samples": self.samples, "ctx": self.ctx, "decode_tokens": self.decode_tokens,
+                **({"other": digest(read_text(self.other_text))} if self.other_text else {})}
 
 
 def _file_identity(path: Path) -> str:
@@ -287,9 +290,10 @@ def _write_gguf_row(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[tor
 
 
 def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Tensor | None,
-            ref: Any, work: Path, progress: bool = True) -> dict[str, Any]:
+            ref: Any, work: Path, progress: bool = True, other: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Load the model, make the row's version of it, and measure it. `ref`: the Reference, or a
-    function reading it (called after the peak memory of load + quantize is taken)."""
+    function reading it (called after the peak memory of load + quantize is taken). `other`: the other
+    text's windows ("other") and the original's ppl on them ("other_ref_ppl")."""
 
     model, tok = load(setup.model)
     model, facts = build(r, model, tok, None if calib_ids is None else list(calib_ids), work)
@@ -298,7 +302,11 @@ def measure(r: Recipe, setup: Setup, eval_ids: torch.Tensor, calib_ids: torch.Te
     d = divergence(model, eval_ids, ref, progress=progress)
     ref_nll = ref.nll
     tps = decode_tokens_per_s(model, tok, setup.decode_tokens, progress=False)
-    return {"method": r.name, "recipe": dataclasses.asdict(r), **facts, "ppl": d.ppl, "ppl_stderr": d.ppl_stderr,
+    extra = {}
+    if other:
+        o = perplexity_of_windows(model, other["other"], progress=False)
+        extra = {"ppl_other": o.ppl, "ppl_other_change_pct": 100 * (o.ppl / float(other["other_ref_ppl"]) - 1)}
+    return {**extra, "method": r.name, "recipe": dataclasses.asdict(r), **facts, "ppl": d.ppl, "ppl_stderr": d.ppl_stderr,
             "kl_mean": d.kl_mean, "kl_stderr": d.kl_stderr,
             "kl_p99": d.kl_p99, "top1_agreement": d.top1_agreement, "tokens_scored": d.tokens_scored,
             "decode_tokens_per_s": tps, "peak_rss_bytes": peak,
@@ -313,7 +321,7 @@ def _worker(job_path: str) -> int:
     r = Recipe(**job["recipe"])
     ids = load_file(job["ids"])
     row = measure(r, setup, ids["eval"], ids.get("calib"), lambda: Reference.from_tensors(load_file(job["ref"])),
-                  Path(job["work"]))
+                  Path(job["work"]), other=ids if "other" in ids else None)
     row["key"] = job["key"]
     _write_json(Path(job["row"]), row)
     return 0
@@ -324,16 +332,17 @@ def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEF
             out: str | Path = "compare", text: str | None = None, calib: str | None = None,
             eval_windows: int = 8, samples: int = 16, ctx: int = 512, decode_tokens: int = 32,
             fresh: bool = False, isolate: bool = True, progress: bool = True,
-            limits: dict[str, Any] | None = None) -> dict[str, Any]:
+            limits: dict[str, Any] | None = None, other_text: str | None = None) -> dict[str, Any]:
     """Measure every method in `methods` on `model` (default: the embedded default model) and write
     OUT/results.json, OUT/report.md, OUT/pareto.png, OUT/speed.png and OUT/report.html. Returns the results.
     `limits` (eval/recommend.py: max_size_mb, max_ppl_increase, min_tokens_per_s, runtime) choose the
-    recommendation the report opens with."""
+    recommendation the report opens with. `other_text`: a file every row is also evaluated on (out of
+    domain: a text unlike the calibration), beside the evaluation text."""
 
     recipes = [recipe(m) for m in methods]
     if len({r.name for r in recipes}) != len(recipes):
         raise ModelpressError("a method is named twice in --methods")
-    setup = Setup(model, text, calib, eval_windows, samples, ctx, decode_tokens)
+    setup = Setup(model, text, calib, eval_windows, samples, ctx, decode_tokens, other_text)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ModelpressError(f"{out} is a file; --out must be a folder")
@@ -392,6 +401,9 @@ def _shared_data(setup: Setup, skey: dict[str, Any], work: Path, need_calib: boo
     model, tok = load(setup.model)
     ids = {"eval": windows(tokenize(tok, load_text(setup.eval_text, "eval")), setup.ctx, setup.eval_windows)}
     ids["calib"] = windows(tokenize(tok, load_text(setup.calib_text, "calib")), setup.ctx, setup.samples)
+    if setup.other_text:
+        ids["other"] = windows(tokenize(tok, read_text(setup.other_text)), setup.ctx, setup.eval_windows)
+        ids["other_ref_ppl"] = torch.tensor(perplexity_of_windows(model, ids["other"], progress=False).ppl)
     save_file({k: v.contiguous() for k, v in ids.items()}, str(data["ids"]))
     save_file(reference(model, ids["eval"]).tensors(), str(data["ref"]))
     stamp.write_text(tag)
@@ -406,7 +418,7 @@ def _run_row(r: Recipe, setup: Setup, key: str, path: Path, data: dict[str, Any]
     if not isolate:
         ids = load_file(str(data["ids"]))
         row = measure(r, setup, ids["eval"], ids.get("calib"), Reference.from_tensors(load_file(str(data["ref"]))),
-                      work, progress)
+                      work, progress, other=ids if "other" in ids else None)
         _write_json(path, {**row, "key": key})
         return None
     job_path, error = work / f"{r.name}.job.json", work / f"{r.name}.error.txt"

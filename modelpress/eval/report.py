@@ -15,6 +15,7 @@ from typing import Any
 COLUMNS = (("method", "method", "{}"), ("size MB", "size_bytes", "{:.1f}"),
            ("bits/weight", "bits_per_weight", "{:.2f}"), ("linear bits/weight", "linear_bits_per_weight", "{:.2f}"),
            ("ppl", "ppl", "{:.4f}"), ("ppl vs original", "ppl_change_pct", "{:+.2f} %"),
+           ("ppl other text", "ppl_other", "{:.4f}"), ("other vs original", "ppl_other_change_pct", "{:+.2f} %"),
            ("mean KL", "kl_mean", "{:.5f}"), ("top-1 agree", "top1_agreement", "{:.2%}"),
            ("decode tok/s", "decode_tokens_per_s", "{:.1f}"), ("quantize s", "quantize_seconds", "{:.1f}"),
            ("peak MB", "peak_rss_bytes", "{:.0f}"))
@@ -23,6 +24,12 @@ _SCALE = {"size_bytes": 1e-6, "peak_rss_bytes": 1e-6}
 
 # shown as value +- its standard error where the row has one: column key -> (its error's key, format)
 _STDERR = {"ppl": ("ppl_stderr", "{:.2f}"), "kl_mean": ("kl_stderr", "{:.5f}")}
+_OPTIONAL = {"ppl_other", "ppl_other_change_pct"}  # shown only where some row has them (compare --other-text)
+
+
+def columns(rows: list[dict[str, Any]]) -> tuple:
+    """COLUMNS, less the optional ones no row has."""
+    return tuple(c for c in COLUMNS if c[1] not in _OPTIONAL or any(r.get(c[1]) is not None for r in rows))
 
 
 def cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -68,7 +75,7 @@ def pareto_front(rows: list[dict[str, Any]], axis: str = "size") -> list[str]:
 
 
 def table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    return [[cell(r, k, f) for _, k, f in COLUMNS] for r in sorted(rows, key=lambda r: r["size_bytes"])]
+    return [[cell(r, k, f) for _, k, f in columns(rows)] for r in sorted(rows, key=lambda r: r["size_bytes"])]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -80,17 +87,19 @@ def markdown(results: dict[str, Any]) -> str:
                if results.get("recommendation") else []),
              f"Evaluation: {s['eval_windows']} windows of {s['ctx']} tokens of "
              f"{s['eval_text'] or 'the default text (pydoc topics)'}; calibration (GPTQ, AWQ, imatrix, auto): "
-             f"{s['samples']} windows of {s['calib_text'] or 'the default text'}. KL: mean KL(original || method) "
+             f"{s['samples']} windows of {s['calib_text'] or 'the default text (pydoc topics and module docstrings)'}. KL: mean KL(original || method) "
              f"of the next-token distribution per token, nats. Decode: {s['decode_tokens']} greedy tokens, "
              f"batch 1. Peak MB: the row's process, load and quantize. Quantize s: the method alone (GGUF rows: writing the file, imatrix or allocation included). * on the Pareto front (size, ppl). "
              "± : the standard error of the mean over scored tokens (as llama-perplexity reports it; tokens taken as "
              "independent, so it understates the noise); ≈ X: within the combined error of the next-better row X.", "",
-             "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             *([f"Other text (out of domain): {s['other_text']}, the same windows' count; its ppl shows how a "
+                "calibrated row holds on text unlike its calibration.", ""] if s.get("other_text") else []),
+             "| " + " | ".join(h for h, _, _ in columns(rows)) + " |", "|" + "---|" * len(columns(rows))]
     noise = within_noise(rows)
     for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
         cells[0] = f"{cells[0]} *" if r["method"] in front else cells[0]
         if r["method"] in noise:
-            cells[[k for _, k, _ in COLUMNS].index("ppl")] += f" (≈ {noise[r['method']]})"
+            cells[[k for _, k, _ in columns(rows)].index("ppl")] += f" (≈ {noise[r['method']]})"
         lines.append("| " + " | ".join(cells) + " |")
     for name, err in results.get("failed", {}).items():
         lines.append(f"\n{name}: failed ({err})")
@@ -153,7 +162,7 @@ _SORT_JS = ("document.querySelectorAll('#rows th').forEach((th, i) => th.onclick
 def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
     rows = results["rows"]
     front = set(pareto_front(rows))
-    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in COLUMNS)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in columns(rows))
     body = ""
     for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
         style = ' class="front"' if r["method"] in front else ""

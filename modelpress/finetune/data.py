@@ -7,7 +7,7 @@
                               the targets are the assistant turns' tokens only (what the template adds
                               for each assistant message after the prompt that precedes it), one
                               row per chat, cut at ctx tokens
-No file: the standard library's pydoc topics (data.default_text("calib")).
+No file: the default calibration text (data.default_text("calib"): pydoc topics and module docstrings).
 """
 from __future__ import annotations
 

@@ -10,9 +10,10 @@ from modelpress.methods.gptq import GPTQConfig
 
 
 def Cfg(**changes) -> GPTQConfig:
-    """The method's own config, with groups of 32 unless a test says otherwise (the core reads
-    only bits, group_size, symmetric, act_order, static_groups, damp, block_size, mse)."""
-    return GPTQConfig(**{"group_size": 32, **changes})
+    """The method's own config, with groups of 32 and the columns in stored order unless a test says
+    otherwise (the core reads only bits, group_size, symmetric, act_order, static_groups, damp,
+    block_size, mse)."""
+    return GPTQConfig(**{"group_size": 32, "act_order": False, "static_groups": False, **changes})
 
 
 _BASE = Cfg().to_dict()

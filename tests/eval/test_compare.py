@@ -162,3 +162,31 @@ console.log(up + ' ' + down);
     (tmp_path / "t.js").write_text(harness)
     out = subprocess.run([node, str(tmp_path / "t.js")], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["q4_k_m,q8_0,nf4", "nf4,q8_0,q4_k_m"]  # 99.5 < 145.2 < 1000 (not as text: "1000" < "145")
+
+
+def test_other_text_gives_every_row_an_out_of_domain_ppl(tmp_path, tiny_hf_dir):
+    """compare --other-text: every row also evaluated on a second text, its change against the original's ppl
+    on it in the table; fp32's change is 0; without it the columns are absent. The packed 2:4 row is smaller
+    than fp32."""
+    from modelpress.eval.report import markdown
+
+    d, _, _ = tiny_hf_dir
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"the {w} of winter {i}" for i, w in enumerate(["cat", "tree", "stone"] * 60)))
+    out = compare(str(d), ["fp32", "rtn-w4", "gptq-w4", "sparsegpt-2:4"], out=tmp_path / "c", eval_windows=2,
+                  samples=4, ctx=32, decode_tokens=2, isolate=False, progress=False, other_text=str(other))
+    rows = {r["method"]: r for r in out["rows"]}
+    assert abs(rows["fp32"]["ppl_other_change_pct"]) < 1e-3  # the same weights (sums in another order)
+    ref = rows["fp32"]["ppl_other"]
+    for name in ("rtn-w4", "gptq-w4"):
+        assert rows[name]["ppl_other"] != ref
+        assert abs(rows[name]["ppl_other_change_pct"] - 100 * (rows[name]["ppl_other"] / ref - 1)) < 1e-3
+    assert rows["sparsegpt-2:4"]["size_bytes"] < 0.75 * rows["fp32"]["size_bytes"]
+    md = markdown(out)
+    assert "ppl other text" in md and str(other) in md
+    plain = compare(str(d), ["fp32"], out=tmp_path / "p", eval_windows=2, samples=4, ctx=32, decode_tokens=2,
+                    isolate=False, progress=False)
+    assert "ppl other text" not in markdown(plain)
+    with pytest.raises(ModelpressError, match="does not exist"):
+        compare(str(d), ["fp32"], out=tmp_path / "q", ctx=32, isolate=False, progress=False,
+                other_text=str(tmp_path / "missing.txt"))

@@ -1,6 +1,7 @@
 """The HF GPTQ layout: what modelpress writes, read back by an independent unpacker written from
 the format's definition (shifts and masks on int32 words, not modelpress' packing code), and
 loaded back by modelpress with the same logits."""
+import copy
 import json
 
 import pytest
@@ -47,7 +48,7 @@ def unpack_reference(qweight, qzeros, scales, g_idx, bits, v1=True):
 def test_layout_read_by_independent_unpacker(tmp_path, tiny, bits, act_order):
     model, tok = tiny
     calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    config = GPTQConfig(bits=bits, group_size=32, act_order=act_order, symmetric=bits == 8)
+    config = GPTQConfig(bits=bits, group_size=32, act_order=act_order, static_groups=False, symmetric=bits == 8)
     modelpress.quantize(model, config, calib)
     out = gptq_format.save(model, tok, tmp_path / "gptq")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -82,3 +83,25 @@ def test_rtn_model_in_gptq_layout_and_refusals(tmp_path, tiny):
         assert torch.equal(loaded(x).logits, model(x).logits)
     with pytest.raises(modelpress.ModelpressError, match="not empty"):
         gptq_format.save(model, tok, out)
+
+
+def test_default_gptq_is_activation_order_in_the_plain_layout(tmp_path, tiny):
+    """Issue 28: the defaults order columns by activation with static groups; the checkpoint is still the
+    plain GPTQ layout as AutoGPTQ writes it for desc_act with static_groups (g_idx = column // group: no
+    permutation), which every GPTQ reader (transformers, vLLM, the independent unpacker) loads, and its
+    weights differ from the stored-order sweep."""
+    model, tok = tiny
+    calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    assert GPTQConfig().act_order and GPTQConfig().static_groups
+    columns = modelpress.quantize(copy.deepcopy(model), GPTQConfig(bits=4, group_size=32, act_order=False,
+                                                                   static_groups=False), calib)
+    modelpress.quantize(model, GPTQConfig(bits=4, group_size=32), calib)
+    out = gptq_format.save(model, tok, tmp_path / "gptq")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True and qc.get("static_groups") is True
+    sd = load_file(str(out / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(sd[f"{name}.g_idx"].long(), torch.arange(160) // 32)
+    W = unpack_reference(sd[f"{name}.qweight"], sd[f"{name}.qzeros"], sd[f"{name}.scales"], sd[f"{name}.g_idx"], 4)
+    assert torch.equal(W, dense_weight(model.get_submodule(name)))
+    assert not torch.equal(W, dense_weight(columns.get_submodule(name)))

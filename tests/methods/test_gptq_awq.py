@@ -48,10 +48,12 @@ def _calib_error(model, calib):
         return model(torch.stack(calib)).logits
 
 
-@pytest.mark.parametrize("config", [GPTQConfig(bits=3, group_size=32), GPTQConfig(bits=3, group_size=32, act_order=True),
+@pytest.mark.parametrize("config", [GPTQConfig(bits=3, group_size=32),
+                                    GPTQConfig(bits=3, group_size=32, act_order=False, static_groups=False),
+                                    GPTQConfig(bits=3, group_size=32, static_groups=False),
                                     GPTQConfig(bits=3, group_size=32, true_sequential=False),
                                     AWQConfig(bits=3, group_size=32, search_samples=8)],
-                         ids=["gptq", "gptq-act", "gptq-one-pass", "awq"])
+                         ids=["gptq", "gptq-columns", "gptq-act-dynamic", "gptq-one-pass", "awq"])
 def test_beats_rtn_on_the_calibration_logits(config):
     model = tiny_llama()
     calib = [torch.randint(0, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(16)]

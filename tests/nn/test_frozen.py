@@ -13,7 +13,7 @@ CONFIGS = {
     "nf4-bf16": modelpress.NF4Config(double_quant=True, compute_dtype="bfloat16"),
     "int8": modelpress.LLMInt8Config(),
     "rtn-w4": modelpress.RTNConfig(bits=4, group_size=32),
-    "gptq-act-order": modelpress.GPTQConfig(bits=4, group_size=32, act_order=True),
+    "gptq-act-order": modelpress.GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=False),
     "gguf-q8_0": "Q8_0",  # GGUF blocks: the model exported and loaded back
     "gguf-q4_0": "Q4_0",
 }
