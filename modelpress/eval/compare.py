@@ -66,6 +66,7 @@ from .divergence import Reference, divergence, reference
 from .perplexity import perplexity_of_windows
 from .recommend import recommend
 from .report import write_reports
+from .sensitivity import layer_sensitivity
 from .size import disk_bytes, model_size
 from .speed import decode_tokens_per_s
 
@@ -379,10 +380,27 @@ def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEF
                "key": skey, "reference_ppl": rows[0]["reference_ppl"] if rows else None, "rows": rows,
                "failed": failed}
     results["recommendation"] = recommend(rows, model, **(limits or {})) if rows else []
+    results["sensitivity"] = _sensitivity(setup, skey, out, say) if rows else {}
     write_reports(out, results)
     if not failed:
         shutil.rmtree(work, ignore_errors=True)  # the reference log-probs are large; rows are kept
     return results
+
+
+def _sensitivity(setup: Setup, skey: dict[str, Any], out: Path, say: Any) -> dict[str, float]:
+    """Every decoder linear layer's predicted KL in 4 bits (eval/sensitivity.py) on the calibration windows,
+    kept in OUT/sensitivity.json for the same model and texts."""
+    path, tag = out / "sensitivity.json", hashlib.sha256(json.dumps(skey, sort_keys=True).encode()).hexdigest()[:12]
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == tag:
+            return kept["layers"]
+    say("measuring each layer's sensitivity (Fisher information on 4 calibration windows)")
+    model, tok = load(setup.model)
+    calib = list(windows(tokenize(tok, load_text(setup.calib_text, "calib")), setup.ctx, min(setup.samples, 4)))
+    sens = layer_sensitivity(model, calib)
+    _write_json(path, {"key": tag, "layers": sens})
+    return sens
 
 
 def _say(msg: str) -> None:

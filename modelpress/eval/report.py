@@ -103,6 +103,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for name, err in results.get("failed", {}).items():
         lines.append(f"\n{name}: failed ({err})")
+    sens = results.get("sensitivity") or {}
+    if sens:
+        top = sorted(sens.items(), key=lambda kv: -kv[1])[:5]
+        lines += ["", "Most sensitive layers (predicted mean KL with only that layer in 4-bit Q4_0; the map: "
+                  "sensitivity.png): " + ", ".join(f"{f.removeprefix('model.layers.')} {v:.5f}" for f, v in top)]
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +164,9 @@ _SORT_JS = ("document.querySelectorAll('#rows th').forEach((th, i) => th.onclick
             "rows.forEach(r => t.appendChild(r)); });")
 
 
+_ALT = {"sensitivity": "per-layer sensitivity map"}
+
+
 def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
     rows = results["rows"]
     front = set(pareto_front(rows))
@@ -177,7 +185,7 @@ def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
             + (f"<h2>Recommendation</h2><ul>{advice}</ul>" if advice else "")
             + f"<p>{note}</p><p>Click a column's header to sort by it.</p>"
             f"<table id='rows'><tr>{head}</tr>\n{body}</table>"
-            + "".join(f"<p><img alt='{html.escape(name)} against perplexity' "
+            + "".join(f"<p><img alt='{html.escape(_ALT.get(name, name + ' against perplexity'))}' "
                       f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>" for name, png in pngs.items())
             + f"<script>{_SORT_JS}</script></body></html>\n")
 
@@ -188,6 +196,32 @@ def _atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def plot_sensitivity(sens: dict[str, float], path: Path) -> None:
+    """The per-layer sensitivity map: blocks (rows) x projections (columns), colour = predicted KL (log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    from .sensitivity import KIND, grid
+
+    blocks, names, values = grid(sens)
+    data = [[float("nan") if v is None else max(v, 1e-9) for v in row] for row in values]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 0.22 * len(blocks) + 2), dpi=120)
+    im = ax.imshow(data, aspect="auto", cmap="magma_r", norm=LogNorm())
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
+    ax.set_ylabel("block")
+    fig.colorbar(im, ax=ax, label=f"predicted mean KL (nats) with only this layer in {KIND}")
+    ax.set_title("per-layer sensitivity")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_reports(out: Path, results: dict[str, Any]) -> None:
     _atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     _atomic(out / "report.md", markdown(results))
@@ -195,6 +229,9 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
     axes = {axis: name for axis, (key, _, _, name) in AXES.items() if any(r.get(key) is not None for r in rows)}
     for axis, name in axes.items():
         plot(rows, out / name, axis)
+    if results.get("sensitivity"):
+        plot_sensitivity(results["sensitivity"], out / "sensitivity.png")
+        axes["sensitivity"] = "sensitivity.png"
     if rows:
         _atomic(out / "report.html", page(results, {axis: (out / name).read_bytes() for axis, name in axes.items()}))
 

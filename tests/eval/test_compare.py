@@ -184,6 +184,9 @@ def test_other_text_gives_every_row_an_out_of_domain_ppl(tmp_path, tiny_hf_dir):
     assert rows["sparsegpt-2:4"]["size_bytes"] < 0.75 * rows["fp32"]["size_bytes"]
     md = markdown(out)
     assert "ppl other text" in md and str(other) in md
+    # the sensitivity map: every decoder linear, a PNG, in the page and named in the report
+    assert len(out["sensitivity"]) == 14 and (tmp_path / "c" / "sensitivity.png").is_file()
+    assert "per-layer sensitivity map" in (tmp_path / "c" / "report.html").read_text() and "Most sensitive" in md
     plain = compare(str(d), ["fp32"], out=tmp_path / "p", eval_windows=2, samples=4, ctx=32, decode_tokens=2,
                     isolate=False, progress=False)
     assert "ppl other text" not in markdown(plain)
