@@ -11,6 +11,9 @@ Parts (--parts, all by default):
     structured  MLP 25 %, attention heads (1 of 3 kv groups), depth (2 blocks), each before and after
                 recovery: size, ppl, and the recovered model's Q4_K_M GGUF decode in llama.cpp and in the
                 engine against the unpruned model's
+    speed       the Q4_K_M GGUFs of the unpruned model and of the structured cuts (no recovery: the speed
+                depends on the shapes only), decoded in the engine and in llama.cpp in alternation (--repeats
+                rounds), so that the machine's drift reaches every file alike
     storage     2:4 packed (values + 2-bit positions): bytes on disk, each layer shape's CPU kernel time
                 against the dense fp32 kernel on the same layer (every kernel build the CPU runs), and
                 the engine's decode of the packed model against the same weights dense
@@ -86,6 +89,8 @@ def main() -> None:
                   "kl_first": rec[0]["kl"], "kl_last": rec[-1]["kl"]})
     if "structured" in parts:
         structured(base, tok, calib, ppl, emit, work, a)
+    if "speed" in parts:
+        speed(base, tok, calib, emit, work, a)
     if "storage" in parts:
         storage(base, tok, calib, emit, work, a)
     print(f"wrote {a.out}")
@@ -166,6 +171,33 @@ def structured(base, tok, calib, ppl, emit, work, a) -> None:  # noqa: ANN001
                   **({"dropped": record(m).dropped} if cfg.layers else {}),
                   **({"kl_first": rec[0]["kl"], "kl_last": rec[-1]["kl"]} if rec else {}),
                   **(gguf_speed(m, tok, work, a, prompt) if steps else {})})
+
+
+def speed(base, tok, calib, emit, work, a) -> None:  # noqa: ANN001
+    """Decode tokens/s of each structured cut's Q4_K_M against the unpruned one's, engine and llama.cpp,
+    the files taken in turn in every round."""
+    prompt = encode_prompt(tok, PROMPT, True)
+    cuts = {"unpruned": None, "mlp 25 %": {"mlp": 0.25}, "heads 1 of 3 kv groups": {"mlp": 0, "heads": 0.25},
+            "depth 2 of 30": {"mlp": 0, "layers": 2}, "mlp 25 % + heads 1 of 3": {"mlp": 0.25, "heads": 0.25}}
+    files = {}
+    for name, kw in cuts.items():
+        m = base if kw is None else modelpress.quantize(copy.deepcopy(base), StructuredConfig(**kw), calib)
+        files[name] = work / f"speed-{len(files)}.gguf"
+        modelpress.export_gguf(m, tok, files[name], "Q4_K_M", progress=False)
+    engines = {name: modelpress.load(path, keep_blocks=True)[0] for name, path in files.items()}
+    ours = {name: [] for name in files}
+    theirs = {name: [] for name in files}
+    for _ in range(a.repeats):
+        for name, path in files.items():
+            ours[name].append(decode_ids_per_s(engines[name], prompt, a.decode_tokens))
+            theirs[name].append(llama_greedy(path, prompt[0].tolist(), a.decode_tokens)[1])
+    e0, l0 = float(np.median(ours["unpruned"])), float(np.median(theirs["unpruned"]))
+    for name, path in files.items():
+        e, ll = float(np.median(ours[name])), float(np.median(theirs[name]))
+        emit({"part": "speed", "method": name, "gguf": "Q4_K_M", "gguf_bytes": path.stat().st_size,
+              "modelpress engine tokens_per_s": e, "llama.cpp tokens_per_s": ll,
+              "engine speedup": e / e0, "llama.cpp speedup": ll / l0,
+              "modelpress runs": ours[name], "llama.cpp runs": theirs[name]})
 
 
 def _kernel_times(lib, n: int, k: int) -> dict[str, float]:  # noqa: ANN001
