@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--calib-windows", type=int, default=64)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--methods", default="gptq,gptq-columns,gptq-mse,awq,q4_k_m-imat")
+    p.add_argument("--calib-texts", default="jargon,stdlib", help="the calibration texts to run (jargon, stdlib)")
     p.add_argument("--peer", help="python of llm-compressor's venv (../shared/PEERS.md); omitted: no peer rows")
     p.add_argument("--out", default="benchmarks/results/ood.json")
     a = p.parse_args()
@@ -78,6 +79,8 @@ def main() -> None:
     if a.peer:
         fp32_dir = modelpress.save(base, tok, work / "fp32")
     for text, wins in calib.items():
+        if text not in a.calib_texts.split(","):
+            continue
         for name in a.methods.split(","):
             t0 = time.perf_counter()
             if name.startswith("gptq"):
