@@ -33,6 +33,9 @@ class BaseConfig:
     calibrated: ClassVar[bool] = False  # whether the handler reads calibration windows
     targets: tuple[str, ...] = option((r".*",), "regexes of the layers to compress", cli=False)
     ignore: tuple[str, ...] = option((r"(^|\.)lm_head$",), "regexes of the layers to leave alone", cli=False)
+    float_dtype: str = option("model", "the tensors left unquantized (embeddings, norms): 'model', its config's "
+                                       "dtype (bf16 for the default model, as the peers save them), or float32",
+                              choices=("model", "float32"))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

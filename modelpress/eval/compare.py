@@ -102,11 +102,11 @@ def _config_recipes() -> dict[str, Any]:
         "w8a8": W8A8Config(), "w8a8-dyn": W8A8Config(activations="dynamic"),
         "w8a8-sq": W8A8Config(smoothquant="search"),
     }
-    # pruning (methods/prune.py): 50 % unstructured, 2:4 (packed: its size and the sparse kernel's speed),
-    # 2:4 with int4 codes in the same sweep; structured widths (with recovery) and depth
+    # pruning (methods/prune.py): 50 % unstructured, 2:4 (packed: fp32 values and 2-bit positions, the sparse
+    # kernel's speed), 2:4 with int4 codes in the same sweep; structured widths (with recovery) and depth
     table.update({"magnitude-50": MagnitudeConfig(), "wanda-50": WandaConfig(), "sparsegpt-50": SparseGPTConfig(),
-                  "wanda-2:4": WandaConfig(pattern="2:4", pack=True),
-                  "sparsegpt-2:4": SparseGPTConfig(pattern="2:4", pack=True),
+                  "wanda-2:4": WandaConfig(pattern="2:4"), "sparsegpt-2:4": SparseGPTConfig(pattern="2:4"),
+                  "sparsegpt-2:4-packed": SparseGPTConfig(pattern="2:4", pack=True),
                   "sparsegpt-2:4-w4": SparseGPTConfig(pattern="2:4", bits=4, group_size=64),
                   "prune-mlp25": StructuredConfig(mlp=0.25), "prune-mlp25-r30": StructuredConfig(mlp=0.25, recover=30),
                   "prune-heads33": StructuredConfig(mlp=0, heads=0.25), "prune-depth2": StructuredConfig(mlp=0, layers=2)})

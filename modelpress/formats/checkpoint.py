@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..config import BaseConfig
 from ..errors import ModelpressError
 from ..model.build import build_causal_lm
-from ..model.walker import replace
+from ..model.walker import float_dtype, plain_tensors, replace
 from ..nn import QUANT_LINEAR_CLASSES
 from ..record import record
 from ..version import __version__
@@ -58,10 +58,17 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def stored_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores (a tied output head once, as the embedding)."""
+    """The tensors a checkpoint stores (a tied output head once, as the embedding); a quantized model's
+    unquantized tensors in the model's own dtype (bf16 / fp16: quantize rounded them to it already, so
+    the cast is exact), as transformers, AutoGPTQ, AutoAWQ and bitsandbytes checkpoints keep them."""
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
+    config = record(model).config
+    dt = float_dtype(model, getattr(config, "float_dtype", "model")) if config is not None else None
+    if dt is not None:
+        plain = plain_tensors(model, tuple(QUANT_LINEAR_CLASSES.values()))
+        sd = {k: v.to(dt) if k in plain and v.dtype == torch.float32 else v for k, v in sd.items()}
     return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -254,6 +261,9 @@ def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     manifest = read_manifest(folder)
     config = AutoConfig.from_pretrained(folder)
     state = read_safetensors(folder / WEIGHTS)
+    inside = [f + "." for f in manifest["modules"]]  # the rest (stored in the model's dtype) computes in fp32
+    state = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) and not any(k.startswith(p) for p in inside)
+             else v for k, v in state.items()}
 
     def swap_in(model: torch.nn.Module) -> None:
         for fqn, meta in manifest["modules"].items():

@@ -62,6 +62,10 @@ def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:
     if kind == "gguf":
 
         model, tok = load_gguf(path, keep_blocks)
+        if path.resolve() == default_model_path().resolve():
+            # SmolLM2-135M-Instruct is published in bf16: what a method leaves unquantized is kept in bf16
+            # (registry.round_plain_tensors), as the peers keep a bf16 model's embeddings and norms
+            model.config.dtype = torch.bfloat16
     elif kind == "modelpress":
         model, tok = checkpoint.load(path)
     else:  # a transformers folder, plain or in a quantized layout a registered format reads

@@ -57,6 +57,27 @@ def dense_weight(module: torch.nn.Module) -> torch.Tensor:
     return w
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def float_dtype(model: torch.nn.Module, choice: str = "model") -> torch.dtype | None:
+    """The half dtype the tensors a method leaves unquantized are kept in: the model config's `dtype`
+    where that is bf16 / fp16 and `choice` is "model"; None (fp32 as computed) otherwise."""
+    if choice not in ("model", "float32"):
+        raise ValueError(f"float_dtype is 'model' or 'float32', got {choice!r}")
+    dt = getattr(getattr(model, "config", None), "dtype", None)
+    dt = getattr(torch, dt, None) if isinstance(dt, str) else dt
+    return dt if choice == "model" and dt in HALF else None
+
+
+def plain_tensors(model: torch.nn.Module, quantized: tuple[type, ...]) -> dict[str, torch.Tensor]:
+    """{state-dict key: tensor} of the floating parameters and buffers outside `quantized` modules (the
+    embeddings, norms and float linear layers), persistent ones only."""
+    inside = [f + "." for f, m in model.named_modules() if isinstance(m, quantized)]
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if v.is_floating_point() and not any(k.startswith(p) for p in inside)}
+
+
 def use_dense_kernels(model: torch.nn.Module) -> torch.nn.Module:
     """Turn every plain nn.Linear of `model` into a DenseLinear (nn/dense_linear.py: the kernels' GEMV
     at few rows) sharing its parameters."""

@@ -173,7 +173,7 @@ def test_other_text_gives_every_row_an_out_of_domain_ppl(tmp_path, tiny_hf_dir):
     d, _, _ = tiny_hf_dir
     other = tmp_path / "other.txt"
     other.write_text(" ".join(f"the {w} of winter {i}" for i, w in enumerate(["cat", "tree", "stone"] * 60)))
-    out = compare(str(d), ["fp32", "rtn-w4", "gptq-w4", "sparsegpt-2:4"], out=tmp_path / "c", eval_windows=2,
+    out = compare(str(d), ["fp32", "rtn-w4", "gptq-w4", "sparsegpt-2:4-packed"], out=tmp_path / "c", eval_windows=2,
                   samples=4, ctx=32, decode_tokens=2, isolate=False, progress=False, other_text=str(other))
     rows = {r["method"]: r for r in out["rows"]}
     assert abs(rows["fp32"]["ppl_other_change_pct"]) < 1e-3  # the same weights (sums in another order)
@@ -181,7 +181,7 @@ def test_other_text_gives_every_row_an_out_of_domain_ppl(tmp_path, tiny_hf_dir):
     for name in ("rtn-w4", "gptq-w4"):
         assert rows[name]["ppl_other"] != ref
         assert abs(rows[name]["ppl_other_change_pct"] - 100 * (rows[name]["ppl_other"] / ref - 1)) < 1e-3
-    assert rows["sparsegpt-2:4"]["size_bytes"] < 0.75 * rows["fp32"]["size_bytes"]
+    assert rows["sparsegpt-2:4-packed"]["size_bytes"] < 0.75 * rows["fp32"]["size_bytes"]
     md = markdown(out)
     assert "ppl other text" in md and str(other) in md
     # the sensitivity map: every decoder linear, a PNG, in the page and named in the report

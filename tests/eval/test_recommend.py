@@ -22,7 +22,7 @@ def test_runtimes_and_commands():
     assert runtimes_of(by["awq-w4"]) == {"vllm", "transformers", "modelpress"}
     assert runtimes_of(by["nf4-dq"]) == {"transformers", "modelpress"}
     assert runtimes_of(by["wanda-50"]) == {"llama.cpp", "vllm", "transformers", "modelpress"}  # still float
-    packed = _row("sparsegpt-2:4", 300, 90.0, 40)
+    packed = _row("sparsegpt-2:4-packed", 300, 90.0, 40)
     assert runtimes_of(packed) == {"modelpress"}  # Sparse24Linear layers
     assert command(packed, None).startswith("modelpress prune --method sparsegpt") and "--pattern 2:4" in command(
         packed, None) and command(packed, None).count("--pack") == 1
