@@ -52,6 +52,8 @@ class BaseConfig:
         d = self.to_dict()
         for k in ("method", "version", "targets", "ignore"):
             d.pop(k)
+        if d.get("float_dtype") == "model":  # the default: said only where changed
+            d.pop("float_dtype")
         none = {f.name: f.metadata.get("none", "channel") for f in dataclasses.fields(self)}
         settings = ", ".join(f"{k.replace('_', ' ')} {none[k] if v is None else v}" for k, v in d.items())
         return f"{self.method} ({settings})"

@@ -285,7 +285,7 @@ def test_compare_runs_resumes_and_reports(tmp_path, capsys, tiny_gguf):
     assert code == 0, err
     assert {p.name for p in out.iterdir()} >= {"report.md", "results.json", "pareto.png", "speed.png", "report.html",
                                                "rows"}
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 2  # both plots, in the page
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3  # size, speed and the sensitivity map, in the page
     res = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in res["rows"]] == ["fp32", "q8_0"]
     fp32 = res["rows"][0]
