@@ -142,14 +142,23 @@ def gguf_speed(model, tok, work, a, prompt) -> dict:  # noqa: ANN001
     """The Q4_K_M GGUF of `model`: its bytes and decode tokens/s in the engine and in llama.cpp."""
     path = work / "q4km.gguf"
     modelpress.export_gguf(model, tok, path, "Q4_K_M", progress=False)
-    gguf_model, _ = modelpress.load(path, keep_blocks=True)
-    ours, theirs = [], []
+    return _decode_speeds({"it": path}, prompt, a)["it"]
+
+
+def _decode_speeds(files: dict[str, Path], prompt: torch.Tensor, a) -> dict[str, dict]:  # noqa: ANN001
+    """{name: the GGUF's bytes and decode tokens/s in the engine and in llama.cpp (medians, and the runs)},
+    the files taken in turn in each of --repeats rounds."""
+    engines = {name: modelpress.load(path, keep_blocks=True)[0] for name, path in files.items()}
+    ours = {name: [] for name in files}
+    theirs = {name: [] for name in files}
     for _ in range(a.repeats):
-        ours.append(decode_ids_per_s(gguf_model, prompt, a.decode_tokens))
-        theirs.append(llama_greedy(path, prompt[0].tolist(), a.decode_tokens)[1])
-    return {"gguf": "Q4_K_M", "gguf_bytes": path.stat().st_size,
-            "modelpress engine tokens_per_s": float(np.median(ours)), "llama.cpp tokens_per_s": float(np.median(theirs)),
-            "modelpress runs": ours, "llama.cpp runs": theirs}
+        for name, path in files.items():
+            ours[name].append(decode_ids_per_s(engines[name], prompt, a.decode_tokens))
+            theirs[name].append(llama_greedy(path, prompt[0].tolist(), a.decode_tokens)[1])
+    return {name: {"gguf": "Q4_K_M", "gguf_bytes": path.stat().st_size,
+                   "modelpress engine tokens_per_s": float(np.median(ours[name])),
+                   "llama.cpp tokens_per_s": float(np.median(theirs[name])),
+                   "modelpress runs": ours[name], "llama.cpp runs": theirs[name]} for name, path in files.items()}
 
 
 def structured(base, tok, calib, ppl, emit, work, a) -> None:  # noqa: ANN001
@@ -184,20 +193,11 @@ def speed(base, tok, calib, emit, work, a) -> None:  # noqa: ANN001
         m = base if kw is None else modelpress.quantize(copy.deepcopy(base), StructuredConfig(**kw), calib)
         files[name] = work / f"speed-{len(files)}.gguf"
         modelpress.export_gguf(m, tok, files[name], "Q4_K_M", progress=False)
-    engines = {name: modelpress.load(path, keep_blocks=True)[0] for name, path in files.items()}
-    ours = {name: [] for name in files}
-    theirs = {name: [] for name in files}
-    for _ in range(a.repeats):
-        for name, path in files.items():
-            ours[name].append(decode_ids_per_s(engines[name], prompt, a.decode_tokens))
-            theirs[name].append(llama_greedy(path, prompt[0].tolist(), a.decode_tokens)[1])
-    e0, l0 = float(np.median(ours["unpruned"])), float(np.median(theirs["unpruned"]))
-    for name, path in files.items():
-        e, ll = float(np.median(ours[name])), float(np.median(theirs[name]))
-        emit({"part": "speed", "method": name, "gguf": "Q4_K_M", "gguf_bytes": path.stat().st_size,
-              "modelpress engine tokens_per_s": e, "llama.cpp tokens_per_s": ll,
-              "engine speedup": e / e0, "llama.cpp speedup": ll / l0,
-              "modelpress runs": ours[name], "llama.cpp runs": theirs[name]})
+    speeds = _decode_speeds(files, prompt, a)
+    e0, l0 = (speeds["unpruned"][k] for k in ("modelpress engine tokens_per_s", "llama.cpp tokens_per_s"))
+    for name, s in speeds.items():
+        emit({"part": "speed", "method": name, **s, "engine speedup": s["modelpress engine tokens_per_s"] / e0,
+              "llama.cpp speedup": s["llama.cpp tokens_per_s"] / l0})
 
 
 def _kernel_times(lib, n: int, k: int) -> dict[str, float]:  # noqa: ANN001

@@ -70,10 +70,8 @@ def default_text(split: str) -> str:
         raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
     names = sorted(topics)
     keep = [topics[n].strip() for i, n in enumerate(names) if (i % 4 == 0) == (split == "calib")]
-    if split == "calib":
-        docs = module_docstrings()
-        mixed = [t for pair in itertools.zip_longest(keep, docs) for t in pair if t]
-        keep = mixed
+    if split == "calib":  # one topic, one docstring, ... (the longer list's tail after the other ends)
+        keep = [t for pair in itertools.zip_longest(keep, module_docstrings()) for t in pair if t]
     return "\n\n".join(keep)
 
 

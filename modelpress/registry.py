@@ -10,7 +10,7 @@ from .config import BaseConfig
 from .errors import ModelpressError
 from .model import torch_prune
 from .model.decoder import FAMILIES
-from .model.walker import float_dtype, plain_tensors, use_dense_kernels
+from .model.walker import float_dtype, unquantized_fp32, use_dense_kernels
 from .record import check_no_adapter, record
 
 # handler(model, config, calib) -> model, compressing in place
@@ -64,7 +64,7 @@ def quantize(model: torch.nn.Module, config: BaseConfig,
     _check_family(model, config)
     check_no_adapter(model, f"quantizing with {config.method}")
     torch_prune.make_permanent(model)  # torch's pruning hooks would rewrite the weights at the next forward
-    float_dtype(model, getattr(config, "float_dtype", "model"))  # a bad choice refused before any work
+    float_dtype(model, config.float_dtype)  # a bad choice refused before any work
     model = use_dense_kernels(handler_for(config)(model, config, calib))  # what stays dense gets the kernel too
     record(model).config = config
     round_plain_tensors(model, config)
@@ -75,12 +75,7 @@ def round_plain_tensors(model: torch.nn.Module, config: BaseConfig) -> None:
     """The tensors the method left unquantized rounded to the model's own dtype (bf16 / fp16, as the peers
     keep them; config.float_dtype "float32" keeps fp32), in memory as in every checkpoint written from it,
     so that the measured model is the saved one. Kept as fp32 values (the CPU computes in fp32)."""
-    from .nn import QUANT_LINEAR_CLASSES
-
-    dt = float_dtype(model, getattr(config, "float_dtype", "model"))
-    if dt is None:
-        return
+    dt, tensors = unquantized_fp32(model, config)
     with torch.no_grad():
-        for t in plain_tensors(model, tuple(QUANT_LINEAR_CLASSES.values())).values():
-            if t.dtype == torch.float32:
-                t.copy_(t.to(dt))
+        for t in tensors.values():
+            t.copy_(t.to(dt))

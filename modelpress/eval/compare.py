@@ -387,10 +387,15 @@ def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEF
     return results
 
 
+def _tag(skey: dict[str, Any]) -> str:
+    """A short digest of the settings that shared files (reference log-probs, sensitivities) were made with."""
+    return hashlib.sha256(json.dumps(skey, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _sensitivity(setup: Setup, skey: dict[str, Any], out: Path, say: Any) -> dict[str, float]:
     """Every decoder linear layer's predicted KL in 4 bits (eval/sensitivity.py) on the calibration windows,
     kept in OUT/sensitivity.json for the same model and texts."""
-    path, tag = out / "sensitivity.json", hashlib.sha256(json.dumps(skey, sort_keys=True).encode()).hexdigest()[:12]
+    path, tag = out / "sensitivity.json", _tag(skey)
     if path.is_file():
         kept = json.loads(path.read_text())
         if kept.get("key") == tag:
@@ -411,7 +416,7 @@ def _shared_data(setup: Setup, skey: dict[str, Any], work: Path, need_calib: boo
                  say: Any) -> dict[str, Any]:
     """Token windows and the original model's log-probs, in files the row processes read."""
     data: dict[str, Any] = {"ids": work / "ids.safetensors", "ref": work / "reference.safetensors"}
-    tag = hashlib.sha256(json.dumps(skey, sort_keys=True).encode()).hexdigest()[:12]
+    tag = _tag(skey)
     stamp = work / "reference.key"
     if not need_ref or (stamp.is_file() and stamp.read_text() == tag and data["ref"].is_file()):
         return data

@@ -111,12 +111,29 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path, axis: str = "size") -> None:
-    """Size (MB) or decode speed against ppl, log ppl axis, the Pareto front joined."""
-    import matplotlib  # here, not at the top: only the plot needs it, and its import is slow
+def _pyplot():  # noqa: ANN202
+    """matplotlib's pyplot on the file backend, imported here, not at the top: only the plots need it, and
+    its import is slow."""
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:  # noqa: ANN001
+    """The figure written under a temporary name, then renamed, and closed."""
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, axis: str = "size") -> None:
+    """Size (MB) or decode speed against ppl, log ppl axis, the Pareto front joined."""
+    plt = _pyplot()
 
     key, label, _, _ = AXES[axis]
     scale = _SCALE.get(key, 1)
@@ -147,11 +164,7 @@ def plot(rows: list[dict[str, Any]], path: Path, axis: str = "size") -> None:
         ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"{axis} against perplexity")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
 
 
 # click a header: sort the table's rows by that column (numbers as numbers), again: the other way
@@ -198,10 +211,7 @@ def _atomic(path: Path, text: str) -> None:
 
 def plot_sensitivity(sens: dict[str, float], path: Path) -> None:
     """The per-layer sensitivity map: blocks (rows) x projections (columns), colour = predicted KL (log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.colors import LogNorm
 
     from .sensitivity import KIND, grid
@@ -215,11 +225,7 @@ def plot_sensitivity(sens: dict[str, float], path: Path) -> None:
     ax.set_ylabel("block")
     fig.colorbar(im, ax=ax, label=f"predicted mean KL (nats) with only this layer in {KIND}")
     ax.set_title("per-layer sensitivity")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
 
 
 def write_reports(out: Path, results: dict[str, Any]) -> None:

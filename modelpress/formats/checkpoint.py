@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..config import BaseConfig
 from ..errors import ModelpressError
 from ..model.build import build_causal_lm
-from ..model.walker import float_dtype, plain_tensors, replace
+from ..model.walker import replace, unquantized_fp32
 from ..nn import QUANT_LINEAR_CLASSES
 from ..record import record
 from ..version import __version__
@@ -64,11 +64,8 @@ def stored_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
-    config = record(model).config
-    dt = float_dtype(model, getattr(config, "float_dtype", "model")) if config is not None else None
-    if dt is not None:
-        plain = plain_tensors(model, tuple(QUANT_LINEAR_CLASSES.values()))
-        sd = {k: v.to(dt) if k in plain and v.dtype == torch.float32 else v for k, v in sd.items()}
+    dt, plain = unquantized_fp32(model, record(model).config)
+    sd = {k: v.to(dt) if k in plain else v for k, v in sd.items()}
     return {k: v.contiguous() for k, v in sd.items()}
 
 

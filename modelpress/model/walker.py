@@ -70,12 +70,18 @@ def float_dtype(model: torch.nn.Module, choice: str = "model") -> torch.dtype | 
     return dt if choice == "model" and dt in HALF else None
 
 
-def plain_tensors(model: torch.nn.Module, quantized: tuple[type, ...]) -> dict[str, torch.Tensor]:
-    """{state-dict key: tensor} of the floating parameters and buffers outside `quantized` modules (the
-    embeddings, norms and float linear layers), persistent ones only."""
-    inside = [f + "." for f, m in model.named_modules() if isinstance(m, quantized)]
-    return {k: v for k, v in model.state_dict(keep_vars=True).items()
-            if v.is_floating_point() and not any(k.startswith(p) for p in inside)}
+def unquantized_fp32(model: torch.nn.Module, config) -> tuple[torch.dtype | None, dict[str, torch.Tensor]]:  # noqa: ANN001
+    """(the half dtype `config` keeps what it leaves unquantized in, {state-dict key: tensor} of those fp32
+    parameters and buffers: outside the quantized layers, i.e. embeddings, norms, float linears); (None,
+    {}) where they stay fp32 (no method config, float_dtype "float32", or a model whose dtype is fp32)."""
+    from ..nn import QUANT_LINEAR_CLASSES
+
+    dt = float_dtype(model, config.float_dtype) if config is not None else None
+    if dt is None:
+        return None, {}
+    inside = [f + "." for f, m in model.named_modules() if isinstance(m, tuple(QUANT_LINEAR_CLASSES.values()))]
+    return dt, {k: v for k, v in model.state_dict(keep_vars=True).items()
+                if v.dtype == torch.float32 and not any(k.startswith(p) for p in inside)}
 
 
 def use_dense_kernels(model: torch.nn.Module) -> torch.nn.Module:

@@ -21,6 +21,10 @@ from .dense_linear import kernel_allowed
 from .frozen import frozen_product, wants_input_grad
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class Sparse24Linear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: str = "float32") -> None:
         super().__init__()
@@ -35,7 +39,7 @@ class Sparse24Linear(torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Linear) -> "Sparse24Linear":
         """The layer's weight packed; ValueError where it is not 2:4 sparse."""
         w = linear.weight.detach()
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, str(w.dtype).split(".")[1])
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, _name(w.dtype))
         m.values, m.indices = sparsity.pack_24(w)
         if linear.bias is not None:
             m.bias = linear.bias.detach().clone()
@@ -56,9 +60,9 @@ class Sparse24Linear(torch.nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, 2:4 sparse, {str(self.values.dtype).split('.')[1]}"
+        return f"in={self.in_features}, out={self.out_features}, 2:4 sparse, {_name(self.values.dtype)}"
 
     def meta(self) -> dict:
         """What a checkpoint records to rebuild this module before loading its tensors."""
         return {"class": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "dtype": str(self.values.dtype).split(".")[1]}
+                "bias": self.bias is not None, "dtype": _name(self.values.dtype)}
