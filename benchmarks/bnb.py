@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from modelpress.data import load_text, read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
 from modelpress.eval.size import model_size  # noqa: E402
@@ -86,7 +85,7 @@ def main() -> None:
     model, tok = modelpress.load()
     ids = tokenize(tok, text)
     wins = windows(ids, 512, a.windows) if a.windows else torch.empty(0, 512, dtype=torch.long)
-    work = Path(tempfile.mkdtemp(prefix="mp-bnb-"))
+    work = scratch("mp-bnb-")
     fp32_dir = modelpress.save(model, tok, work / "fp32")  # a transformers folder bitsandbytes quantizes
     base = {"method": "fp32", "tool": "modelpress", **measure(model, wins, tok, a.decode_tokens),
             "size_bytes": model_size(model).size_bytes}

@@ -1,10 +1,14 @@
 """What every benchmark script shares: the result file's header and its atomic write."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
+import signal
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +23,18 @@ MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
 LIB_NOTE = ("llama.cpp 0.3.36's vendored sources built with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON "
             "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON (AVX2, FMA, F16C, BMI2 on; AMX off: its AMX matmul "
             "segfaults here, llama.cpp #20824), BUILD_SHARED_LIBS=ON")
+
+
+def scratch(prefix: str) -> Path:
+    """A new temporary folder for a benchmark's checkpoints and GGUF files (hundreds of MB each), removed
+    when the process ends: normally, on an exception, on Ctrl-C or on SIGTERM (a kill -9 leaves it).
+    MP_KEEP_SCRATCH=1 keeps it, to look at the files."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("MP_KEEP_SCRATCH") != "1":
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # SIGTERM's default skips atexit
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+    return folder
 
 
 def median_seconds(fn, repeats: int) -> float:  # noqa: ANN001

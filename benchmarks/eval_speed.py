@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from modelpress import AWQConfig  # noqa: E402
 from modelpress.data import calibration_windows, read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows, transformers_perplexity  # noqa: E402
@@ -71,7 +70,7 @@ def main() -> None:
     base, tok = modelpress.load()
     text = DATA / "eval.txt"
     wins = windows(tokenize(tok, read_text(text)), a.ctx, a.windows)
-    work = Path(tempfile.mkdtemp(prefix="mp-eval-speed-"))
+    work = scratch("mp-eval-speed-")
     ggufs = {}
     for mix in ("F32", "Q4_K_M", "Q4_0"):
         ggufs[mix] = work / f"{mix}.gguf"

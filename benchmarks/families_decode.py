@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from benchmarks.serve import decode_llamacpp, decode_ours  # noqa: E402
 
 SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -72,7 +71,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/families_decode.json")
     a = p.parse_args()
     torch.set_num_threads(2)
-    work = Path(tempfile.mkdtemp(prefix="mp-families-"))
+    work = scratch("mp-families-")
     default, tok = modelpress.load()
     files = {"llama (the default model)": work / "llama.gguf"}
     modelpress.export_gguf(default, tok, files["llama (the default model)"], "Q4_K_M", progress=False)

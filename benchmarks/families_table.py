@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.simplefilter("ignore")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from modelpress.model.decoder import FAMILIES  # noqa: E402
 from modelpress.serve.engine import Engine  # noqa: E402
 from modelpress.serve.sampler import SamplingParams  # noqa: E402
@@ -150,11 +149,11 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/families_table.json")
     a = p.parse_args()
     _, tok = modelpress.load()
-    spm_folder = Path(tempfile.mkdtemp(prefix="mp-spm-"))
+    spm_folder = scratch("mp-spm-")
     spm_tok = spm_vocabulary(spm_folder)
     rows = []
     for family in FAMILIES:
-        work = Path(tempfile.mkdtemp(prefix=f"mp-{family}-"))
+        work = scratch(f"mp-{family}-")
         row = {"family": family, "load_max_logit_diff": load_row(family, work), **gguf_row(family, tok, work),
                **converter_row(family, spm_folder, spm_tok, work), **engine_row(family), **methods_row(family)}
         rows.append(row)

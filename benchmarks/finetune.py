@@ -110,18 +110,17 @@ class _Shape(torch.nn.Module):
 
 
 def run_peft(kind: str, steps: int, ctx: int, batch: int, bf16: bool, checkpointing: bool) -> dict:
-    import tempfile
-
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import modelpress
+    from benchmarks.common import scratch
     from modelpress.finetune.lora import LoraConfig, LoraLinear
     from modelpress.finetune.train import _schedule
 
     ours, tok = modelpress.load()  # the reference model, written as a transformers folder for the peer
     batches = _rows(tok, ctx, steps, batch)
-    folder = Path(tempfile.mkdtemp(prefix="mp-peft-"))
+    folder = scratch("mp-peft-")
     ours.save_pretrained(folder)
     del ours
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

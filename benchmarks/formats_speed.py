@@ -13,7 +13,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from benchmarks.gguf_decode import PROMPT, llama_greedy  # noqa: E402
 from modelpress import AWQConfig, GPTQConfig, LLMInt8Config, NF4Config, RTNConfig  # noqa: E402
 from modelpress.data import calibration_windows  # noqa: E402
@@ -57,7 +56,7 @@ def main() -> None:
     base, tok = modelpress.load()
     prompt = encode_prompt(tok, PROMPT, True)
     calib = calibration_windows(tok, DATA / "calib.txt", 512, a.calib_windows)
-    work = Path(tempfile.mkdtemp(prefix="mp-formats-"))
+    work = scratch("mp-formats-")
     ggufs = {}
     for mix in ("Q4_0", "Q4_1", "Q8_0"):
         ggufs[mix] = work / f"{mix}.gguf"

@@ -13,7 +13,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from modelpress.default_model import default_model_path  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -58,7 +57,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/generate_speed.json")
     a = p.parse_args()
-    path = Path(tempfile.mkdtemp(prefix="mp-gen-")) / "q4_k_m.gguf"
+    path = scratch("mp-gen-") / "q4_k_m.gguf"
     model, tok = modelpress.load()
     modelpress.export_gguf(model, tok, path, "Q4_K_M", progress=False)
     model, tok = modelpress.load(path, keep_blocks=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from benchmarks.gguf_export import compare, llama_quantize  # noqa: E402
 from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.speed import decode_ids_per_s, greedy_ids  # noqa: E402
@@ -85,7 +84,7 @@ def main() -> None:
     model, tok = modelpress.load()
     source = Path(record(model).source)
     prompt = encode_prompt(tok, PROMPT, True)
-    work = Path(tempfile.mkdtemp(prefix="mp-decode-"))
+    work = scratch("mp-decode-")
     files = {}
     rows = []
     for mix in ("F32", "Q8_0", "Q4_K_M"):

@@ -21,9 +21,7 @@ import argparse
 import copy
 import ctypes
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
 from modelpress.formats.gguf_reader import read_gguf  # noqa: E402
@@ -89,7 +87,7 @@ def main() -> None:
     model, tok = modelpress.load()
     source = Path(record(model).source)
     ev = windows(tokenize(tok, read_text(SHARED / "eval.txt")), 512, a.eval_windows)
-    work = Path(tempfile.mkdtemp(prefix="mp-gguf-"))
+    work = scratch("mp-gguf-")
     f32 = work / "f32.gguf"
     write_gguf(f32, model, "F32", source)
     rows = [{"mix": "F32 (reference)", "ppl": perplexity_of_windows(model, ev).ppl, "size_bytes": f32.stat().st_size}]
@@ -160,7 +158,6 @@ def main() -> None:
             im = compute_imatrix(m, list(calib), dataset="calib.txt")
             extra = {"method_seconds": time.perf_counter() - start, "method": config.to_dict()}
             row(f"{method} + modelpress imatrix", mix, m, im.importance(), vs_llama=False, extra=extra)
-    shutil.rmtree(work)
     print(f"wrote {a.out}")
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from modelpress.data import read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
 from modelpress.eval.size import model_size  # noqa: E402
@@ -72,7 +71,7 @@ def main() -> None:
     model, tok = modelpress.load()
     calib = windows(tokenize(tok, read_text(SHARED / "calib.txt")), 512, a.calib_windows)
     ev = windows(tokenize(tok, read_text(SHARED / "eval.txt")), 512, a.eval_windows)
-    work = Path(tempfile.mkdtemp(prefix="mp-gptq-"))
+    work = scratch("mp-gptq-")
     rows = []
     kept = json.loads(Path(a.out).read_text())["rows"] if a.keep and Path(a.out).exists() else []
 

@@ -15,7 +15,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import median_seconds  # noqa: E402
+from benchmarks.common import median_seconds, scratch  # noqa: E402
 from modelpress import RTNConfig, W8A8Config  # noqa: E402
 from modelpress.data import calibration_windows, read_text  # noqa: E402
 from modelpress.eval.perplexity import perplexity  # noqa: E402
@@ -72,7 +71,7 @@ def llama_cpp_prefill_s(base: torch.nn.Module, tok, ids: torch.Tensor, repeats: 
         from llama_cpp import Llama
     except ImportError as e:
         return {"error": f"llama-cpp-python is not installed ({e})"}
-    path = Path(tempfile.mkdtemp(prefix="mp-int8-")) / "q8_0.gguf"
+    path = scratch("mp-int8-") / "q8_0.gguf"
     modelpress.export_gguf(base, tok, path, mix="Q8_0")
     llm = Llama(str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=2, n_threads_batch=2, verbose=False)
     tokens = ids[0].tolist()

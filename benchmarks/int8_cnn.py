@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import modelpress  # noqa: E402
-from benchmarks.common import median_seconds, write_result  # noqa: E402
+from benchmarks.common import median_seconds, scratch, write_result  # noqa: E402
 from modelpress import W8A8Config  # noqa: E402
 from modelpress.formats.onnx_export import export_onnx  # noqa: E402
 from tests.digits_cnn import trained_cnn  # noqa: E402
@@ -79,7 +78,7 @@ def main() -> None:
         q = modelpress.quantize(copy.deepcopy(model), config, calib)
         rows.append(_row(name, _torch_predict(q), x, y, a.repeats))
 
-    work = Path(tempfile.mkdtemp(prefix="mp-cnn-"))
+    work = scratch("mp-cnn-")
     fp32_onnx = export_onnx(model, x[:1], work / "fp32.onnx")
     rows.append(_row("fp32 (ONNX Runtime)", _ort_predict(fp32_onnx, a.threads), x, y, a.repeats))
 

@@ -20,7 +20,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import median_seconds, write_result  # noqa: E402
+from benchmarks.common import median_seconds, scratch, write_result  # noqa: E402
 from modelpress import W8A8Config  # noqa: E402
 from modelpress.data import calibration_windows, read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
@@ -125,7 +124,7 @@ def main() -> None:
     calib = calibration_windows(tok, DATA / "calib.txt", 512, a.calib_windows)
     wins = windows(tokenize(tok, read_text(DATA / "eval.txt")), 512, a.eval_windows)
     ids = calib[0][None, :512]
-    tmp = Path(tempfile.mkdtemp(prefix="int8_onnx-"))
+    tmp = scratch("int8_onnx-")
     fp32 = export_prefill_onnx(base, tmp / "fp32.onnx", max_len=512)
 
     def measure(m: torch.nn.Module) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import scratch, write_result  # noqa: E402
 from modelpress.finetune.adapters import save_adapter  # noqa: E402
 from modelpress.finetune.lora import LoraConfig, add_lora, lora_layers  # noqa: E402
 from modelpress.serve.engine import Engine  # noqa: E402
@@ -59,7 +58,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/multi_lora.json")
     a = p.parse_args()
     torch.set_num_threads(2)
-    folders = make_adapters(Path(tempfile.mkdtemp(prefix="mp-lora-")))
+    folders = make_adapters(scratch("mp-lora-"))
     model, tok = modelpress.load()
     served = Engine(model, tok, max_num_seqs=32, kv_blocks=512, adapters=folders)
     base_model, _ = modelpress.load()

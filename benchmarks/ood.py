@@ -17,7 +17,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import emitter  # noqa: E402
+from benchmarks.common import emitter, scratch  # noqa: E402
 from modelpress.data import default_text, read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.compare import build, recipe  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
@@ -52,7 +51,7 @@ def main() -> None:
              "stdlib": windows(tokenize(tok, default_text("calib")), 512, a.calib_windows)}
     evals = {"jargon": windows(tokenize(tok, read_text(DATA / "eval.txt")), 512, a.eval_windows),
              "stdlib": windows(tokenize(tok, default_text("eval")), 512, a.eval_windows)}
-    work = Path(tempfile.mkdtemp(prefix="mp-ood-"))
+    work = scratch("mp-ood-")
     _, emit = emitter(a.out, "ood", calib_windows=a.calib_windows, eval_windows=a.eval_windows, bits=4, group_size=G,
                       symmetric=False, texts={"jargon": "../shared/data calib.txt / eval.txt (the Jargon File)",
                                               "stdlib": "modelpress' default text: calib = pydoc topics + module "

@@ -24,7 +24,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import emitter  # noqa: E402
+from benchmarks.common import emitter, scratch  # noqa: E402
 from benchmarks.gguf_decode import PROMPT, llama_greedy  # noqa: E402
 from modelpress import MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig  # noqa: E402
 from modelpress.data import calibration_windows, read_text, tokenize, windows  # noqa: E402
@@ -65,7 +64,7 @@ def main() -> None:
     base, tok = modelpress.load()
     wins = windows(tokenize(tok, read_text(DATA / "eval.txt")), 512, a.eval_windows)
     calib = calibration_windows(tok, DATA / "calib.txt", 512, a.calib_windows)
-    work = Path(tempfile.mkdtemp(prefix="mp-prune-"))
+    work = scratch("mp-prune-")
     _, emit = emitter(a.out, "prune", eval_windows=a.eval_windows, calib_windows=a.calib_windows,
                       train_text="calib.txt", eval_text="eval.txt", parts=a.parts)
 

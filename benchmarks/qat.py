@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import emitter  # noqa: E402
+from benchmarks.common import emitter, scratch  # noqa: E402
 from modelpress import GPTQConfig, RTNConfig  # noqa: E402
 from modelpress.data import calibration_windows, read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
@@ -129,7 +128,7 @@ def main() -> None:
     base, tok = modelpress.load()
     wins = windows(tokenize(tok, read_text(DATA / "eval.txt")), 512, a.eval_windows)
     calib = calibration_windows(tok, DATA / "calib.txt", 512, a.calib_windows)
-    work = Path(tempfile.mkdtemp(prefix="mp-qat-"))
+    work = scratch("mp-qat-")
     _, emit = emitter(a.out, "qat", batch=a.batch, ctx=a.ctx, lr=a.lr, eval_windows=a.eval_windows,
                       train_text="calib.txt", eval_text="eval.txt")
 

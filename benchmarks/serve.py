@@ -27,7 +27,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
-from benchmarks.common import emitter  # noqa: E402
+from benchmarks.common import emitter, scratch  # noqa: E402
 from modelpress.data import read_text  # noqa: E402
 from modelpress.serve.engine import Engine  # noqa: E402
 from modelpress.serve.sampler import SamplingParams  # noqa: E402
@@ -289,7 +288,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/serve.json")
     a = p.parse_args()
     parts = a.parts.split(",")
-    work = Path(tempfile.mkdtemp(prefix="mp-serve-"))
+    work = scratch("mp-serve-")
     files = gguf_files(work, sorted({"Q4_K_M", "Q8_0", a.serve_mix}))
     _, emit = emitter(a.out, "serving")
 
