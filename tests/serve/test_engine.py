@@ -145,9 +145,10 @@ def _quantized(kind):
 
         from modelpress.formats.gguf_writer import write_gguf
 
-        path = Path(tempfile.mkdtemp()) / "m.gguf"
-        write_gguf(path, model, kind[5:], tokenizer=byte_tokenizer(), progress=False)
-        return modelpress.load(path, keep_blocks=True)[0]
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "m.gguf"
+            write_gguf(path, model, kind[5:], tokenizer=byte_tokenizer(), progress=False)
+            return modelpress.load(path, keep_blocks=True)[0]
     cfg = {"rtn-w4": modelpress.RTNConfig(bits=4, group_size=32), "nf4": modelpress.NF4Config(),
            "llm-int8": modelpress.LLMInt8Config(), "rtn-w8": modelpress.RTNConfig(bits=8, group_size=None),
            "rtn-w4-asym": modelpress.RTNConfig(bits=4, group_size=32, symmetric=False),
