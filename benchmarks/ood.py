@@ -36,11 +36,34 @@ DATA = ROOT.parent / "shared" / "data"
 G = 64
 
 
+def gptq_variant(name: str) -> tuple[modelpress.GPTQConfig, int | None]:
+    """'gptq' and its variants, dash-separated after it: 'columns' (stored order, the defaults before issue
+    28), 'mse', 'damp<x>' (the Hessian's damping, a fraction of its mean diagonal), 'n<N>' (only the first N
+    calibration windows): gptq-damp0.1, gptq-n16, gptq-columns-mse. Returns the config and N (None: all)."""
+    opts: dict = {"bits": 4, "group_size": G}
+    n = None
+    for part in name.split("-")[1:]:
+        if part == "columns":
+            opts.update(act_order=False, static_groups=False)
+        elif part == "mse":
+            opts["mse"] = True
+        elif part.startswith("damp"):
+            opts["damp"] = float(part[4:])
+        elif part.startswith("n") and part[1:].isdigit():
+            n = int(part[1:])
+        else:
+            raise SystemExit(f"ood.py: unknown GPTQ variant {part!r} in {name!r} (columns, mse, damp<x>, n<N>)")
+    return modelpress.GPTQConfig(**opts), n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calib-windows", type=int, default=64)
+    p.add_argument("--calib-windows", type=int, default=64, help="windows of 512 tokens (gptq-n<N> takes the first N)")
     p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--methods", default="gptq,gptq-columns,gptq-mse,awq,q4_k_m-imat")
+    p.add_argument("--methods", default="gptq,gptq-columns,gptq-mse,awq,q4_k_m-imat",
+                   help="comma-separated: gptq[-columns][-mse][-damp<x>][-n<N>], awq, q4_k_m-imat, or any compare "
+                        "recipe (auto-q4_k_m, ...)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the RTN and Q4_K_M rows (fp32 is always run)")
     p.add_argument("--calib-texts", default="jargon,stdlib", help="the calibration texts to run (jargon, stdlib)")
     p.add_argument("--peer", help="python of llm-compressor's venv (../shared/PEERS.md); omitted: no peer rows")
     p.add_argument("--out", default="benchmarks/results/ood.json")
@@ -72,7 +95,7 @@ def main() -> None:
         emit(out)
 
     row("fp32", None, base, 0.0)
-    for name in ("rtn-w4", "q4_k_m"):
+    for name in () if a.no_baselines else ("rtn-w4", "q4_k_m"):
         m, facts = build(recipe(name), copy.deepcopy(base), tok, None, work)
         row(name, None, m, facts["quantize_seconds"])
     if a.peer:
@@ -83,12 +106,9 @@ def main() -> None:
         for name in a.methods.split(","):
             t0 = time.perf_counter()
             if name.startswith("gptq"):
-                cfg = {"gptq": modelpress.GPTQConfig(bits=4, group_size=G),
-                       "gptq-columns": modelpress.GPTQConfig(bits=4, group_size=G, act_order=False,
-                                                             static_groups=False),
-                       "gptq-mse": modelpress.GPTQConfig(bits=4, group_size=G, mse=True)}[name]
-                m = modelpress.quantize(copy.deepcopy(base), cfg, list(wins))
-                row(name, text, m, time.perf_counter() - t0, config=cfg.to_dict())
+                cfg, n = gptq_variant(name)
+                m = modelpress.quantize(copy.deepcopy(base), cfg, list(wins[:n]))
+                row(name, text, m, time.perf_counter() - t0, config=cfg.to_dict(), windows=len(wins[:n]))
             else:
                 m, facts = build(recipe({"awq": "awq-w4"}.get(name, name)), copy.deepcopy(base), tok, list(wins), work)
                 row(name, text, m, facts["quantize_seconds"])
