@@ -46,7 +46,7 @@ _SIGNATURES = {
     "mp_code4_gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _P],
     "mp_int8_linear": [_P, _I, _I, _P, _P, _P, _I, ctypes.c_float, _P],
     "mp_f32_gemv": [_P, _I, _I, _P, _I, _P],
-    "mp_sparse24_gemv": [_P, _I, _I, _P, _P, _I, _P],
+    "mp_sparse24_gemv": [_P, _I, _I, _P, _P, _I, _P, _I],
     "mp_affine_gemv": [_P, _I, _I, _P, _P, _P, _I, _I, _P],
     "mp_affine_dequant": [_P, _P, _P, _I, _I, _I, _P],
     "mp_code4_dequant": [_P, _P, _P, _I, _I, _P, _I],

@@ -337,19 +337,33 @@ void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, cons
 }
 
 /* ---------------------------------------------------------------------------------------------
- * 2:4-sparse fp32: y (m, n) = x (m, k) @ W (n, k)^T with W stored as core/sparsity.py's pack_24
- * writes it: values (n, k / 2) fp32, the kept two of every four inputs, and meta (n, k / 8) bytes,
- * a 2-bit position per value (group t's two in bits 4t .. 4t + 3 of its row's bit stream). Written
- * by hand: torch's semi-structured sparse tensors run on CUDA only. Half the values plus 1/16 of
- * a bit a weight in positions: 17/32 of the dense rows' traffic. k a multiple of 8.
+ * 2:4-sparse: y (m, n) = x (m, k) @ W (n, k)^T with W stored as core/sparsity.py's pack_24 writes it:
+ * values (n, k / 2), the kept two of every four inputs, fp32 or bf16 (bf16 != 0: a model whose dtype
+ * is bf16 keeps them so), and meta (n, k / 8) bytes, a 2-bit position per value (group t's two in
+ * bits 4t .. 4t + 3 of its row's bit stream). Written by hand: torch's semi-structured sparse tensors
+ * run on CUDA only. Half the values plus 1/16 of a bit a weight in positions: 17/32 of the dense fp32
+ * rows' traffic, 9/32 with bf16 values. k a multiple of 8. bf16 values widen exactly to fp32 (a
+ * shift), so both storages give the same sums for the same numbers.
  * AVX-512: 32 inputs a step, their 16 kept values multiply x picked by one two-register permute
  * (lane l's position: bits 2l, 2l + 1 of the step's 32 meta bits, plus 4 * (l / 2)); AVX2: 16 inputs
  * a step through a gather of x; the plain loop everywhere else.
  */
-static inline float mp_sparse24_dot(const float *v, const uint8_t *meta, const float *x, int64_t k) {
+static inline float mp_sp_at(const void *v, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)v)[i];
+    const uint32_t u = (uint32_t)((const uint16_t *)v)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __attribute__((always_inline)) float mp_sparse24_dot_t(const void *v, int bf16, const uint8_t *meta,
+                                                                       const float *x, int64_t k) {
     int64_t j = 0;  /* input column */
     float acc = 0.0f;
 #if defined(MP_VNNI512)
+#define MP_SP_LOAD16(i) (bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                      \
+                                    _mm256_loadu_si256((const __m256i *)((const uint16_t *)v + (i)))), 16))       \
+                              : _mm512_loadu_ps((const float *)v + (i)))
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i base = _mm512_slli_epi32(_mm512_srli_epi32(lane, 1), 2), shift = _mm512_slli_epi32(lane, 1);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -363,10 +377,11 @@ static inline float mp_sparse24_dot(const float *v, const uint8_t *meta, const f
                                                                     _mm512_set1_epi32(3)));
         const __m512 x0 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + j), i0, _mm512_loadu_ps(x + j + 16));
         const __m512 x1 = _mm512_permutex2var_ps(_mm512_loadu_ps(x + j + 32), i1, _mm512_loadu_ps(x + j + 48));
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j / 2), x0, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + j / 2 + 16), x1, a1);
+        a0 = _mm512_fmadd_ps(MP_SP_LOAD16(j / 2), x0, a0);
+        a1 = _mm512_fmadd_ps(MP_SP_LOAD16(j / 2 + 16), x1, a1);
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#undef MP_SP_LOAD16
 #elif defined(MP_AVX2)
     const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
     const __m256i base = _mm256_slli_epi32(_mm256_srli_epi32(lane, 1), 2), shift = _mm256_slli_epi32(lane, 1);
@@ -376,20 +391,31 @@ static inline float mp_sparse24_dot(const float *v, const uint8_t *meta, const f
         memcpy(&m0, meta + j / 8, 2);
         const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m0), shift),
                                                                      _mm256_set1_epi32(3)));
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + j / 2), _mm256_i32gather_ps(x + j, idx, 4), a0);
+        const __m256 vv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                     _mm_loadu_si128((const __m128i *)((const uint16_t *)v + j / 2))), 16))
+                               : _mm256_loadu_ps((const float *)v + j / 2);
+        a0 = _mm256_fmadd_ps(vv, _mm256_i32gather_ps(x + j, idx, 4), a0);
     }
     acc = hsum8(a0);
 #endif
     for (; j < k; j += 8) {  /* 8 inputs: 4 values, one meta byte */
         const uint8_t b = meta[j / 8];
-        acc += v[j / 2] * x[j + (b & 3)] + v[j / 2 + 1] * x[j + ((b >> 2) & 3)];
-        acc += v[j / 2 + 2] * x[j + 4 + ((b >> 4) & 3)] + v[j / 2 + 3] * x[j + 4 + (b >> 6)];
+        const int64_t i = j / 2;
+        acc += mp_sp_at(v, i, bf16) * x[j + (b & 3)] + mp_sp_at(v, i + 1, bf16) * x[j + ((b >> 2) & 3)];
+        acc += mp_sp_at(v, i + 2, bf16) * x[j + 4 + ((b >> 4) & 3)] + mp_sp_at(v, i + 3, bf16) * x[j + 4 + (b >> 6)];
     }
     return acc;
 }
 
-void mp_sparse24_gemv(const float *x, int64_t m, int64_t k, const float *v, const uint8_t *meta, int64_t n, float *y) {
+/* Row o's dot product: v points at the layer's values (fp32 or bf16), the branch taken once a row. */
+static inline float mp_sparse24_dot(const void *v, int bf16, const uint8_t *meta, int64_t o, const float *x, int64_t k) {
+    return bf16 ? mp_sparse24_dot_t((const uint16_t *)v + o * (k / 2), 1, meta + o * (k / 8), x, k)
+                : mp_sparse24_dot_t((const float *)v + o * (k / 2), 0, meta + o * (k / 8), x, k);
+}
+
+void mp_sparse24_gemv(const float *x, int64_t m, int64_t k, const void *v, const uint8_t *meta, int64_t n, float *y,
+                      int64_t bf16) {
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < n; o++)
-        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_sparse24_dot(v + o * (k / 2), meta + o * (k / 8), x + r * k, k);
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_sparse24_dot(v, (int)bf16, meta, o, x + r * k, k);
 }

@@ -41,9 +41,11 @@
  *   MP_AFFINE4_Q8 10  AFFINE4 multiplied with the activations rounded to int8 per 32 (llama.cpp's Q8_0
  *                 rounding of x, as its Q4_0 / Q4_1 dots; g a multiple of 32; the fused decode only)
  *   MP_AFFINE_Q8 11  AFFINE (a byte a code) multiplied with x rounded to int8 per 32, as AFFINE4_Q8
- *   MP_SPARSE24 12  2:4-sparse fp32: the kept values (n, k / 2) and their 2-bit positions (gemv.c) */
+ *   MP_SPARSE24 12  2:4-sparse fp32: the kept values (n, k / 2) and their 2-bit positions (gemv.c)
+ *   MP_SPARSE24_BF16 13  the same with bf16 values */
 enum { MP_F32 = 0, MP_AFFINE = 1, MP_Q4_0 = 2, MP_Q8_0 = 3, MP_Q5_0 = 4, MP_Q4_K = 5, MP_Q6_K = 6, MP_Q8_0X16 = 7,
-       MP_CODE4 = 8, MP_AFFINE4 = 9, MP_AFFINE4_Q8 = 10, MP_AFFINE_Q8 = 11, MP_SPARSE24 = 12 };
+       MP_CODE4 = 8, MP_AFFINE4 = 9, MP_AFFINE4_Q8 = 10, MP_AFFINE_Q8 = 11, MP_SPARSE24 = 12,
+       MP_SPARSE24_BF16 = 13 };
 /* codes * scale + offset per group of g inputs */
 #define MP_IS_AFFINE(kind) ((kind) == MP_AFFINE || (kind) == MP_AFFINE4 || (kind) == MP_AFFINE4_Q8 || \
                             (kind) == MP_AFFINE_Q8)

@@ -33,7 +33,7 @@ from ..core import sparsity
 from ..errors import ModelpressError
 from ..model.capture import HessianCapture, InputStatsCapture
 from ..model.sequential import block_targets, blocks_of, run_sequential
-from ..model.walker import dense_weight, iter_targets, replace
+from ..model.walker import dense_weight, float_dtype, iter_targets, replace
 from ..nn import IntxLinear, Sparse24Linear
 from ..nn.dense_linear import DenseLinear
 from ..record import record
@@ -147,10 +147,13 @@ def prune_magnitude(model: torch.nn.Module, config: MagnitudeConfig, calib: list
 
 
 def packed(model: torch.nn.Module, config: MagnitudeConfig) -> torch.nn.Module:
-    """With config.pack, every pruned layer as a Sparse24Linear (values + 2-bit positions)."""
+    """With config.pack, every pruned layer as a Sparse24Linear (values + 2-bit positions), its values in
+    the dtype config.float_dtype keeps unquantized tensors in (bf16 for a bf16 model: 9/32 of the fp32 bytes),
+    which the kernel reads as they are."""
     if config.pack:
+        dtype = float_dtype(model, config.float_dtype)
         for fqn, lin in list(iter_targets(model, config.targets, config.ignore)):
-            replace(model, fqn, Sparse24Linear.from_linear(lin))
+            replace(model, fqn, Sparse24Linear.from_linear(lin, dtype if dtype == torch.bfloat16 else None))
     return model
 
 

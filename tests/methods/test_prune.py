@@ -186,6 +186,39 @@ def test_packed_2_4_layers_compute_the_pruned_model_and_round_trip(tmp_path):
         modelpress.SparseGPTConfig(pattern="2:4", bits=4, pack=True)
 
 
+def test_packed_values_of_a_bf16_model_are_bf16(tmp_path):
+    """A bf16 model (config.dtype) keeps its packed values in bf16: 9/32 of the fp32 bytes, the same products
+    as the dense layer of those bf16 weights (the kernel at decode, the rebuild at prefill), the checkpoint
+    smaller than the fp32 values' by the values' half and reloaded bit for bit; float_dtype="float32" keeps fp32."""
+    from modelpress.nn import Sparse24Linear
+    from tests.conftest import byte_tokenizer
+
+    base = tiny_llama()
+    base.config.dtype = torch.bfloat16
+    cfg = dict(pattern="2:4", pack=True)
+    half = modelpress.quantize(copy.deepcopy(base), modelpress.MagnitudeConfig(**cfg))
+    full = modelpress.quantize(copy.deepcopy(base), modelpress.MagnitudeConfig(**cfg, float_dtype="float32"))
+    lin, ref = half.model.layers[1].mlp.down_proj, full.model.layers[1].mlp.down_proj
+    assert isinstance(lin, Sparse24Linear) and lin.values.dtype == torch.bfloat16 and ref.values.dtype == torch.float32
+    assert lin.values.numel() * 2 + lin.indices.numel() == 9 / 32 * lin.in_features * lin.out_features * 4
+    assert torch.equal(lin.values, ref.values.to(torch.bfloat16)) and torch.equal(lin.indices, ref.indices)
+    w = lin.dequantize()
+    with torch.no_grad():
+        for rows in (1, 3, 40):  # the kernel (decode-sized) and the dense rebuild
+            x = torch.randn(rows, lin.in_features, generator=torch.Generator().manual_seed(rows))
+            torch.testing.assert_close(lin(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    sizes = {}
+    for name, m in (("half", half), ("full", full)):
+        sizes[name] = (modelpress.save(m, byte_tokenizer(), tmp_path / name) / "model.safetensors").stat().st_size
+    packed_values = sum(m.values.numel() for m in full.modules() if isinstance(m, Sparse24Linear))
+    assert sizes["full"] - sizes["half"] >= 2 * packed_values
+    back, _ = modelpress.load(tmp_path / "half")
+    assert torch.equal(back.model.layers[1].mlp.down_proj.values, lin.values)
+    ids = torch.randint(1, 261, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, half(ids).logits)
+
+
 def test_torch_prune_form_is_written_and_read(tmp_path):
     """to_torch_prune: each pruned decoder linear reparametrized by torch.nn.utils.prune with its non-zeros'
     mask (weight_orig / weight_mask in the state dict; torch's own methods prune on from there). A folder
