@@ -71,22 +71,8 @@ def _err(*lines: str) -> None:
 
 
 # -- quantize ----------------------------------------------------------------------------------
-def _config_from_args(a: argparse.Namespace) -> Any:
-    """The method's config from the flags given (flags.py); group size left out: 64, or per channel at 8 bits."""
-    methods = config_types()
-    if a.method not in methods:
-        raise ModelpressError(f"unknown method {a.method!r}; choose one of: {', '.join(sorted(methods))}")
-    given = flags.given(a, methods[a.method], f"--method {a.method}", methods.values())
-    if "group_size" in flags.field_names(methods[a.method]) and "group_size" not in given:
-        given["group_size"] = None if given.get("bits") == 8 else 64
-    try:
-        return methods[a.method](**given)
-    except ValueError as e:
-        raise ModelpressError(str(e)) from None
-
-
 def cmd_quantize(a: argparse.Namespace) -> int:
-    config = _config_from_args(a)
+    config = flags.method_config(a, config_types())
     check_destination(a.format, config.method, a.out)  # bad destination or text: fail now, before the model loads
     if a.calib is not None:
         load_text(a.calib, "calib")
@@ -314,7 +300,7 @@ def cmd_qat(a: argparse.Namespace) -> int:
         raise ModelpressError("give --type (a GGUF mix: Q4_0, Q4_K_M, ...) or --method (rtn, nf4, fp4), not both")
     if a.type is not None and a.type.upper() not in MIXES:
         raise ModelpressError(f"unknown GGUF type {a.type!r}; choose one of: {', '.join(MIXES)}")
-    target = a.type if a.type is not None else _config_from_args(a)
+    target = a.type if a.type is not None else flags.method_config(a, config_types())
     gguf = Path(a.out).suffix.lower() == ".gguf"
     if a.type is None and gguf:
         raise ModelpressError("--method rtn / nf4 / fp4 writes a checkpoint folder; a .gguf goes with --type")
@@ -568,8 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="a .gguf file (--type) or a folder")
 
     r = command("prune", cmd_quantize, "zero weights by magnitude, Wanda or SparseGPT (a sparsity or N:M) and save")
-    r.add_argument("--method", choices=PRUNERS, default="sparsegpt", help="the criterion (default: sparsegpt); "
+    r.add_argument("--method", choices=PRUNERS, help="the criterion (default: sparsegpt); "
                    "sparsegpt --bits 4: pruned and quantized in one sweep; structured --mlp 0.25: narrower MLPs")
+    r.add_argument("--structured", type=flags.structured_spec, metavar="mlp=F,heads=F",
+                   help="structured pruning of these fractions (a part left out: none), as --method structured")
     flags.add(r, [config_types()[m] for m in PRUNERS])
     _calibration(r, "for wanda / sparsegpt")
     r.add_argument("--format", choices=("modelpress", "gptq"), default="modelpress", help="checkpoint layout")

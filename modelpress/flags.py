@@ -84,6 +84,55 @@ def given(args: argparse.Namespace, cls: type, what: str, classes: Iterable[type
     return out
 
 
+def method_config(args: argparse.Namespace, methods: dict[str, type]) -> Any:
+    """The config of --method (one of `methods`, by name) from the flags given; group size left out: 64, or
+    per channel at 8 bits. prune's --structured mlp=F,heads=F stands for --method structured --mlp F --heads F."""
+    if getattr(args, "structured", None) is not None:
+        _take_structured(args)
+    elif hasattr(args, "structured") and args.method is None:  # prune's default criterion
+        args.method = "sparsegpt"
+    if args.method not in methods:
+        raise ModelpressError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(methods))}")
+    chosen = given(args, methods[args.method], f"--method {args.method}", methods.values())
+    if "group_size" in field_names(methods[args.method]) and "group_size" not in chosen:
+        chosen["group_size"] = None if chosen.get("bits") == 8 else 64
+    try:
+        return methods[args.method](**chosen)
+    except ValueError as e:
+        raise ModelpressError(str(e)) from None
+
+
+STRUCTURED_PARTS = ("mlp", "heads")
+
+
+def structured_spec(text: str) -> dict[str, float]:
+    """argparse type of prune's --structured: 'mlp=0.25,heads=0.25' -> {'mlp': 0.25, 'heads': 0.25}."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value) if sep and key.strip() in STRUCTURED_PARTS else float("nan")
+        except ValueError:
+            out[key.strip()] = float("nan")
+        if out[key.strip()] != out[key.strip()]:
+            raise argparse.ArgumentTypeError(f"{part!r}: write PART=FRACTION, PART one of {', '.join(STRUCTURED_PARTS)} "
+                                             "(mlp=0.25,heads=0.25)")
+    if not out:
+        raise argparse.ArgumentTypeError("name what to cut: mlp=0.25,heads=0.25")
+    return out
+
+
+def _take_structured(args: argparse.Namespace) -> None:
+    """--structured's parts as the structured method's --mlp / --heads (a part it leaves out: 0)."""
+    if args.method not in (None, "structured"):
+        raise ModelpressError(f"--structured is structured pruning; it does not go with --method {args.method}")
+    for part in STRUCTURED_PARTS:
+        if getattr(args, part, UNSET) is not UNSET:
+            raise ModelpressError(f"--{part} and --structured both set the {part} cut; give it once")
+        setattr(args, part, args.structured.get(part, 0.0))
+    args.method = "structured"
+
+
 def build(args: argparse.Namespace, cls: type) -> Any:
     """An instance of `cls` from its flags (defaults where left out)."""
     return cls(**{n: v for n, v in ((n, getattr(args, n, UNSET)) for n in field_names(cls)) if v is not UNSET})

@@ -344,8 +344,9 @@ def test_a_new_config_field_is_a_new_flag(tmp_path, capsys):
     import dataclasses
 
     from modelpress import config as config_module
-    from modelpress.cli import _config_from_args, build_parser
-    from modelpress.config import BaseConfig, option
+    from modelpress import flags
+    from modelpress.cli import build_parser
+    from modelpress.config import BaseConfig, config_types, option
 
     @dataclasses.dataclass(frozen=True)
     class ToyConfig(BaseConfig):
@@ -360,10 +361,10 @@ def test_a_new_config_field_is_a_new_flag(tmp_path, capsys):
         assert "--strength" in help_text and "toy: how hard to squeeze (default: 0.5)" in " ".join(help_text.split())
         a = parser.parse_args(["quantize", "--method", "toy", "--strength", "2", "--layers-kept", "x,y",
                                "--no-careful", "--out", str(tmp_path / "o")])
-        assert _config_from_args(a) == ToyConfig(strength=2.0, layers_kept=("x", "y"), careful=False)
+        assert flags.method_config(a, config_types()) == ToyConfig(strength=2.0, layers_kept=("x", "y"), careful=False)
         a = parser.parse_args(["quantize", "--method", "toy", "--bits", "4", "--out", str(tmp_path / "o")])
         with pytest.raises(modelpress.ModelpressError, match="--bits does not apply to --method toy .*--strength"):
-            _config_from_args(a)
+            flags.method_config(a, config_types())
     finally:
         config_module._CONFIG_TYPES.pop("toy")
 
@@ -411,3 +412,27 @@ def test_prune_writes_a_pruned_checkpoint(tmp_path, capsys, tiny_gguf):
     assert weight_sparsity(model) == 0.5
     _one_line_error(*_run(capsys, "prune", str(tiny_gguf), "--pattern", "x", "--out", str(tmp_path / "q"))[::2])
     assert not (tmp_path / "q").exists()
+
+
+def test_prune_structured_spec_is_the_structured_method(tmp_path, capsys, tiny_gguf):
+    """--structured mlp=F,heads=F (the issue's spelling) cuts those fractions, as --method structured --mlp F
+    --heads F; a part it leaves out is not cut; a wrong part, a second spelling of a cut or another method: one line."""
+    import modelpress
+
+    text = tmp_path / "t.txt"
+    text.write_text("the thing in the winter " * 80)
+    calib = ["--calib", str(text), "--ctx", "32", "--samples", "4", "--multiple", "16"]
+    code, _, err = _run(capsys, "prune", str(tiny_gguf), "--structured", "mlp=0.5,heads=0.5", *calib,
+                        "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    cfg = modelpress.load(tmp_path / "s")[0].config
+    assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (80, 3, 1)
+    code, _, err = _run(capsys, "prune", str(tiny_gguf), "--structured", "heads=0.5", *calib, "--out",
+                        str(tmp_path / "h"))
+    assert code == 0, err
+    cfg = modelpress.load(tmp_path / "h")[0].config
+    assert (cfg.intermediate_size, cfg.num_attention_heads) == (160, 3)
+    for bad in (["--structured", "mlp:0.5"], ["--structured", "depth=2"], ["--structured", "mlp=0.5", "--mlp", "0.25"],
+                ["--structured", "mlp=0.5", "--method", "wanda"]):
+        _one_line_error(*_run(capsys, "prune", str(tiny_gguf), *bad, "--out", str(tmp_path / "x"))[::2])
+    assert not (tmp_path / "x").exists()
