@@ -200,7 +200,8 @@ def speed(base, tok, calib, emit, work, a) -> None:  # noqa: ANN001
 
 
 def _kernel_times(lib, n: int, k: int) -> dict[str, float]:  # noqa: ANN001
-    """Median microseconds of one row through the dense fp32 kernel and the 2:4 one, on the same weights."""
+    """Median microseconds of one row through the dense fp32 kernel and the 2:4 one (fp32 and bf16 values),
+    on the same weights."""
     from modelpress.core import sparsity
     from modelpress.kernels import ops
 
@@ -209,7 +210,9 @@ def _kernel_times(lib, n: int, k: int) -> dict[str, float]:  # noqa: ANN001
     values, idx = sparsity.pack_24(w)
     x = torch.randn(1, k)
     times = {}
-    for name, fn in (("dense", lambda: ops.f32_gemv(lib, x, w)), ("2:4", lambda: ops.sparse24_gemv(lib, x, values, idx))):
+    half = values.to(torch.bfloat16)
+    for name, fn in (("dense", lambda: ops.f32_gemv(lib, x, w)), ("2:4", lambda: ops.sparse24_gemv(lib, x, values, idx)),
+                     ("2:4 bf16", lambda: ops.sparse24_gemv(lib, x, half, idx))):
         for _ in range(20):
             fn()
         runs = []
@@ -227,15 +230,21 @@ def storage(base, tok, calib, emit, work, a) -> None:  # noqa: ANN001
     from modelpress import kernels
 
     dense = modelpress.quantize(copy.deepcopy(base), SparseGPTConfig(pattern="2:4"), calib)
-    packed = modelpress.quantize(copy.deepcopy(base), SparseGPTConfig(pattern="2:4", pack=True), calib)
-    sizes = {name: (modelpress.save(m, tok, work / f"ckpt-{name}") / "model.safetensors").stat().st_size
-             for name, m in (("dense", dense), ("packed", packed))}
+    packed = {"bf16": modelpress.quantize(copy.deepcopy(base), SparseGPTConfig(pattern="2:4", pack=True), calib),
+              "fp32": modelpress.quantize(copy.deepcopy(base), SparseGPTConfig(pattern="2:4", pack=True,
+                                                                              float_dtype="float32"), calib)}
+    models = {"dense": dense, "packed": packed["bf16"], "packed fp32": packed["fp32"]}
+    sizes = {name: (modelpress.save(m, tok, work / f"ckpt-{i}") / "model.safetensors").stat().st_size
+             for i, (name, m) in enumerate(models.items())}
     linears = [mod for f, mod in dense.named_modules() if f.startswith("model.layers.") and isinstance(mod, torch.nn.Linear)]
-    emit({"part": "storage", "what": "model.safetensors bytes of SparseGPT 2:4 (the fp32 embedding in both)",
-          "dense_bytes": sizes["dense"], "packed_bytes": sizes["packed"],
-          "decoder_linears_dense_bytes": sum(mod.weight.numel() * 4 for mod in linears),
-          "decoder_linears_packed_bytes": sum(mod.values.numel() * 4 + mod.indices.numel()
-                                              for mod in packed.modules() if hasattr(mod, "indices"))})
+    emit({"part": "storage", "what": "model.safetensors bytes of SparseGPT 2:4: dense (bf16, the model's dtype), packed "
+                                     "with bf16 values (the default for a bf16 model), packed with float_dtype=float32 "
+                                     "(fp32 values, fp32 embedding)",
+          "dense_bytes": sizes["dense"], "packed_bytes": sizes["packed"], "packed_fp32_bytes": sizes["packed fp32"],
+          "decoder_linears_dense_bf16_bytes": sum(mod.weight.numel() * 2 for mod in linears),
+          **{f"decoder_linears_packed_{k}_bytes": sum(mod.values.numel() * mod.values.element_size() + mod.indices.numel()
+                                                      for mod in m.modules() if hasattr(mod, "indices"))
+             for k, m in packed.items()}})
     builds = [b for b in (True, "avx2", False) if kernels.lib(b) is not None]
     if kernels.lib().mp_simd() < 2:  # no AVX-512: the best build is the AVX2 one
         builds = [b for b in builds if b != "avx2"]
@@ -246,15 +255,17 @@ def storage(base, tok, calib, emit, work, a) -> None:  # noqa: ANN001
         for n, k in shapes:
             t = _kernel_times(lib, n, k)
             emit({"part": "kernel", "build": label, "shape": [n, k], "rows": 1, "dense_us": t["dense"],
-                  "sparse24_us": t["2:4"], "speedup": t["dense"] / t["2:4"]})
+                  "sparse24_us": t["2:4"], "speedup": t["dense"] / t["2:4"], "sparse24_bf16_us": t["2:4 bf16"],
+                  "speedup_bf16": t["dense"] / t["2:4 bf16"]})
     prompt = encode_prompt(tok, PROMPT, True)
-    runs = {"dense": [], "packed": []}
-    for _ in range(a.repeats):  # alternated, so that both see the machine's same moods
-        for name, m in (("dense", dense), ("packed", packed)):
+    runs = {name: [] for name in models}
+    for _ in range(a.repeats):  # alternated, so that all see the machine's same moods
+        for name, m in models.items():
             runs[name].append(decode_ids_per_s(m, prompt, a.decode_tokens))
-    emit({"part": "engine decode", "what": "SparseGPT 2:4 fp32: F32 rows against SPARSE24 in the fused decode",
-          "dense tokens_per_s": float(np.median(runs["dense"])), "packed tokens_per_s": float(np.median(runs["packed"])),
-          "dense runs": runs["dense"], "packed runs": runs["packed"]})
+    emit({"part": "engine decode", "what": "SparseGPT 2:4: F32 rows (the dense model's bf16-rounded weights, fp32 in "
+                                           "memory) against SPARSE24_BF16 and SPARSE24 in the fused decode",
+          **{f"{name} tokens_per_s": float(np.median(r)) for name, r in runs.items()},
+          **{f"{name} runs": r for name, r in runs.items()}})
 
 
 if __name__ == "__main__":
