@@ -5,7 +5,9 @@
 
 Calibration: ../shared/data/calib.txt, 128 windows of 512 tokens; evaluation: every 512-token
 window of ../shared/data/eval.txt. Each row: method, bits, group size, quantize seconds, peak
-memory, size, bits per weight, ppl and its change against fp32. With --peer, llm-compressor
+memory, size, bits per weight, ppl and its change against fp32, and the same out of domain (issue 28):
+on --ood-windows windows of modelpress' default evaluation text (pydoc topics, unlike the Jargon File it
+was calibrated on; 0: not measured). benchmarks/ood.py runs both directions for every calibrated method. With --peer, llm-compressor
 quantizes the same fp32 weights with the same calibration windows (token ids handed over in a
 file), reports its own ppl on the same windows, and modelpress loads the compressed-tensors
 checkpoint it wrote and measures the ppl again; each peer row comes right after modelpress' row
@@ -33,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import modelpress  # noqa: E402
 from benchmarks.common import scratch, write_result  # noqa: E402
-from modelpress.data import read_text, tokenize, windows  # noqa: E402
+from modelpress.data import default_text, read_text, tokenize, windows  # noqa: E402
 from modelpress.eval.perplexity import perplexity_of_windows  # noqa: E402
 from modelpress.eval.size import model_size  # noqa: E402
 from modelpress.model.sequential import peak_rss_bytes  # noqa: E402
@@ -61,6 +63,7 @@ def main() -> None:
     p.add_argument("--methods", default="rtn,gptq,gptq-act,awq")
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=100)
+    p.add_argument("--ood-windows", type=int, default=16, help="windows of the default text, out of domain (0: none)")
     p.add_argument("--peer", help="python of llm-compressor's venv; omitted: no peer rows")
     p.add_argument("--peer-methods", default="gptq,awq")
     p.add_argument("--peer-only", action="store_true", help="only the peer's rows (with --keep: added to earlier ones)")
@@ -84,12 +87,25 @@ def main() -> None:
         done = {key(r) for r in rows}  # partial results survive an interruption
         write(a.out, [r for r in kept if key(r) not in done] + rows, calib, ev)
 
-    known = [r for r in kept if key(r) == ("modelpress", "fp32", None)]
+    ood = windows(tokenize(tok, default_text("eval")), 512, a.ood_windows) if a.ood_windows else None
+    known = [r for r in kept if key(r) == ("modelpress", "fp32", None) and ("ppl_ood" in r or ood is None)]
     if known:  # the same weights and windows give the same number: 3 to 10 minutes saved
-        base = known[0]["ppl"]
+        base, base_ood = known[0]["ppl"], known[0].get("ppl_ood")
     else:
         base = perplexity_of_windows(model, ev).ppl
-        emit({"method": "fp32", "tool": "modelpress", "ppl": base, "size_bytes": model_size(model).size_bytes})
+        base_ood = perplexity_of_windows(model, ood, progress=False).ppl if ood is not None else None
+        emit({"method": "fp32", "tool": "modelpress", "ppl": base, "size_bytes": model_size(model).size_bytes,
+              **({"ppl_ood": base_ood} if ood is not None else {})})
+
+    def out_of_domain(row: dict) -> dict:  # the row's model evaluated on the other text too
+        m = row.pop("_model", None)
+        if m is None and ood is not None and "out" in row:  # the peer's checkpoint
+            m = modelpress.load(row["out"])[0]
+        if ood is not None and m is not None:
+            row["ppl_ood"] = perplexity_of_windows(m, ood, progress=False).ppl
+            row["ppl_ood_change_pct"] = 100 * (row["ppl_ood"] / base_ood - 1)
+        return row
+
     if a.peer:
         fp32_dir = modelpress.save(model, tok, work / "fp32")
         torch.save(calib.clone(), work / "calib.pt")
@@ -97,9 +113,9 @@ def main() -> None:
     for bits in map(int, a.bits.split(",")):
         for name in a.methods.split(","):
             if not a.peer_only:
-                emit(ours(model, name, bits, a.group_size, calib, ev, base))
+                emit(out_of_domain(ours(model, name, bits, a.group_size, calib, ev, base)))
             if a.peer and PEER_OF.get(name) in a.peer_methods.split(","):  # right after: timings side by side
-                emit(peer(a.peer, PEER_OF[name], bits, a.group_size, fp32_dir, work, ev, base))
+                emit(out_of_domain(peer(a.peer, PEER_OF[name], bits, a.group_size, fp32_dir, work, ev, base)))
     print(f"wrote {a.out}")
 
 
@@ -114,7 +130,7 @@ def ours(model, name: str, bits: int, group: int, calib: torch.Tensor, ev: torch
     return {"method": name, "tool": "modelpress", "bits": bits, "group_size": group,
             "config": cfg.to_dict(), "quantize_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
             "size_bytes": size.size_bytes, "linear_bits_per_weight": size.linear_bits_per_weight,
-            "ppl": ppl, "ppl_change_pct": 100 * (ppl / base - 1)}
+            "ppl": ppl, "ppl_change_pct": 100 * (ppl / base - 1), "_model": q}
 
 
 def peer(python: str, method: str, bits: int | None, group: int, fp32_dir: Path, work: Path, ev: torch.Tensor,
