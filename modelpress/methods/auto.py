@@ -168,7 +168,7 @@ def allocate_for(model: torch.nn.Module, config: AutoConfig, calib: list[torch.T
         budget = 8 * sum(type_bytes(t, shapes[n]) for n, t in fixed.items())  # reference_mix is target_mix
     fixed_bits = 8 * sum(type_bytes(t, shapes[n]) for n, t in fixed.items() if n not in free)
     fisher = fisher_diagonal(model, [f"{f}.weight" for f in linears], calib[:config.fisher_windows], progress)
-    costs, sizes, order = [], [], []
+    costs, sizes, order, widths = [], [], [], []
     for fqn, m in tqdm(linears.items(), desc="sensitivity", unit="tensor", disable=not progress, leave=False):
         w = dense_weight(m)
         f = fisher[f"{fqn}.weight"]
@@ -178,11 +178,16 @@ def allocate_for(model: torch.nn.Module, config: AutoConfig, calib: list[torch.T
         costs.append({k: 0.5 * (f * (w - kquants.rounded(w, k)).pow(2)).sum().item() for k in options})
         sizes.append({k: 8 * type_bytes(k, tuple(w.shape)) for k in options})
         order.append(names[fqn])
+        widths.append(w.shape[1])
     try:
         pick = allocate(costs, sizes, budget - fixed_bits)
     except ValueError:
-        raise ModelpressError(f"a budget of {budget / weights:.2f} bits per weight is below what the smallest "
-                              f"formats ({', '.join(config.formats)}) reach; raise it or add smaller formats") from None
+        least = (fixed_bits + sum(min(s.values()) for s in sizes)) / weights
+        narrow = {w: sorted(c) for w, c in zip(widths, costs) if len(c) < len(config.formats)}
+        why = "".join(f"; rows of {w} fit only {', '.join(c)} (k-quants need multiples of 256)" for w, c in narrow.items())
+        raise ModelpressError(f"a budget of {budget / weights:.2f} bits per weight is below the {least:.2f} that the "
+                              f"smallest of the formats ({', '.join(config.formats)}) reach{why}; raise the budget or "
+                              "add smaller formats") from None
     types = {n: (dict(zip(order, pick)).get(n, t)) for n, t in fixed.items()}
     bits = sum(8 * type_bytes(t, shapes[n]) for n, t in types.items())
     return Plan(types, config.reference_mix, dict(zip(order, costs)), budget, bits, weights)

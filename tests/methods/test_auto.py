@@ -159,5 +159,8 @@ def test_bad_budgets_are_refused():
         AutoConfig(target_mix="Q9_K")
     with pytest.raises(ValueError, match="formats must be GGUF types"):
         AutoConfig(target_bpw=4.5, formats=("Q4_X",))
-    with pytest.raises(modelpress.ModelpressError, match="below what the smallest"):
+    with pytest.raises(modelpress.ModelpressError, match=r"2.00 bits per weight is below the \d+\.\d\d that the smallest"):
         allocate_for(tiny_llama(), AutoConfig(target_bpw=2.0, formats=("Q8_0",)), CALIB, progress=False)
+    # k-quants take rows of multiples of 256 only: the message says which widths left only Q8_0
+    with pytest.raises(modelpress.ModelpressError, match="rows of 96 fit only Q8_0.*rows of 160 fit only Q8_0"):
+        allocate_for(tiny_llama(), AutoConfig(target_bpw=4.5, formats=("Q4_K", "Q8_0")), CALIB, progress=False)
