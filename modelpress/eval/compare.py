@@ -88,7 +88,6 @@ class Recipe:
         if self.kind == "qat":  # trains on the calibration windows
             return True
         if self.kind == "config":
-
             return BaseConfig.from_dict(self.args).calibrated
         return (self.kind == "gguf" and self.args["imatrix"]) or self.kind == "auto"
 
@@ -155,7 +154,6 @@ def recipe(name: str) -> Recipe:
     if mix.upper() in MIXES and imat == "":
         return Recipe(name, "gguf", {"mix": mix.upper(), "imatrix": name.endswith("-imat")})
     if name.startswith("auto-"):
-
         target, _, formats = name[5:].partition("@")
         extra = {"formats": tuple(f.upper() for f in formats.split("+"))} if formats else {}
         try:
@@ -260,10 +258,8 @@ def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor]
         path.unlink()
         return q, facts
     if r.kind == "float":
-
         model = use_dense_kernels(model.to(getattr(torch, r.args["dtype"])))  # decode on the same kernels
     else:
-
         model = quantize(model, BaseConfig.from_dict(r.args), calib)
     seconds = time.perf_counter() - start
     size = model_size(model)
@@ -277,15 +273,12 @@ def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor]
 
 def _write_gguf_row(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor] | None,
                     path: Path) -> None:
-
     if r.kind == "auto":
-
         plan = allocate_for(model, BaseConfig.from_dict(r.args), calib)
         export_gguf(model, tok, path, plan.file_type, imatrix=plan.importance, types=plan.types)
         return
     importance = None
     if r.args["imatrix"]:
-
         importance = compute_imatrix(model, calib).importance()
     export_gguf(model, tok, path, r.args["mix"], imatrix=importance, progress=False)
 

@@ -60,7 +60,6 @@ def _hub_errors() -> tuple[type[Exception], ...]:
 def _load(path: Path, keep_blocks: bool) -> tuple[torch.nn.Module, Any]:
     kind = registry.detect(path)
     if kind == "gguf":
-
         model, tok = load_gguf(path, keep_blocks)
         if path.resolve() == default_model_path().resolve():
             # SmolLM2-135M-Instruct is published in bf16: what a method leaves unquantized is kept in bf16
