@@ -35,9 +35,9 @@ class GPTQConfig(BaseConfig):
     benchmarks/gptq_awq.py), columns in their stored order fit the calibration text and lose to plain
     rounding on text unlike it, while activation order with static groups beats rounding in and out
     of domain (issue 28). damp: fraction of the mean Hessian diagonal added to it (raised automatically if
-    the Hessian is not positive definite); 0.01 stays the default: 0.05 and 0.1 measured worse in and out of
-    domain, and 128 calibration windows (the CLI's default) better than 16-64 when the calibration text is
-    narrow (benchmarks/results/ood_sweep.json). block_size: lazy-batch width. mse: search a clipping
+    the Hessian is not positive definite); 0.01 stays the default: 0.05 and 0.1 measured worse in domain, and
+    out of domain after a narrow calibration text; 128 calibration windows (the CLI's default) better than
+    16-64 when the calibration text is narrow (benchmarks/results/ood_sweep.json). block_size: lazy-batch width. mse: search a clipping
     range per group. batch_size: calibration windows per forward. true_sequential: inside a
     block, each layer's Hessian comes from inputs that the already quantized layers before it
     produced (q/k/v, then o, then gate/up, then down; AutoGPTQ's default), computed in stages
@@ -53,7 +53,7 @@ class GPTQConfig(BaseConfig):
     static_groups: bool = option(True, "group parameters fixed before the sweep, in column order (the plain GPTQ "
                                        "layout: no permutation stored, every GPTQ reader loads it)")
     damp: float = option(0.01, "Hessian damping, a fraction of its mean diagonal (0.05 or 0.1 measured worse "
-                               "in and out of domain)")
+                               "in domain, and out of domain after a narrow calibration text)")
     block_size: int = option(128, "columns per lazy-batch update")
     mse: bool = option(False, "search each group's clipping range")
     batch_size: int = option(8, "calibration windows per forward")
