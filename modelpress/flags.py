@@ -109,14 +109,14 @@ def structured_spec(text: str) -> dict[str, float]:
     """argparse type of prune's --structured: 'mlp=0.25,heads=0.25' -> {'mlp': 0.25, 'heads': 0.25}."""
     out: dict[str, float] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        key, sep, value = part.partition("=")
+        key, sep, value = (s.strip() for s in part.partition("="))
         try:
-            out[key.strip()] = float(value) if sep and key.strip() in STRUCTURED_PARTS else float("nan")
+            if not sep or key not in STRUCTURED_PARTS:
+                raise ValueError
+            out[key] = float(value)
         except ValueError:
-            out[key.strip()] = float("nan")
-        if out[key.strip()] != out[key.strip()]:
-            raise argparse.ArgumentTypeError(f"{part!r}: write PART=FRACTION, PART one of {', '.join(STRUCTURED_PARTS)} "
-                                             "(mlp=0.25,heads=0.25)")
+            raise argparse.ArgumentTypeError(f"{part!r}: write PART=FRACTION, PART one of "
+                                             f"{', '.join(STRUCTURED_PARTS)} (mlp=0.25,heads=0.25)") from None
     if not out:
         raise argparse.ArgumentTypeError("name what to cut: mlp=0.25,heads=0.25")
     return out
