@@ -231,6 +231,21 @@ def _gguf_sizes(path: Path) -> dict[str, float]:
     return {"bits_per_weight": 8 * total_b / total_n, "linear_bits_per_weight": 8 * lin_b / lin_n}
 
 
+def source_format(model: str | None) -> str | None:
+    """The block type most decoder weights of a GGUF original are stored in (Q4_1 for the default model), or
+    None for a float original (a folder, or a GGUF of F32 / F16 / BF16 weights). The reference is that file
+    dequantized: a row of the same type re-quantizes it exactly, so the report says so."""
+    path = resolve(model)
+    if not path.is_file():
+        return None
+    kinds: dict[str, int] = {}
+    for t in GGUFReader(str(path)).tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + int(t.n_elements)
+    kind = max(kinds, key=kinds.get) if kinds else None
+    return None if kind in (None, "F32", "F16", "BF16") else kind
+
+
 def build(r: Recipe, model: torch.nn.Module, tok: Any, calib: list[torch.Tensor] | None,
           work: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Make the row's model from the loaded original; returns (model, facts: size on disk, bits per
@@ -371,7 +386,7 @@ def compare(model: str | None = None, methods: list[str] | tuple[str, ...] = DEF
     rows = [json.loads(paths[r.name].read_text()) for r in recipes if r.name not in failed]
     results = {"model": str(model or "default: SmolLM2-135M-Instruct"), "settings": dataclasses.asdict(setup),
                "key": skey, "reference_ppl": rows[0]["reference_ppl"] if rows else None, "rows": rows,
-               "failed": failed}
+               "failed": failed, "source_format": source_format(model)}
     results["recommendation"] = recommend(rows, model, **(limits or {})) if rows else []
     results["sensitivity"] = _sensitivity(setup, skey, out, say) if rows else {}
     write_reports(out, results)

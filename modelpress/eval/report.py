@@ -78,6 +78,13 @@ def table(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[cell(r, k, f) for _, k, f in columns(rows)] for r in sorted(rows, key=lambda r: r["size_bytes"])]
 
 
+def source_note(kind: str) -> str:
+    """What a quantized original means for the rows (compare.source_format)."""
+    return (f"The original is a {kind} GGUF, dequantized: its weights already lie on {kind}'s grid, so a {kind} row "
+            f"re-quantizes it exactly and formats whose grids fall close to {kind}'s lose less here than they would "
+            "from the float weights. For a neutral reference, compare a float checkpoint (bf16 / fp32) of the model.")
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     rows = results["rows"]
@@ -94,6 +101,7 @@ def markdown(results: dict[str, Any]) -> str:
              "independent, so it understates the noise); ≈ X: within the combined error of the next-better row X.", "",
              *([f"Other text (out of domain): {s['other_text']}, the same windows' count; its ppl shows how a "
                 "calibrated row holds on text unlike its calibration.", ""] if s.get("other_text") else []),
+             *([source_note(results["source_format"]), ""] if results.get("source_format") else []),
              "| " + " | ".join(h for h, _, _ in columns(rows)) + " |", "|" + "---|" * len(columns(rows))]
     noise = within_noise(rows)
     for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
@@ -189,6 +197,8 @@ def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
         style = ' class="front"' if r["method"] in front else ""
         body += f"<tr{style}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>\n"
     note = html.escape(next(p for p in markdown(results).split("\n\n") if p.startswith("Evaluation:")))
+    if results.get("source_format"):
+        note += "</p><p>" + html.escape(source_note(results["source_format"]))
     advice = "".join(f"<li>{html.escape(t).replace('**', '')}</li>" for t in results.get("recommendation") or [])
     return ("<!doctype html><html><head><meta charset='utf-8'><title>modelpress compare</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"

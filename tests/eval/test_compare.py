@@ -190,6 +190,29 @@ def test_other_text_gives_every_row_an_out_of_domain_ppl(tmp_path, tiny_hf_dir):
     plain = compare(str(d), ["fp32"], out=tmp_path / "p", eval_windows=2, samples=4, ctx=32, decode_tokens=2,
                     isolate=False, progress=False)
     assert "ppl other text" not in markdown(plain)
+    assert plain["source_format"] is None and "The original is" not in markdown(plain)  # a float original
     with pytest.raises(ModelpressError, match="does not exist"):
         compare(str(d), ["fp32"], out=tmp_path / "q", ctx=32, isolate=False, progress=False,
                 other_text=str(tmp_path / "missing.txt"))
+
+
+def test_a_quantized_original_is_named_in_the_report(tmp_path):
+    """A GGUF original whose weights are blocks (the default model: Q4_1): the report says the reference is
+    that file dequantized, and a row of the same type re-quantizes it exactly (the same ppl); an F32 GGUF
+    is a float original."""
+    import modelpress
+    from modelpress.eval.compare import source_format
+    from modelpress.eval.report import markdown
+    from tests.conftest import byte_tokenizer, tiny_llama
+
+    path, f32 = tmp_path / "m.gguf", tmp_path / "f.gguf"
+    modelpress.export_gguf(tiny_llama(), byte_tokenizer(), path, "Q8_0", progress=False)
+    modelpress.export_gguf(tiny_llama(), byte_tokenizer(), f32, "F32", progress=False)
+    assert source_format(str(path)) == "Q8_0" and source_format(str(f32)) is None
+    out = compare(str(path), ["fp32", "q8_0", "q4_0"], out=tmp_path / "c", eval_windows=2, samples=4, ctx=32,
+                  decode_tokens=2, isolate=False, progress=False)
+    md = markdown(out)
+    assert out["source_format"] == "Q8_0" and "The original is a Q8_0 GGUF, dequantized" in md
+    assert "The original is a Q8_0 GGUF" in (tmp_path / "c" / "report.html").read_text()
+    ppl = {r["method"]: r["ppl"] for r in out["rows"]}
+    assert ppl["q8_0"] == ppl["fp32"] != ppl["q4_0"]
