@@ -32,9 +32,14 @@ def scratch(prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     if os.environ.get("MP_KEEP_SCRATCH") != "1":
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # SIGTERM's default skips atexit
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return folder
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM as SystemExit, so that atexit runs (its default ends the process without it)."""
+    raise SystemExit(128 + signum)
 
 
 def median_seconds(fn, repeats: int) -> float:  # noqa: ANN001
