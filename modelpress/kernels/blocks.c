@@ -61,15 +61,6 @@ typedef struct {
  *   Q8_0: d fp16 | q int8[32]                       w = d * q
  *   Q5_0: d fp16 | qh u32 | qs[16]                  w = d * ((nibble | bit << 4) - 16); code j: low nibble
  *         of qs[j] and bit j of qh, code j + 16: high nibble of qs[j] and bit j + 16 of qh */
-static inline float mp_half(uint16_t h) {
-#ifdef MP_AVX2
-    return _cvtsh_ss(h);
-#else
-    _Float16 v;
-    memcpy(&v, &h, 2);
-    return (float)v;
-#endif
-}
 
 /* ggml's quantize_row_q8_0 as its x86 build runs it (the Q8_0 / Q5_0 activations): per 32,
  * q = round(x * (127 / amax)) with halves to even, d = amax / 127 kept in fp16. (Its portable

@@ -266,8 +266,8 @@ static void mp_round_q8(const float *x, int64_t B, int64_t k, int8_t *q, float *
 
 static inline float mp_linear_row(const mp_linear *l, int64_t o, const float *x, const float *xsum) {
     if (l->kind == MP_F32) return mp_dotf((const float *)l->w + o * l->k, x, l->k);
-    if (l->kind == MP_SPARSE24 || l->kind == MP_SPARSE24_BF16)
-        return mp_sparse24_dot(l->w, l->kind == MP_SPARSE24_BF16, l->idx, o, x, l->k);
+    if (l->kind >= MP_SPARSE24 && l->kind <= MP_SPARSE24_F16)  /* value type 0, 1, 2: fp32, bf16, fp16 */
+        return mp_sparse24_dot(l->w, (int)(l->kind - MP_SPARSE24), l->idx, o, x, l->k);
     if (l->kind == MP_CODE4) return mp_code4_row(l, o, x);
     if (l->kind == MP_AFFINE4) return mp_affine4_row(l, o, x, xsum);
     const int64_t g = l->g, ng = l->k / g;

@@ -338,32 +338,33 @@ void mp_affine_gemv(const float *x, int64_t m, int64_t k, const uint8_t *q, cons
 
 /* ---------------------------------------------------------------------------------------------
  * 2:4-sparse: y (m, n) = x (m, k) @ W (n, k)^T with W stored as core/sparsity.py's pack_24 writes it:
- * values (n, k / 2), the kept two of every four inputs, fp32 or bf16 (bf16 != 0: a model whose dtype
- * is bf16 keeps them so), and meta (n, k / 8) bytes, a 2-bit position per value (group t's two in
+ * values (n, k / 2), the kept two of every four inputs, fp32, bf16 or fp16 (vt 0, 1, 2: a model whose
+ * dtype is bf16 / fp16 keeps them so), and meta (n, k / 8) bytes, a 2-bit position per value (group t's two in
  * bits 4t .. 4t + 3 of its row's bit stream). Written by hand: torch's semi-structured sparse tensors
  * run on CUDA only. Half the values plus 1/16 of a bit a weight in positions: 17/32 of the dense fp32
- * rows' traffic, 9/32 with bf16 values. k a multiple of 8. bf16 values widen exactly to fp32 (a
- * shift), so both storages give the same sums for the same numbers.
+ * rows' traffic, 9/32 with half values. k a multiple of 8. Half values widen exactly to fp32 (bf16:
+ * a shift; fp16: F16C's conversion), so every storage gives the same sums for the same numbers.
  * AVX-512: 32 inputs a step, their 16 kept values multiply x picked by one two-register permute
  * (lane l's position: bits 2l, 2l + 1 of the step's 32 meta bits, plus 4 * (l / 2)); AVX2: 16 inputs
  * a step through a gather of x; the plain loop everywhere else.
  */
-static inline float mp_sp_at(const void *v, int64_t i, int bf16) {
-    if (!bf16) return ((const float *)v)[i];
+static inline float mp_sp_at(const void *v, int64_t i, int vt) {
+    if (vt == 0) return ((const float *)v)[i];
+    if (vt == 2) return mp_half(((const uint16_t *)v)[i]);
     const uint32_t u = (uint32_t)((const uint16_t *)v)[i] << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-static inline __attribute__((always_inline)) float mp_sparse24_dot_t(const void *v, int bf16, const uint8_t *meta,
+static inline __attribute__((always_inline)) float mp_sparse24_dot_t(const void *v, int vt, const uint8_t *meta,
                                                                        const float *x, int64_t k) {
     int64_t j = 0;  /* input column */
     float acc = 0.0f;
 #if defined(MP_VNNI512)
-#define MP_SP_LOAD16(i) (bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                      \
-                                    _mm256_loadu_si256((const __m256i *)((const uint16_t *)v + (i)))), 16))       \
-                              : _mm512_loadu_ps((const float *)v + (i)))
+#define MP_SP_HALF16(i) _mm256_loadu_si256((const __m256i *)((const uint16_t *)v + (i)))
+#define MP_SP_LOAD16(i) (vt == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(MP_SP_HALF16(i)), 16)) \
+                         : vt == 2 ? _mm512_cvtph_ps(MP_SP_HALF16(i)) : _mm512_loadu_ps((const float *)v + (i)))
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i base = _mm512_slli_epi32(_mm512_srli_epi32(lane, 1), 2), shift = _mm512_slli_epi32(lane, 1);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -382,6 +383,7 @@ static inline __attribute__((always_inline)) float mp_sparse24_dot_t(const void 
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #undef MP_SP_LOAD16
+#undef MP_SP_HALF16
 #elif defined(MP_AVX2)
     const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
     const __m256i base = _mm256_slli_epi32(_mm256_srli_epi32(lane, 1), 2), shift = _mm256_slli_epi32(lane, 1);
@@ -391,9 +393,10 @@ static inline __attribute__((always_inline)) float mp_sparse24_dot_t(const void 
         memcpy(&m0, meta + j / 8, 2);
         const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(m0), shift),
                                                                      _mm256_set1_epi32(3)));
-        const __m256 vv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                     _mm_loadu_si128((const __m128i *)((const uint16_t *)v + j / 2))), 16))
-                               : _mm256_loadu_ps((const float *)v + j / 2);
+#define MP_SP_HALF8 _mm_loadu_si128((const __m128i *)((const uint16_t *)v + j / 2))
+        const __m256 vv = vt == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(MP_SP_HALF8), 16))
+                          : vt == 2 ? _mm256_cvtph_ps(MP_SP_HALF8) : _mm256_loadu_ps((const float *)v + j / 2);
+#undef MP_SP_HALF8
         a0 = _mm256_fmadd_ps(vv, _mm256_i32gather_ps(x + j, idx, 4), a0);
     }
     acc = hsum8(a0);
@@ -401,21 +404,23 @@ static inline __attribute__((always_inline)) float mp_sparse24_dot_t(const void 
     for (; j < k; j += 8) {  /* 8 inputs: 4 values, one meta byte */
         const uint8_t b = meta[j / 8];
         const int64_t i = j / 2;
-        acc += mp_sp_at(v, i, bf16) * x[j + (b & 3)] + mp_sp_at(v, i + 1, bf16) * x[j + ((b >> 2) & 3)];
-        acc += mp_sp_at(v, i + 2, bf16) * x[j + 4 + ((b >> 4) & 3)] + mp_sp_at(v, i + 3, bf16) * x[j + 4 + (b >> 6)];
+        acc += mp_sp_at(v, i, vt) * x[j + (b & 3)] + mp_sp_at(v, i + 1, vt) * x[j + ((b >> 2) & 3)];
+        acc += mp_sp_at(v, i + 2, vt) * x[j + 4 + ((b >> 4) & 3)] + mp_sp_at(v, i + 3, vt) * x[j + 4 + (b >> 6)];
     }
     return acc;
 }
 
-/* Row o's dot product: v points at the layer's values (fp32 or bf16), the branch taken once a row. */
-static inline float mp_sparse24_dot(const void *v, int bf16, const uint8_t *meta, int64_t o, const float *x, int64_t k) {
-    return bf16 ? mp_sparse24_dot_t((const uint16_t *)v + o * (k / 2), 1, meta + o * (k / 8), x, k)
-                : mp_sparse24_dot_t((const float *)v + o * (k / 2), 0, meta + o * (k / 8), x, k);
+/* Row o's dot product: v points at the layer's values (vt: 0 fp32, 1 bf16, 2 fp16), the branch taken once
+ * a row, each value type a copy of the loop with vt a constant. */
+static inline float mp_sparse24_dot(const void *v, int vt, const uint8_t *meta, int64_t o, const float *x, int64_t k) {
+    if (vt == 1) return mp_sparse24_dot_t((const uint16_t *)v + o * (k / 2), 1, meta + o * (k / 8), x, k);
+    if (vt == 2) return mp_sparse24_dot_t((const uint16_t *)v + o * (k / 2), 2, meta + o * (k / 8), x, k);
+    return mp_sparse24_dot_t((const float *)v + o * (k / 2), 0, meta + o * (k / 8), x, k);
 }
 
 void mp_sparse24_gemv(const float *x, int64_t m, int64_t k, const void *v, const uint8_t *meta, int64_t n, float *y,
-                      int64_t bf16) {
+                      int64_t vt) {
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < n; o++)
-        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_sparse24_dot(v, (int)bf16, meta, o, x + r * k, k);
+        for (int64_t r = 0; r < m; r++) y[r * n + o] = mp_sparse24_dot(v, (int)vt, meta, o, x + r * k, k);
 }

@@ -28,6 +28,17 @@
 #define MP_VNNI512 1
 #endif
 
+/* An fp16 value widened to fp32 (exact). */
+static inline float mp_half(uint16_t h) {
+#ifdef MP_AVX2
+    return _cvtsh_ss(h);
+#else
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+#endif
+}
+
 /* What a layer's weights are, one numbering for every kernel that takes a `kind` (mirrored once in
  * Python: kernels/__init__.py KIND):
  *   MP_F32     0  fp32 rows                           MP_Q5_0    4  GGUF Q5_0 blocks (22 bytes / 32)
@@ -42,10 +53,10 @@
  *                 rounding of x, as its Q4_0 / Q4_1 dots; g a multiple of 32; the fused decode only)
  *   MP_AFFINE_Q8 11  AFFINE (a byte a code) multiplied with x rounded to int8 per 32, as AFFINE4_Q8
  *   MP_SPARSE24 12  2:4-sparse fp32: the kept values (n, k / 2) and their 2-bit positions (gemv.c)
- *   MP_SPARSE24_BF16 13  the same with bf16 values */
+ *   MP_SPARSE24_BF16 13, MP_SPARSE24_F16 14  the same with bf16 / fp16 values */
 enum { MP_F32 = 0, MP_AFFINE = 1, MP_Q4_0 = 2, MP_Q8_0 = 3, MP_Q5_0 = 4, MP_Q4_K = 5, MP_Q6_K = 6, MP_Q8_0X16 = 7,
        MP_CODE4 = 8, MP_AFFINE4 = 9, MP_AFFINE4_Q8 = 10, MP_AFFINE_Q8 = 11, MP_SPARSE24 = 12,
-       MP_SPARSE24_BF16 = 13 };
+       MP_SPARSE24_BF16 = 13, MP_SPARSE24_F16 = 14 };
 /* codes * scale + offset per group of g inputs */
 #define MP_IS_AFFINE(kind) ((kind) == MP_AFFINE || (kind) == MP_AFFINE4 || (kind) == MP_AFFINE4_Q8 || \
                             (kind) == MP_AFFINE_Q8)

@@ -7,11 +7,13 @@ import ctypes
 
 import torch
 
-F32, BF16, U8, I8, I64 = torch.float32, torch.bfloat16, torch.uint8, torch.int8, torch.int64
+F32, BF16, F16, U8, I8, I64 = torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int8, torch.int64
 # what a layer's weights are, for every kernel that takes a `kind`: mp_kernels.h's enum, mirrored
 KIND = {"F32": 0, "AFFINE": 1, "Q4_0": 2, "Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K": 6, "Q8_0x16": 7, "CODE4": 8, "AFFINE4": 9,
         "AFFINE4_Q8": 10, "AFFINE_Q8": 11, "SPARSE24": 12,
-        "SPARSE24_BF16": 13}
+        "SPARSE24_BF16": 13, "SPARSE24_F16": 14}
+# a packed 2:4 layer's value dtype -> its kind (the kernels' value type: the kind minus SPARSE24)
+SPARSE24_KIND = {F32: 12, BF16: 13, F16: 14}
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -47,16 +49,16 @@ def f32_gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 
 
 def sparse24_gemv(lib: ctypes.CDLL, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """x (m, k) @ W^T, W (n, k) 2:4-sparse as core/sparsity.pack_24 stores it (values (n, k / 2) fp32 or
-    bf16, meta (n, k / 8) uint8)."""
+    """x (m, k) @ W^T, W (n, k) 2:4-sparse as core/sparsity.pack_24 stores it (values (n, k / 2) fp32, bf16
+    or fp16, meta (n, k / 8) uint8)."""
     n, k = values.shape[0], values.shape[1] * 2
     if k % 8 or meta.shape != (n, k // 8):
         raise ValueError(f"meta: expected ({n}, {k // 8}) for values {tuple(values.shape)}, got {tuple(meta.shape)}")
     m = _rows(x, k)
     y = torch.empty(m, n)
-    bf16 = values.dtype == torch.bfloat16
-    lib.mp_sparse24_gemv(_p(x, F32, "x"), m, k, _p(values, (F32, BF16), "values"), _p(meta, U8, "meta"), n,
-                         _p(y, F32, "y"), int(bf16))
+    vt = SPARSE24_KIND.get(values.dtype, 12) - KIND["SPARSE24"]
+    lib.mp_sparse24_gemv(_p(x, F32, "x"), m, k, _p(values, (F32, BF16, F16), "values"), _p(meta, U8, "meta"), n,
+                         _p(y, F32, "y"), vt)
     return y
 
 
@@ -227,13 +229,13 @@ def linear(kind: int, n: int, k: int, group: int, w: torch.Tensor, scale: torch.
     """An mp_linear over tensors the caller keeps alive: fp32 rows (kinds F32), uint8 codes with scales
     (AFFINE; offset None: symmetric, offset = zero * scale) or GGUF blocks as bytes; a bias (n,) fp32
     added to its outputs, or None; perm (k,) int64 (F32 / AFFINE): stored column j multiplies x[perm[j]];
-    SPARSE24(_BF16): w the kept values (n, k / 2) fp32 (bf16), idx their positions (n, k / 8) uint8."""
+    SPARSE24 (_BF16, _F16): w the kept values (n, k / 2) fp32 (bf16, fp16), idx their positions (n, k / 8) uint8."""
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias: expected ({n},), got {tuple(bias.shape)}")
     if perm is not None and (perm.shape != (k,) or kind not in (KIND["F32"], KIND["AFFINE"], KIND["AFFINE4"],
                                                                   KIND["AFFINE4_Q8"], KIND["AFFINE_Q8"])):
         raise ValueError(f"perm: ({k},) for F32 / AFFINE(4) layers, got {tuple(perm.shape)} for kind {kind}")
-    return Linear(kind, n, k, group, _p(w, (F32, U8, BF16), "w"), _p(scale, F32, "scale"), _p(offset, F32, "offset"), zero,
+    return Linear(kind, n, k, group, _p(w, (F32, U8, BF16, F16), "w"), _p(scale, F32, "scale"), _p(offset, F32, "offset"), zero,
                   _p(bias, F32, "bias"), _p(perm, I64, "perm"), _p(idx, U8, "idx"))
 
 

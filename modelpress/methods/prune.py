@@ -148,12 +148,12 @@ def prune_magnitude(model: torch.nn.Module, config: MagnitudeConfig, calib: list
 
 def packed(model: torch.nn.Module, config: MagnitudeConfig) -> torch.nn.Module:
     """With config.pack, every pruned layer as a Sparse24Linear (values + 2-bit positions), its values in
-    the dtype config.float_dtype keeps unquantized tensors in (bf16 for a bf16 model: 9/32 of the fp32 bytes),
-    which the kernel reads as they are."""
+    the dtype config.float_dtype keeps unquantized tensors in (bf16 / fp16 for such a model: 9/32 of the fp32
+    bytes), which the kernel reads as they are."""
     if config.pack:
         dtype = float_dtype(model, config.float_dtype)
         for fqn, lin in list(iter_targets(model, config.targets, config.ignore)):
-            replace(model, fqn, Sparse24Linear.from_linear(lin, dtype if dtype == torch.bfloat16 else None))
+            replace(model, fqn, Sparse24Linear.from_linear(lin, dtype))
     return model
 
 

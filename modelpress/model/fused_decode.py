@@ -92,10 +92,9 @@ def _linear(mod: torch.nn.Module, keep: list, int8: bool) -> ops.Linear | None: 
         keep += [q, scale]
         return ops.linear(KIND[_byte_kind(mod.in_features, mod.in_features, int8)], mod.out_features, mod.in_features,
                           mod.in_features, q, scale, None, -128.0, bias=_bias(mod, keep))
-    if isinstance(mod, Sparse24Linear) and mod.values.dtype in (torch.float32, torch.bfloat16):  # packed as they are
+    if isinstance(mod, Sparse24Linear) and mod.values.dtype in ops.SPARSE24_KIND:  # the packed values as they are
         keep += [mod.values, mod.indices]
-        kind = KIND["SPARSE24_BF16" if mod.values.dtype == torch.bfloat16 else "SPARSE24"]
-        return ops.linear(kind, mod.out_features, mod.in_features, 1, mod.values, bias=_bias(mod, keep),
+        return ops.linear(ops.SPARSE24_KIND[mod.values.dtype], mod.out_features, mod.in_features, 1, mod.values, bias=_bias(mod, keep),
                           idx=mod.indices)
     if type(mod) in (torch.nn.Linear, DenseLinear) and mod.weight.dtype == torch.float32:
         w = mod.weight.detach()

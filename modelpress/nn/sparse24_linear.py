@@ -1,13 +1,13 @@
 """Sparse24Linear: a 2:4-sparse linear layer stored as its kept half and a 2-bit position for each
 (core/sparsity.py's pack_24: the metadata layout of sparse tensor cores), 17/32 of the fp32 bytes (9/16 of
-bf16 / fp16 with the values in that dtype: a bf16 model's pruned layers keep them so).
+bf16 / fp16 with the values in that dtype: a bf16 / fp16 model's pruned layers keep them so).
 
 State dict (a modelpress checkpoint saves it; its manifest records the class):
     values   (out, in / 2) in the layer's dtype: the two kept values of every 4 inputs, in order
     indices  uint8 (out, in / 8): their positions, 4 bits a group (i0 | i1 << 2), low nibble first
     bias     as the original layer
 Forward: up to 8 fp32 rows on a CPU (decode) through the hand-written kernel (kernels/gemv.c,
-mp_sparse24_gemv), which reads the packed values (fp32 or bf16) and picks x's columns by their positions; other
+mp_sparse24_gemv), which reads the packed values (fp32, bf16 or fp16) and picks x's columns by their positions; other
 inputs multiply the dense weight rebuilt from them (the same numbers up to the order of the sum).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Sparse24Linear(torch.nn.Module):
             return frozen_product(self, x)
         rows = x.numel() // self.in_features
         lib = (kernels.lib() if kernel_allowed(x, rows) and x.dtype == torch.float32
-               and self.values.dtype in (torch.float32, torch.bfloat16) else None)
+               and self.values.dtype in ops.SPARSE24_KIND else None)
         if lib is None:
             return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = ops.sparse24_gemv(lib, x.reshape(rows, self.in_features).contiguous(), self.values, self.indices)

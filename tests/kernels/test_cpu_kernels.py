@@ -406,7 +406,9 @@ def test_sparse24_gemv_multiplies_the_packed_weight(lib, n, k, m):
     y = ops.sparse24_gemv(lib, x, values, idx)
     ref = (x.double() @ w.double().T).float()
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * k ** 0.5)
-    # bf16 values (a bf16 model's packed layers): widened exactly, so the same sums as their fp32 copy, bit for bit
-    half = values.to(torch.bfloat16)
-    assert half.numel() * 2 + idx.numel() == 9 / 32 * w.numel() * 4
-    assert torch.equal(ops.sparse24_gemv(lib, x, half, idx), ops.sparse24_gemv(lib, x, half.float(), idx))
+    # bf16 / fp16 values (a bf16 / fp16 model's packed layers): widened exactly, so the same sums as their fp32
+    # copy, bit for bit
+    for dtype in (torch.bfloat16, torch.float16):
+        half = values.to(dtype)
+        assert half.numel() * 2 + idx.numel() == 9 / 32 * w.numel() * 4
+        assert torch.equal(ops.sparse24_gemv(lib, x, half, idx), ops.sparse24_gemv(lib, x, half.float(), idx))

@@ -186,22 +186,23 @@ def test_packed_2_4_layers_compute_the_pruned_model_and_round_trip(tmp_path):
         modelpress.SparseGPTConfig(pattern="2:4", bits=4, pack=True)
 
 
-def test_packed_values_of_a_bf16_model_are_bf16(tmp_path):
-    """A bf16 model (config.dtype) keeps its packed values in bf16: 9/32 of the fp32 bytes, the same products
-    as the dense layer of those bf16 weights (the kernel at decode, the rebuild at prefill), the checkpoint
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_values_of_a_half_model_are_half(tmp_path, dtype):
+    """A bf16 / fp16 model (config.dtype) keeps its packed values so: 9/32 of the fp32 bytes, the same products
+    as the dense layer of those half weights (the kernel at decode, the rebuild at prefill), the checkpoint
     smaller than the fp32 values' by the values' half and reloaded bit for bit; float_dtype="float32" keeps fp32."""
     from modelpress.nn import Sparse24Linear
     from tests.conftest import byte_tokenizer
 
     base = tiny_llama()
-    base.config.dtype = torch.bfloat16
+    base.config.dtype = dtype
     cfg = dict(pattern="2:4", pack=True)
     half = modelpress.quantize(copy.deepcopy(base), modelpress.MagnitudeConfig(**cfg))
     full = modelpress.quantize(copy.deepcopy(base), modelpress.MagnitudeConfig(**cfg, float_dtype="float32"))
     lin, ref = half.model.layers[1].mlp.down_proj, full.model.layers[1].mlp.down_proj
-    assert isinstance(lin, Sparse24Linear) and lin.values.dtype == torch.bfloat16 and ref.values.dtype == torch.float32
+    assert isinstance(lin, Sparse24Linear) and lin.values.dtype == dtype and ref.values.dtype == torch.float32
     assert lin.values.numel() * 2 + lin.indices.numel() == 9 / 32 * lin.in_features * lin.out_features * 4
-    assert torch.equal(lin.values, ref.values.to(torch.bfloat16)) and torch.equal(lin.indices, ref.indices)
+    assert torch.equal(lin.values, ref.values.to(dtype)) and torch.equal(lin.indices, ref.indices)
     w = lin.dequantize()
     with torch.no_grad():
         for rows in (1, 3, 40):  # the kernel (decode-sized) and the dense rebuild

@@ -158,9 +158,10 @@ def _quantized(kind):
            "nf4-b32": modelpress.NF4Config(blocksize=32),
            "rtn-w3-g48": modelpress.RTNConfig(bits=3, group_size=48),
            "sparse24": modelpress.MagnitudeConfig(pattern="2:4", pack=True),
-           "sparse24-bf16": modelpress.MagnitudeConfig(pattern="2:4", pack=True)}[kind]  # 160 columns: groups do not divide
-    if kind == "sparse24-bf16":  # a bf16 model: its packed values are kept in bf16
-        model.config.dtype = torch.bfloat16
+           "sparse24-bf16": modelpress.MagnitudeConfig(pattern="2:4", pack=True),
+           "sparse24-fp16": modelpress.MagnitudeConfig(pattern="2:4", pack=True)}[kind]  # 160 columns: groups do not divide
+    if kind in ("sparse24-bf16", "sparse24-fp16"):  # a bf16 / fp16 model: its packed values are kept so
+        model.config.dtype = torch.bfloat16 if kind == "sparse24-bf16" else torch.float16
     calib = [torch.randint(1, 261, (64,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     return modelpress.quantize(model, cfg, calib if kind in ("gptq-act", "awq") else None)
 

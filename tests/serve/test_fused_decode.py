@@ -444,9 +444,9 @@ def test_int8_activations_round_halves_away_from_zero(build):
     torch.testing.assert_close(got.double(), rounded.double() + drift, rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("values", ["fp32", "bf16"])
+@pytest.mark.parametrize("values", ["fp32", "bf16", "fp16"])
 def test_packed_2_4_layers_decode_fused_on_their_values_and_positions(build, values):
-    """SPARSE24 (SPARSE24_BF16: a bf16 model's values): the fused decode reads the kept values at their
+    """SPARSE24 (SPARSE24_BF16 / _F16: a bf16 / fp16 model's values): the fused decode reads the kept values at their
     positions; layer by layer the dense product of the unpacked weight, and decoding gives the torch path's
     tokens and logits."""
     import torch.nn.functional as F
@@ -455,14 +455,15 @@ def test_packed_2_4_layers_decode_fused_on_their_values_and_positions(build, val
     from modelpress.model.fused_decode import _linear
     from modelpress.nn import Sparse24Linear
 
-    model = _quantized("sparse24" if values == "fp32" else "sparse24-bf16")
+    model = _quantized("sparse24" if values == "fp32" else f"sparse24-{values}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[values]
     layers = [m for m in model.modules() if isinstance(m, Sparse24Linear)]
     assert len(layers) == 14
-    assert {m.values.dtype for m in layers} == {torch.float32 if values == "fp32" else torch.bfloat16}
+    assert {m.values.dtype for m in layers} == {dtype}
     x = torch.randn(3, 160, generator=torch.Generator().manual_seed(0))
     for mod in layers:
         lin = _linear(mod, [], False)
-        assert lin.kind == KIND["SPARSE24" if values == "fp32" else "SPARSE24_BF16"]
+        assert lin.kind == KIND[{"fp32": "SPARSE24", "bf16": "SPARSE24_BF16", "fp16": "SPARSE24_F16"}[values]]
         xi = x[:, :mod.in_features].contiguous()
         ref = F.linear(xi, mod.dequantize())
         torch.testing.assert_close(ops.linear_apply(build, lin, xi), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
