@@ -12,7 +12,9 @@ quantizes the same fp32 weights with the same calibration windows (token ids han
 file), reports its own ppl on the same windows, and modelpress loads the compressed-tensors
 checkpoint it wrote and measures the ppl again; each peer row comes right after modelpress' row
 of the same algorithm and bits (llm-compressor's default GPTQ orders columns by activation with
-static groups: modelpress' gptq-act), so that their timings share the machine's state. --peer-only
+static groups, as modelpress' GPTQ does by default since issue 28: method gptq, or gptq-act as the
+earlier result files name it; gptq-columns is the stored column order), so that their timings share
+the machine's state. --peer-only
 --keep adds peer rows to an earlier file (llm-compressor's AWQ on 2 cores: ~9 min per smoothing mapping,
 three per block, with 127 windows and other jobs beside it; plan hours).
 Nothing here asserts a timing.
@@ -42,15 +44,17 @@ from modelpress.model.sequential import peak_rss_bytes  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # llm-compressor's GPTQModifier orders columns by activation with static groups by default
-# (actorder "static"): the same algorithm as modelpress' act_order + static_groups
-PEER_OF = {"gptq-act": "gptq", "awq": "awq"}
+# (actorder "static"): the same algorithm as modelpress' act_order + static_groups, its default too
+PEER_OF = {"gptq": "gptq", "gptq-act": "gptq", "awq": "awq"}
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "llmcompressor_run.py"
 
 
 def configs(name: str, bits: int, group: int):
     return {"rtn": lambda: modelpress.RTNConfig(bits=bits, group_size=group),
-            "gptq": lambda: modelpress.GPTQConfig(bits=bits, group_size=group),
+            "gptq": lambda: modelpress.GPTQConfig(bits=bits, group_size=group),  # act order + static groups
             "gptq-act": lambda: modelpress.GPTQConfig(bits=bits, group_size=group, act_order=True, static_groups=True),
+            "gptq-columns": lambda: modelpress.GPTQConfig(bits=bits, group_size=group, act_order=False,
+                                                          static_groups=False),
             "gptq-act-mse": lambda: modelpress.GPTQConfig(bits=bits, group_size=group, act_order=True,
                                                           static_groups=True, mse=True),
             "awq": lambda: modelpress.AWQConfig(bits=bits, group_size=group)}[name]()
@@ -60,7 +64,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", default="4,3")
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--methods", default="rtn,gptq,gptq-act,awq")
+    p.add_argument("--methods", default="rtn,gptq-columns,gptq,awq",
+                   help="rtn, gptq (the defaults: activation order, static groups), gptq-columns (stored order), "
+                        "gptq-act (= gptq), gptq-act-mse, awq")
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=100)
     p.add_argument("--ood-windows", type=int, default=16, help="windows of the default text, out of domain (0: none)")
