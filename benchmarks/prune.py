@@ -200,8 +200,8 @@ def speed(base, tok, calib, emit, work, a) -> None:  # noqa: ANN001
 
 
 def _kernel_times(lib, n: int, k: int) -> dict[str, float]:  # noqa: ANN001
-    """Median microseconds of one row through the dense fp32 kernel and the 2:4 one (fp32 and bf16 values),
-    on the same weights."""
+    """Median microseconds of one row through the dense fp32 kernel and the 2:4 one (fp32, bf16 and fp16
+    values), on the same weights."""
     from modelpress.core import sparsity
     from modelpress.kernels import ops
 
@@ -210,9 +210,10 @@ def _kernel_times(lib, n: int, k: int) -> dict[str, float]:  # noqa: ANN001
     values, idx = sparsity.pack_24(w)
     x = torch.randn(1, k)
     times = {}
-    half = values.to(torch.bfloat16)
+    bf16, fp16 = values.to(torch.bfloat16), values.to(torch.float16)
     for name, fn in (("dense", lambda: ops.f32_gemv(lib, x, w)), ("2:4", lambda: ops.sparse24_gemv(lib, x, values, idx)),
-                     ("2:4 bf16", lambda: ops.sparse24_gemv(lib, x, half, idx))):
+                     ("2:4 bf16", lambda: ops.sparse24_gemv(lib, x, bf16, idx)),
+                     ("2:4 fp16", lambda: ops.sparse24_gemv(lib, x, fp16, idx))):
         for _ in range(20):
             fn()
         runs = []
@@ -256,7 +257,8 @@ def storage(base, tok, calib, emit, work, a) -> None:  # noqa: ANN001
             t = _kernel_times(lib, n, k)
             emit({"part": "kernel", "build": label, "shape": [n, k], "rows": 1, "dense_us": t["dense"],
                   "sparse24_us": t["2:4"], "speedup": t["dense"] / t["2:4"], "sparse24_bf16_us": t["2:4 bf16"],
-                  "speedup_bf16": t["dense"] / t["2:4 bf16"]})
+                  "speedup_bf16": t["dense"] / t["2:4 bf16"], "sparse24_fp16_us": t["2:4 fp16"],
+                  "speedup_fp16": t["dense"] / t["2:4 fp16"]})
     prompt = encode_prompt(tok, PROMPT, True)
     runs = {name: [] for name in models}
     for _ in range(a.repeats):  # alternated, so that all see the machine's same moods
