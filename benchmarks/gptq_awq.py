@@ -103,10 +103,7 @@ def main() -> None:
         emit({"method": "fp32", "tool": "modelpress", "ppl": base, "size_bytes": model_size(model).size_bytes,
               **({"ppl_ood": base_ood} if ood is not None else {})})
 
-    def out_of_domain(row: dict) -> dict:  # the row's model evaluated on the other text too
-        m = row.pop("_model", None)
-        if m is None and ood is not None and "out" in row:  # the peer's checkpoint
-            m = modelpress.load(row["out"])[0]
+    def out_of_domain(row: dict, m: torch.nn.Module | None) -> dict:  # the row's model on the other text too
         if ood is not None and m is not None:
             row["ppl_ood"] = perplexity_of_windows(m, ood, progress=False).ppl
             row["ppl_ood_change_pct"] = 100 * (row["ppl_ood"] / base_ood - 1)
@@ -119,13 +116,14 @@ def main() -> None:
     for bits in map(int, a.bits.split(",")):
         for name in a.methods.split(","):
             if not a.peer_only:
-                emit(out_of_domain(ours(model, name, bits, a.group_size, calib, ev, base)))
+                emit(out_of_domain(*ours(model, name, bits, a.group_size, calib, ev, base)))
             if a.peer and PEER_OF.get(name) in a.peer_methods.split(","):  # right after: timings side by side
-                emit(out_of_domain(peer(a.peer, PEER_OF[name], bits, a.group_size, fp32_dir, work, ev, base)))
+                emit(out_of_domain(*peer(a.peer, PEER_OF[name], bits, a.group_size, fp32_dir, work, ev, base)))
     print(f"wrote {a.out}")
 
 
-def ours(model, name: str, bits: int, group: int, calib: torch.Tensor, ev: torch.Tensor, base: float) -> dict:
+def ours(model, name: str, bits: int, group: int, calib: torch.Tensor, ev: torch.Tensor,
+         base: float) -> tuple[dict, torch.nn.Module]:
     cfg = configs(name, bits, group)
     q = copy.deepcopy(model)
     start = time.perf_counter()
@@ -136,14 +134,14 @@ def ours(model, name: str, bits: int, group: int, calib: torch.Tensor, ev: torch
     return {"method": name, "tool": "modelpress", "bits": bits, "group_size": group,
             "config": cfg.to_dict(), "quantize_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(),
             "size_bytes": size.size_bytes, "linear_bits_per_weight": size.linear_bits_per_weight,
-            "ppl": ppl, "ppl_change_pct": 100 * (ppl / base - 1), "_model": q}
+            "ppl": ppl, "ppl_change_pct": 100 * (ppl / base - 1)}, q
 
 
 def peer(python: str, method: str, bits: int | None, group: int, fp32_dir: Path, work: Path, ev: torch.Tensor,
-         base: float, extra: tuple[str, ...] = ()) -> dict:
+         base: float, extra: tuple[str, ...] = ()) -> tuple[dict, torch.nn.Module | None]:
     """llm-compressor in its own venv (`extra`: more flags of peers/llmcompressor_run.py; the calibration
     and evaluation windows as work/calib.pt, work/eval.pt); then its checkpoint loaded in modelpress,
-    ppl again."""
+    ppl again. Returns the row and the loaded model (None where the peer failed: the row says why)."""
     out = work / f"lc-{method}-{bits}-{'-'.join(extra).replace(':', '_')}"
     res = subprocess.run([python, str(PEER_SCRIPT), "--model", str(fp32_dir), "--calib-ids",
                           str(work / "calib.pt"), "--eval-ids", str(work / "eval.pt"), "--method", method,
@@ -151,13 +149,13 @@ def peer(python: str, method: str, bits: int | None, group: int, fp32_dir: Path,
                          capture_output=True, text=True)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
-        return {"method": method, "tool": "llm-compressor", "bits": bits, "error": res.stderr[-2000:]}
+        return {"method": method, "tool": "llm-compressor", "bits": bits, "error": res.stderr[-2000:]}, None
     row = json.loads(lines[-1])
     loaded, _ = modelpress.load(out)
     row.update(bits=bits, ppl_change_pct=100 * (row["ppl"] / base - 1),
                ppl_loaded_in_modelpress=perplexity_of_windows(loaded, ev).ppl,
                size_bytes=model_size(loaded).size_bytes)
-    return row
+    return row, loaded
 
 
 def write(path: str, rows: list, calib: torch.Tensor, ev: torch.Tensor) -> None:

@@ -117,11 +117,10 @@ def main() -> None:
 
             torch.save(wins.clone(), work / "calib.pt")
             torch.save(evals["jargon"].clone(), work / "eval.pt")
-            r = peer(a.peer, "gptq", 4, G, fp32_dir, work, evals["jargon"], ref["jargon"])
-            if "error" in r:
+            r, theirs = peer(a.peer, "gptq", 4, G, fp32_dir, work, evals["jargon"], ref["jargon"])
+            if theirs is None:
                 emit({**r, "calibrated_on": text})
                 continue
-            theirs, _ = modelpress.load(r["out"])
             row("llm-compressor gptq (its defaults)", text, theirs, r["quantize_seconds"], tool=r["tool"],
                 ppl_reported_by_tool_jargon=r["ppl"])
     print(f"wrote {a.out}")

@@ -123,10 +123,9 @@ def reference(python, base, tok, calib, wins, work, base_ppl, ppl, emit) -> None
             m = modelpress.quantize(copy.deepcopy(base), cfg, calib)
             emit({"method": cfg.method, "tool": "modelpress", "pattern": pattern or "50 % unstructured",
                   "ppl": ppl(m), "seconds": time.perf_counter() - t0, "sparsity": weight_sparsity(m)})
-            row = peer(python, cfg.method, None, 64, fp32_dir, work, wins, base_ppl,
-                       ("--sparsity", "0.5", "--mask-structure", structure))
-            if "error" not in row:
-                theirs = modelpress.load(row["out"])[0]
+            row, theirs = peer(python, cfg.method, None, 64, fp32_dir, work, wins, base_ppl,
+                               ("--sparsity", "0.5", "--mask-structure", structure))
+            if theirs is not None:
                 row["sparsity_loaded"] = weight_sparsity(theirs)
                 same = total = 0  # the masks: where both zeroed the same weights
                 for f, mod in m.named_modules():

@@ -101,6 +101,13 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(a: argparse.Namespace) -> int:
+    if a.structured is not None:
+        flags.take_structured(a)
+    a.method = a.method or "sparsegpt"
+    return cmd_quantize(a)
+
+
 # -- export ------------------------------------------------------------------------------------
 def _imatrix_of(model: Any, tok: Any, a: argparse.Namespace) -> Any:
     """The importance matrix of `model` on --calib (or the default text): --samples windows of --ctx."""
@@ -553,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--method's checkpoint layout (rtn: gptq is the HF GPTQ layout vLLM reads)")
     a.add_argument("--out", required=True, help="a .gguf file (--type) or a folder")
 
-    r = command("prune", cmd_quantize, "zero weights by magnitude, Wanda or SparseGPT (a sparsity or N:M) and save")
+    r = command("prune", cmd_prune, "zero weights by magnitude, Wanda or SparseGPT (a sparsity or N:M) and save")
     r.add_argument("--method", choices=PRUNERS, help="the criterion (default: sparsegpt); "
                    "sparsegpt --bits 4: pruned and quantized in one sweep; structured --mlp 0.25: narrower MLPs")
     r.add_argument("--structured", type=flags.structured_spec, metavar="mlp=F,heads=F",

@@ -86,11 +86,7 @@ def given(args: argparse.Namespace, cls: type, what: str, classes: Iterable[type
 
 def method_config(args: argparse.Namespace, methods: dict[str, type]) -> Any:
     """The config of --method (one of `methods`, by name) from the flags given; group size left out: 64, or
-    per channel at 8 bits. prune's --structured mlp=F,heads=F stands for --method structured --mlp F --heads F."""
-    if getattr(args, "structured", None) is not None:
-        _take_structured(args)
-    elif hasattr(args, "structured") and args.method is None:  # prune's default criterion
-        args.method = "sparsegpt"
+    per channel at 8 bits."""
     if args.method not in methods:
         raise ModelpressError(f"unknown method {args.method!r}; choose one of: {', '.join(sorted(methods))}")
     chosen = given(args, methods[args.method], f"--method {args.method}", methods.values())
@@ -122,8 +118,8 @@ def structured_spec(text: str) -> dict[str, float]:
     return out
 
 
-def _take_structured(args: argparse.Namespace) -> None:
-    """--structured's parts as the structured method's --mlp / --heads (a part it leaves out: 0)."""
+def take_structured(args: argparse.Namespace) -> None:
+    """prune's --structured mlp=F,heads=F as --method structured --mlp F --heads F (a part it leaves out: 0)."""
     if args.method not in (None, "structured"):
         raise ModelpressError(f"--structured is structured pruning; it does not go with --method {args.method}")
     for part in STRUCTURED_PARTS:

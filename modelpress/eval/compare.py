@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import BaseConfig
 from ..core.metrics import perplexity
-from ..data import load_text, read_text, tokenize, windows
+from ..data import calibration_windows, load_text, read_text, tokenize, windows
 from ..errors import ModelpressError
 from ..formats.checkpoint import save
 from ..formats.gguf_mixes import MIXES
@@ -101,8 +101,8 @@ def _config_recipes() -> dict[str, Any]:
         "w8a8": W8A8Config(), "w8a8-dyn": W8A8Config(activations="dynamic"),
         "w8a8-sq": W8A8Config(smoothquant="search"),
     }
-    # pruning (methods/prune.py): 50 % unstructured, 2:4 (packed: fp32 values and 2-bit positions, the sparse
-    # kernel's speed), 2:4 with int4 codes in the same sweep; structured widths (with recovery) and depth
+    # pruning (methods/prune.py): 50 % unstructured, 2:4 (packed: the values in the model's dtype and 2-bit
+    # positions, the sparse kernel's speed), 2:4 with int4 codes in the same sweep; structured widths (with recovery) and depth
     table.update({"magnitude-50": MagnitudeConfig(), "wanda-50": WandaConfig(), "sparsegpt-50": SparseGPTConfig(),
                   "wanda-2:4": WandaConfig(pattern="2:4"), "sparsegpt-2:4": SparseGPTConfig(pattern="2:4"),
                   "sparsegpt-2:4-packed": SparseGPTConfig(pattern="2:4", pack=True),
@@ -410,8 +410,7 @@ def _sensitivity(setup: Setup, skey: dict[str, Any], out: Path, say: Any) -> dic
             return kept["layers"]
     say("measuring each layer's sensitivity (Fisher information on 4 calibration windows)")
     model, tok = load(setup.model)
-    calib = list(windows(tokenize(tok, load_text(setup.calib_text, "calib")), setup.ctx, min(setup.samples, 4)))
-    sens = layer_sensitivity(model, calib)
+    sens = layer_sensitivity(model, calibration_windows(tok, setup.calib_text, setup.ctx, min(setup.samples, 4)))
     _write_json(path, {"key": tag, "layers": sens})
     return sens
 

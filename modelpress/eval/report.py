@@ -196,9 +196,8 @@ def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
     for r, cells in zip(sorted(rows, key=lambda r: r["size_bytes"]), table(rows)):
         style = ' class="front"' if r["method"] in front else ""
         body += f"<tr{style}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>\n"
-    note = html.escape(next(p for p in markdown(results).split("\n\n") if p.startswith("Evaluation:")))
-    if results.get("source_format"):
-        note += "</p><p>" + html.escape(source_note(results["source_format"]))
+    notes = "".join(f"<p>{html.escape(p)}</p>" for p in markdown(results).split("\n\n")
+                    if p.startswith(("Evaluation:", "The original is")))
     advice = "".join(f"<li>{html.escape(t).replace('**', '')}</li>" for t in results.get("recommendation") or [])
     return ("<!doctype html><html><head><meta charset='utf-8'><title>modelpress compare</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -206,7 +205,7 @@ def page(results: dict[str, Any], pngs: dict[str, bytes]) -> str:
             "tr.front td:first-child{font-weight:bold;color:#b00}th{cursor:pointer}</style></head><body>"
             f"<h1>modelpress compare: {html.escape(results['model'])}</h1>"
             + (f"<h2>Recommendation</h2><ul>{advice}</ul>" if advice else "")
-            + f"<p>{note}</p><p>Click a column's header to sort by it.</p>"
+            + f"{notes}<p>Click a column's header to sort by it.</p>"
             f"<table id='rows'><tr>{head}</tr>\n{body}</table>"
             + "".join(f"<p><img alt='{html.escape(_ALT.get(name, name + ' against perplexity'))}' "
                       f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>" for name, png in pngs.items())

@@ -9,8 +9,7 @@ import re
 
 import torch
 
-from ..core import kquants
-from ..methods.auto import fisher_diagonal
+from ..methods.auto import fisher_diagonal, predicted_kl
 from ..model.walker import dense_weight
 
 KIND = "Q4_0"
@@ -26,11 +25,7 @@ def layer_sensitivity(model: torch.nn.Module, calib: list[torch.Tensor], windows
     if not linears or not calib:
         return {}
     fisher = fisher_diagonal(model, [f"{f}.weight" for f in linears], calib[:windows], progress)
-    out = {}
-    for fqn, m in linears.items():
-        w = dense_weight(m)
-        out[fqn] = 0.5 * float((fisher[f"{fqn}.weight"] * (w - kquants.rounded(w, KIND)).pow(2)).sum())
-    return out
+    return {fqn: predicted_kl(fisher[f"{fqn}.weight"], dense_weight(m), KIND) for fqn, m in linears.items()}
 
 
 def grid(sens: dict[str, float]) -> tuple[list[int], list[str], list[list[float | None]]]:

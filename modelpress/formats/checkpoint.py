@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..config import BaseConfig
 from ..errors import ModelpressError
 from ..model.build import build_causal_lm
-from ..model.walker import replace, unquantized_fp32
+from ..model.walker import HALF, replace, unquantized_fp32, within
 from ..nn import QUANT_LINEAR_CLASSES
 from ..record import record
 from ..version import __version__
@@ -258,9 +258,8 @@ def load(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     manifest = read_manifest(folder)
     config = AutoConfig.from_pretrained(folder)
     state = read_safetensors(folder / WEIGHTS)
-    inside = [f + "." for f in manifest["modules"]]  # the rest (stored in the model's dtype) computes in fp32
-    state = {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) and not any(k.startswith(p) for p in inside)
-             else v for k, v in state.items()}
+    inside = list(manifest["modules"])  # the rest (stored in the model's dtype) computes in fp32
+    state = {k: v.float() if v.dtype in HALF and not within(k, inside) else v for k, v in state.items()}
 
     def swap_in(model: torch.nn.Module) -> None:
         for fqn, meta in manifest["modules"].items():

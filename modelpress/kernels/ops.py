@@ -13,7 +13,7 @@ KIND = {"F32": 0, "AFFINE": 1, "Q4_0": 2, "Q8_0": 3, "Q5_0": 4, "Q4_K": 5, "Q6_K
         "AFFINE4_Q8": 10, "AFFINE_Q8": 11, "SPARSE24": 12,
         "SPARSE24_BF16": 13, "SPARSE24_F16": 14}
 # a packed 2:4 layer's value dtype -> its kind (the kernels' value type: the kind minus SPARSE24)
-SPARSE24_KIND = {F32: 12, BF16: 13, F16: 14}
+SPARSE24_KIND = {F32: KIND["SPARSE24"], BF16: KIND["SPARSE24_BF16"], F16: KIND["SPARSE24_F16"]}
 _I, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -56,7 +56,7 @@ def sparse24_gemv(lib: ctypes.CDLL, x: torch.Tensor, values: torch.Tensor, meta:
         raise ValueError(f"meta: expected ({n}, {k // 8}) for values {tuple(values.shape)}, got {tuple(meta.shape)}")
     m = _rows(x, k)
     y = torch.empty(m, n)
-    vt = SPARSE24_KIND.get(values.dtype, 12) - KIND["SPARSE24"]
+    vt = SPARSE24_KIND.get(values.dtype, KIND["SPARSE24"]) - KIND["SPARSE24"]
     lib.mp_sparse24_gemv(_p(x, F32, "x"), m, k, _p(values, (F32, BF16, F16), "values"), _p(meta, U8, "meta"), n,
                          _p(y, F32, "y"), vt)
     return y

@@ -147,6 +147,12 @@ def fisher_diagonal(model: torch.nn.Module, names: list[str], windows: list[torc
     return fisher
 
 
+def predicted_kl(fisher: torch.Tensor, w: torch.Tensor, kind: str) -> float:
+    """The mean KL (nats per token) that rounding w to GGUF type `kind` adds, to second order: 1/2 sum F (w - q)^2,
+    F the diagonal Fisher information of w (fisher_diagonal)."""
+    return 0.5 * float((fisher * (w - kquants.rounded(w, kind)).pow(2)).sum())
+
+
 def allocate_for(model: torch.nn.Module, config: AutoConfig, calib: list[torch.Tensor] | None,
                  progress: bool = True) -> Plan:
     """Measure sensitivities on `calib` and choose every linear layer's type."""
@@ -175,7 +181,7 @@ def allocate_for(model: torch.nn.Module, config: AutoConfig, calib: list[torch.T
         options = [k for k in config.formats if k not in kquants.BLOCK or w.shape[1] % kquants.BLOCK[k][0] == 0]
         if not options or not quantizable(names[fqn], tuple(w.shape)):
             raise ModelpressError(f"{fqn}: none of the formats {config.formats} fits rows of {w.shape[1]}")
-        costs.append({k: 0.5 * (f * (w - kquants.rounded(w, k)).pow(2)).sum().item() for k in options})
+        costs.append({k: predicted_kl(f, w, k) for k in options})
         sizes.append({k: 8 * type_bytes(k, tuple(w.shape)) for k in options})
         order.append(names[fqn])
         widths.append(w.shape[1])

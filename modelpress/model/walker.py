@@ -60,6 +60,11 @@ def dense_weight(module: torch.nn.Module) -> torch.Tensor:
 HALF = (torch.bfloat16, torch.float16)
 
 
+def within(key: str, modules: list[str]) -> bool:
+    """Whether state-dict `key` belongs to one of `modules` (fully qualified module names)."""
+    return any(key.startswith(m + ".") for m in modules)
+
+
 def float_dtype(model: torch.nn.Module, choice: str = "model") -> torch.dtype | None:
     """The half dtype the tensors a method leaves unquantized are kept in: the model config's `dtype`
     where that is bf16 / fp16 and `choice` is "model"; None (fp32 as computed) otherwise."""
@@ -79,9 +84,9 @@ def unquantized_fp32(model: torch.nn.Module, config) -> tuple[torch.dtype | None
     dt = float_dtype(model, config.float_dtype) if config is not None else None
     if dt is None:
         return None, {}
-    inside = [f + "." for f, m in model.named_modules() if isinstance(m, tuple(QUANT_LINEAR_CLASSES.values()))]
+    inside = [f for f, m in model.named_modules() if isinstance(m, tuple(QUANT_LINEAR_CLASSES.values()))]
     return dt, {k: v for k, v in model.state_dict(keep_vars=True).items()
-                if v.dtype == torch.float32 and not any(k.startswith(p) for p in inside)}
+                if v.dtype == torch.float32 and not within(k, inside)}
 
 
 def use_dense_kernels(model: torch.nn.Module) -> torch.nn.Module:
